@@ -1,0 +1,1 @@
+"""The `sllm` command line."""

@@ -1,0 +1,270 @@
+"""The wire contract between gateway and nodes: versioned, typed msgpack messages.
+
+Every payload is a msgpack map ``{"v": VERSION, "type": <name>, "body": {...}}``. ``decode``
+checks the version, the type and every field's type; anything else raises ``ProtocolError``
+(handlers reply with an error, never crash).
+
+Subjects (DESIGN.md, "Wire contract"):
+- ``sllm.node.<node>.cmd``: request-reply; LoadCmd, UnloadCmd, DrainCmd, MigrateCmd -> CmdReply
+- ``sllm.node.heartbeat``: NodeHeartbeat
+- ``sllm.instance.event``: InstanceEvent
+- ``sllm.migration.<id>.*``: migration progress
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import msgpack
+
+from sllm.errors import ProtocolError
+
+VERSION = 1
+
+HEARTBEAT_SUBJECT = "sllm.node.heartbeat"
+EVENT_SUBJECT = "sllm.instance.event"
+
+
+def node_cmd_subject(node_id: str) -> str:
+    return f"sllm.node.{node_id}.cmd"
+
+
+def migration_subject(migration_id: str, what: str) -> str:
+    return f"sllm.migration.{migration_id}.{what}"
+
+
+Tier = Literal["device", "dram", "ssd", "store"]
+TIERS: tuple[Tier, ...] = ("device", "dram", "ssd", "store")
+
+
+@dataclass(frozen=True)
+class LoadCmd:
+    """Start an instance of a function on ``device`` (idempotent by ``instance_id``).
+
+    ``record`` is ``FunctionRecord.to_dict()``: spec, checkpoint key and size, revision.
+    """
+
+    instance_id: str
+    function: str
+    record: dict[str, Any]
+    device: str
+
+
+@dataclass(frozen=True)
+class UnloadCmd:
+    """Stop taking requests, let in-flight ones finish for up to ``drain_s``, then stop."""
+
+    instance_id: str
+    drain_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DrainCmd:
+    """Drain every instance of the node (node shutdown)."""
+
+    drain_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MigrateCmd:
+    """Move the in-flight requests of ``instance_id`` to ``target_instance_id`` at
+    ``target_address`` (an instance of the same function already loaded on the target node)."""
+
+    instance_id: str
+    migration_id: str
+    target_node: str
+    target_instance_id: str
+    target_address: str
+    max_rounds: int = 3
+    threshold_tokens: int = 8
+
+
+@dataclass(frozen=True)
+class CmdReply:
+    ok: bool
+    code: str = ""
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    device: str
+    kind: str
+    memory_bytes: int
+    instance_id: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    instance_id: str
+    function: str
+    device: str
+    state: str
+    address: str | None
+    in_flight: int
+    tokens_in: int = 0
+    tokens_out: int = 0
+    revision: int = 1
+
+
+@dataclass(frozen=True)
+class CacheEntryState:
+    checkpoint: str
+    nbytes: int
+    in_use: bool = False
+
+
+@dataclass(frozen=True)
+class NodeHeartbeat:
+    """Node state, published every few seconds. ``bandwidths`` are bytes/s per tier hop into
+    the device (learned); ``load_queue_s`` is the estimated wait before a new load starts."""
+
+    node_id: str
+    seq: int
+    devices: list[DeviceState]
+    instances: list[InstanceState]
+    cache: dict[str, list[CacheEntryState]]
+    bandwidths: dict[str, float]
+    load_queue_s: float = 0.0
+    cache_capacity: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstanceEvent:
+    """kind: ready | failed | stopped. On ready, ``address`` is http://host:port; ``tier`` says
+    where the checkpoint came from and ``load_s`` how long command-to-ready took."""
+
+    kind: str
+    instance_id: str
+    node_id: str
+    function: str
+    address: str | None = None
+    error: str = ""
+    tier: str = ""
+    load_s: float = 0.0
+    revision: int = 1
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    migration_id: str
+    phase: str
+    round: int = 0
+    tokens: int = 0
+    error: str = ""
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    "load": LoadCmd,
+    "unload": UnloadCmd,
+    "drain": DrainCmd,
+    "migrate": MigrateCmd,
+    "reply": CmdReply,
+    "heartbeat": NodeHeartbeat,
+    "instance_event": InstanceEvent,
+    "migration_progress": MigrationProgress,
+}
+_NAMES = {cls: name for name, cls in MESSAGE_TYPES.items()}
+
+M = TypeVar("M")
+
+
+def encode(message: object) -> bytes:
+    name = _NAMES.get(type(message))
+    if name is None:
+        raise TypeError(f"not a wire message: {type(message).__name__}")
+    body = dataclasses.asdict(message)  # type: ignore[call-overload]
+    packed: bytes = msgpack.packb({"v": VERSION, "type": name, "body": body}, use_bin_type=True)
+    return packed
+
+
+def decode(payload: bytes) -> object:
+    """Decode any known message; raises ProtocolError naming what was wrong."""
+    try:
+        raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"malformed msgpack payload: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("payload is not a map")
+    version = raw.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported message version {version!r} (this side speaks {VERSION})")
+    name = raw.get("type")
+    cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {name!r}")
+    body = raw.get("body")
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{name}: body is not a map")
+    return _from_value(cls, body, name)
+
+
+def decode_as(payload: bytes, cls: type[M]) -> M:
+    message = decode(payload)
+    if not isinstance(message, cls):
+        raise ProtocolError(f"expected {_NAMES.get(cls, cls.__name__)}, got {_NAMES[type(message)]}")
+    return message
+
+
+def _from_value(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _from_value(arg, value, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{where}: unexpected value {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ProtocolError(f"{where}: {value!r} is not one of {get_args(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ProtocolError(f"{where}: expected a list")
+        (item,) = get_args(tp)
+        return [_from_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        key_t, val_t = get_args(tp)
+        return {
+            _from_value(key_t, k, f"{where}.key"): _from_value(val_t, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        hints = typing.get_type_hints(tp)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _from_value(hints[f.name], value[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{where}: missing field {f.name!r}")
+        return tp(**kwargs)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ProtocolError(f"{where}: expected a number, got {type(value).__name__}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ProtocolError(f"{where}: expected an integer, got {type(value).__name__}")
+    if tp in (str, bool, bytes):
+        if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+            return value
+        raise ProtocolError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+    raise ProtocolError(f"{where}: unsupported field type {tp!r}")

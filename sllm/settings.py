@@ -1,0 +1,200 @@
+"""Every setting of the platform, parsed once at start, validated and frozen (STYLE.md 8).
+
+This module is the one place that lists environment variables. Each component's settings
+class has ``from_env(env)``; CLI flags override by ``dataclasses.replace``. An invalid value
+raises ``ValidationFailed`` naming the variable, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from sllm.errors import ValidationFailed
+from sllm.spec import parse_duration, parse_memory
+
+T = TypeVar("T")
+
+# name -> (default, description). `sllm env` prints this table.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "SLLM_HOME": ("~/.local/share/sllm", "data directory of `sllm up` (NATS, store, caches)"),
+    "SLLM_NATS_URL": ("nats://127.0.0.1:4222", "NATS server URL"),
+    "SLLM_STORE_URL": ("", "model store: a local directory or s3://bucket/prefix"),
+    "SLLM_S3_ENDPOINT": ("", "S3 endpoint URL (empty: AWS); also AWS_ENDPOINT_URL"),
+    "SLLM_S3_REGION": ("us-east-1", "S3 region; also AWS_REGION / AWS_DEFAULT_REGION"),
+    "SLLM_S3_PATH_STYLE": ("true", "path-style S3 addressing (true for MinIO, SeaweedFS)"),
+    "SLLM_S3_CONCURRENCY": ("8", "parallel ranged GETs / multipart uploads"),
+    "SLLM_S3_PART_SIZE": ("16Mi", "bytes per ranged GET and per multipart upload part"),
+    "SLLM_S3_RETRIES": ("4", "attempts per store request before a clear error"),
+    "SLLM_NODE_ID": ("node-0", "this node's id (DNS-1123 label)"),
+    "SLLM_NODE_HOST": ("127.0.0.1", "address instances listen on"),
+    "SLLM_CACHE_DIR": ("", "node-local SSD cache directory (default: $SLLM_HOME/cache/<node>)"),
+    "SLLM_SSD_CAPACITY": ("20Gi", "SSD cache capacity in bytes"),
+    "SLLM_DRAM_CAPACITY": ("8Gi", "DRAM cache capacity in bytes"),
+    "SLLM_CPU_SLOTS": ("2", "instances a node without CUDA runs at once"),
+    "SLLM_POOL_SIZE": ("1", "pre-started instance processes waiting for a model"),
+    "SLLM_HEARTBEAT_INTERVAL": ("2s", "node heartbeat period"),
+    "SLLM_GATEWAY_HOST": ("127.0.0.1", "gateway bind address"),
+    "SLLM_GATEWAY_PORT": ("8080", "gateway port"),
+    "SLLM_TOKEN": ("", "bearer token for /system (required by the gateway)"),
+    "SLLM_MAX_BODY_BYTES": ("1Mi", "largest request body the gateway accepts"),
+    "SLLM_QUEUE_SIZE": ("64", "cold-start queue capacity per function"),
+    "SLLM_WAKE_TIMEOUT": ("300s", "how long a cold start may take before queued requests get 503"),
+    "SLLM_REQUEST_TIMEOUT": ("600s", "upper bound on one proxied request"),
+    "SLLM_POLICY": ("locality+migration", "placement policy"),
+    "SLLM_GATEWAY_URL": ("http://127.0.0.1:8080", "gateway URL the CLI talks to"),
+}
+
+
+def _get(env: Mapping[str, str], key: str) -> str:
+    value = env.get(key)
+    return value if value not in (None, "") else ENVIRONMENT[key][0]  # type: ignore[return-value]
+
+
+def _parse(env: Mapping[str, str], key: str, conv: Callable[[str], T]) -> T:
+    raw = _get(env, key)
+    try:
+        return conv(raw)
+    except ValidationFailed as exc:
+        raise ValidationFailed(f"{key}={raw!r}: {exc.message}") from None
+    except ValueError as exc:
+        raise ValidationFailed(f"{key}={raw!r}: {exc}") from None
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def conv(raw: str) -> int:
+        value = int(raw)
+        if not lo <= value <= hi:
+            raise ValueError(f"must be an integer in [{lo}, {hi}]")
+        return value
+
+    return conv
+
+
+def as_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def as_bytes(raw: str) -> int:
+    return parse_memory(raw, "value")
+
+
+def as_seconds(raw: str) -> float:
+    return parse_duration(raw, "value")
+
+
+def home(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(os.path.expanduser(_get(env, "SLLM_HOME")))
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    url: str
+    s3_endpoint: str | None
+    s3_region: str
+    s3_path_style: bool
+    concurrency: int
+    part_size: int
+    retries: int
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> StoreSettings:
+        env = os.environ if env is None else env
+        url = _get(env, "SLLM_STORE_URL") or str(home(env) / "store")
+        endpoint = env.get("SLLM_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or None
+        region = (
+            env.get("SLLM_S3_REGION")
+            or env.get("AWS_REGION")
+            or env.get("AWS_DEFAULT_REGION")
+            or ENVIRONMENT["SLLM_S3_REGION"][0]
+        )
+        return StoreSettings(
+            url=url,
+            s3_endpoint=endpoint,
+            s3_region=region,
+            s3_path_style=_parse(env, "SLLM_S3_PATH_STYLE", as_bool),
+            concurrency=_parse(env, "SLLM_S3_CONCURRENCY", int_in(1, 64)),
+            part_size=_parse(env, "SLLM_S3_PART_SIZE", as_bytes),
+            retries=_parse(env, "SLLM_S3_RETRIES", int_in(1, 20)),
+        )
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    node_id: str
+    nats_url: str
+    host: str
+    cache_dir: Path
+    ssd_capacity: int
+    dram_capacity: int
+    cpu_slots: int
+    pool_size: int
+    heartbeat_s: float
+    store: StoreSettings
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
+        from sllm.spec import validate_name
+
+        env = os.environ if env is None else env
+        node_id = _get(env, "SLLM_NODE_ID")
+        try:
+            validate_name(node_id, "SLLM_NODE_ID")
+        except ValidationFailed as exc:
+            raise ValidationFailed(f"SLLM_NODE_ID={node_id!r}: {exc.message}") from None
+        cache_dir = _get(env, "SLLM_CACHE_DIR")
+        return NodeSettings(
+            node_id=node_id,
+            nats_url=_get(env, "SLLM_NATS_URL"),
+            host=_get(env, "SLLM_NODE_HOST"),
+            cache_dir=Path(cache_dir) if cache_dir else home(env) / "cache" / node_id,
+            ssd_capacity=_parse(env, "SLLM_SSD_CAPACITY", as_bytes),
+            dram_capacity=_parse(env, "SLLM_DRAM_CAPACITY", as_bytes),
+            cpu_slots=_parse(env, "SLLM_CPU_SLOTS", int_in(0, 256)),
+            pool_size=_parse(env, "SLLM_POOL_SIZE", int_in(0, 64)),
+            heartbeat_s=_parse(env, "SLLM_HEARTBEAT_INTERVAL", as_seconds),
+            store=StoreSettings.from_env(env),
+        )
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    nats_url: str
+    host: str
+    port: int
+    token: str
+    max_body_bytes: int
+    queue_size: int
+    wake_timeout_s: float
+    request_timeout_s: float
+    policy: str
+    store: StoreSettings
+
+    @staticmethod
+    def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = os.environ if env is None else env
+        policy = _get(env, "SLLM_POLICY")
+        allowed = ("random", "least-loaded", "locality", "locality+migration")
+        if policy not in allowed:
+            raise ValidationFailed(f"SLLM_POLICY={policy!r}: must be one of {', '.join(allowed)}")
+        return GatewaySettings(
+            nats_url=_get(env, "SLLM_NATS_URL"),
+            host=_get(env, "SLLM_GATEWAY_HOST"),
+            port=_parse(env, "SLLM_GATEWAY_PORT", int_in(1, 65535)),
+            token=env.get("SLLM_TOKEN", ""),
+            max_body_bytes=_parse(env, "SLLM_MAX_BODY_BYTES", as_bytes),
+            queue_size=_parse(env, "SLLM_QUEUE_SIZE", int_in(1, 100_000)),
+            wake_timeout_s=_parse(env, "SLLM_WAKE_TIMEOUT", as_seconds),
+            request_timeout_s=_parse(env, "SLLM_REQUEST_TIMEOUT", as_seconds),
+            policy=policy,
+            store=StoreSettings.from_env(env),
+        )

@@ -1,0 +1,100 @@
+"""Fixtures shared by every test layer: the real servers and the tiny models.
+
+Servers are real processes on 127.0.0.1 (nats-server with JetStream, SeaweedFS's S3), started
+once per session. Area-specific fixtures live in the conftest of each test folder.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sllm.servers import ManagedServer, start_nats, start_seaweedfs
+
+S3_KEY_ID = "sllm-test"
+S3_SECRET = "sllm-test-secret"
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
+    server = start_nats(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: ManagedServer) -> str:
+    return f"nats://127.0.0.1:{nats_server.ports['client']}"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    key_id: str
+    secret: str
+    server: ManagedServer
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "SLLM_S3_ENDPOINT": self.endpoint,
+            "SLLM_S3_REGION": "us-east-1",
+            "SLLM_S3_PATH_STYLE": "true",
+        }
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.key_id,
+            aws_secret_access_key=self.secret,
+        )
+
+    def make_bucket(self, name: str) -> str:
+        client = self.client()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket=name)
+                return name
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                return name
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real SeaweedFS S3 server on loopback with its own credentials."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_ACCESS_KEY_ID"] = S3_KEY_ID
+    os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
+    try:
+        server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield S3Server(f"http://127.0.0.1:{server.ports['s3']}", S3_KEY_ID, S3_SECRET, server)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama in Hugging Face layout (safetensors, tokenizer, chat template)."""
+    from runtime.tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf", seed=0)
