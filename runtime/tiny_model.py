@@ -81,7 +81,7 @@ def build_tiny_llama(
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     raw_tok = train_tokenizer(cfg.vocab_size)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=raw_tok,
         eos_token="<|end|>",
         bos_token="<s>",
@@ -89,8 +89,8 @@ def build_tiny_llama(
         pad_token="<|end|>",
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    eos_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    bos_id = tokenizer.convert_tokens_to_ids("<s>")
+    eos_id = int(tokenizer.convert_tokens_to_ids("<|end|>"))  # type: ignore[arg-type]
+    bos_id = int(tokenizer.convert_tokens_to_ids("<s>"))  # type: ignore[arg-type]
     llama_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -114,9 +114,7 @@ def build_tiny_llama(
     if shards > 1:
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         max_shard = max(total // shards + 1, 1024)
-        model.save_pretrained(
-            dst, safe_serialization=safe_serialization, max_shard_size=max_shard
-        )
+        model.save_pretrained(dst, safe_serialization=safe_serialization, max_shard_size=max_shard)
     else:
         model.save_pretrained(dst, safe_serialization=safe_serialization)
     tokenizer.save_pretrained(dst)

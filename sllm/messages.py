@@ -9,6 +9,7 @@ Subjects (DESIGN.md, "Wire contract"):
 - ``sllm.node.heartbeat``: NodeHeartbeat
 - ``sllm.instance.event``: InstanceEvent
 - ``sllm.migration.<id>.*``: migration progress
+- ``sllm.logs.<function>``: LogLine
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def node_cmd_subject(node_id: str) -> str:
 
 def migration_subject(migration_id: str, what: str) -> str:
     return f"sllm.migration.{migration_id}.{what}"
+
+
+def log_subject(function: str) -> str:
+    return f"sllm.logs.{function}"
 
 
 Tier = Literal["device", "dram", "ssd", "store"]
@@ -159,6 +164,17 @@ class MigrationProgress:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class LogLine:
+    """One line an instance wrote (stdout/stderr) or a lifecycle note, on ``sllm.logs.<fn>``."""
+
+    function: str
+    instance_id: str
+    node_id: str
+    line: str
+    stream: str = "stderr"
+
+
 MESSAGE_TYPES: dict[str, type] = {
     "load": LoadCmd,
     "unload": UnloadCmd,
@@ -168,6 +184,7 @@ MESSAGE_TYPES: dict[str, type] = {
     "heartbeat": NodeHeartbeat,
     "instance_event": InstanceEvent,
     "migration_progress": MigrationProgress,
+    "log": LogLine,
 }
 _NAMES = {cls: name for name, cls in MESSAGE_TYPES.items()}
 
@@ -196,7 +213,7 @@ def decode(payload: bytes) -> object:
         raise ProtocolError(f"unsupported message version {version!r} (this side speaks {VERSION})")
     name = raw.get("type")
     cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
-    if cls is None:
+    if cls is None or not isinstance(name, str):
         raise ProtocolError(f"unknown message type {name!r}")
     body = raw.get("body")
     if not isinstance(body, dict):
@@ -207,7 +224,9 @@ def decode(payload: bytes) -> object:
 def decode_as(payload: bytes, cls: type[M]) -> M:
     message = decode(payload)
     if not isinstance(message, cls):
-        raise ProtocolError(f"expected {_NAMES.get(cls, cls.__name__)}, got {_NAMES[type(message)]}")
+        raise ProtocolError(
+            f"expected {_NAMES.get(cls, cls.__name__)}, got {_NAMES[type(message)]}"
+        )
     return message
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -79,7 +78,7 @@ class NatsBus:
     async def request(self, subject: str, payload: bytes, timeout_s: float) -> bytes:
         try:
             msg = await self.nc.request(subject, payload, timeout=timeout_s)
-        except (NatsTimeout, NoRespondersError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, NatsTimeout, NoRespondersError) as exc:
             raise TimeoutError(f"no reply on {subject} within {timeout_s}s ({exc!r})") from None
         data: bytes = msg.data
         return data

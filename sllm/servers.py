@@ -85,7 +85,9 @@ def _wait_for_port(server: ManagedServer, port: int, timeout_s: float) -> None:
             return
         time.sleep(0.05)
     server.stop()
-    raise Unavailable(f"{server.name} did not open port {port} in {timeout_s}s:\n{server.log_tail()}")
+    raise Unavailable(
+        f"{server.name} did not open port {port} in {timeout_s}s:\n{server.log_tail()}"
+    )
 
 
 def start_nats(data_dir: Path, port: int | None = None, timeout_s: float = 15.0) -> ManagedServer:

@@ -51,7 +51,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
 
 def _get(env: Mapping[str, str], key: str) -> str:
     value = env.get(key)
-    return value if value not in (None, "") else ENVIRONMENT[key][0]  # type: ignore[return-value]
+    return value if value else ENVIRONMENT[key][0]
 
 
 def _parse(env: Mapping[str, str], key: str, conv: Callable[[str], T]) -> T:

@@ -215,7 +215,9 @@ def _typed(value: object, kind: type, key: str) -> Any:
     return value
 
 
-def _section(data: dict[str, Any], key: str, allowed: set[str], lines: dict[str, int]) -> dict[str, Any]:
+def _section(
+    data: dict[str, Any], key: str, allowed: set[str], lines: dict[str, int]
+) -> dict[str, Any]:
     value = data.get(key)
     if value is None:
         return {}

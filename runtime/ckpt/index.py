@@ -195,7 +195,9 @@ def parse_index(data: object, where: str) -> CheckpointIndex:
         if not isinstance(file, str) or not _PARTITION_RE.match(file):
             raise CheckpointError(f"{where}: partitions[{i}] has an invalid file name {file!r}")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            raise CheckpointError(f"{where}: partitions[{i}] ({file}) has invalid nbytes {nbytes!r}")
+            raise CheckpointError(
+                f"{where}: partitions[{i}] ({file}) has invalid nbytes {nbytes!r}"
+            )
         if not isinstance(checksum, str) or not re.fullmatch(r"[0-9a-f]{16}", checksum):
             raise CheckpointError(f"{where}: partitions[{i}] ({file}) has an invalid checksum")
         partitions.append(PartitionEntry(file, nbytes, checksum))
@@ -264,7 +266,9 @@ def _parse_tensor(
             f"needs {expected}"
         )
     if offset % alignment:
-        raise CheckpointError(f"{where}: tensor {name!r} offset {offset} is not {alignment}-aligned")
+        raise CheckpointError(
+            f"{where}: tensor {name!r} offset {offset} is not {alignment}-aligned"
+        )
     if offset + nbytes > partitions[part].nbytes:
         raise CheckpointError(
             f"{where}: tensor {name!r} ends at byte {offset + nbytes}, past the end of "
