@@ -1,0 +1,1 @@
+"""Locality-aware placement (pure): types, snapshot building, estimators and policies."""
