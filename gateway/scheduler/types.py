@@ -6,9 +6,10 @@ model store, reachable from every node). The best tier a node holds a checkpoint
 of ``SOURCE_TIERS`` that has it; every node can always load from the store.
 
 ``ClusterSnapshot`` carries two indexes next to the nodes so a decision on 1,000 nodes does not
-scan every cache: ``holders`` (checkpoint -> nodes caching it in DRAM or SSD) and ``free`` (node
-ids with at least one free device). ``ClusterSnapshot.build`` computes both; the simulator keeps
-them up to date itself and passes them in (``place`` only reads them).
+scan every cache: ``holders`` (checkpoint -> nodes caching it in DRAM or SSD), ``free`` (node ids
+with at least one free device or idle instance) and ``store_bw_max`` (the fastest store link, a
+bound that lets a scan stop at the first node reaching it). ``ClusterSnapshot.build`` computes
+them; the simulator keeps them up to date itself and passes them in (``place`` only reads them).
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ class NodeView:
             return "ssd"
         return "store"
 
+    def has_room(self) -> bool:
+        """At least one device is free or held by an idle (reclaimable) instance."""
+        return bool(self.free_devices) or any(i.idle for i in self.instances)
+
     def load_seconds(self, checkpoint: str, nbytes: int) -> tuple[SourceTier, float]:
         """(tier, queue wait + nbytes / bandwidth of that tier)."""
         tier = self.best_tier(checkpoint)
@@ -108,7 +113,8 @@ class ClusterSnapshot:
     """Every node at one moment, plus the indexes ``place`` reads and the migration fits.
 
     ``migration`` maps a checkpoint key to its fitted resume-time model; ``default_migration``
-    is used for checkpoints without one.
+    is used for checkpoints without one. ``store_bw_max`` must be >= every node's store
+    bandwidth (0 disables the early stop).
     """
 
     nodes: Mapping[str, NodeView]
@@ -116,6 +122,7 @@ class ClusterSnapshot:
     free: Collection[str]
     migration: Mapping[str, MigrationFit] = field(default_factory=dict)
     default_migration: MigrationFit = MigrationFit()
+    store_bw_max: float = 0.0
 
     @classmethod
     def build(
@@ -137,9 +144,10 @@ class ClusterSnapshot:
         return cls(
             nodes=by_id,
             holders={k: frozenset(v) for k, v in holders.items()},
-            free=tuple(n.node_id for n in by_id.values() if n.free_devices),
+            free=tuple(n.node_id for n in by_id.values() if n.has_room()),
             migration=dict(migration or {}),
             default_migration=default_migration or MigrationFit(),
+            store_bw_max=max((n.bandwidth("store") for n in by_id.values()), default=0.0),
         )
 
     def migration_fit(self, checkpoint: str) -> MigrationFit:
