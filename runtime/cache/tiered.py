@@ -1,0 +1,219 @@
+"""``TieredCache``: bring a checkpoint to a ready DRAM image from the best tier holding it.
+
+``fetch(key)`` looks in DRAM, then SSD, then the store, and returns with the DRAM entry
+acquired (the caller releases it when its instance stops). Concurrent fetches of one key
+share one load (the first caller does it, the others wait for it). A store pull is pipelined:
+chunks go to DRAM and to the SSD entry at once (``pull.pull_partitions``); the SSD entry's
+final fdatasync and rename run in the background so DRAM-ready is not delayed by them.
+Every load reports a ``HopStat`` per hop, folded into the ``BandwidthEstimator``.
+Nothing is left half-cached on an error: both writers abort and remove their temp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from runtime.cache.bandwidth import BandwidthEstimator, HopStat
+from runtime.cache.disk_read import read_partitions
+from runtime.cache.dram import IMAGE_FILE, DramCache
+from runtime.cache.pull import pull_partitions
+from runtime.cache.ssd import SsdCache, SsdWriter, entry_bytes
+from runtime.ckpt.index import INDEX_FILE, CheckpointIndex, parse_index, read_index
+from runtime.store.base import Store, join_key
+from sllm.clock import Clock, SystemClock
+from sllm.errors import CheckpointError, Conflict
+
+log = logging.getLogger(__name__)
+
+FetchTier = Literal["dram", "ssd", "store"]
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A ready DRAM image. ``tier``: where the bytes came from for this load (a waiter that
+    shared another caller's load reports that load's tier); ``hops``: per-hop transfers this
+    call performed (empty for a DRAM hit or a shared load); ``seconds``: call to ready."""
+
+    key: str
+    tier: FetchTier
+    directory: Path
+    index: CheckpointIndex
+    nbytes: int
+    hops: tuple[HopStat, ...]
+    seconds: float
+
+    @property
+    def image_path(self) -> Path:
+        return self.directory / IMAGE_FILE
+
+
+class TieredCache:
+    def __init__(
+        self,
+        store: Store,
+        ssd: SsdCache,
+        dram: DramCache,
+        bandwidths: BandwidthEstimator,
+        clock: Clock | None = None,
+    ) -> None:
+        self.store = store
+        self.ssd = ssd
+        self.dram = dram
+        self.bandwidths = bandwidths
+        self._clock: Clock = clock or SystemClock()
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future[tuple[FetchTier, tuple[HopStat, ...]]]] = {}
+        # One thread: SSD commits are disk-bound, running them one at a time keeps order.
+        self._commits = ThreadPoolExecutor(1, thread_name_prefix="ssd-commit")
+        self._pending: list[Future[None]] = []
+
+    def fetch(self, key: str) -> FetchResult:
+        """Blocking; thread-safe. Raises StoreError, CheckpointError or CacheFull."""
+        start = self._clock.now()
+        while True:
+            directory = self.dram.acquire(key)
+            if directory is not None:
+                return self._result(key, "dram", directory, (), start)
+            with self._lock:
+                fut = self._inflight.get(key)
+                leader = fut is None
+                if fut is None:
+                    fut = self._inflight[key] = Future()
+            if not leader:
+                tier, _hops = fut.result()
+                directory = self.dram.acquire(key)
+                if directory is not None:
+                    return self._result(key, tier, directory, (), start)
+                continue  # evicted between the load and this acquire: load again
+            try:
+                tier, directory, hops = self._load(key)
+                fut.set_result((tier, hops))
+            except BaseException as exc:
+                fut.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+            for hop in hops:
+                self.bandwidths.observe(hop)
+            return self._result(key, tier, directory, hops, start)
+
+    def release(self, key: str) -> None:
+        """Unpin the DRAM entry a ``fetch`` acquired (once per fetch)."""
+        self.dram.release(key)
+
+    def contents(self) -> dict[str, list[tuple[str, int, bool]]]:
+        """``{"dram": [...], "ssd": [...]}`` of ``(key, nbytes, in_use)``, for heartbeats."""
+        return {"dram": self.dram.contents(), "ssd": self.ssd.contents()}
+
+    def flush(self) -> None:
+        """Wait for background SSD commits (tests, benchmarks, shutdown)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for fut in pending:
+            fut.result()
+
+    def close(self) -> None:
+        self.flush()
+        self._commits.shutdown(wait=True)
+
+    def _result(
+        self,
+        key: str,
+        tier: FetchTier,
+        directory: Path,
+        hops: tuple[HopStat, ...],
+        start: float,
+    ) -> FetchResult:
+        index = read_index(directory)
+        return FetchResult(
+            key, tier, directory, index, index.total_bytes, hops, self._clock.now() - start
+        )
+
+    def _load(self, key: str) -> tuple[FetchTier, Path, tuple[HopStat, ...]]:
+        ssd_dir = self.ssd.acquire(key)
+        if ssd_dir is not None:
+            try:
+                directory, hop = self._from_ssd(key, ssd_dir)
+            finally:
+                self.ssd.release(key)
+            return "ssd", directory, (hop,)
+        directory, hop = self._from_store(key)
+        return "store", directory, (hop,)
+
+    def _from_ssd(self, key: str, ssd_dir: Path) -> tuple[Path, HopStat]:
+        start = self._clock.now()
+        index = read_index(ssd_dir)
+        index_json = (ssd_dir / INDEX_FILE).read_bytes()
+        files = {name: (ssd_dir / name).read_bytes() for name in index.files}
+        extra = len(index_json) + sum(len(d) for d in files.values())
+        writer = self.dram.writer(key, index, extra)
+        try:
+            read_partitions(ssd_dir, index, writer.buffer)
+        except BaseException:
+            writer.abort()
+            raise
+        directory = writer.finish(index_json, files, acquire=True)
+        hop = HopStat("ssd", index.total_bytes, self._clock.now() - start)
+        log.info("cache loaded key=%s from=ssd bytes=%d s=%.3f", key, hop.nbytes, hop.seconds)
+        return directory, hop
+
+    def _from_store(self, key: str) -> tuple[Path, HopStat]:
+        start = self._clock.now()
+        index_key = join_key(key, INDEX_FILE)
+        index_json = self.store.get_bytes(index_key)
+        try:
+            index = parse_index(json.loads(index_json), self.store.describe(index_key))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{self.store.describe(index_key)}: garbled index, not valid JSON ({exc})"
+            ) from None
+        files = {name: self.store.get_bytes(join_key(key, name)) for name in index.files}
+        extra = len(index_json) + sum(len(d) for d in files.values())
+        # Both reservations happen before any byte is written: a too-small tier fails here.
+        dram_w = self.dram.writer(key, index, extra)
+        ssd_w: SsdWriter | None = None
+        try:
+            ssd_w = self.ssd.writer(
+                key, index, entry_bytes(index, extra - len(index_json), len(index_json))
+            )
+        except Conflict:
+            ssd_w = None  # an earlier pull's SSD commit is still finishing: it will land
+        except BaseException:
+            dram_w.abort()
+            raise
+        try:
+            ssd_ok = pull_partitions(self.store, key, index, dram_w, ssd_w)
+        except BaseException:
+            if ssd_w is not None:
+                ssd_w.abort()
+            dram_w.abort()
+            raise
+        directory = dram_w.finish(index_json, files, acquire=True)
+        hop = HopStat("store", index.total_bytes, self._clock.now() - start)
+        log.info("cache loaded key=%s from=store bytes=%d s=%.3f", key, hop.nbytes, hop.seconds)
+        if ssd_w is not None and ssd_ok:
+            self._commit_later(ssd_w, index_json, files)
+        elif ssd_w is not None:
+            ssd_w.abort()  # the disk filled up mid-pull: no SSD entry, DRAM copy is whole
+        return directory, hop
+
+    def _commit_later(self, writer: SsdWriter, index_json: bytes, files: dict[str, bytes]) -> None:
+        def commit() -> None:
+            try:
+                for name, data in files.items():
+                    writer.put_file(name, data)
+                writer.finish(index_json)
+            except BaseException as exc:
+                writer.abort()
+                log.warning("ssd cache commit failed key=%s: %s", writer.res.key, exc)
+
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._commits.submit(commit))
