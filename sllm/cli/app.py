@@ -22,7 +22,13 @@ from typing import Any
 from sllm import __version__
 from sllm.errors import SllmError
 
-COMMAND_MODULES: tuple[str, ...] = ("sllm.cli.ckpt", "sllm.cli.store")
+COMMAND_MODULES: tuple[str, ...] = (
+    "sllm.cli.ckpt",
+    "sllm.cli.fn",
+    "sllm.cli.up",
+    "sllm.cli.misc",
+    "sllm.cli.store",
+)
 
 Groups = dict[str, "argparse._SubParsersAction[argparse.ArgumentParser]"]
 

@@ -1,0 +1,299 @@
+"""`sllm up`: the whole platform on one machine, in the foreground.
+
+Starts nats-server (JetStream under ``$SLLM_HOME/nats``, so the function registry survives),
+then ``sllm gateway start`` and ``sllm node start`` as child processes whose environment points
+them at it, at a local-directory store (``$SLLM_HOME/store``) and at the node cache
+(``$SLLM_HOME/cache``). The token is generated once and kept in ``$SLLM_HOME/token``, so a
+second `sllm up` with the same home finds its registry, store, caches and token again. The
+gateway URL and token go to ``~/.config/sllm/config.yaml`` for the other CLI verbs.
+
+Ctrl-C or SIGTERM stops the node (its instances drain), the gateway, then NATS. A child that
+dies on its own stops the rest and makes `sllm up` exit 1 with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from sllm.cli.app import Groups
+from sllm.client import ClientConfig, GatewayClient, config_path, write_config_file
+from sllm.errors import Conflict, Unavailable
+from sllm.servers import ManagedServer, port_open, start_nats
+from sllm.settings import ENVIRONMENT, home
+
+DEMO_FUNCTION = "smollm2-chat"
+DEMO_QUESTION = "What is the capital of France?"
+FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
+# 120 s: a cold node imports torch and transformers (~2.5 s here) and probes its tiers; on a
+# loaded 2-core machine that has taken tens of seconds, so allow ample headroom.
+START_TIMEOUT_S = 120.0
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: unwind to the clean shutdown."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if `sllm up` itself dies (even by SIGKILL), so
+    no gateway or node outlives it. Linux prctl(PR_SET_PDEATHSIG=1, SIGTERM)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def load_or_create_token(sllm_home: Path) -> str:
+    """The platform's token, kept in ``$SLLM_HOME/token`` (mode 0600) across restarts."""
+    path = sllm_home / "token"
+    if path.is_file():
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token
+
+
+@contextmanager
+def home_lock(sllm_home: Path) -> Iterator[None]:
+    """One `sllm up` per home: a second would fight over the NATS store and the caches."""
+    lock_path = sllm_home / "up.lock"
+    with open(lock_path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(
+                f"another `sllm up` is already running with home {sllm_home} (stop it first, "
+                "or pass --home for a separate platform)"
+            ) from None
+        yield
+
+
+def child_env(
+    base: dict[str, str],
+    sllm_home: Path,
+    nats_url: str,
+    port: int,
+    token: str,
+    cpu_slots: int | None,
+) -> dict[str, str]:
+    """The environment of the gateway and the node (sllm.settings reads it)."""
+    env = dict(base)
+    env.update(
+        SLLM_HOME=str(sllm_home),
+        SLLM_NATS_URL=nats_url,
+        SLLM_GATEWAY_HOST="127.0.0.1",
+        SLLM_GATEWAY_PORT=str(port),
+        SLLM_TOKEN=token,
+    )
+    env.setdefault("SLLM_STORE_URL", str(sllm_home / "store"))
+    if not env["SLLM_STORE_URL"]:
+        env["SLLM_STORE_URL"] = str(sllm_home / "store")
+    if cpu_slots is not None:
+        env["SLLM_CPU_SLOTS"] = str(cpu_slots)
+    env.pop("SLLM_GATEWAY_URL", None)
+    return env
+
+
+def start_child(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> ManagedServer:
+    """`python -m sllm.cli.main <args>` with its output appended to ``log_dir/<name>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    cmd = [sys.executable, "-m", "sllm.cli.main", *args]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            # Own session: Ctrl-C reaches only `sllm up`, which stops children in order.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    return ManagedServer(name, proc, log_path)
+
+
+def wait_until(
+    what: str, ready: Callable[[], bool], children: list[ManagedServer], timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in children:
+            if not child.alive():
+                raise Unavailable(
+                    f"{child.name} exited while waiting for {what} (log {child.log_path}):\n"
+                    f"{child.log_tail()}"
+                )
+        if ready():
+            return
+        time.sleep(0.2)
+    raise Unavailable(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@dataclass
+class Platform:
+    url: str
+    token: str
+    home: Path
+    servers: list[ManagedServer] = field(default_factory=list)
+
+    def stop(self, out: IO[str]) -> None:
+        """Node first (instances drain), then gateway, then NATS."""
+        for server in reversed(self.servers):
+            if server.alive():
+                print(f"stopping {server.name} ...", file=out, flush=True)
+            server.stop(timeout_s=30.0)
+
+
+def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform) -> None:
+    """Fill ``platform.servers`` as each starts, so a failure half-way still stops them."""
+    port: int = args.port
+    if port_open("127.0.0.1", port):
+        raise Conflict(
+            f"port {port} is already in use (another `sllm up` or a gateway?): stop it or pass "
+            "--port"
+        )
+    nats = start_nats(sllm_home / "nats")
+    platform.servers.append(nats)
+    env = child_env(
+        dict(os.environ),
+        sllm_home,
+        f"nats://127.0.0.1:{nats.ports['client']}",
+        port,
+        platform.token,
+        args.cpu_slots,
+    )
+    logs = sllm_home / "logs"
+    gateway = start_child("gateway", ["gateway", "start"], env, logs)
+    platform.servers.append(gateway)
+    node = start_child("node", ["node", "start"], env, logs)
+    platform.servers.append(node)
+    client = GatewayClient(ClientConfig(platform.url, platform.token), timeout_s=5.0)
+    with client:
+        wait_until("the gateway's /healthz", client.healthy, platform.servers, START_TIMEOUT_S)
+
+        def node_reported() -> bool:
+            try:
+                return len(client.nodes()) > 0
+            except Unavailable:
+                return False
+
+        wait_until("a node heartbeat", node_reported, platform.servers, START_TIMEOUT_S)
+
+
+def run_demo(platform: Platform) -> None:
+    """Deploy functions/smollm2-chat and ask it one question (greedy, so the answer is stable)."""
+    from sllm.cli.fn import deploy_folder, print_events
+
+    folder = FUNCTIONS_DIR / DEMO_FUNCTION
+    print(f"\ndeploying {folder} ...", flush=True)
+    with GatewayClient(ClientConfig(platform.url, platform.token), timeout_s=60.0) as client:
+        deploy_folder(client, folder)
+        print(f"\n> {DEMO_QUESTION}", flush=True)
+        body = {
+            "messages": [{"role": "user", "content": DEMO_QUESTION}],
+            "max_tokens": 48,
+            "temperature": 0.0,
+            "stream": True,
+        }
+        print_events(client.invoke(DEMO_FUNCTION, body, timeout_s=START_TIMEOUT_S * 3), False)
+
+
+def print_banner(platform: Platform) -> None:
+    url, token = platform.url, platform.token
+    print(
+        f"""
+sllm is up
+  gateway   {url}
+  token     {token}
+  config    {config_path()} (the sllm CLI reads URL and token from here)
+  home      {platform.home} (store, caches, registry; logs in {platform.home / "logs"})
+
+  sllm fn list
+  sllm fn new my-chat --template llm-chat
+  curl -H "Authorization: Bearer {token}" {url}/system/functions
+""",
+        flush=True,
+    )
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    sllm_home = Path(os.path.expanduser(args.home)) if args.home else home()
+    sllm_home = sllm_home.resolve()
+    sllm_home.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    platform = Platform(
+        url=f"http://127.0.0.1:{args.port}", token=load_or_create_token(sllm_home), home=sllm_home
+    )
+    code = 0
+    try:
+        with home_lock(sllm_home):
+            try:
+                print(f"starting sllm in {sllm_home} ...", flush=True)
+                start_platform(args, sllm_home, platform)
+                write_config_file(config_path(), platform.url, platform.token)
+                print_banner(platform)
+                if args.demo:
+                    run_demo(platform)
+                    print("\nthe platform keeps running; Ctrl-C stops it", flush=True)
+                code = supervise(platform)
+            except (KeyboardInterrupt, _Stop):
+                print("\nshutting down ...", flush=True)
+            finally:
+                platform.stop(sys.stdout)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code == 0:
+        print("stopped", flush=True)
+    return code
+
+
+def supervise(platform: Platform) -> int:
+    """Block until a signal (raised out of the sleep) or a child's unexpected exit (-> 1)."""
+    while True:
+        for server in platform.servers:
+            if not server.alive():
+                print(
+                    f"sllm: error: {server.name} exited (code {server.process.returncode}); log "
+                    f"{server.log_path}:\n{server.log_tail()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
+        time.sleep(0.5)
+
+
+def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: Groups) -> None:
+    default_port = int(os.environ.get("SLLM_GATEWAY_PORT") or ENVIRONMENT["SLLM_GATEWAY_PORT"][0])
+    p = root.add_parser(
+        "up",
+        help="run NATS, the gateway and a node on this machine (Ctrl-C stops them)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("--demo", action="store_true", help=f"deploy {DEMO_FUNCTION} and ask it")
+    p.add_argument("--home", help="data directory (default: $SLLM_HOME or ~/.local/share/sllm)")
+    p.add_argument("--port", type=int, default=default_port, help="gateway port (default 8080)")
+    p.add_argument("--cpu-slots", type=int, help="instances the node runs at once without CUDA")
+    p.set_defaults(func=cmd_up)
