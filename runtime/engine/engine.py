@@ -1,0 +1,262 @@
+"""The generation engine: continuous batching over a transformers causal LM.
+
+One thread owns the model. Each turn of its loop it admits waiting requests (prefilling each
+alone, which also samples its first token), then runs one decoding step for every running
+sequence together (``KVBatch``) and hands each request its new token through its sink. New
+requests join between steps; finished or cancelled ones leave between steps. Callers on other
+threads (the HTTP server's event loop, a custom handler's worker thread) only ``submit`` and
+``cancel``; events come back through the thread-safe sink they passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime.engine.detokenize import TextStream
+from runtime.engine.kv_batch import KVBatch
+from runtime.engine.request import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    RequestState,
+    Sink,
+    TokenEvent,
+)
+from runtime.engine.sampling import sample_token
+from sllm.errors import Conflict, InvalidInput, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    state: RequestState
+    sink: Sink
+    text: TextStream
+    next_input: int = -1
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """In-flight requests and their token counts (the migration cost model's t_in, t_out)."""
+
+    in_flight: int
+    tokens_in: int
+    tokens_out: int
+
+
+class Engine:
+    """Continuous-batching generation over ``model`` (a transformers causal LM in eval mode).
+
+    ``max_batch`` bounds the sequences decoded together (more wait their turn); ``max_context``
+    bounds prompt plus output tokens (default: the model's ``max_position_embeddings``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        decode: Callable[[Sequence[int]], str],
+        *,
+        eos_ids: Sequence[int] = (),
+        max_batch: int = 16,
+        max_context: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self._decode = decode
+        self.eos_ids = frozenset(eos_ids)
+        self.max_batch = max_batch
+        self.max_context = max_context or int(
+            getattr(model.config, "max_position_embeddings", 2048)
+        )
+        self._cv = threading.Condition()
+        self._pending: list[_Active] = []
+        self._cancels: set[str] = set()
+        self._active: dict[str, _Active] = {}
+        self._known: set[str] = set()  # ids pending or active (duplicate detection)
+        self._batch = KVBatch()
+        self._stopping = False
+        self._stop_reason = "instance is stopping"
+        self._thread: threading.Thread | None = None
+
+    # -- public, any thread ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, reason: str = "instance is stopping") -> None:
+        """Fail whatever is still queued or running with ``unavailable`` and end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._stop_reason = reason
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def submit(self, state: RequestState, sink: Sink) -> None:
+        """Queue a request (a new one, or one resumed with ``output_ids`` already generated)."""
+        total = len(state.prompt_ids) + len(state.output_ids)
+        if total >= self.max_context:
+            raise InvalidInput(
+                f"prompt is {total} tokens; this model's context is {self.max_context} tokens"
+            )
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
+        if vocab and any(t >= vocab for t in state.prompt_ids + state.output_ids):
+            raise InvalidInput(f"token id out of range (vocabulary size {vocab})")
+        text = TextStream(self._decode, state.params.stop, state.output_ids, state.emitted_chars)
+        with self._cv:
+            if self._stopping:
+                raise Unavailable("instance is stopping")
+            if state.request_id in self._known:
+                raise Conflict(f"request {state.request_id!r} is already running")
+            self._known.add(state.request_id)
+            self._pending.append(_Active(state, sink, text))
+            self._cv.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request between steps (its sink gets a ``cancelled`` finish)."""
+        with self._cv:
+            if request_id in self._known:
+                self._cancels.add(request_id)
+                self._cv.notify_all()
+
+    def load(self) -> EngineLoad:
+        with self._cv:
+            items = [*self._pending, *self._active.values()]
+            return EngineLoad(
+                in_flight=len(items),
+                tokens_in=sum(len(a.state.prompt_ids) for a in items),
+                tokens_out=sum(len(a.state.output_ids) for a in items),
+            )
+
+    def snapshot(self, request_id: str) -> dict[str, Any] | None:
+        """The exportable state of an in-flight request (issue 7), or None if unknown."""
+        with self._cv:
+            for a in [*self._pending, *self._active.values()]:
+                if a.state.request_id == request_id:
+                    return a.state.export()
+        return None
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not (self._pending or self._active or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    self._fail_all("unavailable", self._stop_reason)
+                    return
+                room = max(0, self.max_batch - len(self._active))
+                admitted, self._pending = self._pending[:room], self._pending[room:]
+                cancels, self._cancels = self._cancels, set()
+                for a in admitted:
+                    self._active[a.state.request_id] = a
+            self._apply_cancels(cancels)
+            try:
+                for a in admitted:
+                    if a.state.request_id in self._active:
+                        self._prefill(a)
+                if len(self._batch):
+                    self._decode_step()
+            except Exception as exc:  # a failed forward fails the running requests, not the loop
+                log.exception("engine step failed")
+                self._fail_all("engine_error", f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _apply_cancels(self, cancels: set[str]) -> None:
+        if not cancels:
+            return
+        with self._cv:
+            for a in list(self._pending):
+                if a.state.request_id in cancels:
+                    self._pending.remove(a)
+                    self._finish(a, "cancelled")
+        for rid in cancels & set(self._active):
+            self._finish(self._active[rid], "cancelled")
+        self._batch.remove(cancels)
+
+    def _prefill(self, a: _Active) -> None:
+        from transformers import DynamicCache
+
+        ids = a.state.prompt_ids + a.state.output_ids
+        cache = DynamicCache(config=self.model.config)
+        inputs = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if self._accept(a, out.logits[0, -1]):
+            self._batch.join(a.state.request_id, out.past_key_values, len(ids))
+
+    def _decode_step(self) -> None:
+        mask, positions = self._batch.step_inputs()
+        rows = [self._active[rid] for rid in self._batch.ids]
+        inputs = torch.tensor([[a.next_input] for a in rows], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._batch.commit_step(mask)
+        finished = {
+            a.state.request_id for i, a in enumerate(rows) if not self._accept(a, out.logits[i, -1])
+        }
+        self._batch.remove(finished)
+
+    def _accept(self, a: _Active, logits: torch.Tensor) -> bool:
+        """Sample the next token of ``a``, emit it; False once the request has finished."""
+        state = a.state
+        token = sample_token(logits, state.params, state.steps)
+        with self._cv:
+            state.output_ids.append(token)
+        reason: str | None = None
+        if token in self.eos_ids and not state.params.ignore_eos:
+            reason, delta = "stop", ""
+        else:
+            delta = a.text.push(token)
+            if a.text.stopped:
+                reason = "stop"
+        if reason is None and (
+            len(state.output_ids) >= state.params.max_tokens
+            or len(state.prompt_ids) + len(state.output_ids) >= self.max_context
+        ):
+            reason = "length"
+        if reason is not None:
+            delta += a.text.flush()
+        state.emitted_chars = a.text.emitted
+        a.next_input = token
+        _deliver(a.sink, TokenEvent(delta, [token]))
+        if reason is None:
+            return True
+        self._finish(a, reason)
+        return False
+
+    def _finish(self, a: _Active, reason: str) -> None:
+        state = a.state
+        state.finish_reason = reason
+        with self._cv:
+            self._active.pop(state.request_id, None)
+            self._known.discard(state.request_id)
+        _deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
+
+    def _fail_all(self, code: str, message: str) -> None:
+        with self._cv:
+            victims = [*self._pending, *self._active.values()]
+            self._pending, self._active, self._known = [], {}, set()
+        self._batch = KVBatch()
+        for a in victims:
+            a.state.finish_reason = "error"
+            _deliver(a.sink, ErrorEvent(code, message))
+
+
+def _deliver(sink: Sink, event: Event) -> None:
+    try:
+        sink(event)
+    except Exception:  # a consumer that went away must not stop the other requests
+        log.debug("dropping an event for a gone consumer", exc_info=True)
