@@ -45,6 +45,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_WAKE_TIMEOUT": ("300s", "how long a cold start may take before queued requests get 503"),
     "SLLM_REQUEST_TIMEOUT": ("600s", "upper bound on one proxied request"),
     "SLLM_POLICY": ("locality+migration", "placement policy"),
+    "SLLM_SCALE_DOWN_WINDOW": ("30s", "how long load must stay lower before scaling down"),
     "SLLM_GATEWAY_URL": ("http://127.0.0.1:8080", "gateway URL the CLI talks to"),
 }
 
@@ -178,6 +179,7 @@ class GatewaySettings:
     request_timeout_s: float
     policy: str
     store: StoreSettings
+    stable_window_s: float = 30.0
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -197,4 +199,5 @@ class GatewaySettings:
             request_timeout_s=_parse(env, "SLLM_REQUEST_TIMEOUT", as_seconds),
             policy=policy,
             store=StoreSettings.from_env(env),
+            stable_window_s=_parse(env, "SLLM_SCALE_DOWN_WINDOW", as_seconds),
         )

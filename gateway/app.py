@@ -1,0 +1,73 @@
+"""The gateway's composition root: settings -> bus, registry bucket, clock, scheduler, HTTP
+client -> ``GatewayService`` -> Starlette app with one route module per API area. Only
+assembles; the behaviour lives in the modules it wires."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+
+from gateway.http_errors import HANDLERS
+from gateway.placement import Scheduler
+from gateway.registry import BUCKET
+from gateway.routes import invoke, openai, ops, system
+from gateway.service import GatewayService
+from sllm.bus import Bus, KeyValue
+from sllm.clock import Clock, SystemClock
+from sllm.settings import GatewaySettings
+
+Connect = Callable[[GatewaySettings], Awaitable[tuple[Bus, KeyValue]]]
+
+# 5 s to connect to an instance on the node's loopback or LAN: past that it is gone.
+CONNECT_TIMEOUT_S = 5.0
+
+
+async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
+    from sllm.nats_bus import NatsBus
+
+    bus = await NatsBus.connect(settings.nats_url, name="sllm-gateway")
+    return bus, await bus.key_value(BUCKET)
+
+
+def instance_client(settings: GatewaySettings) -> httpx.AsyncClient:
+    """Pooled keep-alive connections to instances (a new TCP connection per request would
+    cost more than the whole gateway hop)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.request_timeout_s, connect=CONNECT_TIMEOUT_S),
+        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+    )
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    connect: Connect = connect_nats,
+    http: Callable[[], httpx.AsyncClient] | None = None,
+    clock: Clock | None = None,
+    scheduler: Scheduler | None = None,
+    tick_s: float = 0.5,
+) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        bus, kv = await connect(settings)
+        client = http() if http is not None else instance_client(settings)
+        gateway = GatewayService(
+            settings, bus, kv, clock or SystemClock(), client, scheduler, tick_s=tick_s
+        )
+        app.state.gateway = gateway
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+            await client.aclose()
+            await bus.close()
+
+    return Starlette(
+        routes=[*invoke.routes, *openai.routes, *system.routes, *ops.routes],
+        exception_handlers=HANDLERS,
+        lifespan=lifespan,
+    )

@@ -1,0 +1,317 @@
+"""The control loop (STYLE.md 2): gather, decide, apply.
+
+- gather: the instance table (heartbeats, events, the gateway's own commands), the cold-start
+  queue and the in-flight counts;
+- decide: ``autoscaler.decide`` per function and ``Scheduler.place`` per new instance;
+- apply: ``LoadCmd`` / ``UnloadCmd`` to nodes (acked; a refused or unanswered load is placed on
+  another node, up to ``LOAD_ATTEMPTS`` nodes).
+
+The loop runs every ``tick_s`` and at once when a request starts waiting (``poke``). Loads are
+applied in background tasks; an instance is booked as ``starting`` before its command is sent,
+so the next decision already counts it (one wake per burst).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Coroutine
+from dataclasses import replace
+from typing import Any
+
+from gateway.autoscaler import Observation, ScalerState, decide
+from gateway.commands import CommandFailed, NodeCommands
+from gateway.dispatcher import Dispatcher
+from gateway.instances import Instance, InstanceTable, ReadyChange
+from gateway.metrics import GatewayMetrics
+from gateway.placement import Scheduler
+from gateway.registry import Registry
+from gateway.scheduler.types import NoCapacity, PlacementRequest
+from sllm.clock import Clock
+from sllm.errors import Unavailable
+from sllm.messages import InstanceEvent, LoadCmd, NodeHeartbeat, UnloadCmd
+from sllm.spec import FunctionRecord
+
+log = logging.getLogger(__name__)
+
+LOAD_ATTEMPTS = 3
+
+
+class Controller:
+    def __init__(
+        self,
+        registry: Registry,
+        table: InstanceTable,
+        dispatcher: Dispatcher,
+        commands: NodeCommands,
+        scheduler: Scheduler,
+        clock: Clock,
+        metrics: GatewayMetrics,
+        *,
+        stable_window_s: float,
+        drain_s: float,
+        tick_s: float = 0.5,
+    ) -> None:
+        self._registry = registry
+        self._table = table
+        self._dispatcher = dispatcher
+        self._commands = commands
+        self._scheduler = scheduler
+        self._clock = clock
+        self._metrics = metrics
+        self._stable_window_s = stable_window_s
+        self._drain_s = drain_s
+        self._tick_s = tick_s
+        self._scalers: dict[str, ScalerState] = {}
+        self._manual: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- inputs ---------------------------------------------------------------------------
+    def poke(self, function: str = "") -> None:
+        """Reconcile now (a request started waiting, a function changed)."""
+        self._wake.set()
+
+    def scale(self, function: str, replicas: int) -> None:
+        self._manual[function] = replicas
+        self.poke(function)
+
+    def on_event(self, event: InstanceEvent) -> None:
+        change = self._table.on_event(event, self._clock.now())
+        for inst in change.became_ready:
+            tier = event.tier or "unknown"
+            log.info(
+                "instance ready function=%s instance=%s node=%s tier=%s load_s=%.3f",
+                inst.function, inst.instance_id, inst.node, tier, event.load_s,
+            )  # fmt: skip
+            self._metrics.cold_starts.labels(inst.function, tier).inc()
+            if event.load_s > 0:
+                self._metrics.cold_start_seconds.labels(inst.function, tier).observe(event.load_s)
+            if tier in ("device", "dram", "ssd", "store"):
+                self._metrics.cache_hits.labels(tier).inc()
+        self._after(change)
+
+    def on_heartbeat(self, hb: NodeHeartbeat) -> None:
+        self._after(self._table.on_heartbeat(hb, self._clock.now()))
+        for tier, entries in hb.cache.items():
+            self._metrics.cache_bytes.labels(hb.node_id, tier).set(sum(e.nbytes for e in entries))
+
+    def _after(self, change: ReadyChange) -> None:
+        for inst in change.became_ready:
+            record = self._registry.find(inst.function)
+            if record is not None:
+                self._dispatcher.release_waiters(inst.function, record.revision)
+        for inst, error in change.failed:
+            log.warning(
+                "instance failed function=%s instance=%s node=%s error=%s",
+                inst.function, inst.instance_id, inst.node, error,
+            )  # fmt: skip
+            reason = f"instance {inst.instance_id} on {inst.node} failed: {error}"
+            self._lost(inst.function, reason, wake_failed=inst.state == "starting")
+        for inst in change.removed:
+            log.info("instance stopped function=%s instance=%s", inst.function, inst.instance_id)
+            self._lost(inst.function, f"instance {inst.instance_id} stopped", wake_failed=False)
+
+    def _lost(self, function: str, reason: str, *, wake_failed: bool) -> None:
+        """An instance went away (or never came): re-base the scaler on what is left. When a
+        wake failed and nothing else is starting, queued requests get 503 now rather than at
+        the wake deadline."""
+        left = [i for i in self._table.of(function) if i.state in ("ready", "starting")]
+        state = self._scalers.get(function)
+        if state is not None:
+            self._scalers[function] = replace(state, desired=len(left))
+        if wake_failed and not left and self._dispatcher.queued(function):
+            self._dispatcher.fail_waiters(
+                function, Unavailable(f"function {function!r}: wake failed: {reason}")
+            )
+        self.poke(function)
+
+    # --- the loop --------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.exception("control loop tick failed")
+            sleeper = asyncio.ensure_future(self._clock.sleep(self._tick_s))
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                waker.cancel()
+            self._wake.clear()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def tick(self) -> None:
+        now = self._clock.now()
+        self._after(self._table.expire(now))
+        records = {r.spec.name: r for r in self._registry.all()}
+        for record in records.values():
+            self._reconcile(record, now)
+        for inst in list(self._table.instances.values()):
+            if inst.function not in records and inst.state != "draining":
+                self._drain(inst, "function deleted")
+        for name in [n for n in self._scalers if n not in records]:
+            del self._scalers[name]
+        self._update_gauges(records)
+
+    def _reconcile(self, record: FunctionRecord, now: float) -> None:
+        name = record.spec.name
+        mine = self._table.of(name)
+        current = [i for i in mine if i.revision == record.revision]
+        ready = [i for i in current if i.state == "ready"]
+        starting = [i for i in current if i.state == "starting"]
+        obs = Observation(
+            in_flight=sum(i.in_flight for i in mine),
+            queued=self._dispatcher.queued(name),
+            ready=len(ready),
+            starting=len(starting),
+        )
+        state = self._scalers.get(name) or ScalerState(
+            desired=len(ready) + len(starting), last_active=now
+        )
+        if name in self._manual:
+            state = replace(state, manual=self._manual.pop(name))
+        decision, state = decide(
+            record.spec.scale, obs, state, now, stable_window_s=self._stable_window_s
+        )
+        self._scalers[name] = state
+        if decision.wake:
+            self._metrics.wakes.labels(name).inc()
+            log.info("wake function=%s queued=%d", name, obs.queued)
+        have = len(ready) + len(starting)
+        if decision.desired > have:
+            log.info(
+                "scale function=%s from=%d to=%d reason=%s",
+                name,
+                have,
+                decision.desired,
+                decision.reason,
+            )
+            for _ in range(decision.desired - have):
+                if not self._launch(record):
+                    break
+        elif decision.desired < have:
+            log.info(
+                "scale function=%s from=%d to=%d reason=%s",
+                name,
+                have,
+                decision.desired,
+                decision.reason,
+            )
+            # Drain the least busy first; starting ones last (they are about to serve).
+            victims = sorted(ready, key=lambda i: (i.in_flight, -i.since)) + starting
+            for inst in victims[: have - decision.desired]:
+                self._drain(inst, decision.reason)
+        # Instances of an older revision go once the new revision serves (or nothing is wanted).
+        if ready or decision.desired == 0:
+            for inst in mine:
+                if inst.revision != record.revision and inst.state != "draining":
+                    self._drain(inst, f"revision {record.revision} replaces {inst.revision}")
+
+    # --- apply -----------------------------------------------------------------------------
+    def _launch(self, record: FunctionRecord, exclude: frozenset[str] = frozenset()) -> bool:
+        """Place one instance and book it as starting; the load command goes out in a task."""
+        now = self._clock.now()
+        spec = record.spec
+        request = PlacementRequest(
+            function=spec.name,
+            checkpoint=record.checkpoint,
+            checkpoint_bytes=record.checkpoint_bytes,
+            accelerators=max(1, spec.resources.accelerators),
+        )
+        nodes = self._table.live_nodes(now)
+        functions = {r.spec.name: (r.checkpoint, r.checkpoint_bytes) for r in self._registry.all()}
+        placement = self._scheduler.place(
+            nodes, self._table.booked_devices(), functions, request, exclude
+        )
+        if isinstance(placement, NoCapacity):
+            self._metrics.placements.labels(self._scheduler.policy, "no_capacity", "").inc()
+            log.warning("no capacity function=%s reason=%s", spec.name, placement.reason)
+            if not [n for n in nodes if n.node_id not in exclude]:
+                reason = "no node is connected" if not exclude else placement.reason
+                self._lost(spec.name, reason, wake_failed=True)
+            return False
+        self._metrics.placements.labels(self._scheduler.policy, "placed", placement.tier).inc()
+        log.info(
+            "place function=%s node=%s devices=%s tier=%s estimated_s=%.3f policy=%s",
+            spec.name, placement.node, ",".join(placement.devices), placement.tier,
+            placement.estimated_s, placement.policy,
+        )  # fmt: skip
+        for victim_id in placement.evict:
+            victim = self._table.instances.get(victim_id)
+            if victim is not None:
+                self._evict(victim)
+        instance_id = f"{spec.name}-{uuid.uuid4().hex[:10]}"
+        device = placement.devices[0]
+        self._table.launched(instance_id, spec.name, placement.node, device, record.revision, now)
+        command = LoadCmd(instance_id, spec.name, record.to_dict(), device)
+        self._spawn(self._send_load(record, placement.node, command, exclude))
+        return True
+
+    async def _send_load(
+        self, record: FunctionRecord, node: str, command: LoadCmd, exclude: frozenset[str]
+    ) -> None:
+        try:
+            await self._commands.send(node, command)
+        except CommandFailed as exc:
+            log.warning("load failed function=%s node=%s error=%s", command.function, node, exc)
+            self._table.forget(command.instance_id)
+            tried = exclude | {node}
+            if len(tried) < LOAD_ATTEMPTS and self._launch(record, tried):
+                return
+            self._lost(command.function, str(exc), wake_failed=True)
+
+    def _evict(self, victim: Instance) -> None:
+        """Stop an idle instance of another function to free its device; its function's scaler
+        forgets it, so the device is not claimed straight back."""
+        state = self._scalers.get(victim.function)
+        if state is not None:
+            self._scalers[victim.function] = replace(state, desired=max(0, state.desired - 1))
+        self._drain(victim, "evicted for a placement")
+
+    def _drain(self, inst: Instance, reason: str) -> None:
+        if inst.state == "draining":
+            return
+        log.info("drain function=%s instance=%s reason=%s", inst.function, inst.instance_id, reason)
+        inst.state = "draining"
+        self._spawn(self._send_unload(inst))
+
+    async def _send_unload(self, inst: Instance) -> None:
+        try:
+            await self._commands.send(inst.node, UnloadCmd(inst.instance_id, self._drain_s))
+        except CommandFailed as exc:
+            log.warning("unload failed instance=%s error=%s", inst.instance_id, exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _update_gauges(self, records: dict[str, FunctionRecord]) -> None:
+        now = self._clock.now()
+        self._metrics.nodes.set(len(self._table.live_nodes(now)))
+        for name in records:
+            counts = {"starting": 0, "ready": 0, "draining": 0, "unreachable": 0}
+            for inst in self._table.of(name):
+                counts[inst.state] = counts.get(inst.state, 0) + 1
+            for state, n in counts.items():
+                self._metrics.instances.labels(name, state).set(n)
+            self._metrics.queued.labels(name).set(self._dispatcher.queued(name))
+
+    def replicas(self, function: str) -> dict[str, int]:
+        record = self._registry.find(function)
+        revision = record.revision if record else 0
+        mine = [i for i in self._table.of(function) if i.revision == revision]
+        state = self._scalers.get(function)
+        return {
+            "ready": sum(1 for i in mine if i.state == "ready"),
+            "starting": sum(1 for i in mine if i.state == "starting"),
+            "desired": state.desired if state else 0,
+        }

@@ -1,0 +1,167 @@
+"""Hands each request an instance: the ready one with the fewest in-flight requests, or a place
+in the function's bounded cold-start queue until one is ready.
+
+- ``pick`` is the pure routing rule.
+- A full queue raises ``Overloaded`` (429 + Retry-After); a wait past the wake deadline raises
+  ``Unavailable`` (503). The wake deadline is separate from the request timeout: it bounds only
+  the wait for an instance, not the generation that follows.
+- ``release_waiters`` hands queued requests out in arrival order when an instance is ready.
+- The first request that has to wait pokes the controller (``on_wait``); the controller decides
+  how many instances to start (one per burst, see ``autoscaler``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.instances import Instance, InstanceTable
+from sllm.clock import Clock
+from sllm.errors import NotFound, Overloaded, Unavailable
+
+
+def pick(
+    candidates: Collection[Instance], revision: int, exclude: Collection[str]
+) -> Instance | None:
+    """The ready instance with the fewest in-flight requests; the current revision first (older
+    revisions keep serving until a new one is ready); ties go to the longest-ready one."""
+    best: Instance | None = None
+    best_key: tuple[int, int, float] | None = None
+    for inst in candidates:
+        if inst.state != "ready" or inst.instance_id in exclude or not inst.address:
+            continue
+        key = (0 if inst.revision == revision else 1, inst.in_flight, inst.since)
+        if best_key is None or key < best_key:
+            best, best_key = inst, key
+    return best
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[Instance]
+    exclude: frozenset[str]
+    enqueued: float
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        table: InstanceTable,
+        clock: Clock,
+        queue_size: int,
+        wake_timeout_s: float,
+        on_wait: Callable[[str], None],
+    ) -> None:
+        self._table = table
+        self._clock = clock
+        self._queue_size = queue_size
+        self._wake_timeout_s = wake_timeout_s
+        self._on_wait = on_wait
+        self._queues: dict[str, deque[_Waiter]] = {}
+
+    def queued(self, function: str) -> int:
+        queue = self._queues.get(function)
+        return len(queue) if queue else 0
+
+    def in_flight(self, function: str) -> int:
+        return sum(i.in_flight for i in self._table.of(function))
+
+    def try_acquire(
+        self, function: str, revision: int, exclude: Collection[str] = ()
+    ) -> Instance | None:
+        """A ready instance with its in-flight count taken, or None. Never waits."""
+        if self.queued(function):
+            return None  # arrival order: those already waiting go first
+        inst = pick(self._table.routable(function), revision, exclude)
+        if inst is not None:
+            inst.in_flight += 1
+        return inst
+
+    async def acquire(
+        self, function: str, revision: int, exclude: Collection[str] = ()
+    ) -> tuple[Instance, float]:
+        """An instance with its in-flight count taken, and the seconds spent queued."""
+        inst = self.try_acquire(function, revision, exclude)
+        if inst is not None:
+            return inst, 0.0
+        queue = self._queues.setdefault(function, deque())
+        if len(queue) >= self._queue_size:
+            raise Overloaded(
+                f"function {function!r}: cold-start queue is full ({self._queue_size} waiting); "
+                "retry later",
+                retry_after_s=max(1.0, min(30.0, self._wake_timeout_s / 10)),
+            )
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), frozenset(exclude), self._clock.now())
+        queue.append(waiter)
+        self._on_wait(function)
+        deadline: asyncio.Future[Any] = asyncio.ensure_future(
+            self._clock.sleep(self._wake_timeout_s)
+        )
+        pending: set[asyncio.Future[Any]] = {waiter.future, deadline}
+        try:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self._abandon(function, waiter)
+            raise
+        finally:
+            deadline.cancel()
+        if not waiter.future.done():
+            self._abandon(function, waiter)
+            raise Unavailable(
+                f"function {function!r}: no instance became ready within "
+                f"{self._wake_timeout_s:g}s (wake deadline)"
+            )
+        return waiter.future.result(), self._clock.now() - waiter.enqueued
+
+    def release(self, inst: Instance) -> None:
+        """A request finished on ``inst``."""
+        inst.in_flight = max(0, inst.in_flight - 1)
+
+    def release_waiters(self, function: str, revision: int) -> int:
+        """Hand queued requests of ``function`` to ready instances, in arrival order."""
+        queue = self._queues.get(function)
+        handed = 0
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():
+                queue.popleft()
+                continue
+            inst = pick(self._table.routable(function), revision, waiter.exclude)
+            if inst is None:
+                break
+            queue.popleft()
+            inst.in_flight += 1
+            waiter.future.set_result(inst)
+            handed += 1
+        return handed
+
+    def fail_waiters(self, function: str, error: Exception) -> int:
+        """Fail every queued request of ``function`` (its wake failed, or it was deleted)."""
+        queue = self._queues.pop(function, None)
+        failed = 0
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+                failed += 1
+        return failed
+
+    def forget(self, function: str) -> None:
+        self.fail_waiters(function, NotFound(f"function {function!r} was deleted"))
+
+    def _abandon(self, function: str, waiter: _Waiter) -> None:
+        queue = self._queues.get(function)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+        if (
+            waiter.future.done()
+            and not waiter.future.cancelled()
+            and waiter.future.exception() is None
+        ):
+            self.release(waiter.future.result())  # handed an instance as we gave up
+        elif not waiter.future.done():
+            waiter.future.cancel()

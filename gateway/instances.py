@@ -1,0 +1,195 @@
+"""The gateway's view of nodes and instances, built from heartbeats, instance events and its own
+load/unload commands. Plain bookkeeping: no I/O, no clock reads (``now`` is passed in).
+
+Instance states the gateway uses: ``starting`` (load sent, not ready yet), ``ready`` (routable),
+``draining`` (unload sent or the node says so: no new requests), ``unreachable`` (a proxied
+request could not connect: not routed until a heartbeat or event says otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sllm.messages import InstanceEvent, InstanceState, NodeHeartbeat
+
+# A node whose last heartbeat is older than this is gone, with its instances (a node beats
+# every 2 s by default: 5 missed beats).
+NODE_STALE_S = 10.0
+# An instance the gateway launched may be missing from heartbeats sent before the load command
+# arrived; only after this long is its absence taken as "it is gone".
+LAUNCH_GRACE_S = 10.0
+
+_NODE_STATE = {
+    "starting": "starting",
+    "loading": "starting",
+    "pending": "starting",
+    "warming": "starting",
+    "ready": "ready",
+    "serving": "ready",
+    "draining": "draining",
+    "stopping": "draining",
+    "migrating": "draining",
+}
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    function: str
+    node: str
+    device: str
+    revision: int
+    state: str
+    since: float
+    address: str | None = None
+    in_flight: int = 0
+    tier: str = ""
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "id": self.instance_id,
+            "node": self.node,
+            "device": self.device,
+            "state": self.state,
+            "address": self.address,
+            "in_flight": self.in_flight,
+            "revision": self.revision,
+        }
+
+
+@dataclass
+class NodeInfo:
+    heartbeat: NodeHeartbeat
+    seen: float
+
+
+@dataclass
+class ReadyChange:
+    """What an event or heartbeat changed, for the caller to act on (release queued requests,
+    count a cold start, fail waiters)."""
+
+    became_ready: list[Instance] = field(default_factory=list)
+    failed: list[tuple[Instance, str]] = field(default_factory=list)
+    removed: list[Instance] = field(default_factory=list)
+
+
+class InstanceTable:
+    def __init__(self) -> None:
+        self.instances: dict[str, Instance] = {}
+        self.nodes: dict[str, NodeInfo] = {}
+
+    # --- queries -------------------------------------------------------------------------
+    def of(self, function: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.function == function]
+
+    def routable(self, function: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.function == function and i.state == "ready"]
+
+    def live_nodes(self, now: float) -> list[NodeHeartbeat]:
+        return [n.heartbeat for n in self.nodes.values() if now - n.seen <= NODE_STALE_S]
+
+    def booked_devices(self) -> set[tuple[str, str]]:
+        """(node, device) pairs held by instances the heartbeats may not show yet."""
+        return {(i.node, i.device) for i in self.instances.values() if i.state == "starting"}
+
+    # --- changes from the gateway itself -------------------------------------------------
+    def launched(
+        self, instance_id: str, function: str, node: str, device: str, revision: int, now: float
+    ) -> Instance:
+        inst = Instance(instance_id, function, node, device, revision, "starting", now)
+        self.instances[instance_id] = inst
+        return inst
+
+    def set_state(self, instance_id: str, state: str) -> None:
+        inst = self.instances.get(instance_id)
+        if inst is not None:
+            inst.state = state
+
+    def forget(self, instance_id: str) -> Instance | None:
+        return self.instances.pop(instance_id, None)
+
+    # --- changes reported by nodes ---------------------------------------------------------
+    def on_event(self, event: InstanceEvent, now: float) -> ReadyChange:
+        change = ReadyChange()
+        inst = self.instances.get(event.instance_id)
+        if event.kind == "ready":
+            if inst is None:
+                inst = Instance(
+                    event.instance_id,
+                    event.function,
+                    event.node_id,
+                    "",
+                    event.revision,
+                    "starting",
+                    now,
+                )
+                self.instances[event.instance_id] = inst
+            inst.address = event.address
+            inst.tier = event.tier
+            if inst.state in ("starting", "unreachable"):
+                inst.state = "ready"
+                inst.since = now
+                change.became_ready.append(inst)
+        elif event.kind in ("failed", "stopped") and inst is not None:
+            del self.instances[event.instance_id]
+            if event.kind == "failed":
+                change.failed.append((inst, event.error or "instance failed"))
+            else:
+                change.removed.append(inst)
+        return change
+
+    def on_heartbeat(self, hb: NodeHeartbeat, now: float) -> ReadyChange:
+        change = ReadyChange()
+        previous = self.nodes.get(hb.node_id)
+        if previous is not None and hb.seq < previous.heartbeat.seq and hb.seq != 0:
+            return change  # out of order (seq 0: the node restarted)
+        self.nodes[hb.node_id] = NodeInfo(hb, now)
+        reported = {s.instance_id: s for s in hb.instances}
+        for state in hb.instances:
+            self._apply_reported(hb.node_id, state, now, change)
+        for inst in [i for i in self.instances.values() if i.node == hb.node_id]:
+            if inst.instance_id not in reported and now - inst.since > LAUNCH_GRACE_S:
+                del self.instances[inst.instance_id]
+                change.removed.append(inst)
+        return change
+
+    def expire(self, now: float) -> ReadyChange:
+        """Drop nodes that stopped beating, with their instances."""
+        change = ReadyChange()
+        for node_id in [n for n, info in self.nodes.items() if now - info.seen > NODE_STALE_S]:
+            del self.nodes[node_id]
+            for inst in [i for i in self.instances.values() if i.node == node_id]:
+                del self.instances[inst.instance_id]
+                change.failed.append((inst, f"node {node_id} stopped sending heartbeats"))
+        return change
+
+    def _apply_reported(
+        self, node_id: str, state: InstanceState, now: float, change: ReadyChange
+    ) -> None:
+        mapped = _NODE_STATE.get(state.state)
+        inst = self.instances.get(state.instance_id)
+        if mapped is None:  # failed, stopped or unknown: the event path handles the news
+            return
+        if inst is None:
+            inst = Instance(
+                state.instance_id,
+                state.function,
+                node_id,
+                state.device,
+                state.revision,
+                "starting",
+                now,
+                address=state.address,
+            )
+            self.instances[state.instance_id] = inst
+        inst.device = state.device or inst.device
+        if state.address:
+            inst.address = state.address
+        if inst.state == "draining":
+            return  # the gateway asked it to drain; the node's catching up
+        if mapped == "ready" and inst.address and inst.state != "ready":
+            inst.state = "ready"
+            inst.since = now
+            change.became_ready.append(inst)
+        elif mapped != "ready":
+            inst.state = mapped

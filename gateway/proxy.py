@@ -1,0 +1,197 @@
+"""Proxying a request to an instance: pick (or wait for) one, send, pass the answer through
+unbuffered.
+
+- A request that fails before any byte came back (connection refused or reset, the instance
+  died, or it answered 503 while draining) is retried once on another instance.
+- Once bytes flowed, a broken stream is not retried (the client already has part of the
+  answer): an event stream ends with an ``error`` event, a JSON answer is cut short.
+- The in-flight count taken by the dispatcher is given back when the body is finished or the
+  client goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.dispatcher import Dispatcher
+from gateway.instances import Instance
+from gateway.metrics import GatewayMetrics
+from gateway.openai_format import sse
+from sllm.clock import Clock
+from sllm.errors import SllmError, Unavailable
+from sllm.spec import FunctionRecord
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamTimeout(SllmError):
+    code = "upstream_timeout"
+    status = 504
+
+
+@dataclass
+class Upstream:
+    """An instance's answer whose status, headers and first chunk have arrived."""
+
+    instance: Instance
+    response: httpx.Response
+    first: bytes
+    rest: AsyncIterator[bytes]
+    started: float
+    released: bool = False
+
+    @property
+    def status(self) -> int:
+        return self.response.status_code
+
+    @property
+    def content_type(self) -> str:
+        value: str = self.response.headers.get("content-type", "application/json")
+        return value
+
+    @property
+    def is_stream(self) -> bool:
+        return self.content_type.startswith("text/event-stream")
+
+
+class InstanceProxy:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._client = client
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._metrics = metrics
+
+    async def open(
+        self, record: FunctionRecord, path: str, body: bytes, started: float
+    ) -> Upstream:
+        """Send ``body`` to ``path`` of an instance of ``record``; retried once elsewhere when
+        nothing came back. Raises Unavailable (503), UpstreamTimeout (504) or the queue's
+        errors (429, 503)."""
+        name = record.spec.name
+        exclude: set[str] = set()
+        for attempt in (1, 2):
+            inst, waited = await self._dispatcher.acquire(name, record.revision, exclude)
+            if waited > 0:
+                self._metrics.queue_wait.labels(name).observe(waited)
+            try:
+                upstream = await self._send(inst, path, body, started)
+            except httpx.TimeoutException:
+                self._dispatcher.release(inst)
+                raise UpstreamTimeout(
+                    f"function {name!r}: instance {inst.instance_id} did not answer in time"
+                ) from None
+            except httpx.TransportError as exc:
+                self._dispatcher.release(inst)
+                if inst.state == "ready":
+                    inst.state = "unreachable"
+                log.warning(
+                    "instance unreachable function=%s instance=%s error=%r",
+                    name, inst.instance_id, exc,
+                )  # fmt: skip
+                reason = f"instance {inst.instance_id} failed before answering: {exc!r}"
+            else:
+                if upstream.status != 503 or attempt == 2:
+                    return upstream
+                await upstream.response.aclose()
+                self._dispatcher.release(inst)
+                reason = f"instance {inst.instance_id} is not taking requests (503)"
+            exclude.add(inst.instance_id)
+            if attempt == 1:
+                self._metrics.retries.labels(name).inc()
+        raise Unavailable(f"function {name!r}: {reason}")
+
+    async def _send(self, inst: Instance, path: str, body: bytes, started: float) -> Upstream:
+        request = self._client.build_request(
+            "POST",
+            f"{inst.address}{path}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            chunks = response.aiter_raw()
+            first = b""
+            async for chunk in chunks:
+                if chunk:
+                    first = chunk
+                    break
+        except BaseException:
+            await response.aclose()
+            raise
+        self._metrics.ttft.labels(inst.function).observe(self._clock.now() - started)
+        return Upstream(inst, response, first, chunks, started)
+
+    async def read_all(self, upstream: Upstream) -> bytes:
+        """The whole answer (non-stream use), then the instance is released."""
+        parts = [upstream.first]
+        try:
+            async for chunk in upstream.rest:
+                parts.append(chunk)
+        except httpx.TransportError as exc:
+            raise Unavailable(
+                f"instance {upstream.instance.instance_id} failed mid-answer: {exc!r}"
+            ) from None
+        finally:
+            await self.finish(upstream)
+        return b"".join(parts)
+
+    async def passthrough(self, upstream: Upstream) -> AsyncIterator[bytes]:
+        """The answer's bytes as they come; a broken event stream ends with an error event."""
+        try:
+            if upstream.first:
+                yield upstream.first
+            async for chunk in upstream.rest:
+                yield chunk
+        except httpx.TransportError as exc:
+            log.warning(
+                "stream broke function=%s instance=%s error=%r",
+                upstream.instance.function, upstream.instance.instance_id, exc,
+            )  # fmt: skip
+            if upstream.is_stream:
+                yield sse(broken_stream_error(upstream, exc))
+        finally:
+            await self.finish(upstream)
+
+    async def finish(self, upstream: Upstream) -> None:
+        """Close the instance's answer and give its in-flight slot back (once)."""
+        await upstream.response.aclose()
+        if not upstream.released:
+            upstream.released = True
+            self._dispatcher.release(upstream.instance)
+            self._metrics.latency.labels(upstream.instance.function).observe(
+                self._clock.now() - upstream.started
+            )
+
+
+def broken_stream_error(upstream: Upstream, exc: Exception) -> dict[str, object]:
+    return {
+        "error": {
+            "code": "instance_failed",
+            "message": f"instance {upstream.instance.instance_id} failed mid-stream: {exc!r}",
+        }
+    }
+
+
+def error_from_upstream(status: int, body: bytes) -> SllmError:
+    """An instance's 4xx/5xx JSON error as a typed error with the same status and code."""
+    code, message = "instance_error", body.decode("utf-8", errors="replace")[:500]
+    try:
+        parsed = json.loads(body)
+        err = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(err, dict):
+            code = str(err.get("code", code))
+            message = str(err.get("message", message))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    return SllmError(message, code=code, status=status)

@@ -1,0 +1,124 @@
+"""The gateway's parts wired together (registry, instance table, dispatcher, controller,
+proxy, metrics, logs) plus the bus subscriptions that feed them. Routes reach it through
+``request.app.state.gateway``; ``gateway.app`` builds it and runs ``start``/``stop`` in the
+app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+from gateway.commands import NodeCommands
+from gateway.controller import Controller
+from gateway.dispatcher import Dispatcher
+from gateway.instances import InstanceTable
+from gateway.logs import LogBuffer
+from gateway.metrics import GatewayMetrics
+from gateway.placement import PolicyScheduler, Scheduler
+from gateway.proxy import InstanceProxy
+from gateway.registry import Registry
+from sllm.bus import Bus, KeyValue, Message, Subscription
+from sllm.clock import Clock
+from sllm.errors import ProtocolError
+from sllm.messages import (
+    EVENT_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    InstanceEvent,
+    LogLine,
+    NodeHeartbeat,
+    decode_as,
+)
+from sllm.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+# 10 s: a node acks a load when it accepts it; the load itself is reported by an event.
+COMMAND_TIMEOUT_S = 10.0
+
+
+@dataclass
+class GatewayService:
+    settings: GatewaySettings
+    bus: Bus
+    kv: KeyValue
+    clock: Clock
+    http: httpx.AsyncClient
+    scheduler: Scheduler | None = None
+    tick_s: float = 0.5
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    logs: LogBuffer = field(default_factory=LogBuffer)
+
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.kv)
+        self.table = InstanceTable()
+        self.dispatcher = Dispatcher(
+            self.table,
+            self.clock,
+            self.settings.queue_size,
+            self.settings.wake_timeout_s,
+            on_wait=lambda fn: self.controller.poke(fn),
+        )
+        self.controller = Controller(
+            self.registry,
+            self.table,
+            self.dispatcher,
+            NodeCommands(self.bus, COMMAND_TIMEOUT_S),
+            self.scheduler or PolicyScheduler(self.settings.policy),
+            self.clock,
+            self.metrics,
+            stable_window_s=self.settings.stable_window_s,
+            drain_s=min(self.settings.request_timeout_s, 600.0),
+            tick_s=self.tick_s,
+        )
+        self.proxy = InstanceProxy(self.http, self.dispatcher, self.clock, self.metrics)
+        self._subs: list[Subscription] = []
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.registry.load()
+        self._subs = [
+            await self.bus.subscribe(HEARTBEAT_SUBJECT, self._on_heartbeat),
+            await self.bus.subscribe(EVENT_SUBJECT, self._on_event),
+            await self.bus.subscribe("sllm.logs.*", self._on_log),
+        ]
+        self._loop_task = asyncio.create_task(self.controller.run(), name="gateway-control-loop")
+        log.info(
+            "gateway started functions=%d policy=%s", len(self.registry.all()), self.settings.policy
+        )
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await self.controller.stop()
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs = []
+
+    async def _on_heartbeat(self, msg: Message) -> None:
+        try:
+            hb = decode_as(msg.data, NodeHeartbeat)
+        except ProtocolError as exc:
+            log.warning("dropped heartbeat: %s", exc.message)
+            return None
+        self.controller.on_heartbeat(hb)
+        return None
+
+    async def _on_event(self, msg: Message) -> None:
+        try:
+            event = decode_as(msg.data, InstanceEvent)
+        except ProtocolError as exc:
+            log.warning("dropped instance event: %s", exc.message)
+            return None
+        self.controller.on_event(event)
+        return None
+
+    async def _on_log(self, msg: Message) -> None:
+        try:
+            self.logs.add(decode_as(msg.data, LogLine))
+        except ProtocolError as exc:
+            log.warning("dropped log line: %s", exc.message)
+        return None

@@ -1,0 +1,75 @@
+"""`sllm gateway start`: run the gateway (HTTP API, registry, autoscaler) on uvicorn.
+
+Settings come from the environment (sllm.settings.GatewaySettings); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from sllm.cli.app import Groups, group
+from sllm.errors import ValidationFailed
+from sllm.settings import GatewaySettings
+
+
+def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: Groups) -> None:
+    commands = group(root, groups, "gateway", "run the gateway (HTTP API and control plane)")
+    start = commands.add_parser(
+        "start",
+        help="start the gateway in the foreground",
+        description="Start the gateway: HTTP API, function registry (JetStream KV), autoscaler "
+        "and router. Settings from SLLM_* environment variables; flags override them.",
+    )
+    start.add_argument("--host", help="bind address (SLLM_GATEWAY_HOST)")
+    start.add_argument("--port", type=int, help="port (SLLM_GATEWAY_PORT)")
+    start.add_argument("--nats-url", help="NATS server URL (SLLM_NATS_URL)")
+    start.add_argument("--token", help="bearer token for /system (SLLM_TOKEN)")
+    start.add_argument("--policy", help="placement policy (SLLM_POLICY)")
+    start.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    start.set_defaults(func=start_gateway)
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    settings = GatewaySettings.from_env()
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "nats_url": args.nats_url,
+        "token": args.token,
+        "policy": args.policy,
+    }
+    settings = dataclasses.replace(
+        settings, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    if not settings.token:
+        raise ValidationFailed("SLLM_TOKEN is empty: set it or pass --token (it guards /system)")
+    if not 1 <= settings.port <= 65535:
+        raise ValidationFailed(f"--port: must be in [1, 65535], got {settings.port}")
+    from gateway.scheduler.policies import POLICIES
+
+    if settings.policy not in POLICIES:
+        raise ValidationFailed(f"--policy: {settings.policy!r} is not one of {', '.join(POLICIES)}")
+    return settings
+
+
+def start_gateway(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = settings_from_args(args)
+    logging.getLogger().setLevel(logging.INFO)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+    return 0
