@@ -1,0 +1,120 @@
+"""Low-level file reads for the loader: O_DIRECT with a clean fallback, and page-cache residency.
+
+On this machine (DESIGN.md, "This machine") O_DIRECT reaches the disk limit cold but ignores a
+warm page cache (5x under the warm limit), so the loader asks the kernel which pages are
+resident (``mincore`` on a read-only mapping, which reads nothing) and reads resident ranges
+buffered, the rest direct. Every function here degrades to buffered reads: file systems without
+O_DIRECT (tmpfs, some overlays) return EINVAL on open or on the read, and the caller retries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+
+PAGE = mmap.PAGESIZE
+# O_DIRECT needs buffer address, file offset and length aligned to the logical block size
+# (512 or 4096 bytes); 4096 satisfies both.
+DIRECT_ALIGN = 4096
+
+_libc: ctypes.CDLL | None = None
+
+
+def _get_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _libc = lib
+    return _libc
+
+
+def page_residency(fd: int, size: int) -> bytes | None:
+    """One byte per page of the file's first ``size`` bytes, bit 0 set when the page is in
+    the page cache; None when it cannot be told (then treat the file as cold)."""
+    if size <= 0:
+        return b""
+    try:
+        libc = _get_libc()
+    except OSError:
+        return None
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        return None
+    try:
+        pages = (size + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+            return None
+        return bytes(vec)
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), size)
+
+
+def resident_fraction(residency: bytes | None, offset: int, length: int) -> float:
+    """Fraction of the pages of ``[offset, offset+length)`` that are cached (0.0 if unknown)."""
+    if residency is None or length <= 0:
+        return 0.0
+    first, last = offset // PAGE, (offset + length - 1) // PAGE + 1
+    window = residency[first:last]
+    if not window:
+        return 0.0
+    return sum(b & 1 for b in window) / len(window)
+
+
+def open_direct(path: str) -> int | None:
+    """An O_DIRECT read-only fd, or None where the file system refuses O_DIRECT."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def read_into(
+    fd_buffered: int,
+    fd_direct: int | None,
+    dest: memoryview,
+    offset: int,
+    length: int,
+) -> bool:
+    """Fill ``dest[:length]`` with file bytes from ``offset``. With ``fd_direct`` the read is
+    O_DIRECT: ``dest`` must be aligned and hold ``length`` rounded up to ``DIRECT_ALIGN``; a
+    refused direct read (EINVAL) falls back to a buffered one. Returns whether the read was
+    direct. Raises ``EOFError`` if the file ends first."""
+    if fd_direct is not None and offset % DIRECT_ALIGN == 0:
+        padded = (length + DIRECT_ALIGN - 1) // DIRECT_ALIGN * DIRECT_ALIGN
+        try:
+            _read_full(fd_direct, dest[:padded], offset, length)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    _read_full(fd_buffered, dest[:length], offset, length)
+    return False
+
+
+def _read_full(fd: int, dest: memoryview, offset: int, need: int) -> None:
+    pos = 0
+    while pos < need:
+        n = os.preadv(fd, [dest[pos:]], offset + pos)
+        if n == 0:
+            raise EOFError(f"file ended at byte {offset + pos}, expected {offset + need}")
+        pos += n
