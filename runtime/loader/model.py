@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from runtime.loader.cpu import LoadedCheckpoint, load_checkpoint
 from sllm.errors import CheckpointError
@@ -72,7 +72,7 @@ def build_model(
     gen_path = Path(checkpoint_dir) / "generation_config.json"
     if gen_path.is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(checkpoint_dir))
-    return model
+    return cast("PreTrainedModel", model)
 
 
 def _materialize_buffers(model: Any, device: torch.device) -> None:
