@@ -138,7 +138,8 @@ def best_load(
         t += EVICT_S * len(r[1])
         if top is not None:
             _keep(top, (node_id, tier, t))
-        if t < best_t:
+        # Ties go to the smaller node id: ``holders`` may be a set, whose order varies.
+        if t < best_t or (t == best_t and found is not None and node_id < found[0]):
             best_t, found = t, (node_id, tier, t, r[0], r[1])
     bound = nbytes / snapshot.store_bw_max if snapshot.store_bw_max > 0 else -1.0
     if best_t <= bound:

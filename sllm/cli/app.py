@@ -29,6 +29,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sllm.cli.up",
     "sllm.cli.misc",
     "sllm.cli.store",
+    "sllm.cli.sim",
+    "sllm.cli.node",
 )
 
 Groups = dict[str, "argparse._SubParsersAction[argparse.ArgumentParser]"]

@@ -1,0 +1,1 @@
+"""A discrete-event cluster simulator that runs the gateway's own scheduler (`sllm sim`)."""
