@@ -288,7 +288,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         lines = client.logs(args.name, args.tail)
     for line in lines:
         instance = line.get("instance_id", "?")
-        node = line.get("node_id", "?")
+        node = line.get("node") or line.get("node_id") or "?"
         print(f"[{node}/{instance}] {line.get('line', '')}")
     return 0
 

@@ -95,9 +95,11 @@ def _node_row(node: dict[str, Any]) -> list[str]:
     cache = node.get("cache") or {}
     tiers = ", ".join(f"{tier}:{len(entries)}" for tier, entries in sorted(cache.items()))
     age = node.get("age_s")
+    kinds = sorted({str(d.get("kind", "?")) for d in devices if isinstance(d, dict)})
     return [
         str(node.get("node_id") or node.get("id") or "?"),
-        str(len(devices)),
+        "yes" if node.get("live", True) else "no",
+        f"{len(devices)} ({', '.join(kinds)})" if kinds else str(len(devices)),
         str(len(instances)),
         tiers or "-",
         f"{age:.1f}s" if isinstance(age, int | float) else "-",
@@ -114,7 +116,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print("no nodes have reported yet (is `sllm node start` running?)")
         return 0
     print_table(
-        ["NODE", "DEVICES", "INSTANCES", "CACHED (tier:count)", "LAST SEEN"],
+        ["NODE", "LIVE", "DEVICES", "INSTANCES", "CACHED (tier:count)", "LAST SEEN"],
         [_node_row(n) for n in nodes],
     )
     return 0
