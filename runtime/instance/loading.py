@@ -1,0 +1,191 @@
+"""Bringing a model up inside an instance process: map the DRAM image, build the model from
+zero-copy views (copied to the device on CUDA), load the tokenizer, set up the handler and run
+a warm-up generation. Also the pool warm-up a pre-started process runs before any model is
+assigned, so the first real load does not pay for first-use costs of torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.engine.engine import Engine
+from runtime.engine.prompts import Tokenizing
+from runtime.engine.request import ErrorEvent, Event, FinishEvent, RequestState
+from runtime.engine.sampling import SamplingDefaults, SamplingParams
+from runtime.instance.handlers import (
+    BUILTIN,
+    HandlerContext,
+    load_custom_handler,
+    write_handler_source,
+)
+from runtime.instance.server import InstanceService
+from sllm.errors import SllmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What the node tells a waiting instance process to load (one JSON line on stdin)."""
+
+    instance_id: str
+    function: str
+    handler: str
+    entry_dir: str
+    device: str
+    host: str = "127.0.0.1"
+    env: dict[str, str] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
+    handler_dir: str = ""
+    handler_source: dict[str, str] = field(default_factory=dict)
+    max_batch: int = 16
+    threads: int = 0
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> LoadSpec:
+        known = set(LoadSpec.__dataclass_fields__)
+        return LoadSpec(**{k: v for k, v in data.items() if k in known})
+
+
+def torch_device(device: str) -> str:
+    """Node device names ("cpu:0", "cuda:1") to torch's ("cpu", "cuda:1")."""
+    return "cpu" if device.startswith("cpu") else device
+
+
+def _wait(engine: Engine, state: RequestState) -> None:
+    events: queue.Queue[Event] = queue.Queue()
+    engine.submit(state, events.put)
+    while True:
+        event = events.get(timeout=120)
+        if isinstance(event, ErrorEvent):
+            raise SllmError(f"warm-up generation failed: {event.message}")
+        if isinstance(event, FinishEvent):
+            return
+
+
+def warm_up(engine: Engine, token_id: int = 0) -> None:
+    """A two-token greedy generation: one prefill and one batched decoding step."""
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    _wait(engine, RequestState("warm-up", [token_id, token_id], params))
+
+
+def eos_ids_of(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def pool_warm_up() -> None:
+    """Import torch and transformers and exercise a tiny Llama end to end (~2-4 s here), so
+    a pre-started process has paid every first-use cost before it gets a model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    with torch.device("meta"):
+        LlamaForCausalLM(config)
+    model: Any = LlamaForCausalLM(config)
+    model.eval()
+    engine = Engine(model, lambda ids: "", eos_ids=[], max_batch=2)
+    engine.start()
+    try:
+        warm_up(engine)
+    finally:
+        engine.stop()
+
+
+@dataclass
+class LoadedInstance:
+    service: InstanceService
+    timings: dict[str, float]
+    mapping: Any  # keeps the DRAM mapping alive as long as the model's views are used
+
+
+def load_instance(spec: LoadSpec) -> LoadedInstance:
+    """Build the model from the DRAM entry and everything around it (blocking, seconds)."""
+    import torch
+
+    from runtime.cache.dram import map_image
+    from runtime.ckpt.index import read_index
+    from runtime.loader.cpu import tensor_views
+    from runtime.loader.model import build_model, load_tokenizer
+
+    if spec.threads > 0:
+        torch.set_num_threads(spec.threads)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    entry = Path(spec.entry_dir)
+    index = read_index(entry)
+    mapping, image = map_image(entry, index)
+    tensors = tensor_views(index, image)
+    timings["map_s"] = time.monotonic() - t0
+
+    t1 = time.monotonic()
+    model: Any = build_model(entry, tensors, torch_device(spec.device))
+    tokenizer = load_tokenizer(entry)
+    timings["build_s"] = time.monotonic() - t1
+
+    t2 = time.monotonic()
+    tok = Tokenizing(tokenizer)
+    defaults = _defaults(spec.generation)
+    engine = Engine(
+        model, tok.decode, eos_ids=eos_ids_of(model, tokenizer), max_batch=spec.max_batch
+    )
+    engine.start()
+    context = HandlerContext(
+        engine, tok, defaults, dict(spec.env), model=model, tokenizer=tokenizer
+    )
+    custom = None
+    if spec.handler not in BUILTIN:
+        handler_dir = Path(spec.handler_dir or entry / "handler")
+        write_handler_source(handler_dir, spec.handler_source)
+        custom, context.state = load_custom_handler(
+            spec.handler, handler_dir, model, tokenizer, dict(spec.env)
+        )
+    timings["handler_s"] = time.monotonic() - t2
+
+    t3 = time.monotonic()
+    bos = getattr(tokenizer, "bos_token_id", None)
+    warm_up(engine, int(bos) if isinstance(bos, int) else 0)
+    timings["warm_up_s"] = time.monotonic() - t3
+    service = InstanceService(
+        function=spec.function,
+        instance_id=spec.instance_id,
+        handler=spec.handler,
+        engine=engine,
+        tok=tok,
+        defaults=defaults,
+        context=context,
+        custom=custom,
+    )
+    log.info("instance %s loaded: %s", spec.instance_id, json.dumps(timings))
+    return LoadedInstance(service, timings, mapping)
+
+
+def _defaults(generation: dict[str, Any]) -> SamplingDefaults:
+    return SamplingDefaults(
+        max_tokens=int(generation.get("max_tokens", 256)),
+        temperature=float(generation.get("temperature", 0.7)),
+        top_p=float(generation.get("top_p", 1.0)),
+    )

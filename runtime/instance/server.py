@@ -1,0 +1,197 @@
+"""The Instance HTTP API (shared contract): /healthz, /v1/generate, /v1/invoke.
+
+Errors map to ``{"error": {"code", "message"}}`` with the error's status in one place
+(``_error_response``); a stream that fails after it started ends with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runtime.engine.consumers import aiter_events, generate
+from runtime.engine.engine import Engine
+from runtime.engine.prompts import Tokenizing, build_request
+from runtime.engine.request import FinishEvent, RequestState, TokenEvent
+from runtime.engine.sampling import SamplingDefaults
+from runtime.instance.handlers import CustomHandler, HandlerContext
+from sllm.errors import InvalidInput, SllmError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InstanceService:
+    """Everything the routes need. ``state``: starting | ready | draining."""
+
+    function: str
+    instance_id: str
+    handler: str
+    engine: Engine
+    tok: Tokenizing
+    defaults: SamplingDefaults
+    context: HandlerContext
+    custom: CustomHandler | None = None
+    state: str = "starting"
+    custom_in_flight: int = 0
+
+    def in_flight(self) -> int:
+        return self.engine.load().in_flight + self.custom_in_flight
+
+    async def drain(self, deadline_s: float) -> bool:
+        """Refuse new requests; wait up to ``deadline_s`` for in-flight ones. True if all
+        finished in time."""
+        self.state = "draining"
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while self.in_flight() > 0:
+            remaining = end - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(0.05, remaining))
+        return self.in_flight() == 0
+
+
+def _error_response(exc: SllmError) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status
+    )
+
+
+def _sse(payload: object) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"body: not valid JSON ({exc})") from None
+
+
+def _check_ready(service: InstanceService) -> None:
+    if service.state != "ready":
+        raise Unavailable(f"instance {service.instance_id} is {service.state}")
+
+
+async def _event_stream(service: InstanceService, state: RequestState) -> AsyncIterator[bytes]:
+    async for event in aiter_events(service.engine, state):
+        if isinstance(event, TokenEvent):
+            yield _sse({"delta": event.delta, "token_ids": event.token_ids})
+        elif isinstance(event, FinishEvent):
+            yield _sse({"finish_reason": event.finish_reason, "usage": event.usage()})
+            yield b"data: [DONE]\n\n"
+        else:
+            yield _sse({"error": {"code": event.code, "message": event.message}})
+
+
+async def _run_generate(service: InstanceService, body: Any) -> Response:
+    chat = service.handler != "completion"
+    state = build_request(body, service.tok, service.defaults, chat=chat)
+    if body.get("stream", False):
+        # Submit before answering 200 so a refused request still gets a JSON error status.
+        events = _event_stream(service, state)
+        first = await anext(events)
+        return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
+    return JSONResponse(await generate(service.engine, state))
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def build_app(service: InstanceService) -> Starlette:
+    async def healthz(request: Request) -> Response:
+        load = service.engine.load()
+        body = {
+            "state": service.state,
+            "function": service.function,
+            "instance_id": service.instance_id,
+            "in_flight": load.in_flight + service.custom_in_flight,
+            "tokens_in": load.tokens_in,
+            "tokens_out": load.tokens_out,
+        }
+        return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
+
+    async def generate_route(request: Request) -> Response:
+        try:
+            _check_ready(service)
+            return await _run_generate(service, await _json_body(request))
+        except SllmError as exc:
+            return _error_response(exc)
+
+    async def invoke(request: Request) -> Response:
+        try:
+            _check_ready(service)
+            body = await _json_body(request)
+            if service.custom is None:
+                return await _run_generate(service, body)
+            return await _invoke_custom(service, service.custom, body)
+        except SllmError as exc:
+            return _error_response(exc)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/v1/generate", generate_route, methods=["POST"]),
+            Route("/v1/invoke", invoke, methods=["POST"]),
+        ]
+    )
+
+
+async def _invoke_custom(service: InstanceService, custom: CustomHandler, body: Any) -> Response:
+    service.custom_in_flight += 1
+    streaming = False
+    try:
+        try:
+            if custom.is_async:
+                result = await custom.function(body, service.context)
+            else:
+                result = await run_in_threadpool(custom.function, body, service.context)
+        except SllmError:
+            raise
+        except Exception as exc:
+            raise SllmError(
+                f"handler raised {type(exc).__name__}: {exc}", code="handler_error"
+            ) from None
+        if isinstance(result, AsyncIterator | Iterator) and not isinstance(result, dict | str):
+            streaming = True
+            return StreamingResponse(
+                _custom_stream(service, result), media_type="text/event-stream"
+            )
+        try:
+            return JSONResponse(result)
+        except (TypeError, ValueError) as exc:
+            raise SllmError(f"handler returned a value that is not JSON: {exc}") from None
+    finally:
+        if not streaming:
+            service.custom_in_flight -= 1
+
+
+async def _custom_stream(
+    service: InstanceService, result: AsyncIterator[Any] | Iterator[Any]
+) -> AsyncIterator[bytes]:
+    items = result if isinstance(result, AsyncIterator) else iterate_in_threadpool(result)
+    try:
+        async for item in items:
+            yield _sse({"delta": item} if isinstance(item, str) else item)
+        yield b"data: [DONE]\n\n"
+    except SllmError as exc:
+        yield _sse({"error": {"code": exc.code, "message": exc.message}})
+    except Exception as exc:
+        yield _sse({"error": {"code": "handler_error", "message": f"{type(exc).__name__}: {exc}"}})
+    finally:
+        service.custom_in_flight -= 1

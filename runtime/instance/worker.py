@@ -1,0 +1,138 @@
+"""The instance process: ``python -m runtime.instance.worker``.
+
+Started by the node ahead of need (the pre-started pool): it imports torch and transformers
+and warms them up, says ``idle`` and waits for one ``load`` line on stdin. Then it loads the
+model (``load_instance``), serves the Instance HTTP API on a free port of ``spec.host`` and
+says ``ready``; a later ``drain`` line (or stdin closing: the node is gone) drains and exits.
+
+Control messages to the node are JSON lines on the process's original stdout; everything the
+process or a custom handler prints goes to stderr, which the node forwards as log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Any
+
+_control: IO[str] | None = None
+
+
+def send(message: dict[str, Any]) -> None:
+    assert _control is not None
+    _control.write(json.dumps(message) + "\n")
+    _control.flush()
+
+
+def _take_stdout() -> IO[str]:
+    """Keep the real stdout for control lines and point fd 1 at stderr, so prints of user code
+    can never be mistaken for control messages."""
+    control = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return control
+
+
+async def _serve(loaded: Any, host: str) -> int:
+    import uvicorn
+
+    from runtime.instance.server import build_app
+
+    service = loaded.service
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        build_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if serving.done():
+            await serving
+            return 1
+        await asyncio.sleep(0.01)
+    service.state = "ready"
+    send({"event": "ready", "port": port, "timings": loaded.timings})
+    drain_s = await _wait_for_drain(serving)
+    drained = await service.drain(drain_s)
+    service.engine.stop("instance stopped before the request finished")
+    server.should_exit = True
+    await serving
+    send({"event": "stopped", "drained": drained})
+    return 0
+
+
+async def _wait_for_drain(serving: asyncio.Task[None]) -> float:
+    """Wait for a ``drain`` line on stdin (its deadline) or the server ending (0 s). stdin is
+    read on a daemon thread: a blocked read must not keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, "")
+
+    threading.Thread(target=read, name="sllm-control", daemon=True).start()
+    while True:
+        getter = asyncio.ensure_future(lines.get())
+        await asyncio.wait({getter, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            return 0.0
+        line = getter.result()
+        if not line:  # the node closed our stdin: it is gone, stop now
+            return 0.0
+        try:
+            command = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(command, dict) and command.get("cmd") == "drain":
+            return float(command.get("drain_s", 30.0))
+
+
+def main() -> int:
+    global _control
+    _control = _take_stdout()
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    started = time.monotonic()
+    from runtime.instance.loading import LoadSpec, load_instance, pool_warm_up
+
+    threads = int(os.environ.get("SLLM_INSTANCE_THREADS", "0") or 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    pool_warm_up()
+    send({"event": "idle", "pid": os.getpid(), "startup_s": time.monotonic() - started})
+
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    try:
+        spec = LoadSpec.from_json(json.loads(line))
+        loaded = load_instance(spec)
+    except Exception as exc:
+        from sllm.errors import SllmError
+
+        code = exc.code if isinstance(exc, SllmError) else "load_failed"
+        message = str(exc) if isinstance(exc, SllmError) else f"{type(exc).__name__}: {exc}"
+        traceback.print_exc(file=sys.stderr)
+        send({"event": "failed", "code": code, "error": message})
+        return 1
+    return asyncio.run(_serve(loaded, spec.host))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The node agent: answers commands on ``sllm.node.<id>.cmd`` and publishes heartbeats.
+
+Gather, decide, apply: a command is decoded (``ProtocolError`` on anything malformed, answered
+with an error reply; the node stays up), handed to the ``Supervisor`` and answered with a
+``CmdReply``. The heartbeat loop gathers device, instance, cache and bandwidth state and
+publishes one ``NodeHeartbeat`` every ``heartbeat_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import statistics
+from typing import Any, Protocol
+
+import httpx
+
+from runtime.node.devices import Device, DeviceTable, threads_per_slot
+from runtime.node.supervisor import CheckpointCache, Supervisor
+from runtime.node.worker_process import WorkerPool
+from sllm.bus import Bus, Message, Subscription
+from sllm.clock import Clock
+from sllm.errors import ProtocolError, SllmError, Unavailable
+from sllm.messages import (
+    EVENT_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    CacheEntryState,
+    CmdReply,
+    DrainCmd,
+    LoadCmd,
+    LogLine,
+    MigrateCmd,
+    NodeHeartbeat,
+    UnloadCmd,
+    decode,
+    encode,
+    log_subject,
+    node_cmd_subject,
+)
+from sllm.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+
+class NodeCache(CheckpointCache, Protocol):
+    """``TieredCache`` as the agent sees it: fetch/release plus what heartbeats report."""
+
+    def contents(self) -> dict[str, list[tuple[str, int, bool]]]: ...
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        bus: Bus,
+        cache: NodeCache,
+        devices: list[Device],
+        clock: Clock,
+        bandwidths: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.bus = bus
+        self.cache = cache
+        self.clock = clock
+        self.bandwidths = bandwidths
+        self.devices = DeviceTable(devices)
+        slots = sum(1 for d in devices if d.kind == "cpu")
+        env = {"SLLM_INSTANCE_THREADS": str(threads_per_slot(slots))} if slots else {}
+        self.pool = WorkerPool(settings.pool_size, env)
+        self.supervisor = Supervisor(
+            node_id=self.node_id,
+            host=settings.host,
+            cache=cache,
+            pool=self.pool,
+            devices=self.devices,
+            publish_event=self._publish_event,
+            publish_log=self._publish_log,
+            cpu_slots=max(slots, 1),
+        )
+        self.seq = 0
+        self.draining = False
+        self._sub: Subscription | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._http = httpx.AsyncClient(timeout=1.0)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        self.pool.replenish()
+        self._sub = await self.bus.subscribe(node_cmd_subject(self.node_id), self.handle)
+        self._heartbeats = asyncio.create_task(self._heartbeat_loop())
+        log.info(
+            "node %s up devices=%s pool=%d",
+            self.node_id, ",".join(self.devices.devices), self.settings.pool_size,
+        )  # fmt: skip
+
+    async def stop(self, drain_s: float = 30.0) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        await self.supervisor.drain_all(drain_s)
+        await self.pool.close()
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
+        await self._http.aclose()
+
+    # -- commands ---------------------------------------------------------------------------
+    async def handle(self, msg: Message) -> bytes:
+        try:
+            command = decode(msg.data)
+            data = await self._dispatch(command)
+            reply = CmdReply(ok=True, data=data)
+        except SllmError as exc:
+            reply = CmdReply(ok=False, code=exc.code, message=exc.message)
+        except Exception as exc:  # a bug must not take the node down: answer and log it
+            log.exception("command failed")
+            reply = CmdReply(ok=False, code="internal", message=f"{type(exc).__name__}: {exc}")
+        return encode(reply)
+
+    async def _dispatch(self, command: object) -> dict[str, Any]:
+        if isinstance(command, LoadCmd):
+            if self.draining:
+                raise Unavailable(f"node {self.node_id} is draining")
+            return self.supervisor.load(command)
+        if isinstance(command, UnloadCmd):
+            return await self.supervisor.unload(command.instance_id, command.drain_s)
+        if isinstance(command, DrainCmd):
+            self.draining = True
+            task = asyncio.create_task(self.supervisor.drain_all(command.drain_s))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return {"instances": len(self.supervisor.instances)}
+        if isinstance(command, MigrateCmd):
+            raise SllmError("migrate is not supported by this node yet", code="unsupported")
+        raise ProtocolError(f"{type(command).__name__} is not a node command")
+
+    # -- publishing ---------------------------------------------------------------------------
+    async def _publish_event(self, event: object) -> None:
+        await self.bus.publish(EVENT_SUBJECT, encode(event))
+
+    async def _publish_log(self, line: object) -> None:
+        assert isinstance(line, LogLine)
+        await self.bus.publish(log_subject(line.function), encode(line))
+
+    # -- heartbeats ---------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.publish_heartbeat()
+            except Exception as exc:  # NATS down: keep trying, the client reconnects
+                log.warning("heartbeat not published: %s", exc)
+            await self.clock.sleep(self.settings.heartbeat_s)
+
+    async def publish_heartbeat(self) -> NodeHeartbeat:
+        await self._poll_instances()
+        contents = await asyncio.to_thread(self.cache.contents)
+        self.seq += 1
+        heartbeat = NodeHeartbeat(
+            node_id=self.node_id,
+            seq=self.seq,
+            devices=self.devices.states(),
+            instances=self.supervisor.states(),
+            cache={
+                tier: [CacheEntryState(key, nbytes, in_use) for key, nbytes, in_use in entries]
+                for tier, entries in contents.items()
+            },
+            bandwidths=self.bandwidths.snapshot() if self.bandwidths is not None else {},
+            load_queue_s=self._load_queue_s(),
+            cache_capacity={
+                "ssd": self.settings.ssd_capacity,
+                "dram": self.settings.dram_capacity,
+            },
+        )
+        await self.bus.publish(HEARTBEAT_SUBJECT, encode(heartbeat))
+        return heartbeat
+
+    def _load_queue_s(self) -> float:
+        """Loads already running share the node's disk and cores: a new one waits roughly
+        one typical load per load in progress."""
+        loading = self.supervisor.loading()
+        if not loading:
+            return 0.0
+        typical = statistics.median(self.supervisor.recent_load_s or [1.0])
+        return loading * typical
+
+    async def _poll_instances(self) -> None:
+        ready = [i for i in self.supervisor.instances.values() if i.address and i.worker]
+
+        async def poll(inst: Any) -> None:
+            try:
+                response = await self._http.get(f"{inst.address}/healthz")
+                body = response.json()
+            except (httpx.HTTPError, ValueError):
+                return
+            inst.in_flight = int(body.get("in_flight", 0))
+            inst.tokens_in = int(body.get("tokens_in", 0))
+            inst.tokens_out = int(body.get("tokens_out", 0))
+
+        await asyncio.gather(*(poll(i) for i in ready))

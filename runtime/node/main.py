@@ -1,0 +1,72 @@
+"""The node's composition root: settings -> store, cache tiers, devices, bus -> ``NodeAgent``.
+
+``run_node`` runs until ``stop`` is set (``sllm node start`` sets it on SIGINT/SIGTERM), then
+drains the instances and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from runtime.node.agent import NodeAgent
+from runtime.node.devices import Device, cpu_devices, cuda_devices
+from sllm.clock import SystemClock
+from sllm.nats_bus import NatsBus
+from sllm.settings import NodeSettings
+
+if TYPE_CHECKING:
+    from runtime.cache import BandwidthEstimator, TieredCache
+
+log = logging.getLogger(__name__)
+
+
+def dram_root(settings: NodeSettings) -> Path:
+    """Shared memory directory of this node's DRAM tier: one per node and cache directory, so
+    several nodes on one machine (tests, the migration demo) keep separate DRAM caches and a
+    restarted node finds its DRAM cache again."""
+    tag = xxhash.xxh3_64_hexdigest(str(Path(settings.cache_dir).resolve()).encode())[:10]
+    return Path("/dev/shm") / f"sllm-{os.getuid()}-{settings.node_id}-{tag}"
+
+
+def node_devices(settings: NodeSettings) -> list[Device]:
+    gpus = cuda_devices()
+    return gpus if gpus else cpu_devices(settings.cpu_slots)
+
+
+def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator]:
+    """(TieredCache, BandwidthEstimator) for ``settings``; the bandwidths are probed."""
+    from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
+    from runtime.store import open_store
+
+    store = open_store(settings.store)
+    ssd_dir = Path(settings.cache_dir) / "ssd"
+    ssd_dir.mkdir(parents=True, exist_ok=True)
+    ssd = SsdCache(ssd_dir, settings.ssd_capacity)
+    dram = DramCache(dram_root(settings), settings.dram_capacity)
+    bandwidths = BandwidthEstimator()
+    try:
+        bandwidths.probe(ssd_dir=ssd_dir)
+    except OSError as exc:
+        log.warning("bandwidth probe failed, using default seeds: %s", exc)
+    return TieredCache(store, ssd, dram, bandwidths), bandwidths
+
+
+async def run_node(settings: NodeSettings, stop: asyncio.Event, drain_s: float = 30.0) -> None:
+    cache, bandwidths = await asyncio.to_thread(build_cache, settings)
+    devices = await asyncio.to_thread(node_devices, settings)
+    bus = await NatsBus.connect(settings.nats_url, name=f"sllm-node-{settings.node_id}")
+    agent = NodeAgent(settings, bus, cache, devices, SystemClock(), bandwidths)
+    await agent.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("node %s stopping: draining instances (up to %.0fs)", settings.node_id, drain_s)
+        await agent.stop(drain_s)
+        await bus.close()
+        await asyncio.to_thread(cache.close)

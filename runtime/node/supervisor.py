@@ -1,0 +1,287 @@
+"""The instance supervisor: load, watch and stop the node's instances.
+
+A load is acknowledged at once and then runs as a task: pull the checkpoint down the tiers to
+a DRAM image (a thread), hand it to a pre-started instance process, wait for ``ready``. Every
+way an instance can end (unload, drain, failed load, the process dying) goes through
+``_ended``, which frees the device, releases the DRAM entry and publishes one event.
+Commands are idempotent by instance id: a repeated load or unload reports the current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from runtime.node.devices import DeviceTable, threads_per_slot
+from runtime.node.worker_process import WorkerPool, WorkerProcess
+from sllm.errors import Conflict, SllmError, ValidationFailed
+from sllm.messages import InstanceEvent, InstanceState, LoadCmd, LogLine
+from sllm.spec import FunctionRecord
+
+log = logging.getLogger(__name__)
+
+# A load that is not ready in 10 minutes has failed (a 2 GB store pull here takes ~10 s).
+READY_TIMEOUT_S = 600.0
+# Ended instances remembered for idempotent replies to repeated commands.
+TOMBSTONES = 256
+
+
+class CheckpointCache(Protocol):
+    """What the supervisor needs of ``runtime.cache.TieredCache``."""
+
+    def fetch(self, key: str) -> Any: ...
+
+    def release(self, key: str) -> None: ...
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    function: str
+    device: str
+    record: FunctionRecord
+    state: str = "loading"  # loading | ready | draining | stopped | failed
+    address: str | None = None
+    tier: str = ""
+    load_s: float = 0.0
+    pre_started: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    worker: WorkerProcess | None = None
+    fetched: bool = False
+    stopping: bool = False
+    error: str = ""
+    in_flight: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    task: asyncio.Task[None] | None = None
+
+    def to_state(self) -> InstanceState:
+        return InstanceState(
+            instance_id=self.instance_id,
+            function=self.function,
+            device=self.device,
+            state=self.state,
+            address=self.address,
+            in_flight=self.in_flight,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            revision=self.record.revision,
+        )
+
+
+Publish = Callable[[object], Coroutine[Any, Any, None]]
+
+
+class Supervisor:
+    def __init__(
+        self,
+        node_id: str,
+        host: str,
+        cache: CheckpointCache,
+        pool: WorkerPool,
+        devices: DeviceTable,
+        publish_event: Publish,
+        publish_log: Publish,
+        cpu_slots: int,
+    ) -> None:
+        self.node_id = node_id
+        self.host = host
+        self.cache = cache
+        self.pool = pool
+        self.devices = devices
+        self.publish_event = publish_event
+        self.publish_log = publish_log
+        self.cpu_slots = cpu_slots
+        self.instances: dict[str, Instance] = {}
+        self.ended: dict[str, Instance] = {}
+        self.recent_load_s: list[float] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- commands ---------------------------------------------------------------------------
+    def load(self, cmd: LoadCmd) -> dict[str, Any]:
+        """Start loading (returns at once with the instance's state)."""
+        known = self.instances.get(cmd.instance_id)
+        if known is not None:
+            if known.function != cmd.function:
+                raise Conflict(
+                    f"instance {cmd.instance_id} already exists for function {known.function}"
+                )
+            return {"state": known.state, "device": known.device, "address": known.address}
+        if cmd.instance_id in self.ended:
+            gone = self.ended[cmd.instance_id]
+            raise Conflict(
+                f"instance {cmd.instance_id} already ran here and is {gone.state}; "
+                "use a new instance id"
+            )
+        try:
+            record = FunctionRecord.from_dict(cmd.record)
+        except ValidationFailed as exc:
+            raise ValidationFailed(f"load: invalid function record: {exc.message}") from None
+        if record.spec.name != cmd.function:
+            raise ValidationFailed(
+                f"load: function {cmd.function!r} does not match the record's {record.spec.name!r}"
+            )
+        device = self.devices.allocate(cmd.device, cmd.instance_id)
+        inst = Instance(cmd.instance_id, cmd.function, device, record)
+        self.instances[cmd.instance_id] = inst
+        inst.task = asyncio.create_task(self._run(inst), name=f"instance-{cmd.instance_id}")
+        log.info("load %s function=%s device=%s", inst.instance_id, inst.function, device)
+        return {"state": inst.state, "device": device, "address": None}
+
+    async def unload(self, instance_id: str, drain_s: float) -> dict[str, Any]:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            gone = self.ended.get(instance_id)
+            return {"state": gone.state if gone else "absent"}
+        if not inst.stopping:
+            inst.stopping = True
+            if inst.worker is not None and inst.state == "ready":
+                inst.state = "draining"
+                with contextlib.suppress(SllmError):
+                    await inst.worker.send({"cmd": "drain", "drain_s": drain_s})
+                task = asyncio.create_task(self._kill_after(inst, drain_s + 10.0))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            elif inst.worker is not None:  # the process is loading the model: stop it now
+                inst.worker.kill()
+            # else: the fetch thread runs to its end, then the load task sees ``stopping``
+            # (cancelling it mid-fetch would leave the DRAM entry it acquires pinned)
+        return {"state": inst.state}
+
+    async def drain_all(self, drain_s: float) -> None:
+        for instance_id in list(self.instances):
+            await self.unload(instance_id, drain_s)
+        tasks = [i.task for i in self.instances.values() if i.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=drain_s + 15.0)
+
+    def states(self) -> list[InstanceState]:
+        return [i.to_state() for i in self.instances.values()]
+
+    def loading(self) -> int:
+        return sum(1 for i in self.instances.values() if i.state == "loading")
+
+    # -- one instance's life ------------------------------------------------------------------
+    async def _run(self, inst: Instance) -> None:
+        started = time.monotonic()
+        try:
+            fetched = await asyncio.to_thread(self.cache.fetch, inst.record.checkpoint)
+            inst.fetched = True
+            inst.tier = str(fetched.tier)
+            if inst.stopping:  # unloaded while the checkpoint was being fetched
+                raise asyncio.CancelledError
+            worker, inst.pre_started = await self.pool.take()
+            inst.worker = worker
+            worker.on_log = lambda line: self._log(inst, line)
+            await worker.send(self._load_spec(inst, str(fetched.directory)))
+            message = await worker.next_event(READY_TIMEOUT_S)
+            if message.get("event") != "ready":
+                raise SllmError(str(message.get("error") or message), code="load_failed")
+            inst.address = f"http://{self.host}:{int(message['port'])}"
+            inst.timings = {k: float(v) for k, v in dict(message.get("timings", {})).items()}
+            inst.load_s = time.monotonic() - started
+            self._remember_load(inst.load_s)
+            inst.state = "draining" if inst.stopping else "ready"
+            log.info(
+                "instance %s ready address=%s tier=%s load_s=%.3f pre_started=%s",
+                inst.instance_id, inst.address, inst.tier, inst.load_s, inst.pre_started,
+            )  # fmt: skip
+            await self._event(inst, "ready")
+            self.pool.replenish()
+            code = await worker.wait()
+            if inst.stopping:
+                await self._ended(inst, "stopped", "")
+            else:
+                await self._ended(inst, "failed", f"instance process exited with code {code}")
+        except asyncio.CancelledError:
+            await self._ended(inst, "stopped", "")
+        except Exception as exc:
+            error = exc.message if isinstance(exc, SllmError) else f"{type(exc).__name__}: {exc}"
+            if inst.stopping:
+                await self._ended(inst, "stopped", "")
+            else:
+                await self._ended(inst, "failed", error)
+        finally:
+            self.pool.replenish()
+
+    def _load_spec(self, inst: Instance, entry_dir: str) -> dict[str, Any]:
+        spec = inst.record.spec
+        return {
+            "cmd": "load",
+            "instance_id": inst.instance_id,
+            "function": inst.function,
+            "handler": spec.handler,
+            "entry_dir": entry_dir,
+            "device": inst.device,
+            "host": self.host,
+            "env": dict(spec.env),
+            "generation": {
+                "max_tokens": spec.generation.max_tokens,
+                "temperature": spec.generation.temperature,
+                "top_p": spec.generation.top_p,
+            },
+            "handler_source": dict(inst.record.handler_source),
+            "threads": threads_per_slot(self.cpu_slots) if inst.device.startswith("cpu") else 0,
+        }
+
+    async def _kill_after(self, inst: Instance, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if inst.worker is not None and inst.worker.alive():
+            log.warning("instance %s did not stop after draining; killing it", inst.instance_id)
+            inst.worker.kill()
+
+    async def _ended(self, inst: Instance, state: str, error: str) -> None:
+        if inst.worker is not None:
+            inst.worker.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(inst.worker.wait(), 10.0)
+        if inst.fetched:
+            inst.fetched = False
+            await asyncio.to_thread(self.cache.release, inst.record.checkpoint)
+        self.devices.release(inst.device, inst.instance_id)
+        inst.state, inst.error, inst.in_flight = state, error, 0
+        self.instances.pop(inst.instance_id, None)
+        self.ended[inst.instance_id] = inst
+        while len(self.ended) > TOMBSTONES:
+            self.ended.pop(next(iter(self.ended)))
+        if state == "failed":
+            log.warning("instance %s failed: %s", inst.instance_id, error)
+        else:
+            log.info("instance %s stopped", inst.instance_id)
+        await self._event(inst, state)
+
+    async def _event(self, inst: Instance, kind: str) -> None:
+        event = InstanceEvent(
+            kind=kind,
+            instance_id=inst.instance_id,
+            node_id=self.node_id,
+            function=inst.function,
+            address=inst.address if kind == "ready" else None,
+            error=inst.error,
+            tier=inst.tier,
+            load_s=inst.load_s,
+            revision=inst.record.revision,
+        )
+        try:
+            await self.publish_event(event)
+        except Exception:
+            log.warning("could not publish %s event of %s", kind, inst.instance_id, exc_info=True)
+
+    def _log(self, inst: Instance, line: str) -> None:
+        message = LogLine(inst.function, inst.instance_id, self.node_id, line)
+
+        async def publish() -> None:
+            with contextlib.suppress(Exception):  # logs are best effort while NATS is down
+                await self.publish_log(message)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _remember_load(self, seconds: float) -> None:
+        self.recent_load_s = [*self.recent_load_s[-9:], seconds]

@@ -1,0 +1,178 @@
+"""One instance process as the node sees it, and the pool of pre-started ones.
+
+The process (``runtime.instance.worker``) speaks JSON lines: the node writes commands to its
+stdin, it answers on stdout (idle, ready, failed, stopped); its stderr is forwarded line by line
+to ``on_log``. A pre-started process has already imported and warmed torch and transformers
+(~2.5-4 s here), so taking one from the pool removes that from the cold-start path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sllm.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+LogSink = Callable[[str], None]
+# Control lines (ready carries timings) are small; 1 MiB bounds a misbehaving process.
+_LINE_LIMIT = 1 << 20
+
+
+class WorkerProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, started: float) -> None:
+        self.proc = proc
+        self.started = started
+        self.startup_s = 0.0
+        self.on_log: LogSink = lambda line: log.info("worker %s: %s", proc.pid, line)
+        self._pump = asyncio.create_task(self._pump_stderr())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @staticmethod
+    async def spawn(env: dict[str, str]) -> WorkerProcess:
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "runtime.instance.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
+            limit=_LINE_LIMIT,
+            start_new_session=True,  # a Ctrl-C to the node does not hit instances first
+        )
+        return WorkerProcess(proc, started)
+
+    async def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while True:
+            try:
+                raw = await self.proc.stderr.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            try:
+                self.on_log(line)
+            except Exception:
+                log.debug("log sink failed", exc_info=True)
+
+    async def next_event(self, timeout_s: float) -> dict[str, Any]:
+        """The next control message; Unavailable if the process exits or stays silent."""
+        assert self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+        except TimeoutError:
+            raise Unavailable(
+                f"instance process {self.pid} sent nothing for {timeout_s}s"
+            ) from None
+        if not raw:
+            code = await self.proc.wait()
+            raise Unavailable(f"instance process {self.pid} exited with code {code}")
+        try:
+            message: dict[str, Any] = json.loads(raw)
+        except json.JSONDecodeError:
+            raise Unavailable(f"instance process {self.pid} sent a garbled line") from None
+        return message
+
+    async def wait_idle(self, timeout_s: float = 120.0) -> None:
+        message = await self.next_event(timeout_s)
+        if message.get("event") != "idle":
+            raise Unavailable(f"instance process {self.pid} did not start: {message}")
+        self.startup_s = float(message.get("startup_s", 0.0))
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.proc.stdin is None or self.proc.stdin.is_closing():
+            raise Unavailable(f"instance process {self.pid} is gone")
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        with contextlib.suppress(ConnectionError):
+            await self.proc.stdin.drain()
+
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def wait(self) -> int:
+        code = await self.proc.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._pump, 2.0)
+        return code
+
+
+class WorkerPool:
+    """Keeps ``size`` idle pre-started processes. ``take`` hands one out (starting a fresh one
+    when the pool is empty or ``size`` is 0); ``replenish`` refills in the background. The
+    supervisor replenishes after a load finished: a process starting while another loads
+    would compete for the same cores (2 here) and slow the cold start it is meant to speed.
+    """
+
+    def __init__(self, size: int, env: dict[str, str]) -> None:
+        self.size = size
+        self.env = env
+        self._idle: list[WorkerProcess] = []
+        self._starting: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def replenish(self) -> None:
+        while not self._closed and len(self._idle) + len(self._starting) < self.size:
+            task = asyncio.create_task(self._add())
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _add(self) -> None:
+        try:
+            worker = await WorkerProcess.spawn(self.env)
+            await worker.wait_idle()
+        except Exception as exc:
+            log.warning("pre-starting an instance process failed: %s", exc)
+            return
+        if self._closed:
+            worker.kill()
+            return
+        self._idle.append(worker)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def take(self) -> tuple[WorkerProcess, bool]:
+        """An idle process and whether it came pre-started from the pool."""
+        while self._idle:
+            worker = self._idle.pop(0)
+            if worker.alive():
+                return worker, True
+        worker = await WorkerProcess.spawn(self.env)
+        try:
+            await worker.wait_idle()
+        except BaseException:
+            worker.kill()
+            raise
+        return worker, False
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._starting):
+            task.cancel()
+        for worker in self._idle:
+            worker.kill()
+        for worker in self._idle:
+            await worker.wait()
+        self._idle.clear()

@@ -1,0 +1,156 @@
+"""A real node (`sllm node start` as a child process) on a real NATS server, with the tiny
+model converted and pushed into a local-directory store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sllm.messages import (
+    EVENT_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    CmdReply,
+    InstanceEvent,
+    LoadCmd,
+    NodeHeartbeat,
+    UnloadCmd,
+    decode_as,
+    encode,
+    node_cmd_subject,
+)
+from sllm.nats_bus import NatsBus
+from sllm.spec import FunctionRecord, FunctionSpec
+
+CHECKPOINT_KEY = "checkpoints/tiny/0000000000000000"
+
+
+@dataclass(frozen=True)
+class NodeProcess:
+    node_id: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    checkpoint_bytes: int
+
+
+@pytest.fixture(scope="module")
+def node(
+    tmp_path_factory: pytest.TempPathFactory, nats_url: str, tiny_model_dir: Path
+) -> Iterator[NodeProcess]:
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.store.local import LocalStore
+    from runtime.store.push import push_checkpoint
+
+    root = tmp_path_factory.mktemp("node")
+    index = convert_checkpoint(tiny_model_dir, root / "ckpt")
+    store_dir = root / "store"
+    store_dir.mkdir()
+    push_checkpoint(root / "ckpt", LocalStore(store_dir), CHECKPOINT_KEY)
+    node_id = f"it-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    env = {
+        **os.environ,
+        "SLLM_NODE_ID": node_id,
+        "SLLM_NATS_URL": nats_url,
+        "SLLM_STORE_URL": str(store_dir),
+        "SLLM_CACHE_DIR": str(root / "cache"),
+        "SLLM_DRAM_CAPACITY": "256Mi",
+        "SLLM_SSD_CAPACITY": "256Mi",
+        "SLLM_CPU_SLOTS": "2",
+        "SLLM_POOL_SIZE": "1",
+        "SLLM_HEARTBEAT_INTERVAL": "0.3s",
+    }
+    log_path = root / "node.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "2s"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    yield NodeProcess(node_id, proc, log_path, index.total_bytes)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    import shutil
+
+    from runtime.node.main import dram_root
+    from sllm.settings import NodeSettings
+
+    shutil.rmtree(dram_root(NodeSettings.from_env(env)), ignore_errors=True)
+
+
+def record(function: str = "tiny", handler: str = "chat", **extra: Any) -> dict[str, Any]:
+    spec = FunctionSpec(name=function, model="tiny", handler=handler)
+    rec = FunctionRecord(spec=spec, checkpoint=CHECKPOINT_KEY, checkpoint_bytes=1, **extra)
+    return rec.to_dict()
+
+
+class NodeClient:
+    """Talks to the node as the gateway does: commands, events, heartbeats."""
+
+    def __init__(self, bus: NatsBus, node: NodeProcess) -> None:
+        self.bus = bus
+        self.node = node
+        self.events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
+        self.heartbeats: asyncio.Queue[NodeHeartbeat] = asyncio.Queue()
+
+    async def command(self, payload: bytes, timeout_s: float = 30.0) -> CmdReply:
+        raw = await self.bus.request(node_cmd_subject(self.node.node_id), payload, timeout_s)
+        return decode_as(raw, CmdReply)
+
+    async def load(self, instance_id: str, device: str = "", **kw: Any) -> CmdReply:
+        rec = record(**kw)
+        cmd = LoadCmd(instance_id, rec["spec"]["name"], rec, device)
+        return await self.command(encode(cmd))
+
+    async def unload(self, instance_id: str, drain_s: float = 5.0) -> CmdReply:
+        return await self.command(encode(UnloadCmd(instance_id, drain_s)))
+
+    async def event(self, instance_id: str, timeout_s: float = 90.0) -> InstanceEvent:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no event for {instance_id} in {timeout_s}s")
+            event = await asyncio.wait_for(self.events.get(), remaining)
+            if event.instance_id == instance_id:
+                return event
+            await self.events.put(event)
+            await asyncio.sleep(0.02)
+
+    async def heartbeat(self, timeout_s: float = 10.0) -> NodeHeartbeat:
+        while not self.heartbeats.empty():
+            self.heartbeats.get_nowait()
+        return await asyncio.wait_for(self.heartbeats.get(), timeout_s)
+
+
+@pytest.fixture
+async def client(node: NodeProcess, nats_url: str) -> AsyncIterator[NodeClient]:
+    bus = await NatsBus.connect(nats_url, name="node-test")
+    c = NodeClient(bus, node)
+
+    async def on_event(msg: Any) -> None:
+        await c.events.put(decode_as(msg.data, InstanceEvent))
+
+    async def on_heartbeat(msg: Any) -> None:
+        beat = decode_as(msg.data, NodeHeartbeat)
+        if beat.node_id == node.node_id:
+            await c.heartbeats.put(beat)
+
+    await bus.subscribe(EVENT_SUBJECT, on_event)
+    await bus.subscribe(HEARTBEAT_SUBJECT, on_heartbeat)
+    await c.heartbeat(timeout_s=90.0)  # the node is up
+    yield c
+    await bus.close()
