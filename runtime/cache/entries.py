@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # validate(entry_dir) -> bytes the entry occupies; raises SllmError if it is broken.
 Validator = Callable[[Path], int]
+# on_drop(entry_dir) runs (lock held) just before an evicted or removed entry is deleted,
+# so a tier can salvage parts of it (the DRAM tier recycles image files).
+DropHook = Callable[[Path], None]
 
 
 @dataclass
@@ -50,7 +53,14 @@ class Reservation:
 
 
 class EntryDirectory:
-    def __init__(self, root: Path, capacity: int, tier: str, validate: Validator) -> None:
+    def __init__(
+        self,
+        root: Path,
+        capacity: int,
+        tier: str,
+        validate: Validator,
+        on_drop: DropHook | None = None,
+    ) -> None:
         if capacity <= 0:
             raise CacheFull(f"{tier} cache capacity must be positive, got {capacity}")
         self.root = Path(root)
@@ -62,6 +72,7 @@ class EntryDirectory:
         self._entries: dict[str, _Entry] = {}
         self._reserved: dict[str, Reservation] = {}
         self._tick = 0
+        self._on_drop = on_drop
         self._recover(validate)
 
     def _recover(self, validate: Validator) -> None:
@@ -93,9 +104,11 @@ class EntryDirectory:
         return self._entries_dir / quote(key, safe="")
 
     def used_bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values()) + sum(
-            r.nbytes for r in self._reserved.values()
-        )
+        """Bytes of complete entries plus reservations."""
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values()) + sum(
+                r.nbytes for r in self._reserved.values()
+            )
 
     def _snapshot(self) -> list[CacheEntry]:
         rows = [CacheEntry(k, e.nbytes, e.last_used, e.refs > 0) for k, e in self._entries.items()]
@@ -110,8 +123,17 @@ class EntryDirectory:
             raise CacheFull(f"{self.tier} cache at {self.root}: {exc.message}") from None
         for key in victims:
             entry = self._entries.pop(key)
-            _remove(self.path(key))
+            self._drop(key)
             log.info("%s cache evicted key=%s bytes=%d", self.tier, key, entry.nbytes)
+
+    def _drop(self, key: str) -> None:
+        path = self.path(key)
+        if self._on_drop is not None:
+            try:
+                self._on_drop(path)
+            except OSError as exc:
+                log.warning("%s cache could not recycle %s: %s", self.tier, path.name, exc)
+        _remove(path)
 
     def reserve(self, key: str, nbytes: int) -> Reservation:
         """Hold ``nbytes`` for ``key`` (evicting LRU unused entries) and make its temp dir."""
@@ -168,7 +190,7 @@ class EntryDirectory:
             if entry is None or entry.refs:
                 return False
             del self._entries[key]
-            _remove(self.path(key))
+            self._drop(key)
             return True
 
     def contents(self) -> list[tuple[str, int, bool]]:

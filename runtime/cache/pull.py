@@ -2,28 +2,26 @@
 on to the SSD entry as soon as it lands, partition checksums computed in order as chunks
 complete. DRAM-ready time is therefore about the download time (issue 3, "Pipelining").
 
-Threads: ``store.concurrency`` workers each GET one chunk into its place in the image and
-pwrite it to the SSD temp file; the calling thread walks the chunks in order, waits for each,
-and feeds it to the partition's hasher (xxh3 runs at >10 GB/s, far above loopback S3 rates).
+Threads: ``store.concurrency`` workers each GET one chunk into its place in the image; the
+calling thread walks the chunks in order, waits for each, feeds it to the partition's hasher
+(xxh3 runs at >10 GB/s, far above loopback S3 rates) and hands it to ``on_chunk`` (the SSD
+write-behind, ``writeback.SsdWriteBehind``), which never slows the download: this disk
+writes at ~100 MB/s sustained, far below the store's rate.
 On any failure the remaining chunks are cancelled and running ones awaited before the error
 is raised, so the caller can abort both writers with no thread still writing.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from runtime.cache.dram import DramWriter
-from runtime.cache.ssd import SsdWriter
 from runtime.ckpt.index import CheckpointIndex, new_hasher
 from runtime.store.base import Progress, Store, join_key, no_progress
-from sllm.errors import CacheFull, CheckpointError
-
-log = logging.getLogger(__name__)
+from sllm.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -49,16 +47,15 @@ def pull_partitions(
     key: str,
     index: CheckpointIndex,
     dram: DramWriter,
-    ssd: SsdWriter | None,
+    on_chunk: Callable[[Chunk], None] | None = None,
     progress: Progress = no_progress,
-) -> bool:
-    """Download every partition of checkpoint ``key`` into ``dram`` (and ``ssd``), verifying
-    checksums; raises ``CheckpointError`` on a mismatch, ``StoreError`` from the store.
-    Returns False when the SSD copy failed (disk full: logged once, the download goes on to
-    DRAM and the caller aborts the SSD writer). Does not finish or abort the writers."""
+) -> None:
+    """Download every partition of checkpoint ``key`` into ``dram``, verifying checksums;
+    ``on_chunk`` gets each chunk once its bytes are in place and hashed, in order. Raises
+    ``CheckpointError`` on a mismatch, ``StoreError`` from the store. Does not finish or
+    abort the writer."""
     chunks = plan_chunks(index, store.part_size)
-    ssd_failed = threading.Event()
-    sink: Callable[[Chunk], None] = _fetcher(store, key, index, dram, ssd, ssd_failed, progress)
+    sink: Callable[[Chunk], None] = _fetcher(store, key, index, dram, progress)
     pool = ThreadPoolExecutor(store.concurrency, thread_name_prefix="pull")
     futures: list[Future[None]] = [pool.submit(sink, c) for c in chunks]
     try:
@@ -70,6 +67,8 @@ def pull_partitions(
             hasher.update(piece)
             piece.release()
             view.release()
+            if on_chunk is not None:
+                on_chunk(chunk)
             part = index.partitions[chunk.partition]
             if chunk.offset + chunk.nbytes == part.nbytes:
                 got = hasher.hexdigest()
@@ -81,7 +80,6 @@ def pull_partitions(
                 hasher = new_hasher()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return not ssd_failed.is_set()
 
 
 def _fetcher(
@@ -89,24 +87,21 @@ def _fetcher(
     key: str,
     index: CheckpointIndex,
     dram: DramWriter,
-    ssd: SsdWriter | None,
-    ssd_failed: threading.Event,
     progress: Progress,
 ) -> Callable[[Chunk], None]:
     objects = [join_key(key, p.file) for p in index.partitions]
+    failed = threading.Event()
 
     def fetch(chunk: Chunk) -> None:
+        if failed.is_set():
+            return  # another chunk failed: the pull is lost, do not keep the store busy
         view = dram.partition_view(chunk.partition, index.partitions[chunk.partition].nbytes)
         piece = view[chunk.offset : chunk.offset + chunk.nbytes]
         try:
             store.read_range(objects[chunk.partition], chunk.offset, piece)
-            if ssd is not None and not ssd_failed.is_set():
-                try:
-                    ssd.write(chunk.partition, chunk.offset, piece)
-                except CacheFull as exc:
-                    if not ssd_failed.is_set():
-                        ssd_failed.set()
-                        log.warning("ssd copy dropped key=%s: %s", key, exc)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             piece.release()
             view.release()

@@ -3,8 +3,9 @@
 ``fetch(key)`` looks in DRAM, then SSD, then the store, and returns with the DRAM entry
 acquired (the caller releases it when its instance stops). Concurrent fetches of one key
 share one load (the first caller does it, the others wait for it). A store pull is pipelined:
-chunks go to DRAM and to the SSD entry at once (``pull.pull_partitions``); the SSD entry's
-final fdatasync and rename run in the background so DRAM-ready is not delayed by them.
+chunks stream into DRAM (``pull.pull_partitions``) and, as each lands, on to the SSD entry
+by a write-behind thread (``writeback.SsdWriteBehind``) whose copy, fdatasync and rename
+finish in the background, so DRAM-ready is the download time, not download plus disk write.
 Every load reports a ``HopStat`` per hop, folded into the ``BandwidthEstimator``.
 Nothing is left half-cached on an error: both writers abort and remove their temp dirs.
 """
@@ -24,6 +25,7 @@ from runtime.cache.disk_read import read_partitions
 from runtime.cache.dram import IMAGE_FILE, DramCache
 from runtime.cache.pull import pull_partitions
 from runtime.cache.ssd import SsdCache, SsdWriter, entry_bytes
+from runtime.cache.writeback import SsdWriteBehind
 from runtime.ckpt.index import INDEX_FILE, CheckpointIndex, parse_index, read_index
 from runtime.store.base import Store, join_key
 from sllm.clock import Clock, SystemClock
@@ -188,32 +190,30 @@ class TieredCache:
         except BaseException:
             dram_w.abort()
             raise
+        behind: SsdWriteBehind | None = None
         try:
-            ssd_ok = pull_partitions(self.store, key, index, dram_w, ssd_w)
-        except BaseException:
             if ssd_w is not None:
+                behind = SsdWriteBehind(ssd_w, dram_w.image_path, index)
+            pull_partitions(
+                self.store, key, index, dram_w, behind.submit if behind is not None else None
+            )
+        except BaseException:
+            if behind is not None:
+                behind.abort()
+            elif ssd_w is not None:
                 ssd_w.abort()
             dram_w.abort()
             raise
         directory = dram_w.finish(index_json, files, acquire=True)
         hop = HopStat("store", index.total_bytes, self._clock.now() - start)
         log.info("cache loaded key=%s from=store bytes=%d s=%.3f", key, hop.nbytes, hop.seconds)
-        if ssd_w is not None and ssd_ok:
-            self._commit_later(ssd_w, index_json, files)
-        elif ssd_w is not None:
-            ssd_w.abort()  # the disk filled up mid-pull: no SSD entry, DRAM copy is whole
+        if behind is not None:
+            writeback = behind
+
+            def commit() -> None:
+                writeback.finish(index_json, files)
+
+            with self._lock:
+                self._pending = [f for f in self._pending if not f.done()]
+                self._pending.append(self._commits.submit(commit))
         return directory, hop
-
-    def _commit_later(self, writer: SsdWriter, index_json: bytes, files: dict[str, bytes]) -> None:
-        def commit() -> None:
-            try:
-                for name, data in files.items():
-                    writer.put_file(name, data)
-                writer.finish(index_json)
-            except BaseException as exc:
-                writer.abort()
-                log.warning("ssd cache commit failed key=%s: %s", writer.res.key, exc)
-
-        with self._lock:
-            self._pending = [f for f in self._pending if not f.done()]
-            self._pending.append(self._commits.submit(commit))

@@ -162,8 +162,23 @@ def test_lru_eviction_keeps_in_use(
     cache.fetch(a)  # touch a again (still in use twice now)
     cache.release(a)
     cache.release(a)
-    cache.fetch(b)  # both unused now: c is least recently used
+    again = cache.fetch(b)  # both unused now: c is least recently used
     assert {k for k, _, _ in cache.contents()["dram"]} == {a, b}
+    # b's image was written into c's recycled shared-memory slab: same bytes as the source.
+    assert image_matches(again.image_path, ckpt[0], ckpt[1])
+    assert cache.dram.entries.used_bytes() + cache.dram.pool_bytes() <= 9 * MiB
+
+
+def test_preallocated_slab_is_used(
+    make_tiered: TieredFactory, ckpt: tuple[Path, CheckpointIndex]
+) -> None:
+    cache = make_tiered(dram_capacity=16 * MiB)
+    assert cache.dram.preallocate(8 * MiB)
+    assert not cache.dram.preallocate(9 * MiB)  # would not fit beside the first slab
+    result = cache.fetch(KEY)
+    assert cache.dram.pool_bytes() == 0  # the slab became the image (shrunk to size)
+    assert result.image_path.stat().st_size == image_layout(ckpt[1])[1]
+    assert image_matches(result.image_path, ckpt[0], ckpt[1])
 
 
 def test_cache_too_small_fails_before_any_byte(
