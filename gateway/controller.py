@@ -216,7 +216,9 @@ class Controller:
                     self._drain(inst, f"revision {record.revision} replaces {inst.revision}")
 
     # --- apply -----------------------------------------------------------------------------
-    def _launch(self, record: FunctionRecord, exclude: frozenset[str] = frozenset()) -> bool:
+    def _launch(
+        self, record: FunctionRecord, exclude: frozenset[str] = frozenset(), why: str = ""
+    ) -> bool:
         """Place one instance and book it as starting; the load command goes out in a task."""
         now = self._clock.now()
         spec = record.spec
@@ -235,7 +237,7 @@ class Controller:
             self._metrics.placements.labels(self._scheduler.policy, "no_capacity", "").inc()
             log.warning("no capacity function=%s reason=%s", spec.name, placement.reason)
             if not [n for n in nodes if n.node_id not in exclude]:
-                reason = "no node is connected" if not exclude else placement.reason
+                reason = f"{why}; no other node can take it" if why else "no node is connected"
                 self._lost(spec.name, reason, wake_failed=True)
             return False
         self._metrics.placements.labels(self._scheduler.policy, "placed", placement.tier).inc()
@@ -264,7 +266,7 @@ class Controller:
             log.warning("load failed function=%s node=%s error=%s", command.function, node, exc)
             self._table.forget(command.instance_id)
             tried = exclude | {node}
-            if len(tried) < LOAD_ATTEMPTS and self._launch(record, tried):
+            if len(tried) < LOAD_ATTEMPTS and self._launch(record, tried, str(exc)):
                 return
             self._lost(command.function, str(exc), wake_failed=True)
 

@@ -11,6 +11,7 @@ unbuffered.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -86,6 +87,9 @@ class InstanceProxy:
                 self._metrics.queue_wait.labels(name).observe(waited)
             try:
                 upstream = await self._send(inst, path, body, started)
+            except asyncio.CancelledError:
+                self._dispatcher.release(inst)  # the client went away while we waited
+                raise
             except httpx.TimeoutException:
                 self._dispatcher.release(inst)
                 raise UpstreamTimeout(
@@ -164,14 +168,16 @@ class InstanceProxy:
             await self.finish(upstream)
 
     async def finish(self, upstream: Upstream) -> None:
-        """Close the instance's answer and give its in-flight slot back (once)."""
-        await upstream.response.aclose()
+        """Give the in-flight slot back (once), then close the instance's answer. The slot goes
+        first: when the client went away this runs inside a cancelled scope, where the await
+        below may not complete."""
         if not upstream.released:
             upstream.released = True
             self._dispatcher.release(upstream.instance)
             self._metrics.latency.labels(upstream.instance.function).observe(
                 self._clock.now() - upstream.started
             )
+        await upstream.response.aclose()
 
 
 def broken_stream_error(upstream: Upstream, exc: Exception) -> dict[str, object]:

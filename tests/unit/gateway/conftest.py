@@ -1,0 +1,228 @@
+"""A gateway wired in-process: MemoryBus and MemoryKeyValue, a scripted node answering load and
+unload commands on the bus, and scripted instances (a small Starlette app speaking the Instance
+API) reached through httpx's ASGI transport. No sockets, no sleeps beyond the control loop's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.app import create_app
+from gateway.service import GatewayService
+from sllm.bus import MemoryBus, MemoryKeyValue, Message
+from sllm.messages import (
+    EVENT_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    CmdReply,
+    DeviceState,
+    InstanceEvent,
+    InstanceState,
+    LoadCmd,
+    NodeHeartbeat,
+    UnloadCmd,
+    decode,
+    encode,
+    node_cmd_subject,
+)
+from sllm.settings import GatewaySettings
+
+TOKEN = "test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def answer_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        return "echo: " + body["messages"][-1]["content"]
+    return "echo: " + str(body.get("prompt", ""))
+
+
+@dataclass
+class ScriptedInstances:
+    """Every instance address maps to this one app; ``behaviour`` scripts failures."""
+
+    seen: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    fail_hosts: set[str] = field(default_factory=set)
+    break_stream_hosts: set[str] = field(default_factory=set)
+    delay_s: float = 0.0
+
+    def app(self) -> Starlette:
+        async def generate(request: Request) -> Response:
+            host = request.url.hostname or ""
+            if host in self.fail_hosts:
+                raise httpx.ConnectError("connection refused")
+            body = json.loads(await request.body())
+            self.seen.append((host, request.url.path, body))
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            text = answer_text(body)
+            usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+            if body.get("stream"):
+
+                async def events() -> AsyncIterator[bytes]:
+                    for word in text.split(" "):
+                        yield f"data: {json.dumps({'delta': word + ' ', 'token_ids': [1]})}\n\n".encode()
+                    yield f"data: {json.dumps({'finish_reason': 'stop', 'usage': usage})}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+
+                return StreamingResponse(events(), media_type="text/event-stream")
+            return JSONResponse({"id": "r1", "text": text, "finish_reason": "stop", "usage": usage})
+
+        return Starlette(
+            routes=[
+                Route("/v1/generate", generate, methods=["POST"]),
+                Route("/v1/invoke", generate, methods=["POST"]),
+            ]
+        )
+
+
+@dataclass
+class ScriptedNode:
+    """Answers load/unload on the bus like a node; instances are ready after ``load_s``."""
+
+    bus: MemoryBus
+    node_id: str = "node-a"
+    slots: int = 2
+    load_s: float = 0.05
+    refuse: bool = False
+    fail_ready: str = ""
+    loads: list[LoadCmd] = field(default_factory=list)
+    unloads: list[UnloadCmd] = field(default_factory=list)
+    instances: dict[str, InstanceState] = field(default_factory=dict)
+    seq: int = 0
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        await self.bus.subscribe(node_cmd_subject(self.node_id), self._on_cmd)
+        await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        self.seq += 1
+        used = {s.device: s.instance_id for s in self.instances.values()}
+        devices = [
+            DeviceState(f"cpu{i}", "cpu", 2**30, used.get(f"cpu{i}")) for i in range(self.slots)
+        ]
+        hb = NodeHeartbeat(self.node_id, self.seq, devices, list(self.instances.values()), {}, {})
+        await self.bus.publish(HEARTBEAT_SUBJECT, encode(hb))
+
+    async def _on_cmd(self, msg: Message) -> bytes:
+        cmd = decode(msg.data)
+        if isinstance(cmd, LoadCmd):
+            self.loads.append(cmd)
+            if self.refuse:
+                return encode(CmdReply(ok=False, code="busy", message="refused by script"))
+            self.instances[cmd.instance_id] = InstanceState(
+                cmd.instance_id, cmd.function, cmd.device, "starting", None, 0,
+                revision=int(cmd.record["revision"]),
+            )  # fmt: skip
+            task = asyncio.create_task(self._ready(cmd))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif isinstance(cmd, UnloadCmd):
+            self.unloads.append(cmd)
+            state = self.instances.pop(cmd.instance_id, None)
+            if state is not None:
+                await self.bus.publish(
+                    EVENT_SUBJECT,
+                    encode(InstanceEvent("stopped", cmd.instance_id, self.node_id, state.function)),
+                )
+        return encode(CmdReply(ok=True))
+
+    async def _ready(self, cmd: LoadCmd) -> None:
+        await asyncio.sleep(self.load_s)
+        if self.fail_ready:
+            self.instances.pop(cmd.instance_id, None)
+            event = InstanceEvent("failed", cmd.instance_id, self.node_id, cmd.function,
+                                  error=self.fail_ready)  # fmt: skip
+        else:
+            address = f"http://{cmd.instance_id}"
+            state = self.instances[cmd.instance_id]
+            self.instances[cmd.instance_id] = replace(state, state="ready", address=address)
+            event = InstanceEvent("ready", cmd.instance_id, self.node_id, cmd.function, address,
+                                  tier="dram", load_s=self.load_s,
+                                  revision=int(cmd.record["revision"]))  # fmt: skip
+        await self.bus.publish(EVENT_SUBJECT, encode(event))
+
+
+class _BrokenStream(httpx.AsyncByteStream):
+    """One event, then the connection drops (httpx's ASGI transport buffers whole bodies, so a
+    mid-stream failure has to be scripted at the transport)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'data: {"delta": "echo: ", "token_ids": [1]}\n\n'
+        raise httpx.ReadError("instance died mid-stream")
+
+
+class BreakingTransport(httpx.AsyncBaseTransport):
+    def __init__(self, instances: ScriptedInstances, app: Starlette) -> None:
+        self._instances = instances
+        self._asgi = httpx.ASGITransport(app=app)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host in self._instances.break_stream_hosts:
+            headers = {"content-type": "text/event-stream"}
+            return httpx.Response(200, headers=headers, stream=_BrokenStream())
+        return await self._asgi.handle_async_request(request)
+
+
+def settings(**overrides: Any) -> GatewaySettings:
+    env = {"SLLM_TOKEN": TOKEN, "SLLM_WAKE_TIMEOUT": "5s", "SLLM_QUEUE_SIZE": "32",
+           "SLLM_MAX_BODY_BYTES": "64Ki", "SLLM_POLICY": "least-loaded",
+           "SLLM_STORE_URL": "/tmp/store", "SLLM_SCALE_DOWN_WINDOW": "1s"}  # fmt: skip
+    return replace(GatewaySettings.from_env(env), **overrides)
+
+
+@dataclass
+class Harness:
+    client: httpx.AsyncClient
+    gateway: GatewayService
+    node: ScriptedNode
+    instances: ScriptedInstances
+    bus: MemoryBus
+    kv: MemoryKeyValue
+
+    async def deploy(self, name: str = "chat", **scale: Any) -> httpx.Response:
+        spec = {"name": name, "model": "tiny", "handler": "chat",
+                "scale": {"min": 0, "max": 2, "target_concurrency": 4, "keep_alive": "60s", **scale}}  # fmt: skip
+        body = {"spec": spec, "checkpoint": f"checkpoints/{name}/abc", "checkpoint_bytes": 1000}
+        return await self.client.post("/system/functions", json=body, headers=AUTH)
+
+
+Build = Callable[..., Any]
+
+
+@asynccontextmanager
+async def harness(**overrides: Any) -> AsyncIterator[Harness]:
+    bus, kv = MemoryBus(), MemoryKeyValue()
+    node = ScriptedNode(bus)
+    instances = ScriptedInstances()
+    instance_app = instances.app()
+
+    async def connect(_: GatewaySettings) -> tuple[MemoryBus, MemoryKeyValue]:
+        return bus, kv
+
+    def http() -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=BreakingTransport(instances, instance_app))
+
+    app = create_app(settings(**overrides), connect=connect, http=http, tick_s=0.02)
+    async with app.router.lifespan_context(app):
+        await node.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield Harness(client, app.state.gateway, node, instances, bus, kv)
+
+
+@pytest.fixture
+async def h() -> AsyncIterator[Harness]:
+    async with harness() as built:
+        yield built

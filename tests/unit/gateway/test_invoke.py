@@ -1,0 +1,188 @@
+"""Invocation through the in-process gateway: scale from zero, the cold-start queue, routing and
+retries, streaming passthrough."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from tests.unit.gateway.conftest import Harness, harness
+
+
+async def wait_for(predicate, timeout_s: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_a_cold_request_starts_one_instance_and_gets_the_answer(h: Harness) -> None:
+    assert (await h.deploy()).status_code == 201
+    r = await h.client.post("/function/chat", json={"prompt": "hello"})
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == "echo: hello"
+    assert len(h.node.loads) == 1
+    load = h.node.loads[0]
+    assert load.function == "chat" and load.record["checkpoint"] == "checkpoints/chat/abc"
+    metrics = (await h.client.get("/metrics")).text
+    assert metric(metrics, 'sllm_cold_starts_total{function="chat",tier="dram"}') == 1
+    assert metric(metrics, 'sllm_wakes_total{function="chat"}') == 1
+    assert metric(metrics, 'sllm_requests_total{api="function",function="chat",status="200"}') == 1
+
+
+async def test_twenty_concurrent_cold_requests_cause_exactly_one_wake(h: Harness) -> None:
+    await h.deploy(target_concurrency=32)
+    h.node.load_s = 0.2
+    replies = await asyncio.gather(
+        *(h.client.post("/function/chat", json={"prompt": f"p{i}"}) for i in range(20))
+    )
+    assert [r.status_code for r in replies] == [200] * 20
+    assert [r.json()["text"] for r in replies] == [f"echo: p{i}" for i in range(20)]
+    assert len(h.node.loads) == 1
+    metrics = (await h.client.get("/metrics")).text
+    assert metric(metrics, 'sllm_wakes_total{function="chat"}') == 1
+
+
+async def test_a_full_cold_start_queue_answers_429_with_retry_after() -> None:
+    async with harness(queue_size=2) as h:
+        await h.deploy()
+        h.node.load_s = 0.3
+        replies = await asyncio.gather(
+            *(h.client.post("/function/chat", json={"prompt": "x"}) for _ in range(3))
+        )
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [200, 200, 429]
+        full = next(r for r in replies if r.status_code == 429)
+        assert full.json()["error"]["code"] == "overloaded"
+        assert int(full.headers["retry-after"]) >= 1
+
+
+async def test_a_failed_wake_answers_503_with_the_reason(h: Harness) -> None:
+    await h.deploy()
+    h.node.fail_ready = "handler module failed to import: No module named 'nope'"
+    r = await h.client.post("/function/chat", json={"prompt": "x"})
+    assert r.status_code == 503
+    assert "No module named 'nope'" in r.json()["error"]["message"]
+
+
+async def test_a_refused_load_answers_503(h: Harness) -> None:
+    await h.deploy()
+    h.node.refuse = True
+    r = await h.client.post("/function/chat", json={"prompt": "x"})
+    assert r.status_code == 503
+    assert "refused by script" in r.json()["error"]["message"]
+
+
+async def test_the_wake_deadline_is_separate_from_the_request_timeout() -> None:
+    async with harness(wake_timeout_s=0.3) as h:
+        await h.deploy()
+        h.node.load_s = 2.0
+        r = await h.client.post("/function/chat", json={"prompt": "x"})
+        assert r.status_code == 503
+        assert "wake deadline" in r.json()["error"]["message"]
+
+
+async def test_no_node_answers_503_at_once() -> None:
+    async with harness() as h:
+        h.gateway.table.nodes.clear()
+        await h.bus.close()  # the scripted node stops beating and answering
+        await h.deploy()
+        r = await h.client.post("/function/chat", json={"prompt": "x"})
+        assert r.status_code == 503
+        assert "no node" in r.json()["error"]["message"]
+
+
+async def test_a_request_that_failed_before_any_byte_is_retried_elsewhere(h: Harness) -> None:
+    await h.deploy()
+    assert (await h.client.post("/system/scale/chat", json={"replicas": 2},
+                                headers={"authorization": "Bearer test-token"})).status_code == 202  # fmt: skip
+    await wait_for(lambda: len(h.gateway.table.routable("chat")) == 2)
+    first = h.gateway.table.routable("chat")[0].instance_id
+    h.instances.fail_hosts.add(first)
+    for _ in range(3):
+        r = await h.client.post("/function/chat", json={"prompt": "x"})
+        assert r.status_code == 200, r.text
+    assert all(host != first for host, _, _ in h.instances.seen)
+    metrics = (await h.client.get("/metrics")).text
+    assert metric(metrics, 'sllm_request_retries_total{function="chat"}') >= 1
+
+
+async def test_a_stream_passes_through_as_events(h: Harness) -> None:
+    await h.deploy()
+    r = await h.client.post("/function/chat", json={"prompt": "a b c", "stream": True})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["delta"] for e in events[:-2]]
+    assert "".join(deltas) == "echo: a b c "
+
+
+async def test_a_stream_that_breaks_ends_with_an_error_event(h: Harness) -> None:
+    await h.deploy()
+    await h.client.post("/function/chat", json={"prompt": "warm"})
+    (inst,) = h.gateway.table.routable("chat")
+    h.instances.break_stream_hosts.add(inst.instance_id)
+    r = await h.client.post("/function/chat", json={"prompt": "a b c", "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[0]["delta"] == "echo: "
+    assert events[-1]["error"]["code"] == "instance_failed"
+    assert inst.in_flight == 0
+
+
+async def test_routing_prefers_the_instance_with_fewest_in_flight(h: Harness) -> None:
+    await h.deploy()
+    await h.client.post("/system/scale/chat", json={"replicas": 2},
+                        headers={"authorization": "Bearer test-token"})  # fmt: skip
+    await wait_for(lambda: len(h.gateway.table.routable("chat")) == 2)
+    h.instances.delay_s = 0.1
+    await asyncio.gather(*(h.client.post("/function/chat", json={"prompt": "x"}) for _ in range(6)))
+    hosts = [host for host, _, _ in h.instances.seen]
+    assert sorted({hosts.count(x) for x in set(hosts)}) == [3]
+
+
+async def test_scale_to_zero_after_keep_alive_drains_the_instance(h: Harness) -> None:
+    await h.deploy(keep_alive="200ms")
+    assert (await h.client.post("/function/chat", json={"prompt": "x"})).status_code == 200
+    await wait_for(lambda: len(h.node.unloads) == 1)
+    await wait_for(lambda: not h.gateway.table.of("chat"))
+    # And it wakes again.
+    assert (await h.client.post("/function/chat", json={"prompt": "y"})).status_code == 200
+    assert len(h.node.loads) == 2
+
+
+async def test_client_gone_releases_the_in_flight_slot(h: Harness) -> None:
+    await h.deploy()
+    await h.client.post("/function/chat", json={"prompt": "warm"})
+    h.instances.delay_s = 0.5
+    task = asyncio.create_task(h.client.post("/function/chat", json={"prompt": "x"}))
+    await wait_for(lambda: sum(i.in_flight for i in h.gateway.table.of("chat")) == 1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await wait_for(lambda: sum(i.in_flight for i in h.gateway.table.of("chat")) == 0)
+
+
+async def test_custom_handler_body_goes_through_unchanged(h: Harness) -> None:
+    spec = {"name": "custom", "model": "tiny", "handler": "handler:handle"}
+    body = {"spec": spec, "checkpoint": "k", "checkpoint_bytes": 1,
+            "handler_source": {"handler.py": "def handle(r, ctx): ..."}}  # fmt: skip
+    assert (await h.client.post("/system/functions", json=body,
+                                headers={"authorization": "Bearer test-token"})).status_code == 201  # fmt: skip
+    r = await h.client.post("/function/custom", json={"prompt": "z", "anything": [1, 2]})
+    assert r.status_code == 200
+    _, path, seen = h.instances.seen[-1]
+    assert path == "/v1/invoke" and seen == {"prompt": "z", "anything": [1, 2]}
+
+
+async def test_transport_errors_are_typed() -> None:
+    assert issubclass(httpx.ConnectError, httpx.TransportError)
