@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -43,20 +45,15 @@ class NatsBus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error: %s", exc)
 
+        # max_reconnect_attempts=-1 also makes nats-py retry the *first* connect forever, so the
+        # initial connect gets its own deadline; after that, reconnects never give up.
         try:
-            nc = await nats.connect(
-                url,
-                name=name,
-                connect_timeout=connect_timeout_s,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                error_cb=on_error,
+            nc = await asyncio.wait_for(
+                _connect(url, name, connect_timeout_s, on_disconnect, on_reconnect, on_error),
+                connect_timeout_s * 2,
             )
         except Exception as exc:
-            raise Unavailable(f"cannot connect to NATS at {url}: {exc}") from None
+            raise Unavailable(f"cannot connect to NATS at {url}: {exc!r}") from None
         return NatsBus(nc)
 
     async def publish(self, subject: str, payload: bytes) -> None:
@@ -94,6 +91,27 @@ class NatsBus:
         except BucketNotFoundError:
             kv = await js.create_key_value(bucket=bucket, history=5)
         return NatsKeyValue(kv)
+
+
+async def _connect(
+    url: str,
+    name: str,
+    connect_timeout_s: float,
+    on_disconnect: Callable[[], Awaitable[None]],
+    on_reconnect: Callable[[], Awaitable[None]],
+    on_error: Callable[[Exception], Awaitable[None]],
+) -> Client:
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=connect_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
 
 
 class NatsKeyValue:

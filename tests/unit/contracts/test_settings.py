@@ -1,0 +1,58 @@
+"""Settings: parsed once, validated, and errors name the variable and the allowed range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sllm.errors import ValidationFailed
+from sllm.settings import ENVIRONMENT, GatewaySettings, NodeSettings, StoreSettings
+
+
+def test_defaults() -> None:
+    node = NodeSettings.from_env({"SLLM_HOME": "/data"})
+    assert node.node_id == "node-0"
+    assert node.cache_dir == Path("/data/cache/node-0")
+    assert node.store.url == "/data/store"
+    assert node.dram_capacity == 8 * 2**30
+    gw = GatewaySettings.from_env({})
+    assert gw.port == 8080 and gw.policy == "locality+migration"
+
+
+def test_s3_settings_fall_back_to_aws_variables() -> None:
+    store = StoreSettings.from_env(
+        {"SLLM_STORE_URL": "s3://b/p", "AWS_ENDPOINT_URL": "http://x:1", "AWS_REGION": "eu"}
+    )
+    assert store.url == "s3://b/p"
+    assert store.s3_endpoint == "http://x:1" and store.s3_region == "eu"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"SLLM_GATEWAY_PORT": "70000"},
+            "SLLM_GATEWAY_PORT='70000': must be an integer in [1, 65535]",
+        ),
+        ({"SLLM_GATEWAY_PORT": "http"}, "SLLM_GATEWAY_PORT='http'"),
+        ({"SLLM_POLICY": "fastest"}, "SLLM_POLICY='fastest': must be one of"),
+        ({"SLLM_WAKE_TIMEOUT": "soon"}, "SLLM_WAKE_TIMEOUT='soon'"),
+        ({"SLLM_S3_PATH_STYLE": "maybe"}, "must be true or false"),
+    ],
+)
+def test_gateway_settings_errors(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ValidationFailed) as info:
+        GatewaySettings.from_env(env)
+    assert expected in str(info.value)
+
+
+def test_node_settings_errors() -> None:
+    with pytest.raises(ValidationFailed, match="SLLM_NODE_ID='Node 1'"):
+        NodeSettings.from_env({"SLLM_NODE_ID": "Node 1"})
+    with pytest.raises(ValidationFailed, match="SLLM_DRAM_CAPACITY='many'"):
+        NodeSettings.from_env({"SLLM_DRAM_CAPACITY": "many"})
+
+
+def test_every_variable_is_documented() -> None:
+    assert all(desc for _, desc in ENVIRONMENT.values())
