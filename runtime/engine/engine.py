@@ -81,6 +81,9 @@ class Engine:
         self._active: dict[str, _Active] = {}
         self._known: set[str] = set()  # ids pending or active (duplicate detection)
         self._batch = KVBatch()
+        # Live migration (runtime.migration) prefills a request's cache here before the request
+        # is resumed: request id -> (cache, the token ids it covers). Read once at admission.
+        self.staged: dict[str, tuple[Any, list[int]]] = {}
         self._stopping = False
         self._stop_reason = "instance is stopping"
         self._thread: threading.Thread | None = None
@@ -182,14 +185,24 @@ class Engine:
         self._batch.remove(cancels)
 
     def _prefill(self, a: _Active) -> None:
-        from transformers import DynamicCache
-
         ids = a.state.prompt_ids + a.state.output_ids
-        cache = DynamicCache(config=self.model.config)
-        inputs = torch.tensor([ids], dtype=torch.long, device=self.device)
+        cache, done = self._start_cache(a.state.request_id, ids)
+        inputs = torch.tensor([ids[done:]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         if self._accept(a, out.logits[0, -1]):
             self._batch.join(a.state.request_id, out.past_key_values, len(ids))
+
+    def _start_cache(self, request_id: str, ids: list[int]) -> tuple[Any, int]:
+        """(cache, positions it holds): one staged by live migration when it covers a proper
+        prefix of ``ids`` (only the rest is computed now), else a new empty one."""
+        from transformers import DynamicCache
+
+        staged = self.staged.pop(request_id, None)
+        if staged is not None:
+            cache, covered = staged
+            if 0 < len(covered) < len(ids) and ids[: len(covered)] == covered:
+                return cache, len(covered)
+        return DynamicCache(config=self.model.config), 0
 
     def _decode_step(self) -> None:
         mask, positions = self._batch.step_inputs()
