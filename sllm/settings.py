@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +29,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_S3_CONCURRENCY": ("8", "parallel ranged GETs / multipart uploads"),
     "SLLM_S3_PART_SIZE": ("16Mi", "bytes per ranged GET and per multipart upload part"),
     "SLLM_S3_RETRIES": ("4", "attempts per store request before a clear error"),
+    "SLLM_S3_ACCESS_KEY_ID": ("", "S3 access key (empty: AWS_ACCESS_KEY_ID, the AWS chain)"),
+    "SLLM_S3_SECRET_ACCESS_KEY": ("", "S3 secret key (empty: AWS_SECRET_ACCESS_KEY)"),
     "SLLM_NODE_ID": ("node-0", "this node's id (DNS-1123 label)"),
     "SLLM_NODE_HOST": ("127.0.0.1", "address instances listen on"),
     "SLLM_CACHE_DIR": ("", "node-local SSD cache directory (default: $SLLM_HOME/cache/<node>)"),
@@ -106,6 +108,9 @@ class StoreSettings:
     concurrency: int
     part_size: int
     retries: int
+    # Explicit S3 credentials; None: boto3's chain (AWS_* variables, profiles, instance role).
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> StoreSettings:
@@ -126,6 +131,8 @@ class StoreSettings:
             concurrency=_parse(env, "SLLM_S3_CONCURRENCY", int_in(1, 64)),
             part_size=_parse(env, "SLLM_S3_PART_SIZE", as_bytes),
             retries=_parse(env, "SLLM_S3_RETRIES", int_in(1, 20)),
+            access_key_id=env.get("SLLM_S3_ACCESS_KEY_ID") or None,
+            secret_access_key=env.get("SLLM_S3_SECRET_ACCESS_KEY") or None,
         )
 
 

@@ -16,8 +16,15 @@ def open_store(settings: StoreSettings) -> Store:
     """``s3://bucket/prefix`` -> ``S3Store``; anything else is a local directory."""
     if settings.url.startswith("s3://"):
         bucket, prefix = parse_s3_url(settings.url)
+        credentials = None
+        if settings.access_key_id and settings.secret_access_key:
+            credentials = (settings.access_key_id, settings.secret_access_key)
         client = make_client(
-            settings.s3_endpoint, settings.s3_region, settings.s3_path_style, settings.concurrency
+            settings.s3_endpoint,
+            settings.s3_region,
+            settings.s3_path_style,
+            settings.concurrency,
+            credentials,
         )
         return S3Store(
             client,

@@ -42,7 +42,14 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def make_client(endpoint: str | None, region: str, path_style: bool, concurrency: int) -> Any:
+def make_client(
+    endpoint: str | None,
+    region: str,
+    path_style: bool,
+    concurrency: int,
+    credentials: tuple[str, str] | None = None,
+) -> Any:
+    """A thread-safe boto3 S3 client; ``credentials`` (key id, secret) or boto3's chain."""
     import boto3
     from botocore.config import Config
 
@@ -56,7 +63,14 @@ def make_client(endpoint: str | None, region: str, path_style: bool, concurrency
         read_timeout=60,
         s3={"addressing_style": "path" if path_style else "auto"},
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    key_id, secret = credentials if credentials is not None else (None, None)
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        config=config,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+    )
 
 
 class S3Store:

@@ -212,3 +212,28 @@ def test_unreachable_store(s3_env: Any, tiered: Any, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"unavailable after 2 attempts \(EndpointConnectionError"):
         cache.fetch(KEY)
     assert nothing_cached(cache, tmp_path)
+
+
+def test_open_store_with_credentials_from_settings(
+    s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.store import open_store
+    from sllm.settings import StoreSettings
+
+    s3_server.make_bucket(BUCKET)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    env = {
+        "SLLM_STORE_URL": f"s3://{BUCKET}/via-settings",
+        "SLLM_S3_ENDPOINT": s3_server.endpoint,
+        "SLLM_S3_ACCESS_KEY_ID": s3_server.key_id,
+        "SLLM_S3_SECRET_ACCESS_KEY": s3_server.secret,
+    }
+    settings = StoreSettings.from_env(env)
+    assert s3_server.secret not in repr(settings)
+    store = open_store(settings)
+    store.put_bytes("a/b.txt", b"hello")
+    assert store.get_bytes("a/b.txt") == b"hello" and store.list("a") == ["a/b.txt"]
+    wrong = open_store(StoreSettings.from_env({**env, "SLLM_S3_SECRET_ACCESS_KEY": "nope"}))
+    with pytest.raises(StoreError, match="access denied"):
+        wrong.get_bytes("a/b.txt")
