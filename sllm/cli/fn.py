@@ -39,14 +39,16 @@ def _progress_bar(desc: str) -> Callable[[int], Callable[[int], None]]:
     return factory
 
 
-def _conversion_bar() -> Callable[[int, int], None]:
-    """``progress(done, total)`` of the converter as a tqdm bar on stderr."""
+def _conversion_bar(source: Path) -> Callable[[int, int], None]:
+    """``progress(done, total)`` of the converter as a tqdm bar on stderr (called only when a
+    conversion runs, not when the conversion cache has it)."""
     from tqdm import tqdm
 
     state: dict[str, Any] = {}
 
     def progress(done: int, total: int) -> None:
         if "bar" not in state:
+            print(f"converting {source} into the sllm format ...", file=sys.stderr)
             state["bar"] = tqdm(
                 total=total, desc="convert", unit="B", unit_scale=True, unit_divisor=1024
             )
@@ -61,7 +63,10 @@ def _conversion_bar() -> Callable[[int, int], None]:
 def cmd_new(args: argparse.Namespace) -> int:
     dst = scaffold(args.name, args.template, Path(args.dir), model=args.model)
     print(f"created {dst} from template {args.template}")
-    print(f"next: edit {dst / 'function.yaml'} (model:), then `sllm fn deploy -f {dst}`")
+    if args.model is None:
+        print(f"next: set model: in {dst / 'function.yaml'}, then `sllm fn deploy -f {dst}`")
+    else:
+        print(f"next: `sllm fn deploy -f {dst}`")
     return 0
 
 
@@ -77,10 +82,8 @@ def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
     store_url = client.info().get("store_url")
     if not isinstance(store_url, str) or not store_url:
         raise InvalidInput("the gateway did not say where its store is (/system/info)")
-    if source.kind != "sllm":
-        print(f"converting {source.path} ({source.kind}) ...", file=sys.stderr)
     ckpt = deploy.prepare_checkpoint(
-        source, deploy.conversion_cache_dir(), progress=_conversion_bar()
+        source, deploy.conversion_cache_dir(), progress=_conversion_bar(source.path)
     )
     key, size, pushed = deploy.upload_checkpoint(
         ckpt, name, store_url, progress_factory=_progress_bar("upload")

@@ -41,6 +41,10 @@ FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
 # loaded 2-core machine that has taken tens of seconds, so allow ample headroom.
 START_TIMEOUT_S = 120.0
 
+# 40 s: the node drains its instances for up to 30 s (in-flight requests finish) before it
+# exits; SIGKILL only after that and a margin.
+NODE_STOP_TIMEOUT_S = 40.0
+
 
 class _Stop(Exception):
     """SIGTERM arrived: unwind to the clean shutdown."""
@@ -160,7 +164,7 @@ class Platform:
         for server in reversed(self.servers):
             if server.alive():
                 print(f"stopping {server.name} ...", file=out, flush=True)
-            server.stop(timeout_s=30.0)
+            server.stop(timeout_s=NODE_STOP_TIMEOUT_S if server.name == "node" else 10.0)
 
 
 def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform) -> None:
