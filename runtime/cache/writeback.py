@@ -11,8 +11,10 @@ be discarded; the DRAM copy is unaffected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
+import os
 import queue
 import threading
 from pathlib import Path
@@ -22,6 +24,8 @@ from runtime.cache.ssd import SsdWriter
 from runtime.ckpt.index import CheckpointIndex, image_layout
 
 log = logging.getLogger(__name__)
+
+WRITEBACK_NICE = 19
 
 
 class SsdWriteBehind:
@@ -43,6 +47,10 @@ class SsdWriteBehind:
         self._queue.put(chunk)
 
     def _run(self) -> None:
+        # Lowest CPU priority for this thread only: its copy competes for cores with the
+        # download (and, on a small node, the S3 server), which is what DRAM-ready waits on.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITEBACK_NICE)
         view = memoryview(self._mm) if self._mm is not None else memoryview(b"")
         try:
             while (chunk := self._queue.get()) is not None:
