@@ -137,6 +137,8 @@ class NodeHeartbeat:
     bandwidths: dict[str, float]
     load_queue_s: float = 0.0
     cache_capacity: dict[str, int] = field(default_factory=dict)
+    # pre-started instance processes waiting for a model (a load on this node skips start-up)
+    pool_idle: int = 0
 
 
 @dataclass(frozen=True)

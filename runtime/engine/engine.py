@@ -105,6 +105,11 @@ class Engine:
     def submit(self, state: RequestState, sink: Sink) -> None:
         """Queue a request (a new one, or one resumed with ``output_ids`` already generated)."""
         total = len(state.prompt_ids) + len(state.output_ids)
+        if len(state.output_ids) >= state.params.max_tokens:
+            raise InvalidInput(
+                f"request already has {len(state.output_ids)} of max_tokens "
+                f"{state.params.max_tokens} tokens: nothing left to generate"
+            )
         if total >= self.max_context:
             raise InvalidInput(
                 f"prompt is {total} tokens; this model's context is {self.max_context} tokens"
@@ -140,11 +145,13 @@ class Engine:
 
     def snapshot(self, request_id: str) -> dict[str, Any] | None:
         """The exportable state of an in-flight request (issue 7), or None if unknown."""
+        return next((s for s in self.snapshots() if s["request_id"] == request_id), None)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Exportable states of every queued or running request, each consistent (taken
+        under the lock the engine thread holds while it records a step)."""
         with self._cv:
-            for a in [*self._pending, *self._active.values()]:
-                if a.state.request_id == request_id:
-                    return a.state.export()
-        return None
+            return [a.state.export() for a in [*self._pending, *self._active.values()]]
 
     # -- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -226,8 +233,6 @@ class Engine:
         """Sample the next token of ``a``, emit it; False once the request has finished."""
         state = a.state
         token = sample_token(logits, state.params, state.steps)
-        with self._cv:
-            state.output_ids.append(token)
         reason: str | None = None
         if token in self.eos_ids and not state.params.ignore_eos:
             reason, delta = "stop", ""
@@ -235,14 +240,17 @@ class Engine:
             delta = a.text.push(token)
             if a.text.stopped:
                 reason = "stop"
+        produced = len(state.output_ids) + 1
         if reason is None and (
-            len(state.output_ids) >= state.params.max_tokens
-            or len(state.prompt_ids) + len(state.output_ids) >= self.max_context
+            produced >= state.params.max_tokens
+            or len(state.prompt_ids) + produced >= self.max_context
         ):
             reason = "length"
         if reason is not None:
             delta += a.text.flush()
-        state.emitted_chars = a.text.emitted
+        with self._cv:  # token and released text change together for ``snapshots``
+            state.output_ids.append(token)
+            state.emitted_chars = a.text.emitted
         a.next_input = token
         _deliver(a.sink, TokenEvent(delta, [token]))
         if reason is None:

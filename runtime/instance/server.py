@@ -19,12 +19,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from runtime.engine.consumers import aiter_events, generate
+from runtime.engine.consumers import generate
 from runtime.engine.engine import Engine
 from runtime.engine.prompts import Tokenizing, build_request
 from runtime.engine.request import FinishEvent, RequestState, TokenEvent
 from runtime.engine.sampling import SamplingDefaults
 from runtime.instance.handlers import CustomHandler, HandlerContext
+from runtime.migration.handoff import Handoff, handoff_events
+from runtime.migration.routes import migration_routes
 from sllm.errors import InvalidInput, SllmError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,14 @@ def _check_ready(service: InstanceService) -> None:
 
 
 async def _event_stream(service: InstanceService, state: RequestState) -> AsyncIterator[bytes]:
-    async for event in aiter_events(service.engine, state):
+    async for event in handoff_events(service.engine, state):  # live migration may move it
         if isinstance(event, TokenEvent):
             yield _sse({"delta": event.delta, "token_ids": event.token_ids})
         elif isinstance(event, FinishEvent):
             yield _sse({"finish_reason": event.finish_reason, "usage": event.usage()})
             yield b"data: [DONE]\n\n"
+        elif isinstance(event, Handoff):  # moved: the gateway continues it on the target
+            yield _sse(event.payload())
         else:
             yield _sse({"error": {"code": event.code, "message": event.message}})
 
@@ -99,7 +103,11 @@ async def _event_stream(service: InstanceService, state: RequestState) -> AsyncI
 async def _run_generate(service: InstanceService, body: Any) -> Response:
     chat = service.handler != "completion"
     state = build_request(body, service.tok, service.defaults, chat=chat)
-    if body.get("stream", False):
+    return await _respond(service, state, stream=body.get("stream", False) is True)
+
+
+async def _respond(service: InstanceService, state: RequestState, *, stream: bool) -> Response:
+    if stream:
         # Submit before answering 200 so a refused request still gets a JSON error status.
         events = _event_stream(service, state)
         first = await anext(events)
@@ -133,6 +141,23 @@ def build_app(service: InstanceService) -> Starlette:
         except SllmError as exc:
             return _error_response(exc)
 
+    async def requests(request: Request) -> Response:
+        """In-flight requests as exportable states (live migration reads these)."""
+        return JSONResponse({"requests": service.engine.snapshots()})
+
+    async def resume(request: Request) -> Response:
+        """Continue an exported request here: ``{"state": <export>, "stream": bool}``. The
+        output continues with exactly the tokens the source would have produced."""
+        try:
+            _check_ready(service)
+            body = await _json_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("state"), dict):
+                raise InvalidInput("body: expected {'state': <exported request>, 'stream': bool}")
+            state = RequestState.from_export(body["state"])
+            return await _respond(service, state, stream=body.get("stream", False) is True)
+        except SllmError as exc:
+            return _error_response(exc)
+
     async def invoke(request: Request) -> Response:
         try:
             _check_ready(service)
@@ -148,6 +173,9 @@ def build_app(service: InstanceService) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/v1/generate", generate_route, methods=["POST"]),
             Route("/v1/invoke", invoke, methods=["POST"]),
+            *migration_routes(service.engine),
+            Route("/v1/requests", requests, methods=["GET"]),
+            Route("/v1/resume", resume, methods=["POST"]),
         ]
     )
 

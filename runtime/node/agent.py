@@ -173,6 +173,7 @@ class NodeAgent:
                 "ssd": self.settings.ssd_capacity,
                 "dram": self.settings.dram_capacity,
             },
+            pool_idle=self.pool.idle,
         )
         await self.bus.publish(HEARTBEAT_SUBJECT, encode(heartbeat))
         return heartbeat

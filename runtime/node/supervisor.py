@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -188,8 +189,9 @@ class Supervisor:
             self._remember_load(inst.load_s)
             inst.state = "draining" if inst.stopping else "ready"
             log.info(
-                "instance %s ready address=%s tier=%s load_s=%.3f pre_started=%s",
+                "instance %s ready address=%s tier=%s load_s=%.3f pre_started=%s timings=%s",
                 inst.instance_id, inst.address, inst.tier, inst.load_s, inst.pre_started,
+                json.dumps({k: round(v, 3) for k, v in inst.timings.items()}),
             )  # fmt: skip
             await self._event(inst, "ready")
             self.pool.replenish()

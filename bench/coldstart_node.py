@@ -1,0 +1,352 @@
+"""Node cold-start benchmark (issue 4): command-to-ready of a ~2 GB checkpoint from DRAM, SSD
+and the store, with and without the pre-started pool, against two baselines.
+
+    .venv/bin/python bench/coldstart_node.py --json bench/.data/coldstart_node.json
+
+Real parts: nats-server, SeaweedFS (S3 store), `sllm node start` as a child process, instance
+processes. A random Llama-shaped float32 model (~2 GB, 9 layers of hidden 2048) is written as a
+Hugging Face safetensors directory once (bench/.data), converted, and pushed to S3.
+
+- ``store`` / ``ssd`` / ``dram``: LoadCmd sent -> ready event received, measured at the
+  client. store: a node with empty caches, page cache dropped; ssd: the node restarted with its
+  DRAM tier removed, page cache dropped; dram: a second load after an unload.
+- ``pool`` 1 vs 0: with 0 the node starts the instance process on the load (imports included).
+- ``hf_local``: a new process imports torch+transformers (``import_s``, reported apart) then
+  ``from_pretrained`` from the local safetensors directory with the page cache dropped, plus
+  the same warm-up forward pass (``load_s``).
+- ``hf_s3``: the same after downloading the directory from S3 (KServe's storage initializer).
+- ``process_start_s``: a pre-started instance process's imports and warm-up (off the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parent / ".data" / "coldstart"
+KEY = "checkpoints/bench/2gb"
+S3_KEY_ID, S3_SECRET = "bench", "bench-secret"
+
+BASELINE = r"""
+import json, sys, time
+t0 = time.monotonic()
+import torch, transformers
+from transformers import AutoModelForCausalLM
+t1 = time.monotonic()
+src = sys.argv[1]
+download_s = 0.0
+if src.startswith("s3://"):
+    import boto3, os, tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    bucket, prefix = src[5:].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=os.environ["SLLM_S3_ENDPOINT"], region_name="us-east-1")
+    dst = tempfile.mkdtemp(dir=sys.argv[2])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: s3.download_file(bucket, k, os.path.join(dst, k.rsplit("/", 1)[1])), keys))
+    download_s = time.monotonic() - t1
+    src = dst
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+with torch.inference_mode():
+    model(input_ids=torch.tensor([[1, 2]]))
+t2 = time.monotonic()
+print(json.dumps({"import_s": t1 - t0, "download_s": download_s, "load_s": t2 - t1}))
+"""
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def build_model_dir(hf_dir: Path) -> None:
+    from runtime.tiny_model import TinyConfig, build_tiny_llama
+
+    config = TinyConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=9,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
+    tmp = hf_dir.with_name(hf_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_llama(tmp, seed=0, config=config)
+    tmp.rename(hf_dir)
+
+
+def prepare(s3_env: dict[str, str]) -> tuple[Path, int]:
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.ckpt.index import read_index
+    from runtime.store import open_store
+    from runtime.store.push import push_checkpoint
+    from sllm.settings import StoreSettings
+
+    hf_dir, ckpt = DATA / "hf", DATA / "ckpt"
+    if not hf_dir.exists():
+        build_model_dir(hf_dir)
+    if not ckpt.exists():
+        convert_checkpoint(hf_dir, ckpt)
+    store = open_store(StoreSettings.from_env({**s3_env, "SLLM_STORE_URL": "s3://models/sllm"}))
+    raw = open_store(StoreSettings.from_env({**s3_env, "SLLM_STORE_URL": "s3://models/hf"}))
+    if not store.exists(f"{KEY}/index.json"):  # the S3 data directory persists between runs
+        push_checkpoint(ckpt, store, KEY)
+        for f in hf_dir.iterdir():
+            raw.put_file(f"bench/{f.name}", str(f))
+    return hf_dir, read_index(ckpt).total_bytes
+
+
+class Node:
+    def __init__(self, env: dict[str, str], cache_dir: Path, pool: int, node_id: str) -> None:
+        self.env = {
+            **env,
+            "SLLM_NODE_ID": node_id,
+            "SLLM_CACHE_DIR": str(cache_dir),
+            "SLLM_POOL_SIZE": str(pool),
+            "SLLM_CPU_SLOTS": "1",
+            "SLLM_DRAM_CAPACITY": "6Gi",
+            "SLLM_SSD_CAPACITY": "8Gi",
+            "SLLM_HEARTBEAT_INTERVAL": "0.5s",
+        }
+        self.node_id = node_id
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def dram_root(self) -> Path:
+        from runtime.node.main import dram_root
+        from sllm.settings import NodeSettings
+
+        return dram_root(NodeSettings.from_env(self.env))
+
+    def start(self) -> None:
+        log = open(DATA / f"{self.node_id}.log", "ab")  # noqa: SIM115 (lives as long as the node)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "5s"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
+async def load_once(nats_url: str, node: Node, instance_id: str) -> dict[str, Any]:
+    from sllm.messages import (
+        EVENT_SUBJECT,
+        CmdReply,
+        InstanceEvent,
+        LoadCmd,
+        UnloadCmd,
+        decode_as,
+        encode,
+        node_cmd_subject,
+    )
+    from sllm.nats_bus import NatsBus
+    from sllm.spec import FunctionRecord, FunctionSpec
+
+    bus = await NatsBus.connect(nats_url, name="bench")
+    events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
+
+    async def on_event(msg: Any) -> None:
+        event = decode_as(msg.data, InstanceEvent)
+        if event.instance_id == instance_id:
+            await events.put(event)
+
+    await bus.subscribe(EVENT_SUBJECT, on_event)
+    spec = FunctionSpec(name="bench", model="bench")
+    record = FunctionRecord(spec=spec, checkpoint=KEY, checkpoint_bytes=0).to_dict()
+    subject = node_cmd_subject(node.node_id)
+    start = time.monotonic()
+    reply = decode_as(
+        await bus.request(subject, encode(LoadCmd(instance_id, "bench", record, "")), 30),
+        CmdReply,
+    )
+    assert reply.ok, reply
+    ready = await asyncio.wait_for(events.get(), 600)
+    elapsed = time.monotonic() - start
+    assert ready.kind == "ready", ready.error
+    await bus.request(subject, encode(UnloadCmd(instance_id, 1.0)), 30)
+    stopped = await asyncio.wait_for(events.get(), 120)
+    assert stopped.kind == "stopped"
+    await bus.close()
+    return {"command_to_ready_s": elapsed, "tier": ready.tier, "node_load_s": ready.load_s}
+
+
+async def _wait_idle(nats_url: str, node: Node, pool: int, timeout_s: float) -> None:
+    from sllm.messages import HEARTBEAT_SUBJECT, NodeHeartbeat, decode_as
+    from sllm.nats_bus import NatsBus
+
+    bus = await NatsBus.connect(nats_url, name="bench-wait")
+    ready = asyncio.Event()
+
+    async def on_beat(msg: Any) -> None:
+        beat = decode_as(msg.data, NodeHeartbeat)
+        if beat.node_id == node.node_id and beat.pool_idle >= pool and not beat.instances:
+            ready.set()
+
+    await bus.subscribe(HEARTBEAT_SUBJECT, on_beat)
+    try:
+        await asyncio.wait_for(ready.wait(), timeout_s)
+    finally:
+        await bus.close()
+
+
+def wait_node_idle(nats_url: str, node: Node, pool: int) -> None:
+    """Until the node heartbeats with its pool full and no instance (start-up: imports, tier
+    probe and pool processes, ~5-20 s on this shared machine), then 2 s of quiet."""
+    asyncio.run(_wait_idle(nats_url, node, pool, 180))
+    assert node.proc is not None and node.proc.poll() is None, "node exited"
+    time.sleep(2)
+
+
+def run_node_scenarios(
+    nats_url: str, s3_env: dict[str, str], pool: int, rep: int
+) -> dict[str, Any]:
+    env = {**os.environ, **s3_env, "SLLM_NATS_URL": nats_url, "SLLM_STORE_URL": "s3://models/sllm"}
+    cache_dir = DATA / f"cache-p{pool}-r{rep}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    node = Node(env, cache_dir, pool, f"bench-p{pool}-r{rep}")
+    shutil.rmtree(node.dram_root(), ignore_errors=True)
+    out: dict[str, Any] = {}
+    try:
+        node.start()
+        wait_node_idle(nats_url, node, pool)
+        drop_caches()
+        out["store"] = asyncio.run(load_once(nats_url, node, f"s-{pool}-{rep}"))
+        wait_node_idle(nats_url, node, pool)  # the pool refills after a load
+        out["dram"] = asyncio.run(load_once(nats_url, node, f"d-{pool}-{rep}"))
+        node.stop()
+        shutil.rmtree(node.dram_root(), ignore_errors=True)
+        node.start()
+        wait_node_idle(nats_url, node, pool)
+        drop_caches()
+        out["ssd"] = asyncio.run(load_once(nats_url, node, f"f-{pool}-{rep}"))
+    finally:
+        node.stop()
+        shutil.rmtree(node.dram_root(), ignore_errors=True)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return out
+
+
+def run_baseline(source: str, env: dict[str, str]) -> dict[str, float]:
+    scratch = DATA / "download"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    drop_caches()
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE, source, str(scratch)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_total_s"] = time.monotonic() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def process_start() -> float:
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.instance.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
+    elapsed = time.monotonic() - start
+    assert json.loads(line)["event"] == "idle"
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    return elapsed
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, required=True, help="write results here")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    from sllm.servers import start_nats, start_seaweedfs
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    os.environ.update({"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET})
+    nats = start_nats(DATA / "nats")
+    weed = start_seaweedfs(DATA / "weed")
+    s3_env = {
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "SLLM_S3_ENDPOINT": f"http://127.0.0.1:{weed.ports['s3']}",
+        "SLLM_S3_PATH_STYLE": "true",
+    }
+    try:
+        import boto3
+
+        client = boto3.client(
+            "s3", endpoint_url=s3_env["SLLM_S3_ENDPOINT"], region_name="us-east-1"
+        )
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="models")
+                break
+            except Exception:
+                time.sleep(0.3)
+        hf_dir, nbytes = prepare(s3_env)
+        nats_url = f"nats://127.0.0.1:{nats.ports['client']}"
+        runs: dict[str, list[dict[str, Any]]] = {"pool": [], "no_pool": []}
+        baselines: dict[str, list[dict[str, float]]] = {"hf_local": [], "hf_s3": []}
+        starts: list[float] = []
+        env = {**os.environ, **s3_env}
+        for rep in range(args.repeat):
+            runs["pool"].append(run_node_scenarios(nats_url, s3_env, 1, rep))
+            runs["no_pool"].append(run_node_scenarios(nats_url, s3_env, 0, rep))
+            baselines["hf_local"].append(run_baseline(str(hf_dir), env))
+            baselines["hf_s3"].append(run_baseline("s3://models/hf/bench", env))
+            starts.append(process_start())
+            print(json.dumps({"rep": rep, "runs": {k: v[-1] for k, v in runs.items()}}), flush=True)
+    finally:
+        weed.stop()
+        nats.stop()
+    summary: dict[str, Any] = {"checkpoint_bytes": nbytes, "repeat": args.repeat}
+    for mode, reps in runs.items():
+        for tier in ("dram", "ssd", "store"):
+            summary[f"{mode}.{tier}.command_to_ready_s"] = median(
+                [r[tier]["command_to_ready_s"] for r in reps]
+            )
+    for name, reps in baselines.items():
+        for key in ("import_s", "download_s", "load_s", "process_total_s"):
+            summary[f"{name}.{key}"] = median([r[key] for r in reps])
+    summary["process_start_s"] = median(starts)
+    summary["speedup.dram_vs_hf_local_after_start"] = (
+        summary["hf_local.load_s"] / summary["pool.dram.command_to_ready_s"]
+    )
+    result = {"summary": summary, "runs": runs, "baselines": baselines, "process_start": starts}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
