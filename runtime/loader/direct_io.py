@@ -72,7 +72,8 @@ def resident_fraction(residency: bytes | None, offset: int, length: int) -> floa
     window = residency[first:last]
     if not window:
         return 0.0
-    return sum(b & 1 for b in window) / len(window)
+    # pages not in the cache are 0; other bits are reserved (0), so counting zeros is exact
+    return 1.0 - window.count(0) / len(window)
 
 
 def open_direct(path: str) -> int | None:

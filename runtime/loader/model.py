@@ -35,6 +35,17 @@ def load_config(checkpoint_dir: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read the model config ({exc})") from None
 
 
+def build_skeleton(checkpoint_dir: Path) -> Any:
+    """The checkpoint's causal-LM model on the ``meta`` device (no memory, no init). Pure
+    Python work: ``load_model`` runs it while the reads of the tensors are under way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+
+
 def build_model(
     checkpoint_dir: Path, tensors: dict[str, torch.Tensor], device: str = "cpu"
 ) -> PreTrainedModel:
@@ -43,13 +54,18 @@ def build_model(
     Tensors not on ``device`` are moved there (the CUDA loader hands over device tensors, so
     nothing moves then). Raises ``CheckpointError`` naming missing weights.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    return assign_tensors(build_skeleton(checkpoint_dir), checkpoint_dir, tensors, device)
 
-    config = load_config(checkpoint_dir)
+
+def assign_tensors(
+    model: Any, checkpoint_dir: Path, tensors: dict[str, torch.Tensor], device: str = "cpu"
+) -> PreTrainedModel:
+    """Make the parameters of a ``build_skeleton`` model be ``tensors`` (no copies), tie
+    weights, materialize buffers, load the generation config."""
+    import torch
+    from transformers import GenerationConfig
+
     target = torch.device(device)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     on_device = {k: v if v.device == target else v.to(target) for k, v in tensors.items()}
     result = model.load_state_dict(on_device, strict=False, assign=True)
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
@@ -114,8 +130,19 @@ def load_tokenizer(checkpoint_dir: Path) -> Any:
         raise CheckpointError(f"{checkpoint_dir}: cannot load the tokenizer ({exc})") from None
 
 
-def load_model(checkpoint_dir: Path, device: str = "cpu") -> tuple[LoadedCheckpoint, Any]:
-    """CPU load + ``build_model``: the loaded checkpoint (keep it: it owns the image) and
-    the model."""
-    loaded = load_checkpoint(checkpoint_dir)
-    return loaded, build_model(checkpoint_dir, loaded.tensors, device)
+def load_model(
+    checkpoint_dir: Path, device: str = "cpu", *, image: torch.Tensor | None = None
+) -> tuple[LoadedCheckpoint, PreTrainedModel]:
+    """CPU load + model: the loaded checkpoint (keep it: it owns the image) and the model.
+
+    The meta skeleton is built on a side thread while the reads run (the reads release the
+    GIL and wait on the disk; building the skeleton is ~0.1-2 s of Python), so the model is
+    ready about when the last byte is.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sllm-skeleton") as pool:
+        skeleton = pool.submit(build_skeleton, checkpoint_dir)
+        loaded = load_checkpoint(checkpoint_dir, image=image)
+        model = skeleton.result()
+    return loaded, assign_tensors(model, checkpoint_dir, loaded.tensors, device)

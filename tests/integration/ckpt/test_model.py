@@ -9,7 +9,7 @@ import torch
 
 from runtime.ckpt.convert import convert_checkpoint
 from runtime.loader.cpu import load_checkpoint
-from runtime.loader.model import build_model, load_tokenizer
+from runtime.loader.model import build_model, load_model, load_tokenizer
 from runtime.tiny_model import TinyConfig, build_tiny_llama
 
 PROMPTS = ["The capital of France is", "hello world, how"]
@@ -92,6 +92,16 @@ def test_tied_safetensors_llama_generates_like_from_pretrained(tmp_path: Path) -
     hf = build_tiny_llama(tmp_path / "hf", seed=2, config=TinyConfig(tie_word_embeddings=True))
     convert_checkpoint(hf, tmp_path / "ckpt")
     _assert_same_generation(hf, tmp_path / "ckpt")
+
+
+def test_load_model_overlaps_skeleton_and_reads(tiny_model_dir: Path, tiny_ckpt: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    loaded, model = load_model(tiny_ckpt)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_ckpt)
+    assert _greedy(model, tokenizer, PROMPTS[0]) == _greedy(reference, tokenizer, PROMPTS[0])
+    assert model.model.norm.weight.data_ptr() == loaded.tensors["model.norm.weight"].data_ptr()
 
 
 def test_missing_weight_is_named(tiny_ckpt: Path) -> None:
