@@ -1,0 +1,137 @@
+"""The instance's migration endpoints (the node's migrate command drives them over HTTP).
+
+- ``GET /v1/migration/requests`` (source): exported states of the streamed in-flight requests.
+- ``POST /v1/migration/import`` ``{"states": [...]}`` (target): recompute their KV caches ->
+  ``{"staged": {request_id: tokens covered}}``.
+- ``POST /v1/migration/handoff`` ``{"request_ids", "target_instance_id", "target_address",
+  "timeout_s"}`` (source): stop them here; their streams end with a ``migrated`` event ->
+  ``{"moved": [final states], "finished": [ids not moved]}``.
+- ``POST /v1/migration/abort`` ``{"request_ids": [...]}`` (target): drop staged caches.
+- ``POST /v1/migration/resume`` ``{"state": <final state>}`` (target): continue a moved request
+  from its staged cache; answers the same event stream as ``/v1/generate`` (and may itself be
+  moved again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runtime.engine.engine import Engine
+from runtime.engine.request import FinishEvent, RequestState, TokenEvent
+from runtime.migration.handoff import Handoff, MigrationHub, Target, handoff_events
+from sllm.errors import InvalidInput, SllmError
+
+# 10 s: a cancel lands between two decoding steps; a step taking longer means a sick instance.
+DEFAULT_HANDOFF_TIMEOUT_S = 10.0
+
+
+def _error(exc: SllmError) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status
+    )
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"body: not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object")
+    return body
+
+
+def _ids(body: dict[str, Any]) -> list[str]:
+    ids = body.get("request_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise InvalidInput("request_ids: expected a list of request ids")
+    return ids
+
+
+def _sse(payload: object) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+async def event_stream(engine: Engine, state: RequestState) -> AsyncIterator[bytes]:
+    """The Instance API's event stream for ``state`` (as ``/v1/generate`` sends it)."""
+    async for event in handoff_events(engine, state):
+        if isinstance(event, TokenEvent):
+            yield _sse({"delta": event.delta, "token_ids": event.token_ids})
+        elif isinstance(event, FinishEvent):
+            yield _sse({"finish_reason": event.finish_reason, "usage": event.usage()})
+            yield b"data: [DONE]\n\n"
+        elif isinstance(event, Handoff):
+            yield _sse(event.payload())
+        else:
+            yield _sse({"error": {"code": event.code, "message": event.message}})
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def migration_routes(engine: Engine) -> list[Route]:
+    hub = MigrationHub.of(engine)
+
+    async def requests(request: Request) -> Response:
+        return JSONResponse({"requests": hub.migratable()})
+
+    async def import_states(request: Request) -> Response:
+        try:
+            states = (await _body(request)).get("states")
+            if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+                raise InvalidInput("states: expected a list of exported request states")
+            staged = await asyncio.to_thread(hub.stager.stage, states)
+            return JSONResponse({"staged": staged})
+        except SllmError as exc:
+            return _error(exc)
+
+    async def handoff(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            ids = _ids(body)
+            target_id, address = body.get("target_instance_id"), body.get("target_address")
+            if not isinstance(target_id, str) or not isinstance(address, str) or not address:
+                raise InvalidInput("target_instance_id, target_address: expected strings")
+            timeout = body.get("timeout_s", DEFAULT_HANDOFF_TIMEOUT_S)
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+                raise InvalidInput(f"timeout_s: expected a positive number, got {timeout!r}")
+            moved, finished = await hub.handoff(ids, Target(target_id, address), float(timeout))
+            return JSONResponse({"moved": moved, "finished": finished})
+        except SllmError as exc:
+            return _error(exc)
+
+    async def abort(request: Request) -> Response:
+        try:
+            ids = _ids(await _body(request))
+            return JSONResponse({"dropped": await asyncio.to_thread(hub.stager.drop, ids)})
+        except SllmError as exc:
+            return _error(exc)
+
+    async def resume(request: Request) -> Response:
+        try:
+            raw = (await _body(request)).get("state")
+            if not isinstance(raw, dict):
+                raise InvalidInput("state: expected an exported request state")
+            events = event_stream(engine, RequestState.from_export(raw))
+            first = await anext(events)  # submitted: a refusal is still a JSON error status
+            return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
+        except SllmError as exc:
+            return _error(exc)
+
+    return [
+        Route("/v1/migration/resume", resume, methods=["POST"]),
+        Route("/v1/migration/requests", requests, methods=["GET"]),
+        Route("/v1/migration/import", import_states, methods=["POST"]),
+        Route("/v1/migration/handoff", handoff, methods=["POST"]),
+        Route("/v1/migration/abort", abort, methods=["POST"]),
+    ]
