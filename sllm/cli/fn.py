@@ -98,7 +98,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         record = deploy_folder(client, Path(args.file))
     name = (record.get("spec") or {}).get("name") or record.get("name")
     print(f"deployed {name} (revision {record.get('revision', '?')})")
-    print(f"invoke it: echo 'Hello' | sllm fn invoke {name}")
+    handler = str((record.get("spec") or {}).get("handler", "chat"))
+    if ":" in handler:
+        print(f'invoke it: echo \'{{"prompt": "Hello"}}\' | sllm fn invoke {name} --json')
+    else:
+        print(f"invoke it: echo 'Hello' | sllm fn invoke {name}")
     return 0
 
 
@@ -213,8 +217,9 @@ def _read_input(args: argparse.Namespace) -> str:
 
 
 def invoke_body(handler: str, text: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The request body: with --json, stdin as a JSON object; otherwise the text as the user's
-    message (chat) or the prompt (completion, custom handlers). Flags add generation options."""
+    """The request body: with --json, the input as the JSON object it is (streamed only if it
+    says ``"stream": true``); otherwise the text as the user's message (chat) or the prompt
+    (completion, custom handlers), streamed unless --no-stream. Flags add generation options."""
     body: dict[str, Any]
     if args.json:
         try:
@@ -228,8 +233,10 @@ def invoke_body(handler: str, text: str, args: argparse.Namespace) -> dict[str, 
         body = {"messages": [{"role": "user", "content": text.strip()}]}
     else:
         body = {"prompt": text}
-    if not args.json or "stream" not in body:
+    if not args.json:
         body["stream"] = not args.no_stream
+    elif args.no_stream:
+        body["stream"] = False
     for flag, key in (
         ("max_tokens", "max_tokens"),
         ("temperature", "temperature"),

@@ -165,6 +165,11 @@ def test_invoke_bodies() -> None:
         "text": "x",
         "stream": False,
     }
+    assert invoke_body("h:handle", '{"text": "x"}', args(json=True)) == {"text": "x"}
+    assert invoke_body("h:handle", '{"text": "x"}', args(json=True, no_stream=True)) == {
+        "text": "x",
+        "stream": False,
+    }
     with pytest.raises(InvalidInput, match="not valid JSON"):
         invoke_body("h:handle", "{nope", args(json=True))
     with pytest.raises(InvalidInput, match="must be a JSON object"):
