@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from runtime.migration.node import run_migrate_command
 from runtime.node.devices import Device, DeviceTable, threads_per_slot
 from runtime.node.supervisor import CheckpointCache, Supervisor
 from runtime.node.worker_process import WorkerPool
@@ -134,7 +135,7 @@ class NodeAgent:
             task.add_done_callback(self._background.discard)
             return {"instances": len(self.supervisor.instances)}
         if isinstance(command, MigrateCmd):
-            raise SllmError("migrate is not supported by this node yet", code="unsupported")
+            return await run_migrate_command(self.supervisor.instances, command, self.bus.publish)
         raise ProtocolError(f"{type(command).__name__} is not a node command")
 
     # -- publishing ---------------------------------------------------------------------------

@@ -93,12 +93,12 @@ async def test_unload_of_an_unknown_instance_is_idempotent(
     assert reply.ok and reply.data == {"state": "absent"}
 
 
-async def test_drain_refuses_later_loads_and_migrate_is_unsupported(
+async def test_drain_refuses_later_loads_and_migrate_of_unknown_instance(
     agent: tuple[NodeAgent, MemoryBus],
 ) -> None:
     _, bus = agent
     reply = await ask(bus, encode(MigrateCmd("i", "m", "n2", "j", "http://x")))
-    assert not reply.ok and reply.code == "unsupported"
+    assert not reply.ok and reply.code == "not_found" and "instance i " in reply.message
     assert (await ask(bus, encode(DrainCmd(0.1)))).ok
     reply = await ask(bus, encode(LoadCmd("i2", "f", {}, "")))
     assert not reply.ok and reply.code == "unavailable"
