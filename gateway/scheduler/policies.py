@@ -124,6 +124,7 @@ def best_load(
     ``nbytes / store_bw_max`` (no node can load from the store faster).
     """
     nodes = snapshot.nodes
+    now = snapshot.now
     found: tuple[str, SourceTier, float, tuple[str, ...], tuple[str, ...]] | None = None
     best_t = float("inf")
     holders = snapshot.holders.get(checkpoint, ())
@@ -134,7 +135,7 @@ def best_load(
         r = room(node, n) if allow_evict else _free_only(node, n)
         if r is None:
             continue
-        tier, t = node.load_seconds(checkpoint, nbytes)
+        tier, t = node.load_seconds(checkpoint, nbytes, now)
         t += EVICT_S * len(r[1])
         if top is not None:
             _keep(top, (node_id, tier, t))
@@ -148,7 +149,7 @@ def best_load(
         if node_id == exclude or node_id in holders:
             continue
         node = nodes[node_id]
-        q = node.load_queue_s
+        q = node.wait(now)
         if q >= best_t:
             continue
         r = room(node, n) if allow_evict else _free_only(node, n)
@@ -203,7 +204,7 @@ def moved_devices(node: NodeView, moved: Migration, n: int) -> tuple[str, ...]:
 
 def _migration_total(snapshot: ClusterSnapshot, request: PlacementRequest, m: Migration) -> float:
     _, load = snapshot.nodes[m.source_node].load_seconds(
-        request.checkpoint, request.checkpoint_bytes
+        request.checkpoint, request.checkpoint_bytes, snapshot.now
     )
     return m.estimated_s + load
 
@@ -227,7 +228,7 @@ def _best_migration(
         node = nodes[node_id]
         if room(node, n) is not None:
             continue  # it has room: best_load already weighed it
-        _, load = node.load_seconds(request.checkpoint, request.checkpoint_bytes)
+        _, load = node.load_seconds(request.checkpoint, request.checkpoint_bytes, snapshot.now)
         if load >= limit:
             continue
         spare = len(node.free_devices)
@@ -297,7 +298,7 @@ def _random(
     if not options:
         return _no_room(snapshot, request)
     node, devices, evict = random.Random(rng_seed).choice(options)
-    tier, t = node.load_seconds(request.checkpoint, request.checkpoint_bytes)
+    tier, t = node.load_seconds(request.checkpoint, request.checkpoint_bytes, snapshot.now)
     t += EVICT_S * len(evict)
     return Placement(node.node_id, devices, tier, t, "random", ((node.node_id, tier, t),), evict)
 
@@ -305,10 +306,11 @@ def _random(
 def _least_loaded(
     snapshot: ClusterSnapshot, request: PlacementRequest, policy: str
 ) -> Placement | NoCapacity:
+    now = snapshot.now
     best: tuple[int, float] | None = None
     chosen: tuple[NodeView, tuple[str, ...], tuple[str, ...]] | None = None
     for node, devices, evict in _feasible(snapshot, request.accelerators):
-        score = (-(len(node.free_devices) + _idle_devices(node.instances)), node.load_queue_s)
+        score = (-(len(node.free_devices) + _idle_devices(node.instances)), node.wait(now))
         if best is None or score < best:
             best, chosen = score, (node, devices, evict)
     if chosen is None:
@@ -316,9 +318,9 @@ def _least_loaded(
     node, devices, evict = chosen
     if policy == "download-every-time":
         tier: SourceTier = "store"
-        t = node.load_queue_s + request.checkpoint_bytes / node.bandwidth("store")
+        t = node.wait(now) + request.checkpoint_bytes / node.bandwidth("store")
     else:
-        tier, t = node.load_seconds(request.checkpoint, request.checkpoint_bytes)
+        tier, t = node.load_seconds(request.checkpoint, request.checkpoint_bytes, now)
     t += EVICT_S * len(evict)
     return Placement(node.node_id, devices, tier, t, policy, ((node.node_id, tier, t),), evict)
 

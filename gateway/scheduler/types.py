@@ -73,6 +73,9 @@ class NodeView:
     ``free_devices`` excludes devices booked by pending loads; ``cache`` maps a source tier
     ("dram", "ssd") to {checkpoint key: bytes}; ``bandwidths`` maps a source tier to bytes/s
     into the device; ``load_queue_s`` is the wait before a new load on this node starts.
+    ``queue_until`` (optional) is when the loads already queued end, on the snapshot's clock
+    (``ClusterSnapshot.now``): the simulator sets it so a view stays true while a load runs.
+    The wait is ``load_queue_s + max(0, queue_until - now)``.
     """
 
     node_id: str
@@ -82,6 +85,7 @@ class NodeView:
     bandwidths: Mapping[str, float] = field(default_factory=dict)
     load_queue_s: float = 0.0
     instances: tuple[RunningInstance, ...] = ()
+    queue_until: float = 0.0
 
     def bandwidth(self, tier: SourceTier) -> float:
         bw = self.bandwidths.get(tier, 0.0)
@@ -102,10 +106,17 @@ class NodeView:
         """At least one device is free or held by an idle (reclaimable) instance."""
         return bool(self.free_devices) or any(i.idle for i in self.instances)
 
-    def load_seconds(self, checkpoint: str, nbytes: int) -> tuple[SourceTier, float]:
+    def wait(self, now: float) -> float:
+        """Seconds before a new load on this node starts, at time ``now``."""
+        late = self.queue_until - now
+        return self.load_queue_s + late if late > 0 else self.load_queue_s
+
+    def load_seconds(
+        self, checkpoint: str, nbytes: int, now: float = 0.0
+    ) -> tuple[SourceTier, float]:
         """(tier, queue wait + nbytes / bandwidth of that tier)."""
         tier = self.best_tier(checkpoint)
-        return tier, self.load_queue_s + nbytes / self.bandwidth(tier)
+        return tier, self.wait(now) + nbytes / self.bandwidth(tier)
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,9 @@ class ClusterSnapshot:
 
     ``migration`` maps a checkpoint key to its fitted resume-time model; ``default_migration``
     is used for checkpoints without one. ``store_bw_max`` must be >= every node's store
-    bandwidth (0 disables the early stop).
+    bandwidth (0 disables the early stop). ``now`` is the time ``NodeView.queue_until`` is
+    measured against. ``free`` is scanned in order: shortest queue first finds the best store
+    load soonest (``build`` sorts it so).
     """
 
     nodes: Mapping[str, NodeView]
@@ -123,6 +136,7 @@ class ClusterSnapshot:
     migration: Mapping[str, MigrationFit] = field(default_factory=dict)
     default_migration: MigrationFit = MigrationFit()
     store_bw_max: float = 0.0
+    now: float = 0.0
 
     @classmethod
     def build(
@@ -144,7 +158,9 @@ class ClusterSnapshot:
         return cls(
             nodes=by_id,
             holders={k: frozenset(v) for k, v in holders.items()},
-            free=tuple(n.node_id for n in by_id.values() if n.has_room()),
+            free=tuple(
+                n.node_id for n in sorted(by_id.values(), key=lambda n: n.wait(0.0)) if n.has_room()
+            ),
             migration=dict(migration or {}),
             default_migration=default_migration or MigrationFit(),
             store_bw_max=max((n.bandwidth("store") for n in by_id.values()), default=0.0),

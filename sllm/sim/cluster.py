@@ -5,7 +5,7 @@ simulation runs so a decision on 1,000 nodes does not rebuild every node's view.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from gateway.scheduler.types import ClusterSnapshot, MigrationFit, NodeView, RunningInstance
@@ -120,6 +120,37 @@ class SimNode:
             self.free.remove(dev)
 
 
+class RoomIndex(Collection[str]):
+    """Nodes with room, those without a load in progress first (each in the order they got
+    room): the scheduler's store scan then stops at the first node, as no queue beats none."""
+
+    def __init__(self) -> None:
+        self.idle: dict[str, None] = {}
+        self.loading: dict[str, None] = {}
+
+    def put(self, node_id: str, loading: bool) -> None:
+        if loading:
+            self.idle.pop(node_id, None)
+            self.loading[node_id] = None
+        else:
+            self.loading.pop(node_id, None)
+            self.idle[node_id] = None
+
+    def discard(self, node_id: str) -> None:
+        self.idle.pop(node_id, None)
+        self.loading.pop(node_id, None)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.idle or node_id in self.loading
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.idle
+        yield from self.loading
+
+    def __len__(self) -> int:
+        return len(self.idle) + len(self.loading)
+
+
 class SimCluster:
     """The nodes plus the scheduler's indexes, refreshed lazily before each decision.
 
@@ -143,9 +174,8 @@ class SimCluster:
         }
         self.views: dict[str, NodeView] = {}
         self.holders: dict[str, set[str]] = {}
-        self.room: dict[str, None] = {}  # ordered set of nodes with room
+        self.room = RoomIndex()
         self.dirty: set[str] = set(self.nodes)
-        self.loading: set[str] = set()
 
     def cache_changed(self, node: SimNode, checkpoint: str) -> None:
         if node.holds(checkpoint):
@@ -157,14 +187,11 @@ class SimCluster:
                 if not held:
                     del self.holders[checkpoint]
 
-    def queue_s(self, node: SimNode, now: float) -> float:
-        return max(0.0, node.current_end - now) + node.queued_s
-
     def snapshot(
         self, now: float, checkpoint: str, fits: dict[str, MigrationFit], default: MigrationFit
     ) -> ClusterSnapshot:
         """Refresh what may have changed, then wrap the live indexes (``place`` only reads)."""
-        stale = self.dirty | self.loading
+        stale = self.dirty
         for node_id in self.holders.get(checkpoint, ()):
             if node_id not in self.room:
                 stale.add(node_id)  # tokens of possible migration victims grow with time
@@ -174,10 +201,11 @@ class SimCluster:
         return ClusterSnapshot(
             nodes=self.views,
             holders=self.holders,
-            free=self.room.keys(),
+            free=self.room,
             migration=fits,
             default_migration=default,
             store_bw_max=self.bandwidths["store"],
+            now=now,
         )
 
     def _refresh(self, node: SimNode, now: float) -> None:
@@ -214,10 +242,10 @@ class SimCluster:
             busy_devices=tuple(d for d in node.devices if d not in free),
             cache={"dram": node.dram.entries, "ssd": node.ssd.entries},
             bandwidths=self.bandwidths,
-            load_queue_s=self.queue_s(node, now),
             instances=ordered,
+            queue_until=node.current_end + node.queued_s if node.current is not None else 0.0,
         )
         if free or idle:
-            self.room[node.node_id] = None
+            self.room.put(node.node_id, node.current is not None)
         else:
-            self.room.pop(node.node_id, None)
+            self.room.discard(node.node_id)

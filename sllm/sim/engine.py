@@ -272,6 +272,7 @@ class Simulation:
         job.est_s = job.nbytes / self.bw[self._tier(node, job)] + self.config.cluster.startup_s
         node.jobs.append(job)
         node.queued_s += job.est_s
+        self.cluster.dirty.add(node.node_id)
         if node.current is None:
             self._start_next(node)
 
@@ -279,7 +280,7 @@ class Simulation:
         if not node.jobs:
             node.current = None
             node.queued_s = 0.0
-            self.cluster.loading.discard(node.node_id)
+            self.cluster.dirty.add(node.node_id)
             return
         job = node.jobs.pop(0)
         node.queued_s -= job.est_s
@@ -287,7 +288,7 @@ class Simulation:
         job.transfer_s = job.nbytes / self.bw[job.tier]
         node.current = job
         node.current_end = self.now + job.transfer_s + self.config.cluster.startup_s
-        self.cluster.loading.add(node.node_id)
+        self.cluster.dirty.add(node.node_id)
         self._push(node.current_end, _LOAD_DONE, node)
 
     def _load_done(self, node: SimNode) -> None:

@@ -1,0 +1,210 @@
+"""Scheduler scale benchmark (issue 6): decisions on 1,000 nodes x 8 accelerators and 10,000
+functions (target: under 10 ms each), and one simulated hour at 100 RPS on that cluster
+(target: under 2 minutes of wall time).
+
+    .venv/bin/python bench/scheduler.py --json bench/scheduler.json
+
+The decision cluster is synthetic and seeded: every node caches ~15 checkpoints in DRAM and
+~100 on SSD (drawn by Zipf popularity), a share of its devices runs instances with tokens in
+flight, and some nodes have loads queued. Two states are measured: ``busy`` (60% of devices
+taken) and ``full`` (all but ~1% taken, so locality+migration weighs many victims). Timings are
+place() alone on a prepared snapshot, and snapshot_from_heartbeats() from 1,000 heartbeats
+(what the gateway rebuilds when nodes report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Running `python bench/scheduler.py` puts bench/ first on sys.path, where bench/gateway.py
+# would shadow the gateway package: drop it so the installed packages are imported.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
+from gateway.scheduler.policies import POLICIES, place  # noqa: E402
+from gateway.scheduler.snapshot import snapshot_from_heartbeats  # noqa: E402
+from gateway.scheduler.types import PlacementRequest  # noqa: E402
+from sllm.messages import CacheEntryState, DeviceState, InstanceState, NodeHeartbeat  # noqa: E402
+from sllm.sim.config import load_config  # noqa: E402
+from sllm.sim.engine import Simulation  # noqa: E402
+from sllm.sim.workload import build_trace  # noqa: E402
+
+SIZES = (13_400_000_000, 26_000_000_000, 60_000_000_000)  # OPT-6.7B/13B/30B fp16
+SCALE_CONFIG = Path(__file__).parent / "sim" / "scale.yaml"
+
+
+def synthetic_cluster(
+    nodes: int, accelerators: int, functions: int, busy: float, seed: int
+) -> tuple[dict[str, NodeHeartbeat], dict[str, tuple[str, int]], list[float]]:
+    """Heartbeats of a cluster in steady state, the registry's function table, popularity."""
+    rng = random.Random(seed)
+    table = {
+        f"fn-{i:05d}": (f"checkpoints/fn-{i:05d}/{i:016x}", SIZES[i % 3]) for i in range(functions)
+    }
+    names = list(table)
+    cum = list(itertools.accumulate(1.0 / r for r in range(1, functions + 1)))
+    heartbeats: dict[str, NodeHeartbeat] = {}
+    for n in range(nodes):
+        node_id = f"node-{n:04d}"
+        dram = {names[i] for i in rng.choices(range(functions), cum_weights=cum, k=15)}
+        ssd = dram | {names[i] for i in rng.choices(range(functions), cum_weights=cum, k=100)}
+        devices: list[DeviceState] = []
+        instances: list[InstanceState] = []
+        for d in range(accelerators):
+            device = f"cuda:{d}"
+            if rng.random() < busy:
+                fn = rng.choice(sorted(dram))
+                iid = f"{node_id}-i{d}"
+                devices.append(DeviceState(device, "cuda", 80 * 10**9, iid))
+                instances.append(
+                    InstanceState(
+                        iid,
+                        fn,
+                        device,
+                        "ready",
+                        "http://10.0.0.1:9000",
+                        rng.randint(0, 4),
+                        rng.randint(0, 4000),
+                        rng.randint(0, 500),
+                    )
+                )
+            else:
+                devices.append(DeviceState(device, "cuda", 80 * 10**9, None))
+        heartbeats[node_id] = NodeHeartbeat(
+            node_id=node_id,
+            seq=1,
+            devices=devices,
+            instances=instances,
+            cache={
+                "dram": [CacheEntryState(table[f][0], table[f][1]) for f in sorted(dram)],
+                "ssd": [CacheEntryState(table[f][0], table[f][1]) for f in sorted(ssd)],
+            },
+            bandwidths={"dram": 20e9, "ssd": 5e9, "store": 1.25e9},
+            load_queue_s=rng.choice((0.0, 0.0, 0.0, 0.0, rng.uniform(0, 30))),
+        )
+    return heartbeats, table, cum
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    return {
+        "p50_ms": statistics.median(s) * 1e3,
+        "p99_ms": s[int(0.99 * (len(s) - 1))] * 1e3,
+        "max_ms": s[-1] * 1e3,
+    }
+
+
+def bench_decisions(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for state, busy in (("busy", 0.6), ("full", 0.99)):
+        hbs, table, cum = synthetic_cluster(args.nodes, args.accelerators, args.functions, busy, 1)
+        build_s = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            snap = snapshot_from_heartbeats(hbs, functions=table)
+            build_s.append(time.perf_counter() - t0)
+        rng = random.Random(2)
+        names = list(table)
+        requests = [
+            PlacementRequest(f, table[f][0], table[f][1])
+            for f in (
+                names[i] for i in rng.choices(range(len(names)), cum_weights=cum, k=args.decisions)
+            )
+        ]
+        per_policy: dict[str, Any] = {}
+        for policy in POLICIES:
+            times: list[float] = []
+            outcomes: dict[str, int] = {}
+            for i, req in enumerate(requests):
+                t0 = time.perf_counter()
+                result = place(snap, req, policy, rng_seed=i)
+                times.append(time.perf_counter() - t0)
+                kind = type(result).__name__
+                if kind == "Placement" and result.migration is not None:  # type: ignore[union-attr]
+                    kind = "Migration"
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+            per_policy[policy] = {**_ms(times), "outcomes": outcomes}
+        out[state] = {
+            "busy_fraction": busy,
+            "free_nodes": len(snap.free),
+            "snapshot_from_heartbeats": _ms(build_s),
+            "place": per_policy,
+        }
+    return out
+
+
+def bench_sim_hour(config_path: Path) -> dict[str, Any]:
+    config = load_config(str(config_path))
+    t0 = time.perf_counter()
+    trace = build_trace(config.workload, config.models, config.seed)
+    trace_s = time.perf_counter() - t0
+    result = Simulation(config, trace, config.policies[0]).run()
+    total = time.perf_counter() - t0
+    return {
+        "config": str(config_path),
+        "nodes": config.cluster.nodes,
+        "accelerators": config.cluster.accelerators,
+        "functions": config.workload.functions,
+        "rps": config.workload.rps,
+        "simulated_s": config.workload.duration_s,
+        "trace_s": trace_s,
+        "wall_s": total,
+        "summary": result.summary(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--nodes", type=int, default=1000)
+    p.add_argument("--accelerators", type=int, default=8)
+    p.add_argument("--functions", type=int, default=10_000)
+    p.add_argument("--decisions", type=int, default=2000, help="place() calls per policy")
+    p.add_argument("--sim-config", type=Path, default=SCALE_CONFIG)
+    p.add_argument("--skip-sim", action="store_true", help="decisions only")
+    args = p.parse_args(argv)
+    figures: dict[str, Any] = {
+        "machine": f"{platform.machine()} {platform.python_implementation()} "
+        f"{platform.python_version()}, {_cpus()} CPUs",
+        "cluster": {
+            "nodes": args.nodes,
+            "accelerators": args.accelerators,
+            "functions": args.functions,
+        },
+        "decisions": bench_decisions(args),
+    }
+    for state, d in figures["decisions"].items():
+        lm = d["place"]["locality+migration"]
+        print(
+            f"{state}: place(locality+migration) p50 {lm['p50_ms']:.3f} ms, p99 "
+            f"{lm['p99_ms']:.3f} ms, max {lm['max_ms']:.3f} ms; snapshot_from_heartbeats "
+            f"p50 {d['snapshot_from_heartbeats']['p50_ms']:.1f} ms"
+        )
+    if not args.skip_sim:
+        figures["sim_hour"] = bench_sim_hour(args.sim_config)
+        h = figures["sim_hour"]
+        print(
+            f"simulated hour: {h['summary']['requests']} requests, "
+            f"{h['summary']['decisions']} decisions, wall {h['wall_s']:.1f} s"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
