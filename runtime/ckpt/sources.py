@@ -71,8 +71,12 @@ def open_source(src: Path, *, dtype: str | None = None) -> Source:
             ".bin or .gguf)"
         )
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
-    safetensors = [p for p in files if p.suffix == ".safetensors"]
-    bins = [p for p in files if p.name.startswith("pytorch_model") and p.suffix == ".bin"]
+    safetensors = _shards(src, "model.safetensors.index.json") or [
+        p for p in files if p.suffix == ".safetensors"
+    ]
+    bins = _shards(src, "pytorch_model.bin.index.json") or [
+        p for p in files if p.name.startswith("pytorch_model") and p.suffix == ".bin"
+    ]
     ggufs = [p for p in files if p.suffix == ".gguf"]
     if safetensors:
         source = _safetensors_source(safetensors)
@@ -92,6 +96,27 @@ def open_source(src: Path, *, dtype: str | None = None) -> Source:
         and p.name != INDEX_FILE
     }
     return source
+
+
+def _shards(src: Path, index_name: str) -> list[Path]:
+    """The weight files a sharded checkpoint's index lists (empty when there is no index)."""
+    path = src / index_name
+    if not path.is_file():
+        return []
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) and "/" not in f and f not in ("", ".", "..")
+        for f in weight_map.values()
+    ):
+        raise CheckpointError(f"{path}: garbled shard index (expected a 'weight_map' object)")
+    shards = [src / f for f in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise CheckpointError(f"{shard}: shard listed in {index_name} is missing")
+    return shards
 
 
 # ---- safetensors: parse the header ourselves, copy byte ranges -------------------------------

@@ -198,3 +198,11 @@ def test_killed_conversion_leaves_no_destination(dtype_source: Path, tmp_path: P
         assert not (p / INDEX_FILE).exists()
         with pytest.raises(CheckpointError, match="missing"):
             read_index(p)
+
+
+def test_missing_shard_is_named(tmp_path: Path) -> None:
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: shard listed"):
+        convert_checkpoint(tmp_path, tmp_path / "out")
