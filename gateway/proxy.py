@@ -22,6 +22,8 @@ import httpx
 from gateway.dispatcher import Dispatcher
 from gateway.instances import Instance
 from gateway.metrics import GatewayMetrics
+from gateway.migration.resume import StreamResumer
+from gateway.migration.splice import follow_moves
 from gateway.openai_format import sse
 from sllm.clock import Clock
 from sllm.errors import SllmError, Unavailable
@@ -153,9 +155,9 @@ class InstanceProxy:
     async def passthrough(self, upstream: Upstream) -> AsyncIterator[bytes]:
         """The answer's bytes as they come; a broken event stream ends with an error event."""
         try:
-            if upstream.first:
-                yield upstream.first
-            async for chunk in upstream.rest:
+            # a streamed request may move to another instance mid-way (live migration)
+            resume = StreamResumer(self._client, [upstream.instance.address or ""])
+            async for chunk in follow_moves(upstream.first, upstream.rest, resume):
                 yield chunk
         except httpx.TransportError as exc:
             log.warning(
