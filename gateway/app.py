@@ -49,13 +49,21 @@ def create_app(
     clock: Clock | None = None,
     scheduler: Scheduler | None = None,
     tick_s: float = 0.5,
+    settle_s: float = 3.0,
 ) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         bus, kv = await connect(settings)
         client = http() if http is not None else instance_client(settings)
         gateway = GatewayService(
-            settings, bus, kv, clock or SystemClock(), client, scheduler, tick_s=tick_s
+            settings,
+            bus,
+            kv,
+            clock or SystemClock(),
+            client,
+            scheduler,
+            tick_s=tick_s,
+            settle_s=settle_s,
         )
         app.state.gateway = gateway
         await gateway.start()

@@ -52,6 +52,7 @@ class Controller:
         stable_window_s: float,
         drain_s: float,
         tick_s: float = 0.5,
+        settle_s: float = 0.0,
     ) -> None:
         self._registry = registry
         self._table = table
@@ -63,6 +64,7 @@ class Controller:
         self._stable_window_s = stable_window_s
         self._drain_s = drain_s
         self._tick_s = tick_s
+        self._settle_until = clock.now() + settle_s
         self._scalers: dict[str, ScalerState] = {}
         self._manual: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -98,6 +100,20 @@ class Controller:
             self._metrics.cache_bytes.labels(hb.node_id, tier).set(sum(e.nbytes for e in entries))
 
     def _after(self, change: ReadyChange) -> None:
+        now = self._clock.now()
+        for inst in change.adopted:
+            # Running before this gateway knew it (a restart): count it as wanted, and let
+            # keep_alive run from now, so it is not drained as surplus on the next tick.
+            record = self._registry.find(inst.function)
+            state = self._scalers.get(inst.function)
+            if record is not None and state is not None and inst.revision == record.revision:
+                self._scalers[inst.function] = replace(
+                    state, desired=state.desired + 1, last_active=now
+                )
+            log.info(
+                "instance adopted function=%s instance=%s node=%s state=%s",
+                inst.function, inst.instance_id, inst.node, inst.state,
+            )  # fmt: skip
         for inst in change.became_ready:
             record = self._registry.find(inst.function)
             if record is not None:
@@ -152,6 +168,11 @@ class Controller:
         now = self._clock.now()
         self._after(self._table.expire(now))
         records = {r.spec.name: r for r in self._registry.all()}
+        if now < self._settle_until:
+            # Just started: wait one heartbeat round to learn what already runs before loading
+            # or draining anything (queued requests wait; they are released when it is known).
+            self._update_gauges(records)
+            return
         for record in records.values():
             self._reconcile(record, now)
         for inst in list(self._table.instances.values()):

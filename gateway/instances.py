@@ -66,9 +66,11 @@ class NodeInfo:
 @dataclass
 class ReadyChange:
     """What an event or heartbeat changed, for the caller to act on (release queued requests,
-    count a cold start, fail waiters)."""
+    count a cold start, fail waiters). ``adopted``: instances the gateway did not launch (it
+    restarted, or another gateway launched them)."""
 
     became_ready: list[Instance] = field(default_factory=list)
+    adopted: list[Instance] = field(default_factory=list)
     failed: list[tuple[Instance, str]] = field(default_factory=list)
     removed: list[Instance] = field(default_factory=list)
 
@@ -124,6 +126,7 @@ class InstanceTable:
                     now,
                 )
                 self.instances[event.instance_id] = inst
+                change.adopted.append(inst)
             inst.address = event.address
             inst.tier = event.tier
             if inst.state in ("starting", "unreachable"):
@@ -182,6 +185,7 @@ class InstanceTable:
                 address=state.address,
             )
             self.instances[state.instance_id] = inst
+            change.adopted.append(inst)
         inst.device = state.device or inst.device
         if state.address:
             inst.address = state.address

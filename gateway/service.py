@@ -36,6 +36,8 @@ from sllm.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 # 10 s: a node acks a load when it accepts it; the load itself is reported by an event.
+# settle_s (3 s): nodes beat every 2 s by default, so after 3 s a restarted gateway has heard
+# from every live node and knows which instances already run.
 COMMAND_TIMEOUT_S = 10.0
 
 
@@ -48,6 +50,7 @@ class GatewayService:
     http: httpx.AsyncClient
     scheduler: Scheduler | None = None
     tick_s: float = 0.5
+    settle_s: float = 3.0
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     logs: LogBuffer = field(default_factory=LogBuffer)
 
@@ -72,6 +75,7 @@ class GatewayService:
             stable_window_s=self.settings.stable_window_s,
             drain_s=min(self.settings.request_timeout_s, 600.0),
             tick_s=self.tick_s,
+            settle_s=self.settle_s,
         )
         self.proxy = InstanceProxy(self.http, self.dispatcher, self.clock, self.metrics)
         self._subs: list[Subscription] = []

@@ -154,6 +154,6 @@ def test_a_gateway_restart_keeps_the_registry_and_finds_running_instances(cluste
     r = httpx.post(
         f"{cluster.url}/function/tiny", json={"prompt": "again", "max_tokens": 2}, timeout=120
     )
-    assert r.status_code == 200
+    assert r.status_code == 200, r.text + cluster.log_tail("gateway.log")
     assert [i["id"] for i in describe(cluster, "tiny")["instances"]] == running  # type: ignore[union-attr]
     assert metric(cluster, 'sllm_wakes_total{function="tiny"}') == 0

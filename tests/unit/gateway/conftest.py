@@ -214,7 +214,7 @@ async def harness(**overrides: Any) -> AsyncIterator[Harness]:
     def http() -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=BreakingTransport(instances, instance_app))
 
-    app = create_app(settings(**overrides), connect=connect, http=http, tick_s=0.02)
+    app = create_app(settings(**overrides), connect=connect, http=http, tick_s=0.02, settle_s=0)
     async with app.router.lifespan_context(app):
         await node.start()
         transport = httpx.ASGITransport(app=app)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
+
 from gateway.app import create_app
 from sllm.messages import LogLine, encode, log_subject
-from tests.unit.gateway.conftest import AUTH, Harness, harness, settings
+from tests.unit.gateway.conftest import AUTH, BreakingTransport, Harness, harness, settings
 
 
 async def test_system_needs_the_bearer_token(h: Harness) -> None:
@@ -108,3 +110,29 @@ async def test_a_restart_keeps_the_registry() -> None:
         records = app.state.gateway.registry.all()
         assert [r.spec.name for r in records] == ["chat"]
         assert records[0].checkpoint == "checkpoints/chat/abc"
+
+
+async def test_a_restarted_gateway_adopts_running_instances_instead_of_draining_them() -> None:
+    async with harness() as h:
+        await h.deploy()
+        assert (await h.client.post("/function/chat", json={"prompt": "x"})).status_code == 200
+        bus, kv, node, instances = h.bus, h.kv, h.node, h.instances
+    assert len(node.instances) == 1  # still running on the node
+
+    async def connect(_):  # type: ignore[no-untyped-def]
+        return bus, kv
+
+    def http() -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=BreakingTransport(instances, instances.app()))
+
+    app = create_app(settings(), connect=connect, http=http, tick_s=0.02, settle_s=0.3)
+    async with app.router.lifespan_context(app):
+        await node.start()  # re-subscribes and beats: the new gateway learns what runs
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            r = await client.post("/function/chat", json={"prompt": "again"})
+            assert r.status_code == 200
+            await asyncio.sleep(0.3)
+            assert len(node.loads) == 1 and not node.unloads
+            info = (await client.get("/system/functions/chat", headers=AUTH)).json()
+            assert info["replicas"] == {"ready": 1, "starting": 0, "desired": 1}
