@@ -274,10 +274,16 @@ def print_events(events: Any, as_json: bool) -> None:
     sys.stdout.flush()
 
 
+def _handler_of(client: GatewayClient, name: str) -> str:
+    return str((client.function(name).get("spec") or {}).get("handler", "chat"))
+
+
 def cmd_invoke(args: argparse.Namespace) -> int:
     validate_name(args.name, "NAME")
     with gateway_client(args) as client:
-        handler = str((client.function(args.name).get("spec") or {}).get("handler", "chat"))
+        # The handler decides how plain text is wrapped; a JSON body needs no lookup (and so
+        # no admin token: invocation itself is open).
+        handler = "" if args.json else _handler_of(client, args.name)
         body = invoke_body(handler, _read_input(args), args)
         print_events(client.invoke(args.name, body, timeout_s=args.timeout), args.json)
     return 0

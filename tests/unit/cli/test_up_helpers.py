@@ -1,0 +1,68 @@
+"""`sllm up`'s pieces that need no servers: the kept token, the one-per-home lock, the
+children's environment, a child that dies while being waited for."""
+
+from __future__ import annotations
+
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from sllm.cli import up
+from sllm.errors import Conflict, Unavailable
+from sllm.settings import GatewaySettings, NodeSettings
+
+
+def test_token_is_created_once_and_kept_private(tmp_path: Path) -> None:
+    first = up.load_or_create_token(tmp_path)
+    assert len(first) >= 32
+    assert stat.S_IMODE((tmp_path / "token").stat().st_mode) == 0o600
+    assert up.load_or_create_token(tmp_path) == first
+
+
+def test_one_up_per_home(tmp_path: Path) -> None:
+    with (
+        up.home_lock(tmp_path),
+        pytest.raises(Conflict, match="already running"),
+        up.home_lock(tmp_path),
+    ):
+        pass
+    with up.home_lock(tmp_path):  # released: a later `sllm up` may start
+        pass
+
+
+def test_children_read_their_settings_from_the_env(tmp_path: Path) -> None:
+    base = {"PATH": "/bin", "SLLM_GATEWAY_URL": "http://elsewhere:1", "SLLM_STORE_URL": ""}
+    env = up.child_env(base, tmp_path, "nats://127.0.0.1:4333", 18080, "tok", cpu_slots=3)
+    assert "SLLM_GATEWAY_URL" not in env and env["PATH"] == "/bin"
+    gateway = GatewaySettings.from_env(env)
+    assert (gateway.port, gateway.token, gateway.host) == (18080, "tok", "127.0.0.1")
+    assert gateway.nats_url == "nats://127.0.0.1:4333"
+    assert gateway.store.url == str(tmp_path / "store")
+    node = NodeSettings.from_env(env)
+    assert node.cpu_slots == 3 and node.cache_dir == tmp_path / "cache" / "node-0"
+    assert node.store.url == gateway.store.url
+    # An explicit store (e.g. S3) is kept.
+    s3 = up.child_env({"SLLM_STORE_URL": "s3://b/p"}, tmp_path, "nats://x:1", 1, "t", None)
+    assert s3["SLLM_STORE_URL"] == "s3://b/p" and "SLLM_CPU_SLOTS" not in s3
+
+
+def test_a_child_dying_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
+    import subprocess
+
+    from sllm.servers import ManagedServer
+
+    log = tmp_path / "child.log"
+    log.write_text("boom: port taken\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    child = ManagedServer("gateway", proc, log)
+    with pytest.raises(Unavailable, match="gateway exited") as info:
+        up.wait_until("the gateway's /healthz", lambda: False, [child], timeout_s=5)
+    assert "boom: port taken" in info.value.message
+
+
+def test_waiting_times_out_with_what_it_waited_for() -> None:
+    with pytest.raises(Unavailable, match="timed out after 0s waiting for a node heartbeat"):
+        up.wait_until("a node heartbeat", lambda: False, [], timeout_s=0.3)
