@@ -1,0 +1,206 @@
+"""Gateway-side orchestration of a live migration: instance ``I`` of function ``A`` moves from
+its node ``S`` to node ``D``.
+
+1. Target: a ready instance of ``A`` (same revision) on ``D``, or a new one loaded there (from
+   ``D``'s best tier). ``I`` is marked draining at once, so new requests go to the target (or
+   wait for it in the cold-start queue) and the controller does not count ``I`` as a replica.
+2. ``migrate`` to ``S``: the node runs the rounds and the switch (runtime.migration); client
+   streams follow the switch in the proxy (``follow_moves``).
+3. Success: ``I`` is unloaded (its JSON answers finish first), the resume is observed by the
+   cost model (seconds against tokens). Failure before the switch: ``I`` serves again, nothing
+   was lost; a target this migration loaded stays as a replica (the autoscaler trims it).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.dispatcher import Dispatcher
+from gateway.instances import Instance, InstanceTable
+from gateway.registry import Registry
+from gateway.scheduler.estimators import MigrationModels
+from sllm.bus import Bus
+from sllm.clock import Clock
+from sllm.errors import Conflict, InvalidInput, NotFound, ProtocolError, SllmError
+from sllm.messages import (
+    CmdReply,
+    LoadCmd,
+    MigrateCmd,
+    UnloadCmd,
+    decode_as,
+    encode,
+    node_cmd_subject,
+)
+
+log = logging.getLogger(__name__)
+
+
+class MigrationFailed(SllmError):
+    code = "migration_failed"
+    status = 502
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    """``load_timeout_s``: the target's load; ``migrate_timeout_s``: the rounds and switch
+    (the node answers when the switch is done); ``drain_s``: the source's drain afterwards."""
+
+    load_timeout_s: float = 180.0
+    migrate_timeout_s: float = 120.0
+    drain_s: float = 60.0
+    max_rounds: int = 3
+    threshold_tokens: int = 8
+    poll_s: float = 0.05
+
+
+class Migrator:
+    def __init__(
+        self,
+        table: InstanceTable,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        bus: Bus,
+        clock: Clock,
+        models: MigrationModels | None = None,
+        settings: MigrationSettings | None = None,
+    ) -> None:
+        self._table = table
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._bus = bus
+        self._clock = clock
+        self.models = models or MigrationModels()
+        self.settings = settings or MigrationSettings()
+        self.active: set[str] = set()  # instance ids being migrated
+
+    async def migrate(self, instance_id: str, target_node: str) -> dict[str, Any]:
+        """Move ``instance_id``'s in-flight streams to ``target_node``; the outcome as data."""
+        source = self._table.instances.get(instance_id)
+        if source is None:
+            raise NotFound(f"instance {instance_id!r} is not known to the gateway")
+        if source.state != "ready" or not source.address:
+            raise Conflict(f"instance {instance_id} is {source.state}; only a ready one migrates")
+        if target_node == source.node:
+            raise InvalidInput(f"target_node: instance {instance_id} already runs on {target_node}")
+        live = {hb.node_id for hb in self._table.live_nodes(self._clock.now())}
+        if target_node not in live:
+            raise NotFound(f"target_node: node {target_node!r} is not connected")
+        record = self._registry.get(source.function)
+        if instance_id in self.active:
+            raise Conflict(f"instance {instance_id} is already migrating")
+        self.active.add(instance_id)
+        started = self._clock.now()
+        source.state = "draining"  # no new requests: they go to (or wait for) the target
+        try:
+            target, launched = await self._target(record.to_dict(), source, target_node)
+            migration_id = uuid.uuid4().hex[:12]
+            log.info(
+                "migration %s start function=%s instance=%s from=%s to=%s target=%s",
+                migration_id, source.function, instance_id, source.node, target_node,
+                target.instance_id,
+            )  # fmt: skip
+            assert target.address is not None
+            command = MigrateCmd(
+                instance_id, migration_id, target_node, target.instance_id, target.address,
+                self.settings.max_rounds, self.settings.threshold_tokens,
+            )  # fmt: skip
+            reply = await self._send(source.node, command, self.settings.migrate_timeout_s)
+        except SllmError as exc:
+            self._restore(source)
+            log.warning("migration of %s failed: %s", instance_id, exc.message)
+            raise MigrationFailed(
+                f"migration of {instance_id} failed, it keeps serving: {exc.message}"
+            ) from None
+        finally:
+            self.active.discard(instance_id)
+        outcome = dict(reply.data)
+        if int(outcome.get("moved", 0)) > 0:
+            self.models.observe(
+                record.checkpoint, int(outcome.get("tokens", 0)), float(outcome.get("seconds", 0))
+            )
+        await self._unload(source)
+        total = self._clock.now() - started
+        log.info("migration %s done total_s=%.3f %s", migration_id, total, outcome)
+        return {
+            "migration_id": migration_id,
+            "function": source.function,
+            "source": {"instance": instance_id, "node": source.node},
+            "target": {"instance": target.instance_id, "node": target_node, "loaded": launched},
+            "total_s": round(total, 6),
+            **outcome,
+        }
+
+    def _restore(self, source: Instance) -> None:
+        """The source keeps serving (it was never interrupted before the switch)."""
+        if self._table.instances.get(source.instance_id) is source and source.state == "draining":
+            source.state = "ready"
+            self._dispatcher.release_waiters(source.function, source.revision)
+
+    async def _target(
+        self, record: dict[str, Any], source: Instance, node: str
+    ) -> tuple[Instance, bool]:
+        """(ready instance of the source's function and revision on ``node``, loaded now)."""
+        for inst in self._table.of(source.function):
+            if (
+                inst.node == node
+                and inst.revision == source.revision
+                and inst.state == "ready"
+                and inst.address
+            ):
+                return inst, False
+        device = self._free_device(node)
+        instance_id = f"{source.function}-{uuid.uuid4().hex[:10]}"
+        now = self._clock.now()
+        self._table.launched(instance_id, source.function, node, device, source.revision, now)
+        try:
+            await self._send(node, LoadCmd(instance_id, source.function, record, device), 10.0)
+        except SllmError:
+            self._table.forget(instance_id)
+            raise
+        deadline = now + self.settings.load_timeout_s
+        while True:
+            loaded = self._table.instances.get(instance_id)
+            if loaded is None:
+                raise MigrationFailed(f"target instance {instance_id} on {node} failed to load")
+            if loaded.state == "ready" and loaded.address:
+                return loaded, True
+            if self._clock.now() > deadline:
+                raise MigrationFailed(
+                    f"target instance {instance_id} on {node} was not ready in time"
+                )
+            await self._clock.sleep(self.settings.poll_s)
+
+    def _free_device(self, node: str) -> str:
+        info = self._table.nodes.get(node)
+        booked = {d for n, d in self._table.booked_devices() if n == node}
+        devices = info.heartbeat.devices if info is not None else []
+        for device in devices:
+            if device.instance_id is None and device.device not in booked:
+                return device.device
+        raise Conflict(f"target_node: node {node} has no free device for the target instance")
+
+    async def _send(self, node: str, command: object, timeout_s: float) -> CmdReply:
+        kind = type(command).__name__
+        try:
+            raw = await self._bus.request(node_cmd_subject(node), encode(command), timeout_s)
+            reply = decode_as(raw, CmdReply)
+        except TimeoutError:
+            raise MigrationFailed(
+                f"{kind} to node {node}: no reply within {timeout_s:g}s"
+            ) from None
+        except ProtocolError as exc:
+            raise MigrationFailed(f"{kind} to node {node}: bad reply: {exc.message}") from None
+        if not reply.ok:
+            raise MigrationFailed(f"{kind} to node {node} refused: {reply.code}: {reply.message}")
+        return reply
+
+    async def _unload(self, source: Instance) -> None:
+        try:
+            await self._send(
+                source.node, UnloadCmd(source.instance_id, self.settings.drain_s), 10.0
+            )
+        except SllmError as exc:
+            log.warning("unload after migration failed instance=%s: %s", source.instance_id, exc)
