@@ -11,6 +11,7 @@ import httpx
 from starlette.applications import Starlette
 
 from gateway.http_errors import HANDLERS
+from gateway.migration import routes as migration
 from gateway.placement import Scheduler
 from gateway.registry import BUCKET
 from gateway.routes import invoke, openai, ops, system
@@ -75,7 +76,7 @@ def create_app(
             await bus.close()
 
     return Starlette(
-        routes=[*invoke.routes, *openai.routes, *system.routes, *ops.routes],
+        routes=[*invoke.routes, *openai.routes, *system.routes, *migration.routes, *ops.routes],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
