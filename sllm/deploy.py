@@ -221,6 +221,24 @@ def deploy_body(
     }
 
 
+def check_store_reachable(store_url: str, gateway_url: str) -> None:
+    """A local-directory store is the gateway machine's directory: from another machine the CLI
+    would upload into a path of its own. Refuse when the gateway is remote and the directory
+    is not here (a shared mount that exists here is fine)."""
+    from urllib.parse import urlsplit
+
+    if store_url.startswith("s3://"):
+        return
+    host = urlsplit(gateway_url).hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1") or Path(store_url).expanduser().is_dir():
+        return
+    raise InvalidInput(
+        f"the gateway at {gateway_url} keeps checkpoints in its local directory {store_url}, "
+        "which this machine cannot reach: deploy from the gateway's machine, or run the "
+        "platform with an S3 store (SLLM_STORE_URL=s3://bucket/prefix)"
+    )
+
+
 def prepare_checkpoint(
     source: ModelSource, cache_dir: Path, progress: Progress | None = None
 ) -> Path:

@@ -82,6 +82,7 @@ def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
     store_url = client.info().get("store_url")
     if not isinstance(store_url, str) or not store_url:
         raise InvalidInput("the gateway did not say where its store is (/system/info)")
+    deploy.check_store_reachable(store_url, client.config.url)
     ckpt = deploy.prepare_checkpoint(
         source, deploy.conversion_cache_dir(), progress=_conversion_bar(source.path)
     )

@@ -139,6 +139,14 @@ def test_key_and_body() -> None:
     assert FunctionSpec.from_dict(body["spec"]) == spec
 
 
+def test_local_store_of_a_remote_gateway_is_refused(tmp_path: Path) -> None:
+    deploy.check_store_reachable("s3://bucket/p", "http://gw.example:8080")
+    deploy.check_store_reachable("/nonexistent/store", "http://127.0.0.1:8080")
+    deploy.check_store_reachable(str(tmp_path), "http://gw.example:8080")  # a shared mount
+    with pytest.raises(InvalidInput, match="cannot reach"):
+        deploy.check_store_reachable("/nonexistent/store", "http://gw.example:8080")
+
+
 def args(**kw: object) -> argparse.Namespace:
     base: dict[str, object] = {
         "json": False,
