@@ -51,7 +51,8 @@ def resident_fraction(path: Path) -> float:
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(addr, size, vec) != 0:
             return 0.0
-        return sum(v & 1 for v in bytes(vec)) / pages
+        # Bit 0 of each byte: page resident; the other bits are reserved (zero).
+        return (pages - bytes(vec).count(0)) / pages
     finally:
         _libc.munmap(addr, size)
 
