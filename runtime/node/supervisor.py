@@ -51,6 +51,7 @@ class Instance:
     tier: str = ""
     load_s: float = 0.0
     pre_started: bool = False
+    queued: bool = False  # waiting for a stopping instance to give its device back
     timings: dict[str, float] = field(default_factory=dict)
     worker: WorkerProcess | None = None
     fetched: bool = False
@@ -102,6 +103,7 @@ class Supervisor:
         self.ended: dict[str, Instance] = {}
         self.recent_load_s: list[float] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._freed = asyncio.Condition()  # notified whenever an instance gives a device back
 
     # -- commands ---------------------------------------------------------------------------
     def load(self, cmd: LoadCmd) -> dict[str, Any]:
@@ -127,8 +129,9 @@ class Supervisor:
             raise ValidationFailed(
                 f"load: function {cmd.function!r} does not match the record's {record.spec.name!r}"
             )
-        device = self.devices.allocate(cmd.device, cmd.instance_id)
-        inst = Instance(cmd.instance_id, cmd.function, device, record)
+        queued = self._stopping_holder(cmd.device) is not None
+        device = cmd.device if queued else self.devices.allocate(cmd.device, cmd.instance_id)
+        inst = Instance(cmd.instance_id, cmd.function, device, record, queued=queued)
         self.instances[cmd.instance_id] = inst
         inst.task = asyncio.create_task(self._run(inst), name=f"instance-{cmd.instance_id}")
         log.info("load %s function=%s device=%s", inst.instance_id, inst.function, device)
@@ -152,6 +155,8 @@ class Supervisor:
                 inst.worker.kill()
             # else: the fetch thread runs to its end, then the load task sees ``stopping``
             # (cancelling it mid-fetch would leave the DRAM entry it acquires pinned)
+            async with self._freed:  # wakes the load if it is queued for a device
+                self._freed.notify_all()
         return {"state": inst.state}
 
     async def drain_all(self, drain_s: float) -> None:
@@ -160,6 +165,25 @@ class Supervisor:
         tasks = [i.task for i in self.instances.values() if i.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=drain_s + 15.0)
+
+    def _stopping_holder(self, device: str) -> Instance | None:
+        """The instance holding ``device`` if it is stopping and nobody queued behind it yet:
+        a load for that device (the gateway evicting an idle instance for another function)
+        then fetches its checkpoint while the holder drains and takes the device after it."""
+        holder = self.instances.get(self.devices.holder.get(device, ""))
+        if holder is None or not holder.stopping:
+            return None
+        if any(i.queued and i.device == device for i in self.instances.values()):
+            return None
+        return holder
+
+    async def _take_device(self, inst: Instance) -> None:
+        async with self._freed:
+            while inst.device in self.devices.holder and not inst.stopping:
+                await self._freed.wait()
+        if not inst.stopping:
+            self.devices.allocate(inst.device, inst.instance_id)
+        inst.queued = False
 
     def states(self) -> list[InstanceState]:
         return [i.to_state() for i in self.instances.values()]
@@ -174,6 +198,8 @@ class Supervisor:
             fetched = await asyncio.to_thread(self.cache.fetch, inst.record.checkpoint)
             inst.fetched = True
             inst.tier = str(fetched.tier)
+            if inst.queued:
+                await self._take_device(inst)
             if inst.stopping:  # unloaded while the checkpoint was being fetched
                 raise asyncio.CancelledError
             worker, inst.pre_started = await self.pool.take()
@@ -246,6 +272,8 @@ class Supervisor:
             inst.fetched = False
             await asyncio.to_thread(self.cache.release, inst.record.checkpoint)
         self.devices.release(inst.device, inst.instance_id)
+        async with self._freed:
+            self._freed.notify_all()
         inst.state, inst.error, inst.in_flight = state, error, 0
         self.instances.pop(inst.instance_id, None)
         self.ended[inst.instance_id] = inst

@@ -154,11 +154,16 @@ class WorkerPool:
         return len(self._idle)
 
     async def take(self) -> tuple[WorkerProcess, bool]:
-        """An idle process and whether it came pre-started from the pool."""
-        while self._idle:
-            worker = self._idle.pop(0)
-            if worker.alive():
-                return worker, True
+        """An idle process and whether it came pre-started from the pool. When the pool is
+        empty but refilling, waits for that process rather than starting a second one."""
+        while True:
+            while self._idle:
+                worker = self._idle.pop(0)
+                if worker.alive():
+                    return worker, True
+            if not self._starting:
+                break
+            await asyncio.wait(set(self._starting), return_when=asyncio.FIRST_COMPLETED)
         worker = await WorkerProcess.spawn(self.env)
         try:
             await worker.wait_idle()

@@ -76,12 +76,18 @@ async def test_load_generate_stream_unload(client: NodeClient) -> None:
     assert any(e.checkpoint.startswith("checkpoints/tiny") for e in beat.cache["dram"])
     assert {d.device: d.instance_id for d in beat.devices}["cpu:0"] == "inst-a"
 
+    # an eviction: unload, then at once a load for the same device, which waits for it
     assert (await client.unload("inst-a")).ok
-    stopped = await client.event("inst-a")
-    assert stopped.kind == "stopped"
+    queued = await client.load("inst-b", "cpu:0", function="other")
+    assert queued.ok and queued.data["device"] == "cpu:0", queued
+    assert (await client.event("inst-a")).kind == "stopped"
+    assert (await client.unload("inst-a")).ok  # unload is idempotent too
+    ready_b = await client.event("inst-b")
+    assert ready_b.kind == "ready" and ready_b.tier == "dram", ready_b.error
+    assert (await client.unload("inst-b", 1.0)).ok
+    assert (await client.event("inst-b")).kind == "stopped"
     beat = await client.heartbeat()
     assert all(d.instance_id is None for d in beat.devices)
-    assert (await client.unload("inst-a")).ok  # unload is idempotent too
 
 
 async def test_two_instances_on_two_cpu_slots(client: NodeClient) -> None:
