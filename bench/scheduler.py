@@ -15,6 +15,7 @@ place() alone on a prepared snapshot, and snapshot_from_heartbeats() from 1,000 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import platform
@@ -30,8 +31,8 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 from gateway.scheduler.policies import POLICIES, place  # noqa: E402
-from gateway.scheduler.snapshot import snapshot_from_heartbeats  # noqa: E402
-from gateway.scheduler.types import PlacementRequest  # noqa: E402
+from gateway.scheduler.snapshot import SnapshotCache, snapshot_from_heartbeats  # noqa: E402
+from gateway.scheduler.types import ClusterSnapshot, Placement, PlacementRequest  # noqa: E402
 from sllm.messages import CacheEntryState, DeviceState, InstanceState, NodeHeartbeat  # noqa: E402
 from sllm.sim.config import load_config  # noqa: E402
 from sllm.sim.engine import Simulation  # noqa: E402
@@ -102,40 +103,66 @@ def _ms(samples: list[float]) -> dict[str, float]:
     }
 
 
+def _timed_place(
+    snap: ClusterSnapshot, requests: list[PlacementRequest], policy: str, passes: int
+) -> tuple[list[float], list[float], dict[str, int]]:
+    """Every sample, each request's fastest of ``passes`` passes (what the code costs once
+    other processes' preemptions are filtered out), and the outcomes."""
+    every: list[float] = []
+    fastest = [float("inf")] * len(requests)
+    outcomes: dict[str, int] = {}
+    for p in range(passes):
+        for i, req in enumerate(requests):
+            t0 = time.perf_counter()
+            result = place(snap, req, policy, rng_seed=i)
+            dt = time.perf_counter() - t0
+            every.append(dt)
+            fastest[i] = min(fastest[i], dt)
+            if p == 0:
+                kind = type(result).__name__
+                if isinstance(result, Placement) and result.migration is not None:
+                    kind = "Migration"
+                outcomes[kind] = outcomes.get(kind, 0) + 1
+    return every, fastest, outcomes
+
+
 def bench_decisions(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for state, busy in (("busy", 0.6), ("full", 0.99)):
         hbs, table, cum = synthetic_cluster(args.nodes, args.accelerators, args.functions, busy, 1)
         build_s = []
-        for _ in range(5):
+        for _ in range(3):
             t0 = time.perf_counter()
             snap = snapshot_from_heartbeats(hbs, functions=table)
             build_s.append(time.perf_counter() - t0)
+        # The gateway's incremental path: 1% of the nodes sent a new heartbeat since.
+        cache = SnapshotCache()
+        cache.snapshot(hbs, functions=table)
+        update_s = []
+        ids = list(hbs)
+        for k in range(10):
+            for node_id in ids[k * 10 : k * 10 + 10]:
+                hbs[node_id] = dataclasses.replace(hbs[node_id], seq=hbs[node_id].seq + 1)
+            t0 = time.perf_counter()
+            cache.snapshot(hbs, functions=table)
+            update_s.append(time.perf_counter() - t0)
         rng = random.Random(2)
         names = list(table)
-        requests = [
-            PlacementRequest(f, table[f][0], table[f][1])
-            for f in (
-                names[i] for i in rng.choices(range(len(names)), cum_weights=cum, k=args.decisions)
-            )
-        ]
+        picks = rng.choices(range(len(names)), cum_weights=cum, k=args.decisions)
+        requests = [PlacementRequest(names[i], *table[names[i]]) for i in picks]
         per_policy: dict[str, Any] = {}
         for policy in POLICIES:
-            times: list[float] = []
-            outcomes: dict[str, int] = {}
-            for i, req in enumerate(requests):
-                t0 = time.perf_counter()
-                result = place(snap, req, policy, rng_seed=i)
-                times.append(time.perf_counter() - t0)
-                kind = type(result).__name__
-                if kind == "Placement" and result.migration is not None:  # type: ignore[union-attr]
-                    kind = "Migration"
-                outcomes[kind] = outcomes.get(kind, 0) + 1
-            per_policy[policy] = {**_ms(times), "outcomes": outcomes}
+            every, fastest, outcomes = _timed_place(snap, requests, policy, args.passes)
+            per_policy[policy] = {
+                "all_samples": _ms(every),
+                "fastest_of_passes": _ms(fastest),
+                "outcomes": outcomes,
+            }
         out[state] = {
             "busy_fraction": busy,
-            "free_nodes": len(snap.free),
+            "nodes_with_room": len(snap.free),
             "snapshot_from_heartbeats": _ms(build_s),
+            "snapshot_cache_1pct_changed": _ms(update_s),
             "place": per_policy,
         }
     return out
@@ -167,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--accelerators", type=int, default=8)
     p.add_argument("--functions", type=int, default=10_000)
-    p.add_argument("--decisions", type=int, default=2000, help="place() calls per policy")
+    p.add_argument("--decisions", type=int, default=1000, help="requests per policy and pass")
+    p.add_argument("--passes", type=int, default=5, help="passes over the requests")
     p.add_argument("--sim-config", type=Path, default=SCALE_CONFIG)
     p.add_argument("--skip-sim", action="store_true", help="decisions only")
     args = p.parse_args(argv)
@@ -182,11 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         "decisions": bench_decisions(args),
     }
     for state, d in figures["decisions"].items():
-        lm = d["place"]["locality+migration"]
+        for policy, f in d["place"].items():
+            a, b = f["all_samples"], f["fastest_of_passes"]
+            print(
+                f"{state:>4} {policy:<20} all: p50 {a['p50_ms']:.3f} p99 {a['p99_ms']:.3f} "
+                f"max {a['max_ms']:.3f} ms | fastest: p99 {b['p99_ms']:.3f} max "
+                f"{b['max_ms']:.3f} ms"
+            )
         print(
-            f"{state}: place(locality+migration) p50 {lm['p50_ms']:.3f} ms, p99 "
-            f"{lm['p99_ms']:.3f} ms, max {lm['max_ms']:.3f} ms; snapshot_from_heartbeats "
-            f"p50 {d['snapshot_from_heartbeats']['p50_ms']:.1f} ms"
+            f"{state:>4} snapshot_from_heartbeats p50 {d['snapshot_from_heartbeats']['p50_ms']:.1f}"
+            f" ms; SnapshotCache (1% changed) p50 "
+            f"{d['snapshot_cache_1pct_changed']['p50_ms']:.1f} ms"
         )
     if not args.skip_sim:
         figures["sim_hour"] = bench_sim_hour(args.sim_config)

@@ -46,6 +46,9 @@ POLICIES: tuple[str, ...] = (
 EVICT_S = 0.2
 # Candidates kept in Placement.estimates for logs.
 _KEEP = 5
+# Caching nodes weighed as migration sources per decision (those with the shortest load):
+# bounds a decision on 1,000 nodes; past the first few dozen, equally fast sources add nothing.
+MAX_SOURCES = 32
 
 Candidate = tuple[str, SourceTier, float]
 
@@ -128,7 +131,13 @@ def best_load(
     found: tuple[str, SourceTier, float, tuple[str, ...], tuple[str, ...]] | None = None
     best_t = float("inf")
     holders = snapshot.holders.get(checkpoint, ())
-    for node_id in holders:
+    free = snapshot.free
+    # Only caching nodes with room count: walk whichever of the two sets is smaller, in a
+    # fixed order (a set's order varies between processes), and stop at the first node that
+    # loads from DRAM at the fastest DRAM bandwidth with no queue: none can be sooner.
+    cached = sorted(holders) if len(holders) <= len(free) else [x for x in free if x in holders]
+    dram_bound = nbytes / snapshot.dram_bw_max if snapshot.dram_bw_max > 0 else -1.0
+    for node_id in cached:
         if node_id == exclude:
             continue
         node = nodes[node_id]
@@ -139,13 +148,14 @@ def best_load(
         t += EVICT_S * len(r[1])
         if top is not None:
             _keep(top, (node_id, tier, t))
-        # Ties go to the smaller node id: ``holders`` may be a set, whose order varies.
-        if t < best_t or (t == best_t and found is not None and node_id < found[0]):
+        if t < best_t:
             best_t, found = t, (node_id, tier, t, r[0], r[1])
+            if t <= dram_bound:
+                break
     bound = nbytes / snapshot.store_bw_max if snapshot.store_bw_max > 0 else -1.0
     if best_t <= bound:
         return found
-    for node_id in snapshot.free:
+    for node_id in free:
         if node_id == exclude or node_id in holders:
             continue
         node = nodes[node_id]
@@ -216,21 +226,31 @@ def _best_migration(
 
     Sources are nodes caching the checkpoint without room for it; victims are migratable busy
     instances there whose devices complete the request's. Total = target load of the victim
-    + its resume (a * tokens + b) + the request's load on the source. Candidates are tried in
-    order of a lower bound (resume + source load) and the search stops once that bound cannot
-    win, so a decision stays cheap on 1,000 nodes.
+    + its resume (a * tokens + b) + the request's load on the source. Work stays bounded on
+    1,000 nodes: only the ``MAX_SOURCES`` sources with the shortest load are weighed; victims
+    are tried in order of their lower bound (source load + resume) until it cannot win; a
+    victim checkpoint's best target is searched once per decision.
     """
     nodes = snapshot.nodes
     n = request.accelerators
     limit = float("inf") if beat_s is None else beat_s
-    bounds: list[tuple[float, str, RunningInstance]] = []
+    if snapshot.dram_bw_max > 0 and limit <= request.checkpoint_bytes / snapshot.dram_bw_max:
+        return None  # already as fast as any load can be: nothing to gain
+    free = snapshot.free
+    sources: list[tuple[float, str]] = []
     for node_id in snapshot.holders.get(request.checkpoint, ()):
         node = nodes[node_id]
-        if room(node, n) is not None:
+        if node_id in free and room(node, n) is not None:
             continue  # it has room: best_load already weighed it
         _, load = node.load_seconds(request.checkpoint, request.checkpoint_bytes, snapshot.now)
-        if load >= limit:
-            continue
+        if load < limit:
+            sources.append((load, node_id))
+    if not sources:
+        return None
+    sources.sort()
+    bounds: list[tuple[float, str, str, RunningInstance]] = []
+    for load, node_id in sources[:MAX_SOURCES]:
+        node = nodes[node_id]
         spare = len(node.free_devices)
         for inst in node.instances:
             if not inst.migratable or inst.idle or not inst.checkpoint:
@@ -239,26 +259,14 @@ def _best_migration(
                 continue
             lower = load + snapshot.migration_fit(inst.checkpoint).seconds(inst.tokens)
             if lower < limit:
-                bounds.append((lower, node_id, inst))
-    bounds.sort(key=lambda b: (b[0], b[1], b[2].instance_id))
+                bounds.append((lower, node_id, inst.instance_id, inst))
+    bounds.sort(key=lambda b: b[:3])
     best: Migration | None = None
-    targets: dict[tuple[str, int, str], tuple[str, SourceTier, float, tuple[str, ...]] | None]
-    targets = {}
-    for lower, node_id, inst in bounds:
+    targets: dict[tuple[str, int, str], _Target | None] = {}
+    for lower, node_id, _, inst in bounds:
         if lower >= limit:
             break
-        key = (inst.checkpoint, len(inst.devices), node_id)
-        if key not in targets:
-            hit = best_load(
-                snapshot,
-                inst.checkpoint,
-                inst.checkpoint_bytes,
-                len(inst.devices),
-                exclude=node_id,
-                allow_evict=False,
-            )
-            targets[key] = None if hit is None else (hit[0], hit[1], hit[2], hit[3])
-        target = targets[key]
+        target = _target(snapshot, targets, inst, node_id)
         if target is None:
             continue
         target_node, target_tier, target_s, target_devices = target
@@ -277,6 +285,40 @@ def _best_migration(
                 estimated_s=target_s + resume,
             )
     return best
+
+
+_Target = tuple[str, SourceTier, float, tuple[str, ...]]
+
+
+def _target(
+    snapshot: ClusterSnapshot,
+    memo: dict[tuple[str, int, str], _Target | None],
+    inst: RunningInstance,
+    source: str,
+) -> _Target | None:
+    """Where ``inst`` would be ready soonest off ``source`` (free devices only: a target never
+    stops another instance). Memoized per checkpoint; searched again without the best node
+    only when that node is the source itself."""
+    ndev = len(inst.devices)
+    key = (inst.checkpoint, ndev, "")
+    if key not in memo:
+        memo[key] = _search_target(snapshot, inst, ndev, None)
+    hit = memo[key]
+    if hit is not None and hit[0] == source:
+        key = (inst.checkpoint, ndev, source)
+        if key not in memo:
+            memo[key] = _search_target(snapshot, inst, ndev, source)
+        hit = memo[key]
+    return hit
+
+
+def _search_target(
+    snapshot: ClusterSnapshot, inst: RunningInstance, ndev: int, exclude: str | None
+) -> _Target | None:
+    hit = best_load(
+        snapshot, inst.checkpoint, inst.checkpoint_bytes, ndev, exclude=exclude, allow_evict=False
+    )
+    return None if hit is None else (hit[0], hit[1], hit[2], hit[3])
 
 
 def _feasible(

@@ -7,14 +7,14 @@ of ``SOURCE_TIERS`` that has it; every node can always load from the store.
 
 ``ClusterSnapshot`` carries two indexes next to the nodes so a decision on 1,000 nodes does not
 scan every cache: ``holders`` (checkpoint -> nodes caching it in DRAM or SSD), ``free`` (node ids
-with at least one free device or idle instance) and ``store_bw_max`` (the fastest store link, a
-bound that lets a scan stop at the first node reaching it). ``ClusterSnapshot.build`` computes
+with at least one free device or idle instance) and ``store_bw_max``/``dram_bw_max`` (the fastest
+links, bounds that let a scan stop at the first node reaching them). ``ClusterSnapshot.build`` computes
 them; the simulator keeps them up to date itself and passes them in (``place`` only reads them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, KeysView, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -125,9 +125,10 @@ class ClusterSnapshot:
 
     ``migration`` maps a checkpoint key to its fitted resume-time model; ``default_migration``
     is used for checkpoints without one. ``store_bw_max`` must be >= every node's store
-    bandwidth (0 disables the early stop). ``now`` is the time ``NodeView.queue_until`` is
+    bandwidth (0 disables the early stop), ``dram_bw_max`` likewise for DRAM. ``now`` is the time ``NodeView.queue_until`` is
     measured against. ``free`` is scanned in order: shortest queue first finds the best store
-    load soonest (``build`` sorts it so).
+    load soonest (``build`` sorts it so); membership tests on it must be O(1) (dict keys, a
+    set), as on the ``holders`` sets.
     """
 
     nodes: Mapping[str, NodeView]
@@ -137,6 +138,7 @@ class ClusterSnapshot:
     default_migration: MigrationFit = MigrationFit()
     store_bw_max: float = 0.0
     now: float = 0.0
+    dram_bw_max: float = 0.0
 
     @classmethod
     def build(
@@ -158,16 +160,21 @@ class ClusterSnapshot:
         return cls(
             nodes=by_id,
             holders={k: frozenset(v) for k, v in holders.items()},
-            free=tuple(
-                n.node_id for n in sorted(by_id.values(), key=lambda n: n.wait(0.0)) if n.has_room()
-            ),
+            free=nodes_with_room(by_id.values()),
             migration=dict(migration or {}),
             default_migration=default_migration or MigrationFit(),
             store_bw_max=max((n.bandwidth("store") for n in by_id.values()), default=0.0),
+            dram_bw_max=max((n.bandwidth("dram") for n in by_id.values()), default=0.0),
         )
 
     def migration_fit(self, checkpoint: str) -> MigrationFit:
         return self.migration.get(checkpoint, self.default_migration)
+
+
+def nodes_with_room(nodes: Iterable[NodeView]) -> KeysView[str]:
+    """Ids of the nodes with room, shortest load queue first (ordered, O(1) membership)."""
+    ordered = sorted(nodes, key=lambda n: n.wait(0.0))
+    return dict.fromkeys(n.node_id for n in ordered if n.has_room()).keys()
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,7 @@ class SimCluster:
             default_migration=default,
             store_bw_max=self.bandwidths["store"],
             now=now,
+            dram_bw_max=self.bandwidths["dram"],
         )
 
     def _refresh(self, node: SimNode, now: float) -> None:

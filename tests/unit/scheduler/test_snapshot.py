@@ -105,3 +105,29 @@ def test_unknown_functions_are_not_migrated_and_idle_is_opt_in() -> None:
     assert inst.idle
     assert list(snapshot_from_heartbeats(hbs, reclaim_idle=True).free) == ["n1"]
     assert list(snapshot_from_heartbeats(hbs).free) == []
+
+
+def test_snapshot_cache_matches_a_full_build_and_rebuilds_only_changes() -> None:
+    from gateway.scheduler.snapshot import SnapshotCache
+
+    hbs = {
+        "n1": heartbeat("n1", running={"cuda:0": "chat"}, dram=("chat",)),
+        "n2": heartbeat("n2", dram=("code",)),
+        "n3": heartbeat("n3", gpus=1, running={"cuda:0": "code"}),
+    }
+    cache = SnapshotCache()
+    snap = cache.snapshot(hbs, functions=FUNCTIONS)
+    full = snapshot_from_heartbeats(hbs, functions=FUNCTIONS)
+    assert snap.nodes == full.nodes and list(snap.free) == list(full.free)
+    assert {k: set(v) for k, v in snap.holders.items()} == {
+        k: set(v) for k, v in full.holders.items()
+    }
+    assert cache.rebuilt == 3
+    cache.snapshot(hbs, functions=FUNCTIONS)
+    assert cache.rebuilt == 0
+    # n2 reports again with chat cached instead of code; n3 leaves; n1 gets a booking.
+    hbs2 = {"n1": hbs["n1"], "n2": heartbeat("n2", dram=("chat",))}
+    snap = cache.snapshot(hbs2, {"n1": {"cuda:1"}}, functions=FUNCTIONS)
+    assert cache.rebuilt == 2
+    assert {k: set(v) for k, v in snap.holders.items()} == {"ck-chat": {"n1", "n2"}}
+    assert list(snap.free) == ["n2"]
