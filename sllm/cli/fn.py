@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -249,11 +249,10 @@ def invoke_body(handler: str, text: str, args: argparse.Namespace) -> dict[str, 
     return body
 
 
-def print_events(events: Any, as_json: bool) -> None:
+def print_events(events: Iterable[Event], as_json: bool) -> None:
     """Stream deltas to stdout as they arrive; print a whole answer's text (or its JSON)."""
     ended_with_newline = True
     for event in events:
-        assert isinstance(event, Event)
         if event.delta is not None:
             sys.stdout.write(event.delta)
             sys.stdout.flush()

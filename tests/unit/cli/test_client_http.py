@@ -121,3 +121,16 @@ def test_invoke_json_answer_and_error_before_stream() -> None:
     transport = httpx.MockTransport(lambda r: error(404, "not_found", "function 'nope' not found"))
     with client_for(transport) as client, pytest.raises(NotFound, match="nope"):
         list(client.invoke("nope", {}))
+
+
+def test_printing_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    from sllm.cli.fn import print_events
+
+    print_events([Event(delta="Par"), Event(delta="is"), Event(finish_reason="stop")], False)
+    assert capsys.readouterr().out == "Paris\n"
+    print_events([Event(delta="line\n")], False)
+    assert capsys.readouterr().out == "line\n"
+    print_events([Event(json={"text": "whole", "usage": {}})], False)
+    assert capsys.readouterr().out == "whole\n"
+    print_events([Event(json={"summary": "s", "n": 1})], True)
+    assert json.loads(capsys.readouterr().out) == {"summary": "s", "n": 1}
