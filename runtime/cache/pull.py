@@ -1,6 +1,6 @@
-"""Pipelined store pull: parallel ranged GETs straight into the DRAM image, each chunk written
-on to the SSD entry as soon as it lands, partition checksums computed in order as chunks
-complete. DRAM-ready time is therefore about the download time (issue 3, "Pipelining").
+"""Pipelined store pull: parallel ranged GETs straight into the DRAM image, each chunk handed
+on to the SSD write-behind as soon as it lands, partition checksums computed in order as
+chunks complete. DRAM-ready time is therefore about the download time (issue 3, "Pipelining").
 
 Threads: ``store.concurrency`` workers each GET one chunk into its place in the image; the
 calling thread walks the chunks in order, waits for each, feeds it to the partition's hasher

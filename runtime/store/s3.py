@@ -1,6 +1,8 @@
 """``Store`` on any S3-compatible server (AWS, MinIO, SeaweedFS) through boto3.
 
-- Downloads are ranged GETs read straight into the caller's buffer (``readinto``, no copy);
+- Downloads are ranged GETs read into the caller's buffer (``readinto``: no per-chunk
+  buffer of ours; urllib3 copies once from its read buffer, ~0.2 s CPU/GB here, while the
+  S3 server, not the client, is the loopback bottleneck);
   callers run ``concurrency`` of them at once (runtime.cache.pull).
 - Uploads of files larger than one part are multipart, ``concurrency`` parts in parallel.
 - Every request is retried ``retries`` times with exponential backoff on 5xx answers and
