@@ -248,3 +248,19 @@ def test_bad_input_is_named(req: PlacementRequest, policy: str, message: str) ->
 def test_duplicate_node_ids_are_rejected() -> None:
     with pytest.raises(ValueError, match="'a' appears twice"):
         ClusterSnapshot.build([node("a"), node("a")])
+
+
+def test_migration_target_is_never_the_source_node() -> None:
+    # The request needs 2 devices; s has 1 free + victim v. v's checkpoint y is in DRAM on s
+    # (so s itself would be y's best target), but moving v within s frees nothing: it must
+    # go to t, and the new instance gets s's free device plus v's.
+    v = running("v", "y", 2 * GB, devices=("gpu0",))
+    nodes = [
+        node("s", free=1, dram={"x": 20 * GB, "y": 2 * GB}, instances=(v,)),
+        node("t", free=1),
+    ]
+    result = placed(place(ClusterSnapshot.build(nodes), request("x", 20 * GB, accelerators=2)))
+    m = result.migration
+    assert m is not None and m.target_node == "t" and m.target_tier == "store"
+    assert result.node == "s" and sorted(result.devices) == ["gpu0", "gpu1"]
+    assert not set(m.target_devices) & set(result.devices) or m.target_node != result.node
