@@ -226,10 +226,15 @@ def load_checkpoint(
     threads: int = DEFAULT_THREADS,
     image: torch.Tensor | None = None,
 ) -> LoadedCheckpoint:
-    """Read index, allocate (or reuse ``image``, e.g. from a pre-touched pool), read, view."""
+    """Read index, allocate (or reuse ``image``, e.g. from a pre-touched pool), read, view.
+
+    A fresh image is not pre-touched: its pages are faulted in by the reads themselves, on
+    the reading threads and overlapped with the disk (cold 2 GB here: ~1.0 GB/s this way
+    against ~0.6 GB/s populating first). A pre-touched pool image is faster still (~1.3 GB/s).
+    """
     directory = Path(directory)
     index = read_index(directory)
     if image is None:
-        image = allocate_image(image_size(index))
+        image = allocate_image(image_size(index), touch=False)
     stats = read_image(directory, index, image, threads=threads)
     return LoadedCheckpoint(index, image, tensor_views(index, image), stats)
