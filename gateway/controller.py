@@ -36,6 +36,9 @@ from sllm.spec import FunctionRecord
 log = logging.getLogger(__name__)
 
 LOAD_ATTEMPTS = 3
+# An idle instance evicted for a placement drains nothing; 30 s bounds a node that never
+# reports it stopped (the load is then sent anyway and the node answers for itself).
+EVICT_WAIT_S = 30.0
 
 
 class Controller:
@@ -252,7 +255,7 @@ class Controller:
         nodes = self._table.live_nodes(now)
         functions = {r.spec.name: (r.checkpoint, r.checkpoint_bytes) for r in self._registry.all()}
         placement = self._scheduler.place(
-            nodes, self._table.booked_devices(), functions, request, exclude
+            nodes, self._table.booked_devices(), functions, request, exclude, self._protected()
         )
         if isinstance(placement, NoCapacity):
             self._metrics.placements.labels(self._scheduler.policy, "no_capacity", "").inc()
@@ -267,20 +270,40 @@ class Controller:
             spec.name, placement.node, ",".join(placement.devices), placement.tier,
             placement.estimated_s, placement.policy,
         )  # fmt: skip
+        evicted = []
         for victim_id in placement.evict:
             victim = self._table.instances.get(victim_id)
             if victim is not None:
                 self._evict(victim)
+                evicted.append(victim_id)
         instance_id = f"{spec.name}-{uuid.uuid4().hex[:10]}"
         device = placement.devices[0]
         self._table.launched(instance_id, spec.name, placement.node, device, record.revision, now)
         command = LoadCmd(instance_id, spec.name, record.to_dict(), device)
-        self._spawn(self._send_load(record, placement.node, command, exclude))
+        self._spawn(self._send_load(record, placement.node, command, exclude, evicted))
         return True
 
+    def _protected(self) -> set[str]:
+        """Instances a placement must not evict: requests in flight through this gateway, or
+        their function would drop below its min (its scaler would load it straight back)."""
+        protected = {i.instance_id for i in self._table.instances.values() if i.in_flight > 0}
+        for record in self._registry.all():
+            if record.spec.scale.min > 0:
+                protected.update(i.instance_id for i in self._table.of(record.spec.name))
+        return protected
+
     async def _send_load(
-        self, record: FunctionRecord, node: str, command: LoadCmd, exclude: frozenset[str]
+        self,
+        record: FunctionRecord,
+        node: str,
+        command: LoadCmd,
+        exclude: frozenset[str],
+        evicted: list[str],
     ) -> None:
+        # The node frees an evicted instance's device only once it stopped: load after that.
+        deadline = self._clock.now() + EVICT_WAIT_S
+        while any(v in self._table.instances for v in evicted) and self._clock.now() < deadline:
+            await self._clock.sleep(0.05)
         try:
             await self._commands.send(node, command)
         except CommandFailed as exc:
@@ -333,8 +356,8 @@ class Controller:
         revision = record.revision if record else 0
         mine = [i for i in self._table.of(function) if i.revision == revision]
         state = self._scalers.get(function)
-        return {
-            "ready": sum(1 for i in mine if i.state == "ready"),
-            "starting": sum(1 for i in mine if i.state == "starting"),
-            "desired": state.desired if state else 0,
-        }
+        ready = sum(1 for i in mine if i.state == "ready")
+        starting = sum(1 for i in mine if i.state == "starting")
+        # Before the first decision (just started or deployed) what runs is what is wanted.
+        desired = state.desired if state else ready + starting
+        return {"ready": ready, "starting": starting, "desired": desired}

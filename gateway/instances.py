@@ -91,8 +91,21 @@ class InstanceTable:
         return [n.heartbeat for n in self.nodes.values() if now - n.seen <= NODE_STALE_S]
 
     def booked_devices(self) -> set[tuple[str, str]]:
-        """(node, device) pairs held by instances the heartbeats may not show yet."""
-        return {(i.node, i.device) for i in self.instances.values() if i.state == "starting"}
+        """(node, device) pairs held by instances the latest heartbeats do not show yet: loads
+        just sent, or instances that came up since their node last beat. (Instances a heartbeat
+        shows on their device are left out: the snapshot sees them, and may evict them.)"""
+        booked = set()
+        for inst in self.instances.values():
+            if not inst.device:
+                continue
+            info = self.nodes.get(inst.node)
+            shown = info is not None and any(
+                d.device == inst.device and d.instance_id == inst.instance_id
+                for d in info.heartbeat.devices
+            )
+            if inst.state == "starting" or not shown:
+                booked.add((inst.node, inst.device))
+        return booked
 
     # --- changes from the gateway itself -------------------------------------------------
     def launched(
@@ -143,9 +156,8 @@ class InstanceTable:
 
     def on_heartbeat(self, hb: NodeHeartbeat, now: float) -> ReadyChange:
         change = ReadyChange()
-        previous = self.nodes.get(hb.node_id)
-        if previous is not None and hb.seq < previous.heartbeat.seq and hb.seq != 0:
-            return change  # out of order (seq 0: the node restarted)
+        # Every beat is taken as the latest (one publisher per node; NATS keeps its order), so
+        # a restarted node whose seq starts again from 1 is heard at once.
         self.nodes[hb.node_id] = NodeInfo(hb, now)
         reported = {s.instance_id: s for s in hb.instances}
         for state in hb.instances:

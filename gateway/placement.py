@@ -9,6 +9,7 @@ loads it runs; the gateway's ready events time command-to-ready, not the transfe
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 from gateway.scheduler.policies import place
@@ -31,6 +32,7 @@ class Scheduler(Protocol):
         functions: Mapping[str, tuple[str, int]],
         request: PlacementRequest,
         exclude_nodes: Collection[str] = (),
+        protected: Collection[str] = (),
     ) -> Placement | NoCapacity: ...
 
 
@@ -45,8 +47,15 @@ class PolicyScheduler:
         functions: Mapping[str, tuple[str, int]],
         request: PlacementRequest,
         exclude_nodes: Collection[str] = (),
+        protected: Collection[str] = (),
     ) -> Placement | NoCapacity:
-        by_node = {hb.node_id: hb for hb in heartbeats if hb.node_id not in exclude_nodes}
+        """``protected``: instance ids that must not be evicted although the node reports them
+        idle (the gateway has requests in flight on them, or their function is at its min)."""
+        by_node = {
+            hb.node_id: _protect(hb, protected) if protected else hb
+            for hb in heartbeats
+            if hb.node_id not in exclude_nodes
+        }
         booked: dict[str, list[str]] = {}
         for node, device in reserved:
             booked.setdefault(node, []).append(device)
@@ -57,3 +66,13 @@ class PolicyScheduler:
             reclaim_idle=True,
         )
         return place(snapshot, request, _APPLIED.get(self.policy, self.policy))
+
+
+def _protect(hb: NodeHeartbeat, protected: Collection[str]) -> NodeHeartbeat:
+    """The heartbeat with protected instances shown busy, so the snapshot never offers them
+    as idle (``snapshot_from_heartbeats`` reclaims only instances with nothing in flight)."""
+    instances = [
+        replace(i, in_flight=max(1, i.in_flight)) if i.instance_id in protected else i
+        for i in hb.instances
+    ]
+    return replace(hb, instances=instances)

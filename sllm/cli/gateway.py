@@ -62,6 +62,8 @@ def start_gateway(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(logging.INFO)
+    # httpx logs every proxied request at INFO: a line per request costs more than the hop.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

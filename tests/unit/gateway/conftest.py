@@ -121,6 +121,10 @@ class ScriptedNode:
             self.loads.append(cmd)
             if self.refuse:
                 return encode(CmdReply(ok=False, code="busy", message="refused by script"))
+            holders = {s.device: s.instance_id for s in self.instances.values()}
+            if holders.get(cmd.device, cmd.instance_id) != cmd.instance_id:
+                message = f"device {cmd.device} is in use by instance {holders[cmd.device]}"
+                return encode(CmdReply(ok=False, code="conflict", message=message))
             self.instances[cmd.instance_id] = InstanceState(
                 cmd.instance_id, cmd.function, cmd.device, "starting", None, 0,
                 revision=int(cmd.record["revision"]),

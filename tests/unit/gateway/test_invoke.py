@@ -186,3 +186,30 @@ async def test_custom_handler_body_goes_through_unchanged(h: Harness) -> None:
 
 async def test_transport_errors_are_typed() -> None:
     assert issubclass(httpx.ConnectError, httpx.TransportError)
+
+
+async def test_an_idle_instance_is_evicted_for_another_function_then_the_load_goes_out() -> None:
+    async with harness() as h:
+        h.node.slots = 1
+        await h.node.heartbeat()
+        await h.deploy("a")
+        await h.deploy("b")
+        assert (await h.client.post("/function/a", json={"prompt": "x"})).status_code == 200
+        await h.node.heartbeat()  # the node reports a's instance idle on the only device
+        r = await h.client.post("/function/b", json={"prompt": "y"})
+        assert r.status_code == 200, r.text
+        assert [u.instance_id for u in h.node.unloads] == [h.node.loads[0].instance_id]
+        assert [load.function for load in h.node.loads] == ["a", "b"]
+
+
+async def test_an_instance_at_its_functions_min_is_not_evicted() -> None:
+    async with harness(wake_timeout_s=0.5) as h:
+        h.node.slots = 1
+        await h.node.heartbeat()
+        await h.deploy("a", min=1)
+        await h.deploy("b")
+        await wait_for(lambda: len(h.gateway.table.routable("a")) == 1)
+        await h.node.heartbeat()
+        r = await h.client.post("/function/b", json={"prompt": "y"})
+        assert r.status_code == 503
+        assert not h.node.unloads
