@@ -73,6 +73,8 @@ class TieredCache:
         self._inflight: dict[str, Future[tuple[FetchTier, tuple[HopStat, ...]]]] = {}
         # One thread: SSD commits are disk-bound, running them one at a time keeps order.
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="ssd-commit")
+        # Download threads live as long as the cache (pulls of different keys share them).
+        self._downloads = ThreadPoolExecutor(store.concurrency, thread_name_prefix="pull")
         self._pending: list[Future[None]] = []
 
     def fetch(self, key: str) -> FetchResult:
@@ -124,6 +126,7 @@ class TieredCache:
     def close(self) -> None:
         self.flush()
         self._commits.shutdown(wait=True)
+        self._downloads.shutdown(wait=True)
 
     def _result(
         self,
@@ -194,9 +197,8 @@ class TieredCache:
         try:
             if ssd_w is not None:
                 behind = SsdWriteBehind(ssd_w, dram_w.image_path, index)
-            pull_partitions(
-                self.store, key, index, dram_w, behind.submit if behind is not None else None
-            )
+            on_chunk = behind.submit if behind is not None else None
+            pull_partitions(self.store, key, index, dram_w, on_chunk, executor=self._downloads)
         except BaseException:
             if behind is not None:
                 behind.abort()
