@@ -124,6 +124,12 @@ def test_smollm2_demo_answers_paris(smollm2_ckpt: Path) -> None:
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
-    out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    # one thread: on this shared 2-core machine two OpenMP threads spin against other work
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    finally:
+        torch.set_num_threads(threads)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
