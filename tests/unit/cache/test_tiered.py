@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -286,7 +287,7 @@ def test_second_process_maps_dram_copy(
         "print(xxhash.xxh3_64_hexdigest(v.numpy().tobytes()))\n"
     )
     out = subprocess.run(
-        [os.sys.executable, "-c", code, str(result.directory), name],  # type: ignore[attr-defined]
+        [sys.executable, "-c", code, str(result.directory), name],
         capture_output=True,
         text=True,
         check=True,
