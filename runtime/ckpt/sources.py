@@ -70,6 +70,8 @@ def open_source(src: Path, *, dtype: str | None = None) -> Source:
             f"{src}: unsupported source (expected a Hugging Face directory, .safetensors, "
             ".bin or .gguf)"
         )
+    if (src / INDEX_FILE).is_file():
+        raise CheckpointError(f"{src}: already an sllm checkpoint (it has {INDEX_FILE})")
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     safetensors = _shards(src, "model.safetensors.index.json") or [
         p for p in files if p.suffix == ".safetensors"

@@ -143,6 +143,11 @@ def test_directory_without_weights(tmp_path: Path) -> None:
         convert_checkpoint(tmp_path, tmp_path / "out")
 
 
+def test_converting_a_converted_checkpoint_is_refused(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"ckpt: already an sllm checkpoint"):
+        convert_checkpoint(ckpt, tmp_path / "again")
+
+
 def test_existing_destination_is_refused(dtype_source: Path, ckpt: Path) -> None:
     with pytest.raises(CheckpointError, match="already exists"):
         convert_checkpoint(dtype_source, ckpt)
