@@ -180,6 +180,21 @@ class Bench:
         return t2 - t0
 
 
+def model_steps(bench: Bench) -> dict[str, float]:
+    """Seconds of each CPU step after the reads, measured one by one (warm, image loaded)."""
+    from runtime.loader.cpu import tensor_views
+    from runtime.loader.model import assign_tensors, build_skeleton
+
+    t0 = time.perf_counter()
+    views = tensor_views(bench.index, bench.pool)
+    t1 = time.perf_counter()
+    skeleton = build_skeleton(bench.ckpt)
+    t2 = time.perf_counter()
+    assign_tensors(skeleton, bench.ckpt, views)
+    t3 = time.perf_counter()
+    return {"views_s": t1 - t0, "meta_skeleton_s": t2 - t1, "assign_s": t3 - t2}
+
+
 def run_round(bench: Bench, cold: list[tuple[str, Callable[[], float]]], flip: bool) -> None:
     for key, fn in reversed(cold) if flip else cold:
         bench.cold()
@@ -240,6 +255,7 @@ def main() -> int:
         bench.record("safetensors_warm_s", bench.safetensors())
         bench.record("memcpy_gbps", memcpy_gbps())
 
+    steps = [model_steps(bench) for _ in range(args.runs)]
     probe = subprocess.run(
         [sys.executable, __file__, "--rss-probe", str(ckpt)],
         capture_output=True,
@@ -264,6 +280,7 @@ def main() -> int:
         "ready_breakdown_s": {
             k: v for k, v in m.items() if k.startswith("ready_") and k.count("_") > 3
         },
+        "model_steps_s": {k: median([s[k] for s in steps]) for k in steps[0]},
         "peak_rss_bytes": rss["peak"] - rss["before"],
         "peak_rss_process_bytes": rss["peak"],
         "cold_method": bench.cold_method,
