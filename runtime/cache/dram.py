@@ -307,11 +307,13 @@ def map_image(
     if pin is None:
         pin = torch.cuda.is_available()
     if pin:
-        _cuda_register(tensor)
+        cuda_register(tensor)
     return mm, tensor
 
 
-def _cuda_register(tensor: torch.Tensor) -> None:
+def cuda_register(tensor: torch.Tensor) -> bool:
+    """Page-lock the memory under ``tensor`` for CUDA (read-only registration); False (and
+    a warning) when that is not possible, the copies then just run slower."""
     import torch
 
     try:
@@ -321,6 +323,8 @@ def _cuda_register(tensor: torch.Tensor) -> None:
         )
     except (RuntimeError, AttributeError) as exc:
         log.warning("dram image not pinned (cudaHostRegister unavailable: %s)", exc)
-        return
+        return False
     if int(err) != 0:
         log.warning("dram image not pinned (cudaHostRegister returned %s)", err)
+        return False
+    return True
