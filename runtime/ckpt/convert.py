@@ -85,7 +85,11 @@ def convert_checkpoint(
     tmp.mkdir()
     try:
         index = _write_checkpoint(source, tmp, partition_bytes, progress, str(src))
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except OSError as exc:
+            # another process created dst meanwhile (ENOTEMPTY/EEXIST)
+            raise CheckpointError(f"{dst}: cannot move the conversion into place ({exc})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
