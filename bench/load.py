@@ -180,6 +180,34 @@ class Bench:
         return t2 - t0
 
 
+def cuda_figures(bench: Bench, runs: int) -> dict[str, Any]:
+    """Directory -> device (cold) and pinned DRAM image -> device, when CUDA exists."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"available": False, "note": "no CUDA on this machine: CUDA loader not measured"}
+    from runtime.loader.cuda import image_to_cuda, load_to_cuda, pin_image, unpin_image
+
+    nbytes = bench.index.total_bytes
+    cold, pinned = [], []
+    pinned_ok = pin_image(bench.pool)
+    for _ in range(runs):
+        bench.cold()
+        cold.append(load_to_cuda(bench.ckpt).stats.seconds)
+        torch.cuda.empty_cache()
+        pinned.append(image_to_cuda(bench.index, bench.pool).stats.seconds)
+        torch.cuda.empty_cache()
+    if pinned_ok:
+        unpin_image(bench.pool)
+    return {
+        "available": True,
+        "device": torch.cuda.get_device_name(),
+        "dir_to_device_cold_gbps": nbytes / median(cold) / 1e9,
+        "dram_to_device_gbps": nbytes / median(pinned) / 1e9,
+        "dram_image_pinned": pinned_ok,
+    }
+
+
 def model_steps(bench: Bench) -> dict[str, float]:
     """Seconds of each CPU step after the reads, measured one by one (warm, image loaded)."""
     from runtime.loader.cpu import tensor_views
@@ -256,6 +284,7 @@ def main() -> int:
         bench.record("memcpy_gbps", memcpy_gbps())
 
     steps = [model_steps(bench) for _ in range(args.runs)]
+    cuda = cuda_figures(bench, args.runs)
     probe = subprocess.run(
         [sys.executable, __file__, "--rss-probe", str(ckpt)],
         capture_output=True,
@@ -281,6 +310,7 @@ def main() -> int:
             k: v for k, v in m.items() if k.startswith("ready_") and k.count("_") > 3
         },
         "model_steps_s": {k: median([s[k] for s in steps]) for k in steps[0]},
+        "cuda": cuda,
         "peak_rss_bytes": rss["peak"] - rss["before"],
         "peak_rss_process_bytes": rss["peak"],
         "cold_method": bench.cold_method,
