@@ -1,4 +1,5 @@
-"""The Instance HTTP API (shared contract): /healthz, /v1/generate, /v1/invoke.
+"""The Instance HTTP API (shared contract): /healthz, /v1/generate, /v1/invoke, plus live
+migration's /v1/migration/* routes (``runtime.migration.routes``).
 
 Errors map to ``{"error": {"code", "message"}}`` with the error's status in one place
 (``_error_response``); a stream that fails after it started ends with an error event.
@@ -22,11 +23,10 @@ from starlette.routing import Route
 from runtime.engine.consumers import generate
 from runtime.engine.engine import Engine
 from runtime.engine.prompts import Tokenizing, build_request
-from runtime.engine.request import FinishEvent, RequestState, TokenEvent
+from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults
 from runtime.instance.handlers import CustomHandler, HandlerContext
-from runtime.migration.handoff import Handoff, handoff_events
-from runtime.migration.routes import migration_routes
+from runtime.migration.routes import event_stream, migration_routes
 from sllm.errors import InvalidInput, SllmError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -87,19 +87,6 @@ def _check_ready(service: InstanceService) -> None:
         raise Unavailable(f"instance {service.instance_id} is {service.state}")
 
 
-async def _event_stream(service: InstanceService, state: RequestState) -> AsyncIterator[bytes]:
-    async for event in handoff_events(service.engine, state):  # live migration may move it
-        if isinstance(event, TokenEvent):
-            yield _sse({"delta": event.delta, "token_ids": event.token_ids})
-        elif isinstance(event, FinishEvent):
-            yield _sse({"finish_reason": event.finish_reason, "usage": event.usage()})
-            yield b"data: [DONE]\n\n"
-        elif isinstance(event, Handoff):  # moved: the gateway continues it on the target
-            yield _sse(event.payload())
-        else:
-            yield _sse({"error": {"code": event.code, "message": event.message}})
-
-
 async def _run_generate(service: InstanceService, body: Any) -> Response:
     chat = service.handler != "completion"
     state = build_request(body, service.tok, service.defaults, chat=chat)
@@ -109,7 +96,9 @@ async def _run_generate(service: InstanceService, body: Any) -> Response:
 async def _respond(service: InstanceService, state: RequestState, *, stream: bool) -> Response:
     if stream:
         # Submit before answering 200 so a refused request still gets a JSON error status.
-        events = _event_stream(service, state)
+        # migration's event stream: the /v1/generate events, or a ``migrated`` last event
+        # when live migration moves the request to another instance mid-stream
+        events = event_stream(service.engine, state)
         first = await anext(events)
         return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
     return JSONResponse(await generate(service.engine, state))
@@ -141,23 +130,6 @@ def build_app(service: InstanceService) -> Starlette:
         except SllmError as exc:
             return _error_response(exc)
 
-    async def requests(request: Request) -> Response:
-        """In-flight requests as exportable states (live migration reads these)."""
-        return JSONResponse({"requests": service.engine.snapshots()})
-
-    async def resume(request: Request) -> Response:
-        """Continue an exported request here: ``{"state": <export>, "stream": bool}``. The
-        output continues with exactly the tokens the source would have produced."""
-        try:
-            _check_ready(service)
-            body = await _json_body(request)
-            if not isinstance(body, dict) or not isinstance(body.get("state"), dict):
-                raise InvalidInput("body: expected {'state': <exported request>, 'stream': bool}")
-            state = RequestState.from_export(body["state"])
-            return await _respond(service, state, stream=body.get("stream", False) is True)
-        except SllmError as exc:
-            return _error_response(exc)
-
     async def invoke(request: Request) -> Response:
         try:
             _check_ready(service)
@@ -174,8 +146,7 @@ def build_app(service: InstanceService) -> Starlette:
             Route("/v1/generate", generate_route, methods=["POST"]),
             Route("/v1/invoke", invoke, methods=["POST"]),
             *migration_routes(service.engine),
-            Route("/v1/requests", requests, methods=["GET"]),
-            Route("/v1/resume", resume, methods=["POST"]),
+            *migration_routes(service.engine),
         ]
     )
 

@@ -138,12 +138,10 @@ async def test_resume_continues_an_exported_request_identically(
         "params": {"max_tokens": 14, "temperature": 0.8, "top_p": 1.0, "seed": 99},
         "emitted_chars": len(head_text),
     }
-    resumed = sse_events(
-        (await http.post("/v1/resume", json={"state": state, "stream": True})).text
-    )
+    resumed = sse_events((await http.post("/v1/migration/resume", json={"state": state})).text)
     rest = resumed[:-2]
     assert [e["token_ids"][0] for e in rest] == ids[5:]
     assert head_text + "".join(e["delta"] for e in rest) == full_text
     assert resumed[-2]["usage"]["completion_tokens"] == 14
-    bad = await http.post("/v1/resume", json={"state": {"request_id": "x"}})
+    bad = await http.post("/v1/migration/resume", json={"state": {"request_id": "x"}})
     assert bad.status_code == 400 and "missing field" in bad.json()["error"]["message"]
