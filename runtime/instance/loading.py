@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import queue
 import time
 from dataclasses import dataclass, field
@@ -25,13 +24,11 @@ from runtime.instance.handlers import (
     load_custom_handler,
     write_handler_source,
 )
+from runtime.instance.premap import MappedImage, map_entry, populate
 from runtime.instance.server import InstanceService
 from sllm.errors import SllmError
 
 log = logging.getLogger(__name__)
-
-# Linux 5.14+: populate page tables of a mapping for reading, without touching every page.
-_MADV_POPULATE_READ = 22
 
 
 @dataclass(frozen=True)
@@ -71,15 +68,6 @@ def _wait(engine: Engine, state: RequestState) -> None:
             raise SllmError(f"warm-up generation failed: {event.message}")
         if isinstance(event, FinishEvent):
             return
-
-
-def populate(mapping: mmap.mmap) -> None:
-    """Fault the whole read-only mapping in with one madvise (2 GB: ~0.6-1 s here) instead of
-    one page fault per 4 KiB page during the first forward pass (~2-3 s here)."""
-    try:
-        mapping.madvise(_MADV_POPULATE_READ)
-    except (OSError, ValueError) as exc:  # kernels before 5.14: the first forward faults
-        log.info("madvise(MADV_POPULATE_READ) unavailable: %s", exc)
 
 
 def warm_up(engine: Engine, token_id: int = 0) -> None:
@@ -147,12 +135,11 @@ class LoadedInstance:
     mapping: Any  # keeps the DRAM mapping alive as long as the model's views are used
 
 
-def load_instance(spec: LoadSpec) -> LoadedInstance:
-    """Build the model from the DRAM entry and everything around it (blocking, seconds)."""
+def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> LoadedInstance:
+    """Build the model from the DRAM entry and everything around it (blocking, seconds).
+    ``premapped``: the entry's image already mapped by this process while it waited."""
     import torch
 
-    from runtime.cache.dram import map_image
-    from runtime.ckpt.index import read_index
     from runtime.loader.cpu import tensor_views
     from runtime.loader.model import build_model, load_tokenizer
 
@@ -161,11 +148,11 @@ def load_instance(spec: LoadSpec) -> LoadedInstance:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     entry = Path(spec.entry_dir)
-    index = read_index(entry)
-    mapping, image = map_image(entry, index)
-    tensors = tensor_views(index, image)
-    if spec.device.startswith("cpu"):
-        populate(mapping)
+    on_cpu = spec.device.startswith("cpu")
+    mapped = premapped or map_entry(entry, fill=on_cpu)
+    if on_cpu and not mapped.populated:
+        mapped.populated = populate(mapped.mapping)
+    tensors = tensor_views(mapped.index, mapped.image)
     timings["map_s"] = time.monotonic() - t0
 
     t1 = time.monotonic()
@@ -207,7 +194,7 @@ def load_instance(spec: LoadSpec) -> LoadedInstance:
         custom=custom,
     )
     log.info("instance %s loaded: %s", spec.instance_id, json.dumps(timings))
-    return LoadedInstance(service, timings, mapping)
+    return LoadedInstance(service, timings, mapped)
 
 
 def _defaults(generation: dict[str, Any]) -> SamplingDefaults:

@@ -100,6 +100,22 @@ async def _wait_for_drain(serving: asyncio.Task[None]) -> float:
             return float(command.get("drain_s", 30.0))
 
 
+def _wait_for_load(premapper: Any) -> dict[str, Any] | None:
+    """Idle: apply ``premap`` lines until the ``load`` line (None: stdin closed)."""
+    for line in sys.stdin:
+        try:
+            command = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(command, dict):
+            continue
+        if command.get("cmd") == "premap":
+            premapper.update([str(e) for e in command.get("entries", [])])
+        elif command.get("cmd") == "load":
+            return command
+    return None
+
+
 def main() -> int:
     global _control
     _control = _take_stdout()
@@ -108,6 +124,7 @@ def main() -> int:
     )
     started = time.monotonic()
     from runtime.instance.loading import LoadSpec, load_instance, pool_warm_up
+    from runtime.instance.premap import Premapper
 
     threads = int(os.environ.get("SLLM_INSTANCE_THREADS", "0") or 0)
     if threads > 0:
@@ -117,12 +134,13 @@ def main() -> int:
     pool_warm_up()
     send({"event": "idle", "pid": os.getpid(), "startup_s": time.monotonic() - started})
 
-    line = sys.stdin.readline()
-    if not line:
+    premapper = Premapper()
+    command = _wait_for_load(premapper)
+    if command is None:
         return 0
     try:
-        spec = LoadSpec.from_json(json.loads(line))
-        loaded = load_instance(spec)
+        spec = LoadSpec.from_json(command)
+        loaded = load_instance(spec, premapper.take(spec.entry_dir))
     except Exception as exc:
         from sllm.errors import SllmError
 

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import statistics
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -59,6 +61,7 @@ class NodeAgent:
         devices: list[Device],
         clock: Clock,
         bandwidths: Any = None,
+        dram_entry: Callable[[str], Path] | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -66,6 +69,7 @@ class NodeAgent:
         self.cache = cache
         self.clock = clock
         self.bandwidths = bandwidths
+        self.dram_entry = dram_entry  # DRAM key -> entry directory (for the pool's premap)
         self.devices = DeviceTable(devices)
         slots = sum(1 for d in devices if d.kind == "cpu")
         env = {"SLLM_INSTANCE_THREADS": str(threads_per_slot(slots))} if slots else {}
@@ -158,6 +162,10 @@ class NodeAgent:
     async def publish_heartbeat(self) -> NodeHeartbeat:
         await self._poll_instances()
         contents = await asyncio.to_thread(self.cache.contents)
+        if self.dram_entry is not None and not self.supervisor.loading():
+            # not while a load runs: populating a premap competes with it for the cores
+            keys = sorted(key for key, _, _ in contents.get("dram", []))
+            await self.pool.set_premap([str(self.dram_entry(key)) for key in keys])
         self.seq += 1
         heartbeat = NodeHeartbeat(
             node_id=self.node_id,

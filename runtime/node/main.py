@@ -61,7 +61,9 @@ async def run_node(settings: NodeSettings, stop: asyncio.Event, drain_s: float =
     cache, bandwidths = await asyncio.to_thread(build_cache, settings)
     devices = await asyncio.to_thread(node_devices, settings)
     bus = await NatsBus.connect(settings.nats_url, name=f"sllm-node-{settings.node_id}")
-    agent = NodeAgent(settings, bus, cache, devices, SystemClock(), bandwidths)
+    agent = NodeAgent(
+        settings, bus, cache, devices, SystemClock(), bandwidths, cache.dram.entries.path
+    )
     await agent.start()
     try:
         await stop.wait()
