@@ -15,7 +15,13 @@ import os
 from pathlib import Path
 
 from runtime.cache.entries import EntryDirectory, Reservation
-from runtime.ckpt.index import INDEX_FILE, CheckpointIndex, check_partition_sizes, read_index
+from runtime.ckpt.index import (
+    ALIGNMENT,
+    INDEX_FILE,
+    CheckpointIndex,
+    check_partition_sizes,
+    read_index,
+)
 from sllm.errors import CacheFull, StoreError
 
 
@@ -63,15 +69,27 @@ class SsdCache:
 
 class SsdWriter:
     """Writes one entry: ``write`` partition ranges (any order, any thread), ``put_file``,
-    then ``finish(index_json)`` or ``abort()``."""
+    then ``finish(index_json)`` or ``abort()``.
+
+    Block-aligned ranges are written with O_DIRECT where the filesystem allows it: the bytes
+    go from the caller's (already resident) buffer to the disk without allocating page-cache
+    pages, which on this VM stall the whole vCPU while the host backs them (DESIGN.md: fresh
+    memory touches at 0.5-3.5 GB/s) and so slowed a concurrent download by ~25%. A range may
+    run past the partition's end up to the next 4096 boundary (padding from the image);
+    ``finish`` truncates each file to its size in the index.
+    """
 
     def __init__(self, entries: EntryDirectory, res: Reservation, index: CheckpointIndex) -> None:
         self._entries = entries
         self.res = res
+        self._sizes = [p.nbytes for p in index.partitions]
         self._fds: list[int] = []
+        self._direct: list[int | None] = []
         try:
             for p in index.partitions:
-                self._fds.append(os.open(res.tmp / p.file, os.O_WRONLY | os.O_CREAT, 0o644))
+                path = res.tmp / p.file
+                self._fds.append(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+                self._direct.append(_open_direct(path))
         except OSError as exc:
             self.abort()
             raise self._error(exc, "creating partition files") from None
@@ -84,8 +102,15 @@ class SsdWriter:
             )
         return StoreError(f"ssd cache at {self._entries.root}: {doing} failed: {exc.strerror}")
 
+    @property
+    def direct(self) -> bool:
+        """Whether aligned writes bypass the page cache (False on tmpfs and the like)."""
+        return all(fd is not None for fd in self._direct)
+
     def write(self, partition: int, offset: int, data: memoryview) -> None:
-        fd = self._fds[partition]
+        direct = self._direct[partition]
+        aligned = offset % ALIGNMENT == 0 and len(data) % ALIGNMENT == 0
+        fd = direct if direct is not None and aligned else self._fds[partition]
         pos = 0
         try:
             while pos < len(data):
@@ -100,9 +125,10 @@ class SsdWriter:
             raise self._error(exc, f"writing {name}") from None
 
     def finish(self, index_json: bytes) -> Path:
-        """fdatasync the data, write index.json last, rename into place."""
+        """Truncate the padding, fdatasync, write index.json last, rename into place."""
         try:
-            for fd in self._fds:
+            for fd, size in zip(self._fds, self._sizes, strict=True):
+                os.ftruncate(fd, size)
                 os.fdatasync(fd)
             self._close()
             tmp_index = self.res.tmp / INDEX_FILE
@@ -120,6 +146,15 @@ class SsdWriter:
         self._entries.abort(self.res)
 
     def _close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
+        for fd in [*self._fds, *self._direct]:
+            if fd is not None:
+                os.close(fd)
         self._fds = []
+        self._direct = []
+
+
+def _open_direct(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return None  # tmpfs and some filesystems refuse O_DIRECT: buffered writes only

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from runtime.cache.pull import Chunk
 from runtime.cache.ssd import SsdWriter
-from runtime.ckpt.index import CheckpointIndex, image_layout
+from runtime.ckpt.index import CheckpointIndex, align_up, image_layout
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ class SsdWriteBehind:
                 if self.error is not None:
                     continue  # drain the queue; the entry will be discarded
                 start = self._starts[chunk.partition] + chunk.offset
-                piece = view[start : start + chunk.nbytes]
+                # A partition's last chunk rounded up to 4096 (its slot in the image is):
+                # an aligned write can go O_DIRECT; the writer truncates the padding.
+                nbytes = align_up(chunk.nbytes) if self.writer.direct else chunk.nbytes
+                piece = view[start : start + nbytes]
                 try:
                     self.writer.write(chunk.partition, chunk.offset, piece)
                 except BaseException as exc:
