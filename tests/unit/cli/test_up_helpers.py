@@ -66,3 +66,20 @@ def test_a_child_dying_at_start_is_reported_with_its_log(tmp_path: Path) -> None
 def test_waiting_times_out_with_what_it_waited_for() -> None:
     with pytest.raises(Unavailable, match="timed out after 0s waiting for a node heartbeat"):
         up.wait_until("a node heartbeat", lambda: False, [], timeout_s=0.3)
+
+
+def test_supervise_returns_1_when_a_child_dies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    from sllm.servers import ManagedServer
+
+    log = tmp_path / "node.log"
+    log.write_text("node: out of memory\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
+    proc.wait()
+    platform = up.Platform("http://127.0.0.1:1", "t", tmp_path, [ManagedServer("node", proc, log)])
+    assert up.supervise(platform) == 1
+    err = capsys.readouterr().err
+    assert "node exited (code 9)" in err and "out of memory" in err
