@@ -69,7 +69,11 @@ class NodeAgent:
         self.cache = cache
         self.clock = clock
         self.bandwidths = bandwidths
-        self.dram_entry = dram_entry  # DRAM key -> entry directory (for the pool's premap)
+        # DRAM key -> entry directory, for the pool's premap: CPU nodes only, where instances
+        # use the mapping in place (on CUDA, mapping in an idle process would pin it and open
+        # a CUDA context there; the copy to the device reads the pages anyway)
+        cpu_only = all(d.kind == "cpu" for d in devices)
+        self.dram_entry = dram_entry if cpu_only else None
         self.devices = DeviceTable(devices)
         slots = sum(1 for d in devices if d.kind == "cpu")
         env = {"SLLM_INSTANCE_THREADS": str(threads_per_slot(slots))} if slots else {}
