@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import httpx
 from starlette.applications import Starlette
 
 from gateway.http_errors import HANDLERS
+from gateway.instance_http import InstanceHttpClient
 from gateway.migration import routes as migration
 from gateway.placement import Scheduler
 from gateway.registry import BUCKET
@@ -33,20 +33,17 @@ async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
     return bus, await bus.key_value(BUCKET)
 
 
-def instance_client(settings: GatewaySettings) -> httpx.AsyncClient:
+def instance_client(settings: GatewaySettings) -> InstanceHttpClient:
     """Pooled keep-alive connections to instances (a new TCP connection per request would
     cost more than the whole gateway hop)."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.request_timeout_s, connect=CONNECT_TIMEOUT_S),
-        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-    )
+    return InstanceHttpClient(CONNECT_TIMEOUT_S, settings.request_timeout_s)
 
 
 def create_app(
     settings: GatewaySettings,
     *,
     connect: Connect = connect_nats,
-    http: Callable[[], httpx.AsyncClient] | None = None,
+    http: Callable[[], InstanceHttpClient] | None = None,
     clock: Clock | None = None,
     scheduler: Scheduler | None = None,
     tick_s: float = 0.5,

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.dispatcher import Dispatcher
+from gateway.instance_http import (
+    InstanceHttpClient,
+    InstanceResponse,
+    ResponseTimeout,
+    UpstreamError,
+)
 from gateway.instances import Instance
 from gateway.metrics import GatewayMetrics
 from gateway.migration.resume import StreamResumer
@@ -42,7 +48,7 @@ class Upstream:
     """An instance's answer whose status, headers and first chunk have arrived."""
 
     instance: Instance
-    response: httpx.Response
+    response: InstanceResponse
     first: bytes
     rest: AsyncIterator[bytes]
     started: float
@@ -65,12 +71,16 @@ class Upstream:
 class InstanceProxy:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: InstanceHttpClient,
         dispatcher: Dispatcher,
         clock: Clock,
         metrics: GatewayMetrics,
+        resume_client: httpx.AsyncClient,
     ) -> None:
+        """``resume_client`` opens the continuation of a stream moved by a live migration
+        (``gateway.migration``; rare, so httpx is fine there)."""
         self._client = client
+        self._resume_client = resume_client
         self._dispatcher = dispatcher
         self._clock = clock
         self._metrics = metrics
@@ -92,20 +102,20 @@ class InstanceProxy:
             except asyncio.CancelledError:
                 self._dispatcher.release(inst)  # the client went away while we waited
                 raise
-            except httpx.TimeoutException:
+            except ResponseTimeout:
                 self._dispatcher.release(inst)
                 raise UpstreamTimeout(
                     f"function {name!r}: instance {inst.instance_id} did not answer in time"
                 ) from None
-            except httpx.TransportError as exc:
+            except UpstreamError as exc:
                 self._dispatcher.release(inst)
                 if inst.state == "ready":
                     inst.state = "unreachable"
                 log.warning(
-                    "instance unreachable function=%s instance=%s error=%r",
+                    "instance unreachable function=%s instance=%s error=%s",
                     name, inst.instance_id, exc,
                 )  # fmt: skip
-                reason = f"instance {inst.instance_id} failed before answering: {exc!r}"
+                reason = f"instance {inst.instance_id} failed before answering: {exc}"
             else:
                 if upstream.status != 503 or attempt == 2:
                     return upstream
@@ -118,13 +128,7 @@ class InstanceProxy:
         raise Unavailable(f"function {name!r}: {reason}")
 
     async def _send(self, inst: Instance, path: str, body: bytes, started: float) -> Upstream:
-        request = self._client.build_request(
-            "POST",
-            f"{inst.address}{path}",
-            content=body,
-            headers={"content-type": "application/json"},
-        )
-        response = await self._client.send(request, stream=True)
+        response = await self._client.post(f"{inst.address}{path}", body)
         try:
             chunks = response.aiter_raw()
             first = b""
@@ -144,9 +148,9 @@ class InstanceProxy:
         try:
             async for chunk in upstream.rest:
                 parts.append(chunk)
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             raise Unavailable(
-                f"instance {upstream.instance.instance_id} failed mid-answer: {exc!r}"
+                f"instance {upstream.instance.instance_id} failed mid-answer: {exc}"
             ) from None
         finally:
             await self.finish(upstream)
@@ -156,10 +160,10 @@ class InstanceProxy:
         """The answer's bytes as they come; a broken event stream ends with an error event."""
         try:
             # a streamed request may move to another instance mid-way (live migration)
-            resume = StreamResumer(self._client, [upstream.instance.address or ""])
+            resume = StreamResumer(self._resume_client, [upstream.instance.address or ""])
             async for chunk in follow_moves(upstream.first, upstream.rest, resume):
                 yield chunk
-        except httpx.TransportError as exc:
+        except (UpstreamError, httpx.TransportError) as exc:
             log.warning(
                 "stream broke function=%s instance=%s error=%r",
                 upstream.instance.function, upstream.instance.instance_id, exc,
@@ -186,7 +190,7 @@ def broken_stream_error(upstream: Upstream, exc: Exception) -> dict[str, object]
     return {
         "error": {
             "code": "instance_failed",
-            "message": f"instance {upstream.instance.instance_id} failed mid-stream: {exc!r}",
+            "message": f"instance {upstream.instance.instance_id} failed mid-stream: {exc}",
         }
     }
 

@@ -14,6 +14,7 @@ import httpx
 from gateway.commands import NodeCommands
 from gateway.controller import Controller
 from gateway.dispatcher import Dispatcher
+from gateway.instance_http import InstanceHttpClient
 from gateway.instances import InstanceTable
 from gateway.logs import LogBuffer
 from gateway.metrics import GatewayMetrics
@@ -47,7 +48,7 @@ class GatewayService:
     bus: Bus
     kv: KeyValue
     clock: Clock
-    http: httpx.AsyncClient
+    http: InstanceHttpClient
     scheduler: Scheduler | None = None
     tick_s: float = 0.5
     settle_s: float = 3.0
@@ -77,7 +78,12 @@ class GatewayService:
             tick_s=self.tick_s,
             settle_s=self.settle_s,
         )
-        self.proxy = InstanceProxy(self.http, self.dispatcher, self.clock, self.metrics)
+        self.resume_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.settings.request_timeout_s, connect=5.0)
+        )
+        self.proxy = InstanceProxy(
+            self.http, self.dispatcher, self.clock, self.metrics, self.resume_http
+        )
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -101,6 +107,7 @@ class GatewayService:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs = []
+        await self.resume_http.aclose()
 
     async def _on_heartbeat(self, msg: Message) -> None:
         try:

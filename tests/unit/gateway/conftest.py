@@ -1,18 +1,22 @@
 """A gateway wired in-process: MemoryBus and MemoryKeyValue, a scripted node answering load and
 unload commands on the bus, and scripted instances (a small Starlette app speaking the Instance
-API) reached through httpx's ASGI transport. No sockets, no sleeps beyond the control loop's."""
+API) on a loopback uvicorn server (one per session, in a thread), so the gateway's own HTTP
+client is exercised. The gateway app itself is driven through httpx's ASGI transport."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +39,7 @@ from sllm.messages import (
     encode,
     node_cmd_subject,
 )
+from sllm.servers import free_port
 from sllm.settings import GatewaySettings
 
 TOKEN = "test-token"
@@ -49,29 +54,32 @@ def answer_text(body: dict[str, Any]) -> str:
 
 @dataclass
 class ScriptedInstances:
-    """Every instance address maps to this one app; ``behaviour`` scripts failures."""
+    """Every instance is a path prefix ``/i/<id>`` of one app on a loopback uvicorn server;
+    ``seen`` records (instance id, path, body); ``break_stream`` ids drop the connection after
+    the first event of a stream."""
 
     seen: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
-    fail_hosts: set[str] = field(default_factory=set)
-    break_stream_hosts: set[str] = field(default_factory=set)
+    break_stream: set[str] = field(default_factory=set)
     delay_s: float = 0.0
 
     def app(self) -> Starlette:
         async def generate(request: Request) -> Response:
-            host = request.url.hostname or ""
-            if host in self.fail_hosts:
-                raise httpx.ConnectError("connection refused")
+            iid = request.path_params["iid"]
             body = json.loads(await request.body())
-            self.seen.append((host, request.url.path, body))
+            path = request.url.path.removeprefix(f"/i/{iid}")
+            self.seen.append((iid, path, body))
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             text = answer_text(body)
             usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
             if body.get("stream"):
+                broken = iid in self.break_stream
 
                 async def events() -> AsyncIterator[bytes]:
                     for word in text.split(" "):
                         yield f"data: {json.dumps({'delta': word + ' ', 'token_ids': [1]})}\n\n".encode()
+                        if broken:
+                            raise RuntimeError("scripted instance died mid-stream")
                     yield f"data: {json.dumps({'finish_reason': 'stop', 'usage': usage})}\n\n".encode()
                     yield b"data: [DONE]\n\n"
 
@@ -80,10 +88,54 @@ class ScriptedInstances:
 
         return Starlette(
             routes=[
-                Route("/v1/generate", generate, methods=["POST"]),
-                Route("/v1/invoke", generate, methods=["POST"]),
+                Route("/i/{iid}/v1/generate", generate, methods=["POST"]),
+                Route("/i/{iid}/v1/invoke", generate, methods=["POST"]),
             ]
         )
+
+
+class _Backend:
+    """One loopback uvicorn server for the whole session, in a daemon thread with its own
+    event loop (starting one per test would cost more than the test); each harness gives it
+    fresh ``instances``."""
+
+    def __init__(self) -> None:
+        self.instances = ScriptedInstances()
+        self.base_url = ""
+
+    def start(self) -> str:
+        if not self.base_url:
+            port = free_port()
+            app = _Dispatch(self)
+            config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                    lifespan="off")  # fmt: skip
+            server = uvicorn.Server(config)
+            threading.Thread(target=server.run, name="scripted-instances", daemon=True).start()
+            deadline = time.monotonic() + 10
+            while not server.started:
+                assert time.monotonic() < deadline, "scripted instance server did not start"
+                time.sleep(0.005)
+            self.base_url = f"http://127.0.0.1:{port}"
+        return self.base_url
+
+
+class _Dispatch:
+    """ASGI app forwarding to the current ScriptedInstances' app."""
+
+    def __init__(self, backend: _Backend) -> None:
+        self._backend = backend
+        self._apps: dict[int, Starlette] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        instances = self._backend.instances
+        app = self._apps.get(id(instances))
+        if app is None:
+            self._apps = {id(instances): instances.app()}
+            app = self._apps[id(instances)]
+        await app(scope, receive, send)
+
+
+BACKEND = _Backend()
 
 
 @dataclass
@@ -91,6 +143,7 @@ class ScriptedNode:
     """Answers load/unload on the bus like a node; instances are ready after ``load_s``."""
 
     bus: MemoryBus
+    base_url: str = ""
     node_id: str = "node-a"
     slots: int = 2
     load_s: float = 0.05
@@ -149,34 +202,13 @@ class ScriptedNode:
             event = InstanceEvent("failed", cmd.instance_id, self.node_id, cmd.function,
                                   error=self.fail_ready)  # fmt: skip
         else:
-            address = f"http://{cmd.instance_id}"
+            address = f"{self.base_url}/i/{cmd.instance_id}"
             state = self.instances[cmd.instance_id]
             self.instances[cmd.instance_id] = replace(state, state="ready", address=address)
             event = InstanceEvent("ready", cmd.instance_id, self.node_id, cmd.function, address,
                                   tier="dram", load_s=self.load_s,
                                   revision=int(cmd.record["revision"]))  # fmt: skip
         await self.bus.publish(EVENT_SUBJECT, encode(event))
-
-
-class _BrokenStream(httpx.AsyncByteStream):
-    """One event, then the connection drops (httpx's ASGI transport buffers whole bodies, so a
-    mid-stream failure has to be scripted at the transport)."""
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield b'data: {"delta": "echo: ", "token_ids": [1]}\n\n'
-        raise httpx.ReadError("instance died mid-stream")
-
-
-class BreakingTransport(httpx.AsyncBaseTransport):
-    def __init__(self, instances: ScriptedInstances, app: Starlette) -> None:
-        self._instances = instances
-        self._asgi = httpx.ASGITransport(app=app)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.host in self._instances.break_stream_hosts:
-            headers = {"content-type": "text/event-stream"}
-            return httpx.Response(200, headers=headers, stream=_BrokenStream())
-        return await self._asgi.handle_async_request(request)
 
 
 def settings(**overrides: Any) -> GatewaySettings:
@@ -202,23 +234,17 @@ class Harness:
         return await self.client.post("/system/functions", json=body, headers=AUTH)
 
 
-Build = Callable[..., Any]
-
-
 @asynccontextmanager
 async def harness(**overrides: Any) -> AsyncIterator[Harness]:
     bus, kv = MemoryBus(), MemoryKeyValue()
-    node = ScriptedNode(bus)
     instances = ScriptedInstances()
-    instance_app = instances.app()
+    BACKEND.instances = instances
+    node = ScriptedNode(bus, BACKEND.start())
 
     async def connect(_: GatewaySettings) -> tuple[MemoryBus, MemoryKeyValue]:
         return bus, kv
 
-    def http() -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=BreakingTransport(instances, instance_app))
-
-    app = create_app(settings(**overrides), connect=connect, http=http, tick_s=0.02, settle_s=0)
+    app = create_app(settings(**overrides), connect=connect, tick_s=0.02, settle_s=0)
     async with app.router.lifespan_context(app):
         await node.start()
         transport = httpx.ASGITransport(app=app)
