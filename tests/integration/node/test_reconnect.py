@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.node.main import dram_root
 from sllm.bus import Message
 from sllm.messages import (
     HEARTBEAT_SUBJECT,
@@ -25,6 +27,7 @@ from sllm.messages import (
 )
 from sllm.nats_bus import NatsBus
 from sllm.servers import ManagedServer, free_port, start_nats
+from sllm.settings import NodeSettings
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +84,7 @@ def outage(tmp_path: Path) -> Iterator[Outage]:
     node.send_signal(signal.SIGTERM)
     node.wait(timeout=30)
     state.nats.stop()
+    shutil.rmtree(dram_root(NodeSettings.from_env(env)), ignore_errors=True)
 
 
 async def test_node_reconnects_after_a_nats_outage(outage: Outage) -> None:
