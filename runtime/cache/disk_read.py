@@ -73,9 +73,11 @@ def read_partitions(
     concurrency: int = CONCURRENCY,
     chunk_bytes: int = CHUNK_BYTES,
     direct: bool | None = None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> None:
     """Fill ``buffer`` (an image, ``image_layout(index)`` sized, page-aligned) from the
-    partition files in ``directory``. ``direct``: None decides per file from residency."""
+    partition files in ``directory``. ``direct``: None decides per file from residency.
+    ``executor``: long-lived reader threads (``concurrency`` of them are started otherwise)."""
     starts, size = image_layout(index)
     if len(buffer) < size:
         raise ValueError(f"buffer of {len(buffer)} bytes is smaller than the image ({size})")
@@ -111,9 +113,13 @@ def read_partitions(
             finally:
                 piece.release()
 
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="disk-read") as pool:
-            for _ in pool.map(read, jobs):
+        if executor is not None:
+            for _ in executor.map(read, jobs):
                 pass
+        else:
+            with ThreadPoolExecutor(concurrency, thread_name_prefix="disk-read") as pool:
+                for _ in pool.map(read, jobs):
+                    pass
     finally:
         for fd, _direct in fds:
             os.close(fd)
