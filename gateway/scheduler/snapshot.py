@@ -155,7 +155,7 @@ class SnapshotCache:
                 hb.seq,
                 booked,
                 tuple(sorted(learned.items())),
-                tuple(functions.get(i.function) for i in hb.instances),
+                tuple([functions.get(i.function) for i in hb.instances]),
                 reclaim_idle,
             )
             old = self._views.get(node_id)
