@@ -6,8 +6,8 @@ the requests per second it sustains, against a trivially fast backend.
 Real parts: nats-server (JetStream), `sllm gateway start` as a child process, a backend process
 speaking the Instance API (a tiny Starlette app on uvicorn answering at once: the gateway's cost
 is all that differs), and a scripted node in this process that answers the gateway's load
-command with the backend's address. The load generator (httpx on loopback, keep-alive) runs in
-this process too.
+command with the backend's address. The load generator runs in this process too, on loopback
+with keep-alive connections (``Connection``).
 
 - ``latency``: one request at a time, alternating blocks of direct (backend ``/v1/invoke``) and
   gateway (``POST /function/bench``) requests so drift hits both; p50/p99 of each and of the
@@ -135,19 +135,53 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def latency(client: httpx.AsyncClient, direct: str, gateway: str, n: int) -> dict[str, Any]:
+class Connection:
+    """A keep-alive HTTP/1.1 connection posting one fixed JSON body (the load generator: httpx's
+    own per-request cost was larger than the gateway's and degraded with concurrency)."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        origin, _, path = url.removeprefix("http://").partition("/")
+        self.host, port = origin.split(":")
+        self.port = int(port)
+        self.request = (
+            f"POST /{path} HTTP/1.1\r\nhost: {origin}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self) -> int:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        writer.write(self.request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(
+            int(x.split(b":")[1]) for x in lines if x.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        return int(lines[0].split(b" ")[1])
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+
+
+async def latency(direct: str, gateway: str, n: int) -> dict[str, Any]:
     body = json.dumps(PAYLOAD).encode()
-    headers = {"content-type": "application/json"}
+    connections = {"direct": Connection(direct, body), "gateway": Connection(gateway, body)}
     times: dict[str, list[float]] = {"direct": [], "gateway": []}
     block = 50
     for start in range(0, n, block):
-        for name, url in (("direct", direct), ("gateway", gateway)):
+        for name, conn in connections.items():
             for _ in range(min(block, n - start)):
                 t0 = time.perf_counter()
-                r = await client.post(url, content=body, headers=headers)
+                status = await conn.post()
                 times[name].append(time.perf_counter() - t0)
-                if r.status_code != 200:
-                    raise SystemExit(f"{name} answered {r.status_code}: {r.text}")
+                if status != 200:
+                    raise SystemExit(f"{name} answered {status}")
+    for conn in connections.values():
+        conn.close()
     d, g = times["direct"], times["gateway"]
     return {
         "n": n,
@@ -161,25 +195,24 @@ async def latency(client: httpx.AsyncClient, direct: str, gateway: str, n: int) 
 
 
 async def rps(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    """Closed loop: ``concurrency`` workers, one keep-alive connection each."""
     body = json.dumps(PAYLOAD).encode()
-    headers = {"content-type": "application/json"}
     done = errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        stop = time.perf_counter() + seconds
+    stop = time.perf_counter() + seconds
 
-        async def worker() -> None:
-            nonlocal done, errors
-            while time.perf_counter() < stop:
-                r = await client.post(url, content=body, headers=headers)
-                if r.status_code == 200:
-                    done += 1
-                else:
-                    errors += 1
+    async def worker() -> None:
+        nonlocal done, errors
+        conn = Connection(url, body)
+        while time.perf_counter() < stop:
+            if await conn.post() == 200:
+                done += 1
+            else:
+                errors += 1
+        conn.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
     return {"rps": round(done / elapsed, 1), "errors": errors, "seconds": round(elapsed, 2)}
 
 
@@ -219,12 +252,10 @@ async def run(
             for _ in range(200):  # warm both paths (connections, code)
                 await client.post(f"{gateway_url}/function/bench", json=PAYLOAD)
                 await client.post(f"{backend}/v1/invoke", json=PAYLOAD)
-            runs = [
-                await latency(
-                    client, f"{backend}/v1/invoke", f"{gateway_url}/function/bench", args.n
-                )
-                for _ in range(args.repeats)
-            ]
+        runs = [
+            await latency(f"{backend}/v1/invoke", f"{gateway_url}/function/bench", args.n)
+            for _ in range(args.repeats)
+        ]
         through = [
             await rps(f"{gateway_url}/function/bench", args.concurrency, args.seconds)
             for _ in range(args.repeats)
