@@ -183,6 +183,10 @@ def test_restart_reuses_registry_store_and_caches(
     platform.start()
     assert token_of(user[1]) == token and token in platform.text()
     assert "tiny-chat" in ok(cli("fn", "list")).stdout
+    # The node's SSD cache survived: its first heartbeat already lists the checkpoint.
+    key = json.loads(ok(cli("fn", "describe", "tiny-chat", "--json")).stdout)["checkpoint"]
+    nodes = json.loads(ok(cli("nodes", "--json")).stdout)
+    assert key in [entry["checkpoint"] for entry in nodes[0]["cache"]["ssd"]]
     again = ok(cli("fn", "deploy", "-f", "tiny-chat"))
     assert "revision 3" in again.stdout and "already in" in again.stderr
     assert "converting" not in again.stderr
