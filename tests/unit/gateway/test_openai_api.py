@@ -81,3 +81,19 @@ async def test_openai_errors_surface_in_the_client(h: Harness) -> None:
         await client(h).chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "x"}], temperature=5
         )
+
+
+async def test_a_broken_stream_surfaces_as_an_error_in_the_client(h: Harness) -> None:
+    await h.deploy()
+    await h.client.post("/function/chat", json={"prompt": "warm"})
+    (inst,) = h.gateway.table.routable("chat")
+    h.instances.break_stream.add(inst.instance_id)
+    stream = await client(h).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "a b c"}], stream=True
+    )
+    text = ""
+    with pytest.raises(openai.APIError, match="failed mid-stream"):
+        async for chunk in stream:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+    assert text == "echo: "
