@@ -1,8 +1,9 @@
 """A small HTTP/1.1 client for the gateway -> instance hop, on asyncio streams.
 
 Why not httpx: on this hop the gateway is pure overhead, and httpx costs milliseconds per
-request and degrades with many pooled connections (measured here: ~180 req/s sequential and
-~80 req/s at 32 connections against a backend that serves ~800 req/s to a raw client). The
+request and degrades with many pooled connections (measured here against a trivial backend:
+258 req/s one at a time and 81 req/s over 32 pooled connections, against ~2,000 req/s for a raw
+keep-alive client). The
 instances are ours (uvicorn, HTTP/1.1), so the client needs only: POST with a body, keep-alive
 connections pooled per address, responses with Content-Length, chunked or read-to-close bodies,
 streamed piece by piece as they arrive (server-sent events stay unbuffered).
@@ -19,7 +20,8 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-# uvicorn closes idle keep-alive connections after 5 s: reuse only younger ones.
+# uvicorn closes idle keep-alive connections after 5 s: reuse only younger ones. (Connection
+# age is transport bookkeeping, not a decision, so it reads time.monotonic directly.)
 IDLE_REUSE_S = 4.0
 MAX_IDLE_PER_ADDRESS = 256
 READ_SIZE = 65536
