@@ -183,6 +183,7 @@ class Controller:
                 self._drain(inst, "function deleted")
         for name in [n for n in self._scalers if n not in records]:
             del self._scalers[name]
+            self._metrics.forget_function(name)
         self._update_gauges(records)
 
     def _reconcile(self, record: FunctionRecord, now: float) -> None:

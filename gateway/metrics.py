@@ -3,6 +3,8 @@ several apps in one process). Names follow Prometheus conventions (seconds, _tot
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -72,6 +74,14 @@ class GatewayMetrics:
             "sllm_node_cache_bytes", "Bytes cached per node and tier (from heartbeats)",
             ["node", "tier"], registry=r,
         )  # fmt: skip
+
+    def forget_function(self, name: str) -> None:
+        """Drop the gauges of a deleted function (counters keep their history)."""
+        for state in ("starting", "ready", "draining", "unreachable"):
+            with contextlib.suppress(KeyError):
+                self.instances.remove(name, state)
+        with contextlib.suppress(KeyError):
+            self.queued.remove(name)
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

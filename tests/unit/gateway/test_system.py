@@ -61,6 +61,8 @@ async def test_deploy_list_describe_update_delete(h: Harness) -> None:
             break
         await asyncio.sleep(0.02)
     assert not h.node.instances, "deleted function's instances were not unloaded"
+    metrics = (await h.client.get("/metrics")).text
+    assert 'sllm_instances{function="chat"' not in metrics
     assert (await h.client.post("/function/chat", json={"prompt": "x"})).status_code == 404
 
 
