@@ -216,9 +216,15 @@ class TieredCache:
         log.info("cache loaded key=%s from=store bytes=%d s=%.3f", key, hop.nbytes, hop.seconds)
         if behind is not None:
             writeback = behind
+            # The write-behind reads the DRAM image: pin it until the copy is done, or an
+            # eviction could recycle the image for another checkpoint mid-copy.
+            self.dram.acquire(key)
 
             def commit() -> None:
-                writeback.finish(index_json, files)
+                try:
+                    writeback.finish(index_json, files)
+                finally:
+                    self.dram.release(key)
 
             with self._lock:
                 self._pending = [f for f in self._pending if not f.done()]

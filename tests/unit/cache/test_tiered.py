@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
+from runtime.cache.ssd import SsdWriter
 from runtime.cache.synthetic import corrupt_byte, write_random_checkpoint
 from runtime.ckpt.index import CheckpointIndex, image_layout
 from runtime.store import LocalStore
@@ -119,6 +120,32 @@ def test_store_then_dram_then_ssd(
     assert set(cache.bandwidths.snapshot()) >= {"store", "ssd"}
 
 
+def test_dram_image_stays_pinned_until_the_ssd_copy_is_done(
+    make_tiered: TieredFactory, ckpt: tuple[Path, CheckpointIndex]
+) -> None:
+    cache = make_tiered()
+    gate = threading.Event()
+    finish = SsdWriter.finish
+
+    def slow_finish(self: SsdWriter, index_json: bytes) -> Path:
+        gate.wait(10)
+        return finish(self, index_json)
+
+    SsdWriter.finish = slow_finish  # type: ignore[method-assign]
+    try:
+        cache.fetch(KEY)
+        cache.release(KEY)
+        # The caller is done, but the SSD copy still reads the image: not evictable.
+        assert cache.contents()["dram"] == [(KEY, cache.contents()["dram"][0][1], True)]
+        assert not cache.dram.entries.remove(KEY)
+        gate.set()
+        cache.flush()
+    finally:
+        SsdWriter.finish = finish  # type: ignore[method-assign]
+    assert cache.contents()["dram"][0][2] is False
+    assert [k for k, _, _ in cache.contents()["ssd"]] == [KEY]
+
+
 def test_concurrent_fetches_share_one_download(
     make_tiered: TieredFactory, store: CountingStore
 ) -> None:
@@ -142,6 +169,7 @@ def test_concurrent_fetches_share_one_download(
     assert cache.contents()["dram"][0][2] is True
     for _ in results:
         cache.release(KEY)
+    cache.flush()  # the SSD copy pins the image until it is done
     assert cache.contents()["dram"][0][2] is False
 
 
@@ -157,9 +185,11 @@ def test_lru_eviction_keeps_in_use(
     cache.fetch(a)
     cache.fetch(b)
     cache.release(b)
+    cache.flush()  # SSD copies done: only the callers' pins remain
     cache.fetch(c)  # a is in use: b, though newer, is the one evicted
     assert {k for k, _, _ in cache.contents()["dram"]} == {a, c}
     cache.release(c)
+    cache.flush()
     cache.fetch(a)  # touch a again (still in use twice now)
     cache.release(a)
     cache.release(a)
