@@ -7,7 +7,7 @@ import asyncio
 import json
 
 from sllm.servers import free_port
-from tests.unit.gateway.conftest import Harness, harness
+from tests.unit.gateway.conftest import Harness, ScriptedNode, harness
 
 
 async def wait_for(predicate, timeout_s: float = 3.0) -> None:  # type: ignore[no-untyped-def]
@@ -209,3 +209,21 @@ async def test_an_instance_at_its_functions_min_is_not_evicted() -> None:
         r = await h.client.post("/function/b", json={"prompt": "y"})
         assert r.status_code == 503
         assert not h.node.unloads
+
+
+async def test_a_load_refused_by_one_node_is_placed_on_another() -> None:
+    async with harness() as h:
+        other = ScriptedNode(h.bus, h.node.base_url, node_id="node-b")
+        await other.start()
+        h.node.refuse = True
+        other.refuse = True
+        await h.deploy()
+        r = await h.client.post("/function/chat", json={"prompt": "x"})
+        assert r.status_code == 503  # refused everywhere: the reason names both
+        assert r.json()["error"]["message"].count("refused by script") == 1
+        other.refuse = False
+        r = await h.client.post("/function/chat", json={"prompt": "x"})
+        assert r.status_code == 200, r.text
+        (inst,) = h.gateway.table.routable("chat")
+        assert inst.node == "node-b"
+        assert len(other.loads) == 2 and len(h.node.loads) in (1, 2)
