@@ -5,7 +5,8 @@ A key is a ``/``-separated object name relative to the store's root, e.g.
 ``LocalStore`` (a directory, the embedded default) and ``S3Store`` (any S3-compatible server).
 
 Every method raises ``StoreError`` with a message naming the object (or bucket) and what went
-wrong; a missing object has ``code == "store_not_found"``.
+wrong; a missing object has ``code == "store_not_found"``, a missing bucket
+``"store_bucket_not_found"``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sllm.errors import StoreError
 Progress = Callable[[int], None]
 
 NOT_FOUND = "store_not_found"
+BUCKET_NOT_FOUND = "store_bucket_not_found"
 
 
 def no_progress(_n: int) -> None:

@@ -21,7 +21,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from runtime.store.base import Progress, join_key, no_progress, not_found, validate_key
+from runtime.store.base import (
+    BUCKET_NOT_FOUND,
+    NOT_FOUND,
+    Progress,
+    join_key,
+    no_progress,
+    not_found,
+    validate_key,
+)
 from sllm.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -128,11 +136,7 @@ class S3Store:
                 code = str(err.get("Code", ""))
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                 if code == "NoSuchBucket":
-                    raise StoreError(
-                        f"bucket {self.bucket!r} does not exist (while reading {what})",
-                        code="store_not_found",
-                        status=404,
-                    ) from None
+                    raise self._no_bucket(what) from None
                 if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                     raise self._missing(what) from None
                 if code in _AUTH_CODES or status == 403:
@@ -157,6 +161,13 @@ class S3Store:
                 self._sleep(delay)
         raise StoreError(f"{what}: store unavailable after {self.retries} attempts ({last})")
 
+    def _no_bucket(self, what: str) -> StoreError:
+        return StoreError(
+            f"bucket {self.bucket!r} does not exist (while accessing {what})",
+            code=BUCKET_NOT_FOUND,
+            status=404,
+        )
+
     def _missing(self, what: str) -> StoreError:
         """A 404 is a missing object unless the bucket itself is missing: say which."""
         from botocore.exceptions import BotoCoreError, ClientError
@@ -164,11 +175,7 @@ class S3Store:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
-            return StoreError(
-                f"bucket {self.bucket!r} does not exist (while reading {what})",
-                code="store_not_found",
-                status=404,
-            )
+            return self._no_bucket(what)
         except BotoCoreError:
             pass
         return not_found(what)
@@ -184,7 +191,7 @@ class S3Store:
         try:
             self.size(key)
         except StoreError as exc:
-            if exc.code == "store_not_found" and "bucket" not in exc.message:
+            if exc.code == NOT_FOUND:
                 return False
             raise
         return True

@@ -141,9 +141,13 @@ def test_cli_push(s3_env: Any, ckpt: tuple[Path, CheckpointIndex]) -> None:
 
 
 def test_missing_bucket_and_object(s3_env: Any, pushed: str, tiered: Any, tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist") as err:
         tiered(s3_store(s3_env, bucket="no-such-bucket")).fetch(pushed)
+    assert err.value.code == "store_bucket_not_found"
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
+        s3_store(s3_env, bucket="no-such-bucket").exists("a")
     cache = tiered(s3_store(s3_env))
+    assert not cache.store.exists("absent/index.json") and cache.store.exists(f"{KEY}/index.json")
     with pytest.raises(StoreError, match=rf"s3://{BUCKET}/tests/absent/index\.json not found"):
         cache.fetch("absent")
     assert nothing_cached(cache, tmp_path)
