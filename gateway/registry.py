@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 from sllm.bus import KeyValue
 from sllm.errors import Conflict, NotFound, ValidationFailed
@@ -67,12 +68,8 @@ class Registry:
             raise ValidationFailed(
                 f"spec.name: {record.spec.name!r} does not match the URL ({name!r})"
             )
-        updated = current.bump(record.spec, record.checkpoint, record.checkpoint_bytes)
-        updated = FunctionRecord(
-            spec=updated.spec,
-            checkpoint=updated.checkpoint,
-            checkpoint_bytes=updated.checkpoint_bytes,
-            revision=updated.revision,
+        updated = replace(
+            current.bump(record.spec, record.checkpoint, record.checkpoint_bytes),
             handler_source=dict(record.handler_source),
         )
         await self._put(updated)
