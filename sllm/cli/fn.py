@@ -297,6 +297,19 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    validate_name(args.name, "NAME")
+    if args.replicas < 0:
+        raise InvalidInput(f"REPLICAS: must be >= 0, got {args.replicas}")
+    with gateway_client(args) as client:
+        client.scale(args.name, args.replicas)
+    print(
+        f"scaling {args.name} to {args.replicas} replica(s); replicas above scale.min stop "
+        "again once idle past keep_alive"
+    )
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     validate_name(args.name, "NAME")
     with gateway_client(args) as client:
@@ -351,6 +364,12 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("name")
     add_gateway_flags(p)
     p.set_defaults(func=cmd_remove)
+
+    p = fn.add_parser("scale", help="set a function's replicas now (between 0 and scale.max)")
+    p.add_argument("name")
+    p.add_argument("replicas", type=int)
+    add_gateway_flags(p)
+    p.set_defaults(func=cmd_scale)
 
     p = fn.add_parser("logs", help="recent log lines of a function's instances")
     p.add_argument("name")

@@ -110,6 +110,7 @@ def test_redeploy_updates_in_place_without_converting_again(cli: Cli) -> None:
     again = ok(cli("fn", "deploy", "-f", "tiny-chat/function.yaml"))
     assert "deployed tiny-chat (revision 2)" in again.stdout
     assert "already in" in again.stderr and "converting" not in again.stderr
+    assert "scaling tiny-chat to 1" in ok(cli("fn", "scale", "tiny-chat", "1")).stdout
 
 
 def test_custom_handler_function(cli: Cli, tiny_model_dir: Path) -> None:
@@ -169,6 +170,7 @@ def test_bad_input(cli: Cli, tiny_model_dir: Path) -> None:
     )
     one_line_error(cli("fn", "list", "--token", "wrong"), "rejected the token")
     one_line_error(cli("fn", "invoke", "nobody", input="hi"), "nobody")
+    one_line_error(cli("fn", "scale", "tiny-chat", "99"), "scale.max")
 
 
 def test_restart_reuses_registry_store_and_caches(

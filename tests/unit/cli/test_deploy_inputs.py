@@ -199,3 +199,8 @@ def test_commands_without_gateway_say_how_to_start_it(run_cli: RunCli) -> None:
         assert code == 1 and out == "", argv
         assert err.startswith("sllm: error: no gateway is answering at " + url), argv
         assert "sllm up" in err and err.count("\n") == 1, argv
+
+
+def test_scale_refuses_negative_replicas(run_cli: RunCli) -> None:
+    code, _, err = run_cli("fn", "scale", "chat", "-1", "--url", "http://127.0.0.1:9")
+    assert code == 1 and "REPLICAS: must be >= 0, got -1" in err
