@@ -64,3 +64,24 @@ def test_keys_cannot_escape_the_root(key: str) -> None:
 
 def test_join_key_skips_empty_parts() -> None:
     assert join_key("", "a/", "/b") == "a/b"
+
+
+def test_cli_push_to_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sllm.cli.app import run
+
+    write_random_checkpoint(tmp_path / "ck", (5000,))
+    dst = tmp_path / "store" / "checkpoints" / "x"
+    assert run(["ckpt", "push", str(tmp_path / "ck"), str(dst), "--no-progress"]) == 0
+    assert f"-> {dst}" in capsys.readouterr().out
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "config.json",
+        "data-00000.bin",
+        "index.json",
+    ]
+    corrupt_byte(tmp_path / "ck" / "data-00000.bin")
+    assert run(["ckpt", "push", str(tmp_path / "ck"), str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sllm: error: ") and "data-00000.bin: checksum" in err
+    assert not (tmp_path / "other").exists()
+    assert run(["ckpt", "push", str(tmp_path / "missing"), str(dst)]) == 1
+    assert "not a directory" in capsys.readouterr().err
