@@ -14,6 +14,7 @@ Entries acquired by a reader (refcount > 0) are never evicted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -174,7 +175,11 @@ class EntryDirectory:
             entry.refs += 1
             self._tick += 1
             entry.last_used = self._tick
-        return self.path(key)
+        path = self.path(key)
+        # The mtime carries the LRU order across restarts (``_recover`` sorts by it).
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return path
 
     def release(self, key: str) -> None:
         with self._lock:
