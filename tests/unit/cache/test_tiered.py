@@ -325,3 +325,22 @@ def test_second_process_maps_dram_copy(
     import xxhash
 
     assert out == xxhash.xxh3_64_hexdigest(expected)
+
+
+def test_lru_order_survives_a_restart(
+    make_tiered: TieredFactory,
+    store: CountingStore,
+    ckpt: tuple[Path, CheckpointIndex],
+    tmp_path: Path,
+) -> None:
+    a, b = "checkpoints/a/1", "checkpoints/b/1"
+    for k in (a, b):
+        push_checkpoint(ckpt[0], store, k)
+    cache = make_tiered()
+    for k in (a, b):
+        cache.fetch(k)
+        cache.release(k)
+    cache.flush()
+    assert cache.ssd.acquire(a) is not None  # a is now the most recently used
+    cache.ssd.release(a)
+    assert [k for k, _, _ in SsdCache(tmp_path / "ssd", 64 * MiB).contents()] == [a, b]
