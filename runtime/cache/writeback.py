@@ -1,9 +1,10 @@
 """SSD write-behind: copy a DRAM image's verified chunks onto an SSD entry off the hot path.
 
 A store pull hands each chunk here as soon as it is downloaded and hashed; one background
-thread copies it from the image (its own read-only mapping, which stays valid after the DRAM
-entry is renamed or even evicted) into the SSD entry's partition files. The download never
-waits for the disk (writes run at ~100 MB/s sustained on this machine's disk, reads at
+thread writes it from the image (its own read-only mapping, valid across the DRAM entry's
+rename; the caller keeps the entry pinned until ``finish``, so no eviction recycles the image
+underneath) into the SSD entry's partition files, O_DIRECT where the filesystem allows
+(``SsdWriter``). The download never waits for the disk (writes run at ~100 MB/s sustained on this machine's disk, reads at
 1-2 GB/s), so DRAM-ready time stays the download time; ``finish`` then waits for the copy,
 fdatasyncs and renames the entry into place. A full disk makes the copy stop and the entry
 be discarded; the DRAM copy is unaffected.
