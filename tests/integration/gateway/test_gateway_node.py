@@ -95,6 +95,18 @@ def test_the_openai_client_streaming_and_not(cluster: Cluster) -> None:
         client.chat.completions.create(model="nope", messages=messages)  # type: ignore[arg-type]
 
 
+def test_instance_logs_reach_the_gateway(cluster: Cluster) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.get(f"{cluster.url}/system/logs/tiny?tail=5", headers=AUTH, timeout=5)
+        assert r.status_code == 200
+        if r.json():
+            break
+        assert time.monotonic() < deadline, "no log line of tiny's instance arrived"
+        time.sleep(0.2)
+    assert all(line["node"] and line["instance_id"].startswith("tiny-") for line in r.json())
+
+
 def test_function_stream_passes_native_events_through(cluster: Cluster) -> None:
     events = []
     body = {"prompt": "hello", "max_tokens": 4, "temperature": 0, "stream": True}
