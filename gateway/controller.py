@@ -69,6 +69,9 @@ class Controller:
         self._tick_s = tick_s
         self._settle_until = clock.now() + settle_s
         self._scalers: dict[str, ScalerState] = {}
+        # Functions with an instance moving between nodes (gateway.migration): their replicas
+        # are in flux (a draining source, a loading target), so no scale decision meanwhile.
+        self.migrating: set[str] = set()
         self._manual: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -188,6 +191,8 @@ class Controller:
 
     def _reconcile(self, record: FunctionRecord, now: float) -> None:
         name = record.spec.name
+        if name in self.migrating:
+            return
         mine = self._table.of(name)
         current = [i for i in mine if i.revision == record.revision]
         ready = [i for i in current if i.state == "ready"]
