@@ -2,13 +2,14 @@
 its node ``S`` to node ``D``.
 
 1. Target: a ready instance of ``A`` (same revision) on ``D``, or a new one loaded there (from
-   ``D``'s best tier). ``I`` is marked draining at once, so new requests go to the target (or
-   wait for it in the cold-start queue) and the controller does not count ``I`` as a replica.
-2. ``migrate`` to ``S``: the node runs the rounds and the switch (runtime.migration); client
-   streams follow the switch in the proxy (``follow_moves``).
+   ``D``'s best tier) while ``I`` keeps serving. ``A``'s scaling is frozen meanwhile
+   (``migrating``): a loading target and a draining source are not a change of demand.
+2. ``I`` is marked draining (new requests go to the target), then ``migrate`` goes to ``S``:
+   the node runs the rounds and the switch (runtime.migration); client streams follow the
+   switch in the proxy (``follow_moves``).
 3. Success: ``I`` is unloaded (its JSON answers finish first), the resume is observed by the
    cost model (seconds against tokens). Failure before the switch: ``I`` serves again, nothing
-   was lost; a target this migration loaded stays as a replica (the autoscaler trims it).
+   was lost, and a target this migration loaded is unloaded.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Migrator:
         clock: Clock,
         models: MigrationModels | None = None,
         settings: MigrationSettings | None = None,
+        migrating: set[str] | None = None,
     ) -> None:
         self._table = table
         self._registry = registry
@@ -75,6 +77,8 @@ class Migrator:
         self.models = models or MigrationModels()
         self.settings = settings or MigrationSettings()
         self.active: set[str] = set()  # instance ids being migrated
+        # functions whose scaling waits (the controller's ``migrating``)
+        self.migrating = migrating if migrating is not None else set()
 
     async def migrate(self, instance_id: str, target_node: str) -> dict[str, Any]:
         """Move ``instance_id``'s in-flight streams to ``target_node``; the outcome as data."""
@@ -92,10 +96,13 @@ class Migrator:
         if instance_id in self.active:
             raise Conflict(f"instance {instance_id} is already migrating")
         self.active.add(instance_id)
+        self.migrating.add(source.function)
         started = self._clock.now()
-        source.state = "draining"  # no new requests: they go to (or wait for) the target
+        launched: Instance | None = None
         try:
-            target, launched = await self._target(record.to_dict(), source, target_node)
+            target, loaded = await self._target(record.to_dict(), source, target_node)
+            launched = target if loaded else None
+            source.state = "draining"  # new requests go to the target from now on
             migration_id = uuid.uuid4().hex[:12]
             log.info(
                 "migration %s start function=%s instance=%s from=%s to=%s target=%s",
@@ -110,12 +117,15 @@ class Migrator:
             reply = await self._send(source.node, command, self.settings.migrate_timeout_s)
         except SllmError as exc:
             self._restore(source)
+            if launched is not None:
+                await self._unload(launched)
             log.warning("migration of %s failed: %s", instance_id, exc.message)
             raise MigrationFailed(
                 f"migration of {instance_id} failed, it keeps serving: {exc.message}"
             ) from None
         finally:
             self.active.discard(instance_id)
+            self.migrating.discard(source.function)
         outcome = dict(reply.data)
         if int(outcome.get("moved", 0)) > 0:
             self.models.observe(
@@ -128,7 +138,7 @@ class Migrator:
             "migration_id": migration_id,
             "function": source.function,
             "source": {"instance": instance_id, "node": source.node},
-            "target": {"instance": target.instance_id, "node": target_node, "loaded": launched},
+            "target": {"instance": target.instance_id, "node": target_node, "loaded": loaded},
             "total_s": round(total, 6),
             **outcome,
         }
@@ -197,10 +207,11 @@ class Migrator:
             raise MigrationFailed(f"{kind} to node {node} refused: {reply.code}: {reply.message}")
         return reply
 
-    async def _unload(self, source: Instance) -> None:
+    async def _unload(self, inst: Instance) -> None:
+        if self._table.instances.get(inst.instance_id) is not inst:
+            return  # already gone
+        inst.state = "draining"
         try:
-            await self._send(
-                source.node, UnloadCmd(source.instance_id, self.settings.drain_s), 10.0
-            )
+            await self._send(inst.node, UnloadCmd(inst.instance_id, self.settings.drain_s), 10.0)
         except SllmError as exc:
-            log.warning("unload after migration failed instance=%s: %s", source.instance_id, exc)
+            log.warning("unload after migration failed instance=%s: %s", inst.instance_id, exc)

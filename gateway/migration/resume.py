@@ -4,6 +4,7 @@ to a target that answered, but the target may die right after the switch)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,9 +17,13 @@ log = logging.getLogger(__name__)
 
 
 class StreamResumer:
-    """``Resume`` for ``follow_moves``: tries the target, then ``fallbacks`` (base URLs)."""
+    """``Resume`` for ``follow_moves``: tries the target, then ``fallbacks`` (base URLs).
 
-    def __init__(self, client: httpx.AsyncClient, fallbacks: list[str]) -> None:
+    ``client`` is the proxy's instance client: ``httpx.AsyncClient`` or one with
+    ``post(url, body)`` returning a streamed response (``status_code``, ``aiter_raw``,
+    ``aread``, ``aclose``)."""
+
+    def __init__(self, client: Any, fallbacks: list[str]) -> None:
         self._client = client
         self._fallbacks = fallbacks
 
@@ -30,7 +35,7 @@ class StreamResumer:
         for address in candidates:
             try:
                 return await self._open(address, moved["state"])
-            except (httpx.HTTPError, Unavailable) as exc:
+            except Exception as exc:  # whatever the client raises: try the next candidate
                 reason = exc.message if isinstance(exc, Unavailable) else repr(exc)
                 reasons.append(f"{address}: {reason}")
                 log.warning("resume of moved request %s failed at %s: %s", rid, address, reason)
@@ -39,18 +44,23 @@ class StreamResumer:
         )
 
     async def _open(self, address: str, state: dict[str, Any]) -> AsyncIterator[bytes]:
-        request = self._client.build_request(
-            "POST", f"{address}/v1/migration/resume", json={"state": state}
-        )
-        response = await self._client.send(request, stream=True)
+        url = f"{address}/v1/migration/resume"
+        body = json.dumps({"state": state}).encode()
+        if isinstance(self._client, httpx.AsyncClient):
+            request = self._client.build_request(
+                "POST", url, content=body, headers={"content-type": "application/json"}
+            )
+            response: Any = await self._client.send(request, stream=True)
+        else:
+            response = await self._client.post(url, body)
         if response.status_code != 200:
-            body = (await response.aread()).decode("utf-8", errors="replace")[:300]
+            text = (await response.aread()).decode("utf-8", errors="replace")[:300]
             await response.aclose()
-            raise Unavailable(f"answered {response.status_code}: {body}")
+            raise Unavailable(f"answered {response.status_code}: {text}")
         return _chunks(response)
 
 
-async def _chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _chunks(response: Any) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk

@@ -24,7 +24,10 @@ def migrator_of(gw: GatewayService) -> Migrator:
     found = getattr(gw, "migrator", None)
     if isinstance(found, Migrator):
         return found
-    migrator = Migrator(gw.table, gw.registry, gw.dispatcher, gw.bus, gw.clock)
+    migrator = Migrator(
+        gw.table, gw.registry, gw.dispatcher, gw.bus, gw.clock,
+        migrating=gw.controller.migrating,
+    )  # fmt: skip
     gw.migrator = migrator  # type: ignore[attr-defined]
     return migrator
 
