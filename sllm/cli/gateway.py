@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 
 from sllm.cli.app import Groups, group
-from sllm.errors import ValidationFailed
+from sllm.errors import Unavailable, ValidationFailed
 from sllm.settings import GatewaySettings
 
 
@@ -54,24 +54,39 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
 
 
 def start_gateway(args: argparse.Namespace) -> int:
+    import asyncio
     import logging
-
-    import uvicorn
-
-    from gateway.app import create_app
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(logging.INFO)
-    # httpx logs every proxied request at INFO: a line per request costs more than the hop.
+    # httpx logs every request at INFO: a line per request costs more than the gateway hop.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(settings)
+    asyncio.run(_serve(settings, args.log_level))
+    return 0
+
+
+async def _serve(settings: GatewaySettings, log_level: str) -> None:
+    """Connect to NATS first, so an unreachable server is one clear error line (not a failed
+    lifespan with a traceback), then serve until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from gateway.app import connect_nats, create_app
+    from sllm.bus import Bus, KeyValue
+
+    bus, kv = await connect_nats(settings)
+
+    async def connected(_: GatewaySettings) -> tuple[Bus, KeyValue]:
+        return bus, kv
+
     config = uvicorn.Config(
-        app,
+        create_app(settings, connect=connected),
         host=settings.host,
         port=settings.port,
-        log_level=args.log_level,
+        log_level=log_level,
         access_log=False,
         lifespan="on",
     )
-    uvicorn.Server(config).run()
-    return 0
+    server = uvicorn.Server(config)
+    await server.serve()
+    if not server.started:
+        raise Unavailable(f"the gateway could not start on {settings.host}:{settings.port}")
