@@ -142,6 +142,7 @@ class InstanceHttpClient:
         self._read_timeout = read_timeout_s
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self._targets: dict[str, tuple[str, int, str]] = {}
+        self._swept = time.monotonic()
 
     async def post(
         self, url: str, body: bytes, content_type: str = "application/json"
@@ -225,12 +226,29 @@ class InstanceHttpClient:
         return None
 
     def _release(self, key: tuple[str, int], conn: _Conn) -> None:
+        now = time.monotonic()
+        if now - self._swept > IDLE_REUSE_S:
+            self._sweep(now)
         idle = self._idle.setdefault(key, [])
         if len(idle) >= MAX_IDLE_PER_ADDRESS or conn.writer.is_closing():
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         idle.append(conn)
+
+    def _sweep(self, now: float) -> None:
+        """Close connections too old to reuse, also those of instances that are gone (their
+        sockets would otherwise linger half-closed)."""
+        self._swept = now
+        for key in list(self._idle):
+            keep = [c for c in self._idle[key] if now - c.idle_since < IDLE_REUSE_S]
+            for conn in self._idle[key]:
+                if conn not in keep:
+                    conn.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

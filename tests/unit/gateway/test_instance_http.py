@@ -162,3 +162,31 @@ async def test_silence_is_a_timeout() -> None:
         c = InstanceHttpClient(connect_timeout_s=1, read_timeout_s=0.2)
         with pytest.raises(ResponseTimeout):
             await c.post(url, b"{}")
+
+
+async def test_connections_too_old_to_reuse_are_swept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.instance_http as module
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    monkeypatch.setattr(module, "IDLE_REUSE_S", 0.05)
+    async with server(script) as (a, _), server(script) as (b, _):
+        c = client()
+        for url in (a, b):
+            response = await c.post(url, b"{}")
+            await response.aread()
+            await response.aclose()
+        assert len(c._idle) == 2
+        await asyncio.sleep(0.1)
+        response = await c.post(b, b"{}")
+        await response.aread()
+        await response.aclose()
+        assert list(c._idle) == [("127.0.0.1", int(b.rsplit(":", 1)[1]))]
+        await c.aclose()
