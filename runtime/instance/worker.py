@@ -63,6 +63,8 @@ async def _serve(loaded: Any, host: str) -> int:
     service.state = "ready"
     send({"event": "ready", "port": port, "timings": loaded.timings})
     drain_s = await _wait_for_drain(serving)
+    service.state = "draining"  # from here new requests get 503
+    send({"event": "draining"})
     drained = await service.drain(drain_s)
     service.engine.stop("instance stopped before the request finished")
     server.should_exit = True

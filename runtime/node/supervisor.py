@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from runtime.node.devices import DeviceTable, threads_per_slot
 from runtime.node.worker_process import WorkerPool, WorkerProcess
-from sllm.errors import Conflict, SllmError, ValidationFailed
+from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
 from sllm.messages import InstanceEvent, InstanceState, LoadCmd, LogLine
 from sllm.spec import FunctionRecord
 
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # A load that is not ready in 10 minutes has failed (a 2 GB store pull here takes ~10 s).
 READY_TIMEOUT_S = 600.0
+# An instance acknowledges a drain command within milliseconds; one that does not is stuck.
+DRAIN_ACK_TIMEOUT_S = 5.0
 # Ended instances remembered for idempotent replies to repeated commands.
 TOMBSTONES = 256
 
@@ -61,6 +63,7 @@ class Instance:
     tokens_in: int = 0
     tokens_out: int = 0
     task: asyncio.Task[None] | None = None
+    drain_started: asyncio.Event = field(default_factory=asyncio.Event)
 
     def to_state(self) -> InstanceState:
         return InstanceState(
@@ -146,8 +149,11 @@ class Supervisor:
             inst.stopping = True
             if inst.worker is not None and inst.state == "ready":
                 inst.state = "draining"
-                with contextlib.suppress(SllmError):
+                with contextlib.suppress(SllmError, TimeoutError):
                     await inst.worker.send({"cmd": "drain", "drain_s": drain_s})
+                    # reply once the instance refuses new requests (a few ms), so a request
+                    # sent after the unload's reply is never accepted
+                    await asyncio.wait_for(inst.drain_started.wait(), DRAIN_ACK_TIMEOUT_S)
                 task = asyncio.create_task(self._kill_after(inst, drain_s + 10.0))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
@@ -221,6 +227,7 @@ class Supervisor:
             )  # fmt: skip
             await self._event(inst, "ready")
             self.pool.replenish()
+            await self._follow(inst, worker)
             code = await worker.wait()
             if inst.stopping:
                 await self._ended(inst, "stopped", "")
@@ -236,6 +243,17 @@ class Supervisor:
                 await self._ended(inst, "failed", error)
         finally:
             self.pool.replenish()
+
+    async def _follow(self, inst: Instance, worker: WorkerProcess) -> None:
+        """Read the ready instance's control lines until it exits (``draining`` acks an
+        unload's drain command)."""
+        while True:
+            try:
+                message = await worker.next_event(None)
+            except Unavailable:
+                return
+            if message.get("event") == "draining":
+                inst.drain_started.set()
 
     def _load_spec(self, inst: Instance, entry_dir: str) -> dict[str, Any]:
         spec = inst.record.spec

@@ -71,8 +71,9 @@ class WorkerProcess:
             except Exception:
                 log.debug("log sink failed", exc_info=True)
 
-    async def next_event(self, timeout_s: float) -> dict[str, Any]:
-        """The next control message; Unavailable if the process exits or stays silent."""
+    async def next_event(self, timeout_s: float | None) -> dict[str, Any]:
+        """The next control message; Unavailable if the process exits or stays silent for
+        ``timeout_s`` (None: however long)."""
         assert self.proc.stdout is not None
         try:
             raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)

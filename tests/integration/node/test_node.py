@@ -76,9 +76,22 @@ async def test_load_generate_stream_unload(client: NodeClient) -> None:
     assert any(e.checkpoint.startswith("checkpoints/tiny") for e in beat.cache["dram"])
     assert {d.device: d.instance_id for d in beat.devices}["cpu:0"] == "inst-a"
 
-    # an eviction: unload, then at once a load for the same device, which waits for it
-    assert (await client.unload("inst-a")).ok
-    queued = await client.load("inst-b", "cpu:0", function="other")
+    # unload while a stream is in flight: it finishes, new requests get 503 meanwhile
+    long = {"prompt": "hello", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=ready.address, timeout=60) as http:
+        in_flight = asyncio.create_task(_stream(http, "/v1/generate", long))
+        for _ in range(500):
+            if (await http.get("/healthz")).json()["in_flight"]:
+                break
+            await asyncio.sleep(0.01)
+        # an eviction: unload, then at once a load for the same device, which waits for it
+        assert (await client.unload("inst-a", 30.0)).ok
+        refused = await http.post("/v1/generate", json=body)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+        queued = await client.load("inst-b", "cpu:0", function="other")
+        events = await in_flight
+    assert events[-1] == "[DONE]"
+    assert isinstance(events[-2], dict) and events[-2]["finish_reason"] == "length"
     assert queued.ok and queued.data["device"] == "cpu:0", queued
     assert (await client.event("inst-a")).kind == "stopped"
     assert (await client.unload("inst-a")).ok  # unload is idempotent too
