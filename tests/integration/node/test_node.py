@@ -103,7 +103,7 @@ async def test_load_generate_stream_unload(client: NodeClient) -> None:
     assert all(d.instance_id is None for d in beat.devices)
 
 
-async def test_two_instances_on_two_cpu_slots(client: NodeClient) -> None:
+async def test_two_instances_on_two_cpu_slots_and_one_killed(client: NodeClient) -> None:
     replies = await asyncio.gather(client.load("two-0"), client.load("two-1"))
     assert all(r.ok for r in replies), replies
     assert {r.data["device"] for r in replies} == {"cpu:0", "cpu:1"}
@@ -118,37 +118,35 @@ async def test_two_instances_on_two_cpu_slots(client: NodeClient) -> None:
     assert texts[0] == texts[1]  # same model, greedy: same answer from either instance
     third = await client.load("two-2")
     assert not third.ok and third.code == "unavailable"
-    busy = await client.load("two-3", "cpu:0")
+    busy = await client.load("two-3", replies[0].data["device"])
     assert not busy.ok and busy.code == "conflict" and "in use" in busy.message
-    for iid in ("two-0", "two-1"):
-        assert (await client.unload(iid, 1.0)).ok
-        assert (await client.event(iid)).kind == "stopped"
 
-
-async def test_killed_instance_is_reported_failed_and_its_device_freed(
-    client: NodeClient,
-) -> None:
-    assert (await client.load("doomed", "cpu:1")).ok
-    ready = await client.event("doomed")
-    assert ready.kind == "ready" and ready.address
-    pid = _pid_listening_on(ready.address)
-    body = {"prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+    # kill two-1's process mid-stream: the stream breaks, the node reports it, frees its
+    # device, and two-0 keeps serving
+    doomed = ready[1]
+    assert doomed.address
+    pid = _pid_listening_on(doomed.address)
+    long = {"prompt": "hello", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
     async with httpx.AsyncClient(timeout=60) as http:
 
         async def stream() -> None:
             async with http.stream(
-                "POST", f"{ready.address}/v1/generate", json=body | {"stream": True}
+                "POST", f"{doomed.address}/v1/generate", json=long | {"stream": True}
             ) as r:
                 async for _ in r.aiter_lines():
                     os.kill(pid, signal.SIGKILL)
 
         with pytest.raises(httpx.HTTPError):
             await stream()
-    failed = await client.event("doomed")
-    assert failed.kind == "failed" and "exited" in failed.error
+        failed = await client.event("two-1")
+        assert failed.kind == "failed" and "exited with code -9" in failed.error
+        still = await http.post(f"{ready[0].address}/v1/generate", json=body)
+        assert still.status_code == 200 and still.json()["text"] == texts[0]
     beat = await client.heartbeat()
-    assert {d.device: d.instance_id for d in beat.devices}["cpu:1"] is None
-    assert all(i.instance_id != "doomed" for i in beat.instances)
+    assert {d.device: d.instance_id for d in beat.devices}[replies[1].data["device"]] is None
+    assert [i.instance_id for i in beat.instances] == ["two-0"]
+    assert (await client.unload("two-0", 1.0)).ok
+    assert (await client.event("two-0")).kind == "stopped"
 
 
 async def test_malformed_and_unknown_version_commands_get_error_replies(
