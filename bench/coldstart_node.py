@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -187,7 +188,25 @@ async def load_once(nats_url: str, node: Node, instance_id: str) -> dict[str, An
     stopped = await asyncio.wait_for(events.get(), 120)
     assert stopped.kind == "stopped"
     await bus.close()
-    return {"command_to_ready_s": elapsed, "tier": ready.tier, "node_load_s": ready.load_s}
+    return {
+        "command_to_ready_s": elapsed,
+        "tier": ready.tier,
+        "node_load_s": ready.load_s,
+        **instance_timings(node, instance_id),
+    }
+
+
+def instance_timings(node: Node, instance_id: str) -> dict[str, Any]:
+    """The instance's own timings (map, build, warm-up) from the node's ready log line."""
+    pattern = re.compile(
+        rf"instance {re.escape(instance_id)} ready .* pre_started=(\w+) timings=(\{{.*\}})"
+    )
+    found: dict[str, Any] = {}
+    for line in (DATA / f"{node.node_id}.log").read_text(errors="replace").splitlines():
+        m = pattern.search(line)
+        if m:
+            found = {"pre_started": m.group(1) == "True", "instance": json.loads(m.group(2))}
+    return found
 
 
 async def _wait_idle(nats_url: str, node: Node, pool: int, timeout_s: float) -> None:
@@ -224,6 +243,7 @@ def run_node_scenarios(
     cache_dir = DATA / f"cache-p{pool}-r{rep}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     node = Node(env, cache_dir, pool, f"bench-p{pool}-r{rep}")
+    (DATA / f"{node.node_id}.log").unlink(missing_ok=True)
     shutil.rmtree(node.dram_root(), ignore_errors=True)
     out: dict[str, Any] = {}
     try:
