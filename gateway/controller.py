@@ -197,6 +197,8 @@ class Controller:
         current = [i for i in mine if i.revision == record.revision]
         ready = [i for i in current if i.state == "ready"]
         starting = [i for i in current if i.state == "starting"]
+        if ready and self._dispatcher.queued(name):
+            self._dispatcher.release_waiters(name, record.revision)  # should an event be missed
         obs = Observation(
             in_flight=sum(i.in_flight for i in mine),
             queued=self._dispatcher.queued(name),

@@ -74,7 +74,9 @@ class Dispatcher:
     ) -> Instance | None:
         """A ready instance with its in-flight count taken, or None. Never waits."""
         if self.queued(function):
-            return None  # arrival order: those already waiting go first
+            # Arrival order: those already waiting go first. Any left after this cannot use
+            # the ready instances (a retry excluding the one that failed it).
+            self.release_waiters(function, revision)
         inst = pick(self._table.routable(function), revision, exclude)
         if inst is not None:
             inst.in_flight += 1
@@ -122,21 +124,27 @@ class Dispatcher:
         inst.in_flight = max(0, inst.in_flight - 1)
 
     def release_waiters(self, function: str, revision: int) -> int:
-        """Hand queued requests of ``function`` to ready instances, in arrival order."""
+        """Hand queued requests of ``function`` to ready instances, in arrival order; a waiter
+        no ready instance can take (it excludes them) keeps its place without blocking those
+        behind it."""
         queue = self._queues.get(function)
+        if not queue:
+            return 0
+        routable = self._table.routable(function)
         handed = 0
+        kept: deque[_Waiter] = deque()
         while queue:
-            waiter = queue[0]
+            waiter = queue.popleft()
             if waiter.future.done():
-                queue.popleft()
                 continue
-            inst = pick(self._table.routable(function), revision, waiter.exclude)
+            inst = pick(routable, revision, waiter.exclude) if routable else None
             if inst is None:
-                break
-            queue.popleft()
+                kept.append(waiter)
+                continue
             inst.in_flight += 1
             waiter.future.set_result(inst)
             handed += 1
+        queue.extend(kept)
         return handed
 
     def fail_waiters(self, function: str, error: Exception) -> int:

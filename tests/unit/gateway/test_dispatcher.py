@@ -87,11 +87,12 @@ async def test_new_arrivals_do_not_overtake_the_queue() -> None:
     first = asyncio.create_task(d.acquire("f", 1))
     await asyncio.sleep(0)
     table.instances["a"] = inst("a")
-    assert d.try_acquire("f", 1) is None  # one is waiting: it goes first
-    d.release_waiters("f", 1)
+    # An instance is ready but its event has not been handled yet: the waiter is served first.
+    newcomer = d.try_acquire("f", 1)
+    assert first.done() or d.queued("f") == 0
     got, _ = await first
-    assert got.instance_id == "a"
-    assert d.try_acquire("f", 1) is table.instances["a"]
+    assert got.instance_id == "a" and newcomer is table.instances["a"]
+    assert table.instances["a"].in_flight == 2
 
 
 async def test_a_cancelled_waiter_leaves_the_queue() -> None:
@@ -110,3 +111,17 @@ async def test_deleting_a_function_fails_its_waiters_with_404() -> None:
     d.forget("f")
     with pytest.raises(NotFound):
         await task
+
+
+async def test_a_retry_waiting_for_another_instance_does_not_block_new_requests() -> None:
+    d, table, _, _ = make()
+    table.instances["a"] = inst("a")
+    retry = asyncio.create_task(d.acquire("f", 1, exclude={"a"}))  # "a" failed it once
+    await asyncio.sleep(0)
+    assert d.queued("f") == 1
+    got = d.try_acquire("f", 1)
+    assert got is not None and got.instance_id == "a"
+    table.instances["b"] = inst("b")
+    assert d.release_waiters("f", 1) == 1
+    served, _ = await retry
+    assert served.instance_id == "b"
