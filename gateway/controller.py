@@ -23,6 +23,7 @@ from typing import Any
 from gateway.autoscaler import Observation, ScalerState, decide
 from gateway.commands import CommandFailed, NodeCommands
 from gateway.dispatcher import Dispatcher
+from gateway.gauges import update_gauges
 from gateway.instances import Instance, InstanceTable, ReadyChange
 from gateway.metrics import GatewayMetrics
 from gateway.placement import Scheduler
@@ -350,14 +351,7 @@ class Controller:
 
     def _update_gauges(self, records: dict[str, FunctionRecord]) -> None:
         now = self._clock.now()
-        self._metrics.nodes.set(len(self._table.live_nodes(now)))
-        for name in records:
-            counts = {"starting": 0, "ready": 0, "draining": 0, "unreachable": 0}
-            for inst in self._table.of(name):
-                counts[inst.state] = counts.get(inst.state, 0) + 1
-            for state, n in counts.items():
-                self._metrics.instances.labels(name, state).set(n)
-            self._metrics.queued.labels(name).set(self._dispatcher.queued(name))
+        update_gauges(self._metrics, self._table, self._dispatcher.queued, records, now)
 
     def replicas(self, function: str) -> dict[str, int]:
         record = self._registry.find(function)
