@@ -227,3 +227,14 @@ async def test_a_load_refused_by_one_node_is_placed_on_another() -> None:
         (inst,) = h.gateway.table.routable("chat")
         assert inst.node == "node-b"
         assert len(other.loads) == 2 and len(h.node.loads) in (1, 2)
+
+
+async def test_scale_down_after_the_stable_window_drains_one_instance(h: Harness) -> None:
+    await h.deploy()  # keep_alive 60s; the harness's scale-down window is 1s
+    await h.client.post("/system/scale/chat", json={"replicas": 2},
+                        headers={"authorization": "Bearer test-token"})  # fmt: skip
+    await wait_for(lambda: len(h.gateway.table.routable("chat")) == 2)
+    await wait_for(lambda: len(h.node.unloads) == 1, timeout_s=4.0)
+    await asyncio.sleep(0.3)
+    assert len(h.node.unloads) == 1  # down to 1, not to 0: keep_alive holds the last one
+    assert len(h.gateway.table.routable("chat")) == 1
