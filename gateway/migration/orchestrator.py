@@ -23,6 +23,7 @@ from gateway.dispatcher import Dispatcher
 from gateway.instances import Instance, InstanceTable
 from gateway.registry import Registry
 from gateway.scheduler.estimators import MigrationModels
+from gateway.scheduler.types import Migration
 from sllm.bus import Bus
 from sllm.clock import Clock
 from sllm.errors import Conflict, InvalidInput, NotFound, ProtocolError, SllmError
@@ -142,6 +143,17 @@ class Migrator:
             "total_s": round(total, 6),
             **outcome,
         }
+
+    async def free_devices(self, migration: Migration) -> None:
+        """Apply a placement's ``Migration``: move the victim's streams to its target node,
+        then wait until the victim has stopped, so its devices are free for the new instance.
+        MigrationFailed (the victim keeps serving) otherwise."""
+        await self.migrate(migration.victim, migration.target_node)
+        deadline = self._clock.now() + self.settings.drain_s + 15.0
+        while migration.victim in self._table.instances:
+            if self._clock.now() > deadline:
+                raise MigrationFailed(f"instance {migration.victim} did not stop after migrating")
+            await self._clock.sleep(self.settings.poll_s)
 
     def _restore(self, source: Instance) -> None:
         """The source keeps serving (it was never interrupted before the switch)."""
