@@ -26,11 +26,12 @@ from gateway.dispatcher import Dispatcher
 from gateway.gauges import update_gauges
 from gateway.instances import Instance, InstanceTable, ReadyChange
 from gateway.metrics import GatewayMetrics
+from gateway.migration.orchestrator import Migrator
 from gateway.placement import Scheduler
 from gateway.registry import Registry
-from gateway.scheduler.types import NoCapacity, PlacementRequest
+from gateway.scheduler.types import NoCapacity, Placement, PlacementRequest
 from sllm.clock import Clock
-from sllm.errors import Unavailable
+from sllm.errors import SllmError, Unavailable
 from sllm.messages import InstanceEvent, LoadCmd, NodeHeartbeat, UnloadCmd
 from sllm.spec import FunctionRecord
 
@@ -73,6 +74,7 @@ class Controller:
         # Functions with an instance moving between nodes (gateway.migration): their replicas
         # are in flux (a draining source, a loading target), so no scale decision meanwhile.
         self.migrating: set[str] = set()
+        self.migrator: Migrator | None = None  # set by the gateway's wiring
         self._manual: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -289,8 +291,36 @@ class Controller:
         device = placement.devices[0]
         self._table.launched(instance_id, spec.name, placement.node, device, record.revision, now)
         command = LoadCmd(instance_id, spec.name, record.to_dict(), device)
+        if placement.migration is not None:  # a running instance moves away first (issue 7)
+            self._spawn(self._migrate_then_load(record, placement, command, exclude))
+            return True
         self._spawn(self._send_load(record, placement.node, command, exclude, evicted))
         return True
+
+    async def _migrate_then_load(
+        self,
+        record: FunctionRecord,
+        placement: Placement,
+        command: LoadCmd,
+        exclude: frozenset[str],
+    ) -> None:
+        """Live-migrate the placement's victim to its target node (gateway.migration), then
+        load on the devices it freed; a failed migration places the instance elsewhere."""
+        assert placement.migration is not None
+        try:
+            if self.migrator is None:
+                raise Unavailable("live migration is not wired into this gateway")
+            await self.migrator.free_devices(placement.migration)
+        except SllmError as exc:
+            log.warning("migration for a placement failed function=%s error=%s",
+                        command.function, exc.message)  # fmt: skip
+            self._table.forget(command.instance_id)
+            tried = exclude | {placement.node}
+            if len(tried) < LOAD_ATTEMPTS and self._launch(record, tried, exc.message):
+                return
+            self._lost(command.function, exc.message, wake_failed=True)
+            return
+        await self._send_load(record, placement.node, command, exclude, [])
 
     def _protected(self) -> set[str]:
         """Instances a placement must not evict: requests in flight through this gateway, or

@@ -1,0 +1,109 @@
+"""The controller applies a placement that carries a Migration: the victim moves away first
+(through the Migrator), then the new instance loads on the freed device; a failed migration
+places the instance elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.controller import Controller
+from gateway.dispatcher import Dispatcher
+from gateway.instances import InstanceTable
+from gateway.metrics import GatewayMetrics
+from gateway.migration.orchestrator import MigrationFailed
+from gateway.scheduler.types import Migration, NoCapacity, Placement
+from sllm.clock import SystemClock
+from sllm.messages import CmdReply, LoadCmd
+from sllm.spec import FunctionRecord, FunctionSpec
+
+RECORD = FunctionRecord(FunctionSpec(name="b", model="m", handler="chat"), "ck/b", 10)
+MOVE = Migration("a-1", "a", "n1", ("cpu:0",), "n2", ("cpu:0",), "dram", 1.0)
+
+
+class Registry:
+    def all(self) -> list[FunctionRecord]:
+        return [RECORD]
+
+    def find(self, name: str) -> FunctionRecord | None:
+        return RECORD if name == "b" else None
+
+
+class Commands:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    async def send(self, node: str, command: object) -> CmdReply:
+        self.sent.append((node, command))
+        return CmdReply(ok=True)
+
+
+class Scheduler:
+    policy = "locality+migration"
+
+    def __init__(self, placements: list[Placement | NoCapacity]) -> None:
+        self.placements = placements
+        self.excluded: list[set[str]] = []
+
+    def place(self, *args: Any, **kwargs: Any) -> Placement | NoCapacity:
+        self.excluded.append(set(args[4]))
+        return self.placements.pop(0)
+
+
+class FakeMigrator:
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.freed: list[Migration] = []
+
+    async def free_devices(self, migration: Migration) -> None:
+        self.freed.append(migration)
+        if self.fail:
+            raise MigrationFailed("target instance failed before the switch")
+
+
+def controller(scheduler: Scheduler, migrator: FakeMigrator) -> tuple[Controller, Commands]:
+    table = InstanceTable()
+    clock = SystemClock()
+    commands = Commands()
+    ctl = Controller(
+        Registry(),  # type: ignore[arg-type]
+        table,
+        Dispatcher(table, clock, 10, 10.0, on_wait=lambda fn: None),
+        commands,  # type: ignore[arg-type]
+        scheduler,
+        clock,
+        GatewayMetrics(),
+        stable_window_s=10.0,
+        drain_s=1.0,
+    )
+    ctl.migrator = migrator  # type: ignore[assignment]
+    return ctl, commands
+
+
+async def settle(ctl: Controller) -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await ctl.stop()
+
+
+async def test_migration_runs_before_the_load_on_the_freed_device() -> None:
+    placement = Placement("n1", ("cpu:0",), "dram", 1.5, "locality+migration", migration=MOVE)
+    migrator = FakeMigrator(fail=False)
+    ctl, commands = controller(Scheduler([placement]), migrator)
+    assert ctl._launch(RECORD)
+    await settle(ctl)
+    assert migrator.freed == [MOVE]
+    [(node, load)] = commands.sent
+    assert node == "n1" and isinstance(load, LoadCmd) and load.device == "cpu:0"
+
+
+async def test_failed_migration_places_the_instance_elsewhere() -> None:
+    moved = Placement("n1", ("cpu:0",), "dram", 1.5, "locality+migration", migration=MOVE)
+    other = Placement("n3", ("cpu:1",), "store", 3.0, "locality+migration")
+    scheduler = Scheduler([moved, other])
+    ctl, commands = controller(scheduler, FakeMigrator(fail=True))
+    assert ctl._launch(RECORD)
+    await settle(ctl)
+    assert scheduler.excluded[1] == {"n1"}
+    [(node, load)] = commands.sent
+    assert node == "n3" and isinstance(load, LoadCmd) and load.device == "cpu:1"
