@@ -18,6 +18,7 @@ from gateway.instance_http import InstanceHttpClient
 from gateway.instances import InstanceTable
 from gateway.logs import LogBuffer
 from gateway.metrics import GatewayMetrics
+from gateway.migration.orchestrator import Migrator
 from gateway.placement import PolicyScheduler, Scheduler
 from gateway.proxy import InstanceProxy
 from gateway.registry import Registry
@@ -78,6 +79,11 @@ class GatewayService:
             tick_s=self.tick_s,
             settle_s=self.settle_s,
         )
+        # Live migration: operators' POST /system/migrate and the scheduler's decisions
+        self.controller.migrator = Migrator(
+            self.table, self.registry, self.dispatcher, self.bus, self.clock,
+            migrating=self.controller.migrating,
+        )  # fmt: skip
         self.resume_http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.settings.request_timeout_s, connect=5.0)
         )
