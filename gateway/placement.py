@@ -17,9 +17,9 @@ from gateway.scheduler.snapshot import snapshot_from_heartbeats
 from gateway.scheduler.types import NoCapacity, Placement, PlacementRequest
 from sllm.messages import NodeHeartbeat
 
-# Policies the gateway can apply today. locality+migration's migrate decisions need the
-# migration protocol wired into the gateway (issue 7): until then it places as `locality`.
-_APPLIED = {"locality+migration": "locality"}
+# Policies applied as another one (none today: locality+migration's migrations are applied by
+# the controller through gateway.migration).
+_APPLIED: dict[str, str] = {}
 
 
 class Scheduler(Protocol):
