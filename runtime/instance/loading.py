@@ -1,6 +1,6 @@
 """Bringing a model up inside an instance process: map the DRAM image, build the model from
 zero-copy views (copied to the device on CUDA), load the tokenizer, set up the handler and run
-a warm-up generation. Also the pool warm-up a pre-started process runs before any model is
+a warm-up forward pass. Also the pool warm-up a pre-started process runs before any model is
 assigned, so the first real load does not pay for first-use costs of torch and transformers.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ def pool_warm_up() -> None:
 class LoadedInstance:
     service: InstanceService
     timings: dict[str, float]
-    mapping: Any  # keeps the DRAM mapping alive as long as the model's views are used
+    mapped: MappedImage  # keeps the DRAM mapping alive as long as the model's views are used
 
 
 def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> LoadedInstance:
@@ -172,7 +173,9 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
     )
     custom = None
     if spec.handler not in BUILTIN:
-        handler_dir = Path(spec.handler_dir or entry / "handler")
+        # never inside the DRAM entry: that directory is the cache's, shared by every function
+        # using this checkpoint
+        handler_dir = Path(spec.handler_dir or tempfile.mkdtemp(prefix="sllm-handler-"))
         write_handler_source(handler_dir, spec.handler_source)
         custom, context.state = load_custom_handler(
             spec.handler, handler_dir, model, tokenizer, dict(spec.env)

@@ -87,6 +87,7 @@ class NodeAgent:
             publish_event=self._publish_event,
             publish_log=self._publish_log,
             cpu_slots=max(slots, 1),
+            handler_root=Path(settings.cache_dir) / "handlers",
         )
         self.seq = 0
         self.draining = False

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.node.devices import DeviceTable, threads_per_slot
@@ -93,6 +95,7 @@ class Supervisor:
         publish_event: Publish,
         publish_log: Publish,
         cpu_slots: int,
+        handler_root: Path,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -102,6 +105,7 @@ class Supervisor:
         self.publish_event = publish_event
         self.publish_log = publish_log
         self.cpu_slots = cpu_slots
+        self.handler_root = handler_root  # per-instance dirs of custom handlers' files
         self.instances: dict[str, Instance] = {}
         self.ended: dict[str, Instance] = {}
         self.recent_load_s: list[float] = []
@@ -272,6 +276,7 @@ class Supervisor:
                 "top_p": spec.generation.top_p,
             },
             "handler_source": dict(inst.record.handler_source),
+            "handler_dir": str(self.handler_root / inst.instance_id),
             "threads": threads_per_slot(self.cpu_slots) if inst.device.startswith("cpu") else 0,
         }
 
@@ -290,6 +295,8 @@ class Supervisor:
             inst.fetched = False
             await asyncio.to_thread(self.cache.release, inst.record.checkpoint)
         self.devices.release(inst.device, inst.instance_id)
+        handler_dir = self.handler_root / inst.instance_id
+        await asyncio.to_thread(shutil.rmtree, handler_dir, True)
         async with self._freed:
             self._freed.notify_all()
         inst.state, inst.error, inst.in_flight = state, error, 0
