@@ -118,17 +118,36 @@ class NodeAgent:
         await self._http.aclose()
 
     # -- commands ---------------------------------------------------------------------------
-    async def handle(self, msg: Message) -> bytes:
+    async def handle(self, msg: Message) -> bytes | None:
+        """Answer one command. The bus runs a subscription's handler one message at a time,
+        so a migration (seconds) runs as a task that publishes its reply to ``reply_to``
+        itself, and loads and unloads sent meanwhile are not held up behind it."""
         try:
             command = decode(msg.data)
-            data = await self._dispatch(command)
-            reply = CmdReply(ok=True, data=data)
         except SllmError as exc:
-            reply = CmdReply(ok=False, code=exc.code, message=exc.message)
+            return encode(CmdReply(ok=False, code=exc.code, message=exc.message))
+        if isinstance(command, MigrateCmd) and msg.reply_to:
+            task = asyncio.create_task(self._answer_later(command, msg.reply_to))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return None
+        return encode(await self._answer(command))
+
+    async def _answer(self, command: object) -> CmdReply:
+        try:
+            return CmdReply(ok=True, data=await self._dispatch(command))
+        except SllmError as exc:
+            return CmdReply(ok=False, code=exc.code, message=exc.message)
         except Exception as exc:  # a bug must not take the node down: answer and log it
             log.exception("command failed")
-            reply = CmdReply(ok=False, code="internal", message=f"{type(exc).__name__}: {exc}")
-        return encode(reply)
+            return CmdReply(ok=False, code="internal", message=f"{type(exc).__name__}: {exc}")
+
+    async def _answer_later(self, command: object, reply_to: str) -> None:
+        reply = await self._answer(command)
+        try:
+            await self.bus.publish(reply_to, encode(reply))
+        except Exception as exc:
+            log.warning("could not send a command reply: %s", exc)
 
     async def _dispatch(self, command: object) -> dict[str, Any]:
         if isinstance(command, LoadCmd):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from runtime.node.agent import NodeAgent
 from runtime.node.devices import Device
-from sllm.bus import MemoryBus
+from sllm.bus import MemoryBus, Message
 from sllm.clock import ManualClock
 from sllm.messages import (
     HEARTBEAT_SUBJECT,
@@ -96,8 +97,16 @@ async def test_unload_of_an_unknown_instance_is_idempotent(
 async def test_drain_refuses_later_loads_and_migrate_of_unknown_instance(
     agent: tuple[NodeAgent, MemoryBus],
 ) -> None:
-    _, bus = agent
-    reply = await ask(bus, encode(MigrateCmd("i", "m", "n2", "j", "http://x")))
+    node, bus = agent
+    # a migration is answered from a task (the reply published to the inbox when it is done)
+    migrate = encode(MigrateCmd("i", "m", "n2", "j", "http://x"))
+    assert await node.handle(Message(node_cmd_subject("n1"), migrate, "inbox.7")) is None
+    for _ in range(100):
+        replies = [m for m in bus.published if m.subject == "inbox.7"]
+        if replies:
+            break
+        await asyncio.sleep(0.01)
+    reply = decode_as(replies[0].data, CmdReply)
     assert not reply.ok and reply.code == "not_found" and "instance i " in reply.message
     assert (await ask(bus, encode(DrainCmd(0.1)))).ok
     reply = await ask(bus, encode(LoadCmd("i2", "f", {}, "")))
