@@ -224,8 +224,10 @@ class Engine:
             logits_to_keep=1,
         )
         self._batch.commit_step(mask)
+        # one device-to-host copy for the whole batch (the sampler works on CPU float32)
+        logits = out.logits[:, -1].to(device="cpu", dtype=torch.float32)
         finished = {
-            a.state.request_id for i, a in enumerate(rows) if not self._accept(a, out.logits[i, -1])
+            a.state.request_id for i, a in enumerate(rows) if not self._accept(a, logits[i])
         }
         self._batch.remove(finished)
 
