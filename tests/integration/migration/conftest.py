@@ -1,0 +1,194 @@
+"""Two real nodes (`sllm node start` processes, one CPU slot each), the gateway process and
+its own nats-server, with the tiny model in a local-directory store: the stage for live
+migration between nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sllm.servers import ManagedServer, free_port, start_nats
+
+TOKEN = "mig-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+CHECKPOINT_KEY = "checkpoints/tiny/it-migration"
+FUNCTION = "mig"
+# ~6-10 s a stream here (more while the machine is busy): the switch, a few tenths of a
+# second, happens well before the end.
+MAX_TOKENS = 900
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Stage:
+    root: Path
+    nats: ManagedServer
+    env: dict[str, str]
+    nodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    gateway: subprocess.Popen[bytes] | None = None
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats.ports['client']}"
+
+    def log_tail(self, name: str, n: int = 60) -> str:
+        path = self.root / name
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return "\n".join(lines[-n:])
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {name}\n{self.log_tail(name)}"
+            for name in ["gateway.log", *(f"{n}.log" for n in self.nodes)]
+        )
+
+    def instances(self) -> list[dict[str, Any]]:
+        r = httpx.get(f"{self.url}/system/functions/{FUNCTION}", headers=AUTH, timeout=10)
+        assert r.status_code == 200, r.text
+        found: list[dict[str, Any]] = r.json()["instances"]
+        return found
+
+    def wait_ready(self, count: int = 1, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """Wait until exactly ``count`` instances are ready and none is starting/draining."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            insts = self.instances()
+            if len(insts) == count and all(i["state"] == "ready" for i in insts):
+                return insts
+            assert time.monotonic() < deadline, f"instances: {insts}\n{self.logs()}"
+            time.sleep(0.1)
+
+    def streams(self, inst: dict[str, Any]) -> set[str]:
+        """Request ids of the streams running on ``inst`` (an entry of ``instances``)."""
+        try:
+            r = httpx.get(f"{inst['address']}/v1/migration/requests", timeout=10)
+        except httpx.HTTPError:
+            return set()  # gone (a test killed it) or going
+        return {s["request_id"] for s in r.json()["requests"]}
+
+    def serving(self, request_id: str | None = None) -> dict[str, Any]:
+        """The instance streaming ``request_id`` (None: any stream)."""
+        for inst in self.instances():
+            streams = self.streams(inst)
+            if request_id in streams or (request_id is None and streams):
+                return inst
+        raise AssertionError(f"no instance streams {request_id or 'anything'}")
+
+    def migrate(self, target_node: str, **source: str) -> httpx.Response:
+        body = {**source, "target_node": target_node}
+        return httpx.post(f"{self.url}/system/migrate", json=body, headers=AUTH, timeout=120)
+
+
+def _start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sllm.cli.main", *argv],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+@pytest.fixture(scope="package")
+def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.node.main import dram_root
+    from runtime.store.local import LocalStore
+    from runtime.store.push import push_checkpoint
+    from runtime.tiny_model import TinyConfig, build_tiny_llama
+    from sllm.settings import NodeSettings
+
+    root = tmp_path_factory.mktemp("migration-it")
+    # Wider and deeper than the default tiny model, with a 2048 context: streams of a few
+    # hundred tokens last seconds here (~10 ms a token), long enough to move one mid-way.
+    config = TinyConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, max_position_embeddings=2048
+    )
+    model_dir = build_tiny_llama(root / "hf", seed=0, config=config)
+    index = convert_checkpoint(model_dir, root / "ckpt")
+    store = root / "store"
+    store.mkdir()
+    push_checkpoint(root / "ckpt", LocalStore(store), CHECKPOINT_KEY)
+    nats = start_nats(root / "nats")
+    env = {
+        **os.environ,
+        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
+        "SLLM_STORE_URL": str(store),
+        "SLLM_TOKEN": TOKEN,
+        "SLLM_POLICY": "least-loaded",
+        "SLLM_WAKE_TIMEOUT": "120s",
+        "SLLM_DRAM_CAPACITY": "256Mi",
+        "SLLM_SSD_CAPACITY": "256Mi",
+        "SLLM_CPU_SLOTS": "1",
+        "SLLM_POOL_SIZE": "1",
+        "SLLM_HEARTBEAT_INTERVAL": "0.3s",
+    }
+    s = Stage(root, nats, env)
+    node_envs = []
+    try:
+        for i in (1, 2):
+            node_id = f"mig-{os.getpid()}-{i}"
+            node_env = {**env, "SLLM_NODE_ID": node_id, "SLLM_CACHE_DIR": str(root / f"c{i}")}
+            node_envs.append(node_env)
+            argv = ["-v", "node", "start", "--drain", "2s"]
+            s.nodes[node_id] = _start(argv, node_env, root / f"{node_id}.log")
+        s.gateway = _start(
+            ["gateway", "start"], {**env, "SLLM_GATEWAY_PORT": str(s.port)}, root / "gateway.log"
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"{s.url}/healthz", timeout=2).json()
+                if health.get("nodes") == 2:
+                    break
+            except (httpx.TransportError, json.JSONDecodeError):
+                pass
+            assert time.monotonic() < deadline, "nodes did not come up:\n" + s.logs()
+            time.sleep(0.2)
+        spec = {
+            "name": FUNCTION,
+            "model": "tiny",
+            "handler": "chat",
+            "scale": {"min": 2, "max": 2, "keep_alive": "10m"},
+            "generation": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
+        }
+        body = {"spec": spec, "checkpoint": CHECKPOINT_KEY, "checkpoint_bytes": index.total_bytes}
+        r = httpx.post(f"{s.url}/system/functions", json=body, headers=AUTH, timeout=10)
+        assert r.status_code == 201, r.text
+        s.wait_ready(2)
+        yield s
+    finally:
+        if s.gateway is not None:
+            _stop(s.gateway)
+        for proc in s.nodes.values():
+            _stop(proc)
+        nats.stop()
+        for node_env in node_envs:
+            shutil.rmtree(dram_root(NodeSettings.from_env(node_env)), ignore_errors=True)

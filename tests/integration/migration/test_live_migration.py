@@ -1,0 +1,307 @@
+"""Live migration between two real nodes, through the gateway (function ``mig``: one instance
+on each node): streams moved mid-way give the same output as unmigrated runs (greedy and
+seeded, native and OpenAI SSE), five streams move together, a target killed before the switch
+leaves the source serving with nothing lost, and a source killed mid-stream ends the stream
+with a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from sllm.messages import MigrationProgress, decode_as
+from sllm.nats_bus import NatsBus
+
+from .conftest import FUNCTION, MAX_TOKENS, Stage
+
+pytestmark = pytest.mark.integration
+
+
+def pid_on(address: str) -> int:
+    port = int(address.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN" and conn.pid:
+            return conn.pid
+    raise AssertionError(f"nothing listens on {address}")
+
+
+class Run:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.text = ""
+        self.events: list[Any] = []
+        self.errors: list[Any] = []
+
+
+async def native_stream(
+    http: httpx.AsyncClient, body: dict[str, Any], on_token: Callable[[Run], None] | None = None
+) -> Run:
+    run = Run()
+    async with http.stream("POST", f"/function/{FUNCTION}", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            event = data if data == "[DONE]" else json.loads(data)
+            run.events.append(event)
+            if isinstance(event, dict) and "error" in event:
+                run.errors.append(event)
+            if isinstance(event, dict) and "token_ids" in event:
+                run.tokens.extend(event["token_ids"])
+                run.text += event["delta"]
+                if on_token is not None:
+                    on_token(run)
+    return run
+
+
+async def reference(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """The unmigrated answer: a JSON (non-stream) request is never moved (it finishes where it
+    runs), so it can run alongside the stream (a request gives the same tokens alone or
+    batched)."""
+    r = await http.post(f"/function/{FUNCTION}", json={**body, "stream": False})
+    assert r.status_code == 200, r.text
+    answer: dict[str, Any] = r.json()
+    return answer
+
+
+def at(n: int, go: asyncio.Event) -> Callable[[Run], None]:
+    def on_token(run: Run) -> None:
+        if len(run.tokens) >= n:
+            go.set()
+
+    return on_token
+
+
+async def migrate_stream(stage: Stage, request_id: str, go: asyncio.Event) -> httpx.Response:
+    """Once ``go`` is set, migrate the instance streaming ``request_id`` to the other node."""
+    await go.wait()
+    source = await asyncio.to_thread(stage.serving, request_id)
+    (target,) = [n for n in stage.nodes if n != source["node"]]
+    return await asyncio.to_thread(stage.migrate, target, instance=source["id"])
+
+
+def rid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# Greedy prompts whose output runs to MAX_TOKENS with this model (no early end of sequence).
+LONG_PROMPTS = ("The capital of France", "What is love", "Why?")
+
+
+async def test_greedy_stream_moves_mid_way_token_for_token(stage: Stage) -> None:
+    body = {"prompt": LONG_PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+    request_id, go = rid("greedy"), asyncio.Event()
+    async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
+        ref = asyncio.create_task(reference(http, body))
+        mover = asyncio.create_task(migrate_stream(stage, request_id, go))
+        moved = await native_stream(http, {**body, "request_id": request_id}, at(10, go))
+        response = await mover
+        unmoved = await ref
+    assert response.status_code == 200, response.text + stage.logs()
+    outcome = response.json()
+    assert outcome["moved"] >= 1 and outcome["rounds"] >= 1 and not outcome["target"]["loaded"]
+    assert moved.errors == [] and moved.text == unmoved["text"]
+    assert len(moved.tokens) == unmoved["usage"]["completion_tokens"] > 100
+    assert moved.events[-2] == {
+        "finish_reason": unmoved["finish_reason"],
+        "usage": unmoved["usage"],
+    }
+    assert moved.events[-1] == "[DONE]"
+    nodes = {i["node"] for i in stage.wait_ready(2)}  # the source's device is refilled
+    assert nodes == set(stage.nodes)
+
+
+async def test_seeded_openai_stream_moves_identically(stage: Stage) -> None:
+    go = asyncio.Event()
+    body = {
+        "model": FUNCTION,
+        "messages": [{"role": "user", "content": "hello world"}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.9,
+        "seed": 77,
+    }
+
+    async def answer(http: httpx.AsyncClient) -> Any:
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def stream(http: httpx.AsyncClient) -> tuple[str, Any]:
+        text, usage, chunks = "", None, 0
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        # request_id is not an OpenAI field: find the stream by elimination instead
+        async with http.stream("POST", "/v1/chat/completions", json=streamed) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                usage = chunk.get("usage") or usage
+                chunks += len(chunk["choices"])
+                text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+                if chunks >= 10:
+                    go.set()
+        return text, usage
+
+    async def mover() -> httpx.Response:
+        await go.wait()
+        source = await asyncio.to_thread(stage.serving)  # the only stream running
+        (target,) = [n for n in stage.nodes if n != source["node"]]
+        return await asyncio.to_thread(stage.migrate, target, instance=source["id"])
+
+    async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
+        ref = asyncio.create_task(answer(http))
+        moving = asyncio.create_task(mover())
+        text, usage = await stream(http)
+        response = await moving
+        unmoved = await ref
+    assert response.status_code == 200 and response.json()["moved"] == 1, response.text
+    assert text == unmoved["choices"][0]["message"]["content"] and usage == unmoved["usage"]
+    assert usage["completion_tokens"] > 100
+    stage.wait_ready(2)
+
+
+async def test_five_concurrent_streams_move_together(stage: Stage) -> None:
+    # (prompt, temperature, seed) that run past 400 tokens with this model
+    picks = [("The capital of France", 0.8, 2), ("one two three", 0.0, 3),
+             ("What is love", 0.8, 7), ("Count to ten", 0.0, 8), ("Dear diary", 0.8, 9)]  # fmt: skip
+    bodies = [
+        {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": t, "seed": s} for p, t, s in picks
+    ]
+    # Twelve streams, about six per instance (the gateway sends each to the least busy one): the
+    # six or more of the busier instance move together while the target keeps serving its own.
+    ids = [rid(f"five{i}") for i in range(12)]
+    started: set[int] = set()
+    go = asyncio.Event()
+
+    def watch(i: int) -> Callable[[Run], None]:
+        def on_token(run: Run) -> None:
+            if len(run.tokens) >= 5:
+                started.add(i)
+                if len(started) >= len(ids) - 2:  # most are decoding: move now
+                    go.set()
+
+        return on_token
+
+    async def mover() -> tuple[httpx.Response, set[str]]:
+        await go.wait()
+        insts = await asyncio.to_thread(stage.instances)
+        streams = [await asyncio.to_thread(stage.streams, i) for i in insts]
+        source, on_source = max(zip(insts, streams, strict=True), key=lambda x: len(x[1]))
+        (target,) = [n for n in stage.nodes if n != source["node"]]
+        return await asyncio.to_thread(stage.migrate, target, instance=source["id"]), on_source
+
+    async with httpx.AsyncClient(base_url=stage.url, timeout=180) as http:
+        runs = [
+            asyncio.create_task(
+                native_stream(http, {**bodies[i % 5], "request_id": ids[i]}, watch(i))
+            )
+            for i in range(len(ids))
+        ]
+        moving = asyncio.create_task(mover())
+        references = await asyncio.gather(*(reference(http, b) for b in bodies))
+        done = await asyncio.gather(*runs)
+        response, on_source = await moving
+    assert response.status_code == 200, response.text
+    # the gateway spreads streams by in-flight count: about half of them on each instance
+    assert response.json()["moved"] >= 5, (on_source, response.json())
+    for i, run in enumerate(done):
+        ref = references[i % 5]
+        assert run.errors == [] and run.text == ref["text"]
+        assert len(run.tokens) == ref["usage"]["completion_tokens"] > 300
+    stage.wait_ready(2)
+
+
+class TargetKiller(threading.Thread):
+    """SIGKILLs ``pid`` at the first round of a migration. It listens on its own event loop:
+    the test's loop is busy streaming, and the next round is only tenths of a second away."""
+
+    def __init__(self, nats_url: str) -> None:
+        super().__init__(daemon=True)
+        self.nats_url = nats_url
+        self.pid = 0
+        self.killed = threading.Event()
+        self.listening = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._listen())
+
+    async def _listen(self) -> None:
+        bus = await NatsBus.connect(self.nats_url, name="mig-test-killer")
+
+        async def on_progress(msg: Any) -> None:
+            progress = decode_as(msg.data, MigrationProgress)
+            if progress.phase == "round" and self.pid and not self.killed.is_set():
+                os.kill(self.pid, signal.SIGKILL)
+                self.killed.set()
+
+        await bus.subscribe("sllm.migration.*.progress", on_progress)
+        self.listening.set()
+        await asyncio.to_thread(self.done.wait)
+        await bus.close()
+
+
+async def test_target_killed_before_switch_source_continues(stage: Stage) -> None:
+    body = {"prompt": LONG_PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0}
+    request_id, go = rid("kill-target"), asyncio.Event()
+    pids = {i["id"]: pid_on(i["address"]) for i in stage.wait_ready(2)}
+    killer = TargetKiller(stage.nats_url)
+    killer.start()
+    assert await asyncio.to_thread(killer.listening.wait, 30)
+
+    async def mover() -> tuple[httpx.Response, dict[str, Any]]:
+        await go.wait()
+        source = await asyncio.to_thread(stage.serving, request_id)
+        (target,) = [i for i in stage.instances() if i["id"] != source["id"]]
+        killer.pid = pids[target["id"]]  # the target dies after its first round
+        return await asyncio.to_thread(stage.migrate, target["node"], instance=source["id"]), source
+
+    try:
+        async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
+            ref = asyncio.create_task(reference(http, body))
+            moving = asyncio.create_task(mover())
+            run = await native_stream(http, {**body, "request_id": request_id}, at(10, go))
+            response, source = await moving
+            unmoved = await ref
+    finally:
+        killer.done.set()
+        killer.join(10)
+    assert killer.killed.is_set(), "the target was not killed"
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["code"] == "migration_failed"
+    # Nothing lost: the source kept decoding the stream to its end, and keeps serving.
+    assert run.errors == [] and run.text == unmoved["text"]
+    assert len(run.tokens) == unmoved["usage"]["completion_tokens"]
+    assert source["id"] in {i["id"] for i in stage.wait_ready(2)}
+
+
+async def test_source_killed_mid_stream_ends_with_clear_error(stage: Stage) -> None:
+    body = {"prompt": LONG_PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0}
+    request_id = rid("kill-source")
+
+    def kill(run: Run) -> None:
+        if len(run.tokens) == 10:
+            os.kill(pid_on(stage.serving(request_id)["address"]), signal.SIGKILL)
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
+        run = await asyncio.wait_for(
+            native_stream(http, {**body, "request_id": request_id}, kill), 30
+        )
+    assert time.monotonic() - started < 30  # ended, no hang
+    assert len(run.errors) == 1 and run.events[-1] == run.errors[0]
+    assert run.errors[0]["error"]["code"] in ("instance_failed", "migration_failed")
