@@ -12,6 +12,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Protocol
 
+from gateway.scheduler.estimators import MigrationModels
 from gateway.scheduler.policies import place
 from gateway.scheduler.snapshot import snapshot_from_heartbeats
 from gateway.scheduler.types import NoCapacity, Placement, PlacementRequest
@@ -37,8 +38,10 @@ class Scheduler(Protocol):
 
 
 class PolicyScheduler:
-    def __init__(self, policy: str) -> None:
+    def __init__(self, policy: str, migration: MigrationModels | None = None) -> None:
         self.policy = policy
+        # Resume-time fits learned from live migrations (gateway.migration feeds them).
+        self.migration = migration or MigrationModels()
 
     def place(
         self,
@@ -63,6 +66,7 @@ class PolicyScheduler:
             by_node,
             booked,
             functions=functions,
+            migration=self.migration.fits(),
             reclaim_idle=True,
         )
         return place(snapshot, request, _APPLIED.get(self.policy, self.policy))
