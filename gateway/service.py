@@ -66,6 +66,8 @@ class GatewayService:
             self.settings.wake_timeout_s,
             on_wait=lambda fn: self.controller.poke(fn),
         )
+        if self.scheduler is None:  # made here so the Migrator can feed it what it learns
+            self.scheduler = PolicyScheduler(self.settings.policy)
         self.controller = Controller(
             self.registry,
             self.table,
@@ -82,6 +84,7 @@ class GatewayService:
         # Live migration: operators' POST /system/migrate and the scheduler's decisions
         self.controller.migrator = Migrator(
             self.table, self.registry, self.dispatcher, self.bus, self.clock,
+            models=getattr(self.scheduler, "migration", None),  # the fits placements use
             migrating=self.controller.migrating,
         )  # fmt: skip
         self.resume_http = httpx.AsyncClient(
