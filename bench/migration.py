@@ -5,7 +5,7 @@ number of tokens so far, compared with preempt-and-restart; the fitted cost mode
 
 Starts a nats-server and one real node (``sllm node start``, two CPU slots) serving two
 instances of a Llama-shaped random model (a local-directory store). Per token count N and
-repetition, one greedy stream (``ignore_eos``, N + 64 tokens) runs on instance S:
+repetition, one greedy stream (``ignore_eos``, N + 400 tokens) runs on instance S:
 
 - ``migrate``: when the client has N tokens, the node gets ``migrate`` S -> D (the real command
   path: rounds, switch); the client's stream is spliced with the gateway's own code
@@ -67,7 +67,9 @@ from sllm.spec import FunctionRecord, FunctionSpec  # noqa: E402
 
 KEY = "checkpoints/bench/migration"
 PROMPT = "Once upon a time in a land far away, "
-TAIL_TOKENS = 64  # decoded after the switch, so the pause is seen between two live tokens
+# Decoded after the trigger: ~2-4 s here, so the switch (under a second) lands mid-stream and
+# its pause is seen between two live tokens.
+TAIL_TOKENS = 400
 
 
 def build_model(root: Path) -> tuple[Path, int]:
@@ -260,14 +262,18 @@ async def run(args: argparse.Namespace, env: dict[str, str], nbytes: int) -> dic
                     row = {"n": n, "rep": rep, **moved, "restart_pause_s": restarted["pause_s"]}
                     row["identical_output"] = same
                     rows.append(row)
-                    fit.observe(moved["tokens_at_switch"], moved["total_s"])
+                    if moved["moved"]:
+                        fit.observe(moved["tokens_at_switch"], moved["total_s"])
                     print(json.dumps(row), flush=True)
             summary = []
             for n in args.tokens:
-                mine = [r for r in rows if r["n"] == n]
+                mine = [r for r in rows if r["n"] == n and r["moved"]]
+                if not mine:
+                    continue
                 summary.append(
                     {
                         "tokens_so_far": n,
+                        "moved_runs": f"{len(mine)}/{args.repeat}",
                         "tokens_at_switch": median(mine, "tokens_at_switch"),
                         "migration_total_s": median(mine, "total_s"),
                         "migration_pause_s": median(mine, "pause_s"),
