@@ -208,6 +208,41 @@ def cuda_figures(bench: Bench, runs: int) -> dict[str, Any]:
     }
 
 
+def resident(paths: list[Path]) -> float:
+    """Fraction of the pages of ``paths`` in the page cache."""
+    from runtime.loader.direct_io import page_residency
+
+    cached = total = 0
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            vec = page_residency(fd, p.stat().st_size) or b""
+        finally:
+            os.close(fd)
+        cached += len(vec) - vec.count(0)
+        total += len(vec)
+    return cached / total if total else 0.0
+
+
+def paired(samples: dict[str, list[float]], nbytes: int) -> dict[str, float]:
+    """Ratios computed within each run, then the median: robust to drifts between runs."""
+
+    def per_run(f: Callable[[int], float]) -> float:
+        return median([f(i) for i in range(len(samples["sllm_cold_s"]))])
+
+    return {
+        "sllm_vs_limit_cold": per_run(
+            lambda i: samples["limit_cold_s"][i] / samples["sllm_cold_s"][i]
+        ),
+        "sllm_warm_vs_memcpy": per_run(
+            lambda i: nbytes / samples["sllm_warm_s"][i] / 1e9 / samples["memcpy_gbps"][i]
+        ),
+        "ready_speedup_cold": per_run(
+            lambda i: samples["ready_from_pretrained_cold_s"][i] / samples["ready_sllm_cold_s"][i]
+        ),
+    }
+
+
 def model_steps(bench: Bench) -> dict[str, float]:
     """Seconds of each CPU step after the reads, measured one by one (warm, image loaded)."""
     from runtime.loader.cpu import tensor_views
@@ -277,11 +312,14 @@ def main() -> int:
         print(f"run {r + 1}/{args.runs}", file=sys.stderr)
         run_round(bench, loaders, flip=bool(r % 2))
         run_round(bench, ready, flip=bool(r % 2))
+        # warm: files read just before; residency recorded because other processes dropping
+        # the page cache (shared machine) would turn a "warm" read cold
         bench.warm(bench.parts)
+        bench.record("warm_resident_fraction", resident(bench.parts))
         bench.record("sllm_warm_s", bench.sllm())
+        bench.record("memcpy_gbps", memcpy_gbps())
         bench.warm([hf / "model.safetensors"])
         bench.record("safetensors_warm_s", bench.safetensors())
-        bench.record("memcpy_gbps", memcpy_gbps())
 
     steps = [model_steps(bench) for _ in range(args.runs)]
     cuda = cuda_figures(bench, args.runs)
@@ -331,6 +369,7 @@ def main() -> int:
         "peak_rss_vs_checkpoint_max": result["peak_rss_bytes"] / nbytes,
     }
     result["ratios"] = ratios
+    result["paired_ratios"] = paired(bench.samples, nbytes)
     result["targets"] = {
         k: {
             "target": t,
