@@ -236,6 +236,19 @@ def wait_node_idle(nats_url: str, node: Node, pool: int) -> None:
     time.sleep(2)
 
 
+def wait_for_premap(node: Node, timeout_s: float = 60.0) -> None:
+    """Until the refilled pool process has mapped the DRAM image (its log line), as it
+    would have long before the next request in steady state."""
+    log = DATA / f"{node.node_id}.log"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = log.read_text(errors="replace").splitlines()
+        last_stop = max((i for i, line in enumerate(lines) if " stopped" in line), default=-1)
+        if any("premapped" in line for line in lines[last_stop + 1 :]):
+            return
+        time.sleep(0.2)
+
+
 def run_node_scenarios(
     nats_url: str, s3_env: dict[str, str], pool: int, rep: int
 ) -> dict[str, Any]:
@@ -252,6 +265,8 @@ def run_node_scenarios(
         drop_caches()
         out["store"] = asyncio.run(load_once(nats_url, node, f"s-{pool}-{rep}"))
         wait_node_idle(nats_url, node, pool)  # the pool refills after a load
+        if pool:
+            wait_for_premap(node)
         out["dram"] = asyncio.run(load_once(nats_url, node, f"d-{pool}-{rep}"))
         node.stop()
         shutil.rmtree(node.dram_root(), ignore_errors=True)
