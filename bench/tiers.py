@@ -9,8 +9,8 @@ checkpoint of N GB (partitions of --partition-mb), pushes it, then per repetitio
 - ``store_raw``: parallel ranged GETs of the same objects, same concurrency and part size as
   the cache, into a buffer allocated and touched once beforehand (the store's limit);
 - ``store``: ``TieredCache.fetch`` with empty tiers: pipelined pull into DRAM + SSD;
-- ``ssd_raw``: O_DIRECT reads of the SSD entry's partitions (16 MiB, 4 in flight, a plain
-  loop of its own) into a pre-touched buffer after dropping the page cache (the disk's limit);
+- ``ssd_raw``: O_DIRECT reads of the SSD entry's partitions (16 MiB, 4 in flight on started
+  threads, a plain loop of its own) into a pre-touched buffer after dropping the page cache (the disk's limit);
 - ``ssd``: DRAM entry removed, page cache dropped, ``fetch`` (SSD -> DRAM);
 - ``dram_hit``: ``fetch`` again (already in DRAM).
 
@@ -75,7 +75,9 @@ def touched(nbytes: int) -> memoryview:
     return view
 
 
-def raw_disk(directory: Path, index: CheckpointIndex, buf: memoryview) -> float:
+def raw_disk(
+    directory: Path, index: CheckpointIndex, buf: memoryview, pool: ThreadPoolExecutor
+) -> float:
     """O_DIRECT reads of every partition, 16 MiB requests, 4 in flight, into ``buf``: the
     disk's limit (independent of runtime.cache.disk_read, which the tier uses)."""
     starts, _ = image_layout(index)
@@ -90,8 +92,7 @@ def raw_disk(directory: Path, index: CheckpointIndex, buf: memoryview) -> float:
         os.preadv(fds[i], [buf[starts[i] + off : starts[i] + off + length]], off)
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(read, jobs))
+    list(pool.map(read, jobs))
     elapsed = time.perf_counter() - t0
     for fd in fds:
         os.close(fd)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     server = start_seaweedfs(work / "seaweedfs")
     cache: TieredCache | None = None
     get_pool: ThreadPoolExecutor | None = None
+    disk_pool: ThreadPoolExecutor | None = None
     try:
         endpoint = f"http://127.0.0.1:{server.ports['s3']}"
         client = make_client(endpoint, "us-east-1", True, args.concurrency)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_buf = touched(image)
         cache = make_cache(store, work, image)
         get_pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="raw-get")
+        disk_pool = ThreadPoolExecutor(4, thread_name_prefix="raw-disk")
         # As a node does at start-up: one DRAM slab allocated before any load.
         cache.dram.preallocate(image)
         runs: dict[str, list[float]] = {
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = cache.ssd.entries.path(KEY)
 
             drop_caches([entry])
-            runs["ssd_raw"].append(raw_disk(entry, index, raw_buf))
+            runs["ssd_raw"].append(raw_disk(entry, index, raw_buf, disk_pool))
 
             assert cache.dram.entries.remove(KEY)
             drop_caches([entry])
@@ -215,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rep {rep}: " + " ".join(f"{k}={v[-1]:.3f}s" for k, v in runs.items()),
                   file=sys.stderr)  # fmt: skip
     finally:
-        if get_pool is not None:
-            get_pool.shutdown()
+        for pool in (get_pool, disk_pool):
+            if pool is not None:
+                pool.shutdown()
         if cache is not None:
             cache.close()
             shutil.rmtree(cache.dram.root, ignore_errors=True)
