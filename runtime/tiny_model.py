@@ -67,12 +67,11 @@ def build_tiny_llama(
     seed: int = 0,
     config: TinyConfig | None = None,
     shards: int = 1,
-    safe_serialization: bool = True,
 ) -> Path:
     """Write a tiny random Llama HF directory into ``dst`` and return it.
 
-    ``shards > 1`` writes a sharded checkpoint (with an index json); ``safe_serialization``
-    False writes ``pytorch_model*.bin`` instead of safetensors.
+    ``shards > 1`` writes a sharded safetensors checkpoint (with an index json). Transformers 5
+    always writes safetensors; tests of ``pytorch_model*.bin`` sources write their own shards.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -114,9 +113,9 @@ def build_tiny_llama(
     if shards > 1:
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         max_shard = max(total // shards + 1, 1024)
-        model.save_pretrained(dst, safe_serialization=safe_serialization, max_shard_size=max_shard)
+        model.save_pretrained(dst, max_shard_size=max_shard)
     else:
-        model.save_pretrained(dst, safe_serialization=safe_serialization)
+        model.save_pretrained(dst)
     tokenizer.save_pretrained(dst)
     gen_path = dst / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
