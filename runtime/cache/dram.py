@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.cache.entries import EntryDirectory, Reservation
+from runtime.cache.entries import EntryDirectory, EntryTier, Reservation
 from runtime.ckpt.index import INDEX_FILE, CheckpointIndex, image_layout, read_index
 from sllm.errors import CacheFull, CheckpointError
 
@@ -59,7 +59,7 @@ def _validate(entry: Path) -> int:
     return sum(f.stat().st_size for f in entry.iterdir())
 
 
-class DramCache:
+class DramCache(EntryTier):
     """The DRAM tier. Thread-safe; ``acquire``/``release`` are the instance refcounts.
 
     Evicted images are not freed but kept as *slabs* in ``free/`` and reused by the next
@@ -139,24 +139,6 @@ class DramCache:
         with self._pool_lock:
             self._pool[slab] = nbytes
         return True
-
-    @property
-    def root(self) -> Path:
-        return self.entries.root
-
-    @property
-    def capacity(self) -> int:
-        return self.entries.capacity
-
-    def acquire(self, key: str) -> Path | None:
-        """The entry directory (image.bin, index.json, files), pinned; None if absent."""
-        return self.entries.acquire(key)
-
-    def release(self, key: str) -> None:
-        self.entries.release(key)
-
-    def contents(self) -> list[tuple[str, int, bool]]:
-        return self.entries.contents()
 
     def writer(
         self, key: str, index: CheckpointIndex, extra_bytes: int, populate: bool = True

@@ -214,3 +214,29 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+class EntryTier:
+    """What both cache tiers expose by delegating to their ``EntryDirectory``: an entry is a
+    directory under ``root``; ``acquire`` pins it against eviction until ``release``."""
+
+    entries: EntryDirectory
+
+    @property
+    def root(self) -> Path:
+        return self.entries.root
+
+    @property
+    def capacity(self) -> int:
+        return self.entries.capacity
+
+    def acquire(self, key: str) -> Path | None:
+        """The entry's directory, pinned; None if not cached."""
+        return self.entries.acquire(key)
+
+    def release(self, key: str) -> None:
+        self.entries.release(key)
+
+    def contents(self) -> list[tuple[str, int, bool]]:
+        """(key, bytes, in use) of every complete entry."""
+        return self.entries.contents()

@@ -14,7 +14,7 @@ import errno
 import os
 from pathlib import Path
 
-from runtime.cache.entries import EntryDirectory, Reservation
+from runtime.cache.entries import EntryDirectory, EntryTier, Reservation
 from runtime.ckpt.index import (
     ALIGNMENT,
     INDEX_FILE,
@@ -36,31 +36,13 @@ def entry_bytes(index: CheckpointIndex, files_bytes: int, index_bytes: int) -> i
     return index.total_bytes + files_bytes + index_bytes
 
 
-class SsdCache:
+class SsdCache(EntryTier):
     """The SSD tier. Thread-safe; ``acquire`` pins an entry against eviction until ``release``."""
 
     tier = "ssd"
 
     def __init__(self, root: Path, capacity: int) -> None:
         self.entries = EntryDirectory(Path(root), capacity, "ssd", _validate)
-
-    @property
-    def root(self) -> Path:
-        return self.entries.root
-
-    @property
-    def capacity(self) -> int:
-        return self.entries.capacity
-
-    def acquire(self, key: str) -> Path | None:
-        """The entry's checkpoint directory, pinned; None if not cached."""
-        return self.entries.acquire(key)
-
-    def release(self, key: str) -> None:
-        self.entries.release(key)
-
-    def contents(self) -> list[tuple[str, int, bool]]:
-        return self.entries.contents()
 
     def writer(self, key: str, index: CheckpointIndex, nbytes: int) -> SsdWriter:
         """Reserve ``nbytes`` (evicting, or CacheFull before any byte is written)."""

@@ -158,9 +158,16 @@ async def test_seeded_openai_stream_moves_identically(stage: Stage) -> None:
 
     async def mover() -> httpx.Response:
         await go.wait()
-        source = await asyncio.to_thread(stage.serving)  # the only stream running
-        (target,) = [n for n in stage.nodes if n != source["node"]]
-        return await asyncio.to_thread(stage.migrate, target, instance=source["id"])
+        # Finding the stream by elimination can race the instance table (a migration that
+        # catches no stream answers moved=0): look again, a bounded number of times.
+        for _ in range(5):
+            source = await asyncio.to_thread(stage.serving)  # the only stream running
+            (target,) = [n for n in stage.nodes if n != source["node"]]
+            response = await asyncio.to_thread(stage.migrate, target, instance=source["id"])
+            if response.status_code != 200 or response.json()["moved"]:
+                return response
+            await asyncio.sleep(0.2)
+        return response
 
     async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
         ref = asyncio.create_task(answer(http))
