@@ -49,6 +49,18 @@ def find_binary(name: str) -> str:
     return found
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL: a child never outlives its owner."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
 @dataclass
 class ManagedServer:
     name: str
@@ -60,14 +72,7 @@ class ManagedServer:
         return self.process.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=timeout_s)
+        stop_process(self.process, timeout_s)
 
     def log_tail(self, n: int = 20) -> str:
         try:

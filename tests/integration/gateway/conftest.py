@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sllm.servers import ManagedServer, free_port, start_nats
+from sllm.servers import ManagedServer, free_port, start_nats, stop_process
 
 TOKEN = "it-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -27,14 +26,7 @@ CHECKPOINT_KEY = "checkpoints/tiny/it-gateway"
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, timeout_s)
 
 
 @dataclass
