@@ -76,6 +76,10 @@ class Controller:
         self.migrating: set[str] = set()
         self.migrator: Migrator | None = None  # set by the gateway's wiring
         self._manual: dict[str, int] = {}
+        # Instances booked as starting whose load command has not gone out yet (it waits for a
+        # migration or an eviction to free the device): a heartbeat that does not show them
+        # is no sign they are gone (InstanceTable drops a launch unseen for LAUNCH_GRACE_S).
+        self._unsent: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -104,7 +108,12 @@ class Controller:
         self._after(change)
 
     def on_heartbeat(self, hb: NodeHeartbeat) -> None:
-        self._after(self._table.on_heartbeat(hb, self._clock.now()))
+        now = self._clock.now()
+        for instance_id in self._unsent:
+            inst = self._table.instances.get(instance_id)
+            if inst is not None and inst.state == "starting":
+                inst.since = now  # the launch grace runs from when the load is sent
+        self._after(self._table.on_heartbeat(hb, now))
         for tier, entries in hb.cache.items():
             self._metrics.cache_bytes.labels(hb.node_id, tier).set(sum(e.nbytes for e in entries))
 
@@ -276,10 +285,12 @@ class Controller:
                 self._lost(spec.name, reason, wake_failed=True)
             return False
         self._metrics.placements.labels(self._scheduler.policy, "placed", placement.tier).inc()
+        moved = placement.migration
         log.info(
-            "place function=%s node=%s devices=%s tier=%s estimated_s=%.3f policy=%s",
+            "place function=%s node=%s devices=%s tier=%s estimated_s=%.3f policy=%s%s",
             spec.name, placement.node, ",".join(placement.devices), placement.tier,
             placement.estimated_s, placement.policy,
+            f" migrate={moved.victim} to={moved.target_node}" if moved is not None else "",
         )  # fmt: skip
         evicted = []
         for victim_id in placement.evict:
@@ -291,6 +302,7 @@ class Controller:
         device = placement.devices[0]
         self._table.launched(instance_id, spec.name, placement.node, device, record.revision, now)
         command = LoadCmd(instance_id, spec.name, record.to_dict(), device)
+        self._unsent.add(instance_id)
         if placement.migration is not None:  # a running instance moves away first (issue 7)
             self._spawn(self._migrate_then_load(record, placement, command, exclude))
             return True
@@ -314,6 +326,7 @@ class Controller:
         except SllmError as exc:
             log.warning("migration for a placement failed function=%s error=%s",
                         command.function, exc.message)  # fmt: skip
+            self._unsent.discard(command.instance_id)
             self._table.forget(command.instance_id)
             tried = exclude | {placement.node}
             if len(tried) < LOAD_ATTEMPTS and self._launch(record, tried, exc.message):
@@ -343,6 +356,13 @@ class Controller:
         deadline = self._clock.now() + EVICT_WAIT_S
         while any(v in self._table.instances for v in evicted) and self._clock.now() < deadline:
             await self._clock.sleep(0.05)
+        self._unsent.discard(command.instance_id)
+        booked = self._table.instances.get(command.instance_id)
+        if booked is None or booked.state != "starting":
+            # Its node went away, or it was drained (function deleted) while it waited.
+            self._table.forget(command.instance_id)
+            return
+        booked.since = self._clock.now()
         try:
             await self._commands.send(node, command)
         except CommandFailed as exc:

@@ -39,6 +39,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_CPU_SLOTS": ("2", "instances a node without CUDA runs at once"),
     "SLLM_POOL_SIZE": ("1", "pre-started instance processes waiting for a model"),
     "SLLM_HEARTBEAT_INTERVAL": ("2s", "node heartbeat period"),
+    "SLLM_STORE_BANDWIDTH": (
+        "",
+        "node's store bandwidth in bytes/s until it measures a pull, e.g. 125M for 1 Gbit/s "
+        "(empty: 200M)",
+    ),
     "SLLM_GATEWAY_HOST": ("127.0.0.1", "gateway bind address"),
     "SLLM_GATEWAY_PORT": ("8080", "gateway port"),
     "SLLM_TOKEN": ("", "bearer token for /system (required by the gateway)"),
@@ -88,6 +93,10 @@ def as_bool(raw: str) -> bool:
 
 def as_bytes(raw: str) -> int:
     return parse_memory(raw, "value")
+
+
+def _optional_bytes(raw: str) -> int:
+    return as_bytes(raw) if raw else 0
 
 
 def as_seconds(raw: str) -> float:
@@ -148,6 +157,10 @@ class NodeSettings:
     pool_size: int
     heartbeat_s: float
     store: StoreSettings
+    # Store bandwidth (bytes/s) reported before the node has measured a pull; 0: the default
+    # seed. The start-up probe measures SSD and DRAM only (reading the store costs money and
+    # needs a key), so an operator who knows the link says it here.
+    store_bandwidth: float = 0.0
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -171,6 +184,7 @@ class NodeSettings:
             pool_size=_parse(env, "SLLM_POOL_SIZE", int_in(0, 64)),
             heartbeat_s=_parse(env, "SLLM_HEARTBEAT_INTERVAL", as_seconds),
             store=StoreSettings.from_env(env),
+            store_bandwidth=float(_parse(env, "SLLM_STORE_BANDWIDTH", _optional_bytes)),
         )
 
 

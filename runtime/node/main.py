@@ -50,6 +50,7 @@ def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator
     ssd = SsdCache(ssd_dir, settings.ssd_capacity)
     dram = DramCache(dram_root(settings), settings.dram_capacity)
     bandwidths = BandwidthEstimator()
+    bandwidths.seed("store", settings.store_bandwidth)  # 0: keeps the default seed
     try:
         bandwidths.probe(ssd_dir=ssd_dir)
     except OSError as exc:

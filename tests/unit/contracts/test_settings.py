@@ -56,3 +56,10 @@ def test_node_settings_errors() -> None:
 
 def test_every_variable_is_documented() -> None:
     assert all(desc for _, desc in ENVIRONMENT.values())
+
+
+def test_node_store_bandwidth_prior() -> None:
+    assert NodeSettings.from_env({}).store_bandwidth == 0.0
+    assert NodeSettings.from_env({"SLLM_STORE_BANDWIDTH": "125M"}).store_bandwidth == 125e6
+    with pytest.raises(ValidationFailed, match="SLLM_STORE_BANDWIDTH='fast'"):
+        NodeSettings.from_env({"SLLM_STORE_BANDWIDTH": "fast"})

@@ -5,16 +5,17 @@ places the instance elsewhere."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from gateway.controller import Controller
 from gateway.dispatcher import Dispatcher
-from gateway.instances import InstanceTable
+from gateway.instances import LAUNCH_GRACE_S, InstanceTable
 from gateway.metrics import GatewayMetrics
 from gateway.migration.orchestrator import MigrationFailed
 from gateway.scheduler.types import Migration, NoCapacity, Placement
-from sllm.clock import SystemClock
-from sllm.messages import CmdReply, LoadCmd
+from sllm.clock import Clock, ManualClock, SystemClock
+from sllm.messages import CmdReply, DeviceState, LoadCmd, NodeHeartbeat
 from sllm.spec import FunctionRecord, FunctionSpec
 
 RECORD = FunctionRecord(FunctionSpec(name="b", model="m", handler="chat"), "ck/b", 10)
@@ -51,19 +52,24 @@ class Scheduler:
 
 
 class FakeMigrator:
-    def __init__(self, fail: bool) -> None:
+    def __init__(self, fail: bool, done: asyncio.Event | None = None) -> None:
         self.fail = fail
+        self.done = done
         self.freed: list[Migration] = []
 
     async def free_devices(self, migration: Migration) -> None:
         self.freed.append(migration)
+        if self.done is not None:
+            await self.done.wait()
         if self.fail:
             raise MigrationFailed("target instance failed before the switch")
 
 
-def controller(scheduler: Scheduler, migrator: FakeMigrator) -> tuple[Controller, Commands]:
+def controller(
+    scheduler: Scheduler, migrator: FakeMigrator, clock: Clock | None = None
+) -> tuple[Controller, Commands]:
     table = InstanceTable()
-    clock = SystemClock()
+    clock = clock or SystemClock()
     commands = Commands()
     ctl = Controller(
         Registry(),  # type: ignore[arg-type]
@@ -107,3 +113,31 @@ async def test_failed_migration_places_the_instance_elsewhere() -> None:
     assert scheduler.excluded[1] == {"n1"}
     [(node, load)] = commands.sent
     assert node == "n3" and isinstance(load, LoadCmd) and load.device == "cpu:1"
+
+
+async def test_booked_instance_outlives_a_slow_migration() -> None:
+    # The new instance is booked on the victim's device at once, but its load goes out only
+    # once the victim has moved away: heartbeats meanwhile do not show it, and must not make
+    # the gateway drop it as gone (bug: dropped after LAUNCH_GRACE_S, then loaded untracked).
+    placement = Placement("n1", ("cpu:0",), "dram", 1.5, "locality+migration", migration=MOVE)
+    done = asyncio.Event()
+    clock = ManualClock()
+    ctl, commands = controller(Scheduler([placement]), FakeMigrator(False, done), clock)
+    assert ctl._launch(RECORD)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    (booked,) = ctl._table.of("b")
+    hb = NodeHeartbeat("n1", 1, [DeviceState("cpu:0", "cpu", 0, "a-1")], [], {}, {})
+    for seq in range(3):
+        clock.advance(LAUNCH_GRACE_S)
+        ctl.on_heartbeat(replace(hb, seq=seq + 1))
+        assert ctl._table.of("b") == [booked] and booked.state == "starting"
+    done.set()
+    await settle(ctl)
+    [(node, load)] = commands.sent
+    assert node == "n1" and isinstance(load, LoadCmd) and load.instance_id == booked.instance_id
+    assert ctl._table.of("b") == [booked]
+    # From the load on, the grace runs as for any launch.
+    clock.advance(LAUNCH_GRACE_S + 1)
+    ctl.on_heartbeat(replace(hb, seq=9))
+    assert ctl._table.of("b") == []
