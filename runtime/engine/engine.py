@@ -84,6 +84,7 @@ class Engine:
         # Live migration (runtime.migration) prefills a request's cache here before the request
         # is resumed: request id -> (cache, the token ids it covers). Read once at admission.
         self.staged: dict[str, tuple[Any, list[int]]] = {}
+        self._cancelled = 0  # requests ended by ``cancel`` since start
         self._stopping = False
         self._stop_reason = "instance is stopping"
         self._thread: threading.Thread | None = None
@@ -133,6 +134,12 @@ class Engine:
             if request_id in self._known:
                 self._cancels.add(request_id)
                 self._cv.notify_all()
+
+    @property
+    def cancelled(self) -> int:
+        """Requests ended by ``cancel`` (a client that went away, a migration) since start."""
+        with self._cv:
+            return self._cancelled
 
     def load(self) -> EngineLoad:
         with self._cv:
@@ -266,6 +273,7 @@ class Engine:
         with self._cv:
             self._active.pop(state.request_id, None)
             self._known.discard(state.request_id)
+            self._cancelled += reason == "cancelled"
         _deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
 
     def _fail_all(self, code: str, message: str) -> None:

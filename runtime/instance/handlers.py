@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,10 @@ class HandlerLoadError(SllmError):
 @dataclass
 class HandlerContext:
     """What a custom handler gets per request: the model, the tokenizer, the function's env,
-    its ``load`` result, and generation helpers that go through the batching engine."""
+    its ``load`` result, and generation helpers that go through the batching engine.
+
+    ``for_request`` gives the copy one call of the handler uses: it remembers the generations
+    started through it, so ``cancel`` (the client went away) stops them, and refuses new ones."""
 
     engine: Engine
     tok: Tokenizing
@@ -49,9 +53,30 @@ class HandlerContext:
     model: Any = None
     tokenizer: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _started: list[str] | None = field(default=None, repr=False)
+    _cancelled: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def for_request(self) -> HandlerContext:
+        return replace(self, _started=[], _cancelled=False, _lock=threading.Lock())
+
+    def cancel(self) -> None:
+        """Stop the generations started through this copy; any later one fails with 499.
+        Thread-safe (called on the event loop while the handler runs on a worker thread)."""
+        with self._lock:
+            self._cancelled = True
+            started = list(self._started or ())
+        for request_id in started:
+            self.engine.cancel(request_id)
 
     def _request(self, body: dict[str, Any]) -> Any:
-        return build_request(body, self.tok, self.defaults, chat=True)
+        state = build_request(body, self.tok, self.defaults, chat=True)
+        with self._lock:
+            if self._cancelled:
+                raise SllmError("the client went away", code="client_gone", status=499)
+            if self._started is not None:
+                self._started.append(state.request_id)
+        return state
 
     def generate(self, **body: Any) -> dict[str, Any]:
         """Blocking generate (call from a plain handler): same fields as /v1/generate."""

@@ -2,7 +2,9 @@
 migration's /v1/migration/* routes (``runtime.migration.routes``).
 
 Errors map to ``{"error": {"code", "message"}}`` with the error's status in one place
-(``_error_response``); a stream that fails after it started ends with an error event.
+(``_error_response``); a stream that fails after it started ends with an error event. A client
+that disconnects before its JSON answer is ready cancels the generation (``disconnect``); its
+answer is then a 499 nobody reads.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive
 
 from runtime.engine.consumers import generate
 from runtime.engine.engine import Engine
 from runtime.engine.prompts import Tokenizing, build_request
 from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults
+from runtime.instance.disconnect import ClientGone, unless_client_gone
 from runtime.instance.handlers import CustomHandler, HandlerContext
 from runtime.migration.routes import event_stream, migration_routes
 from sllm.errors import InvalidInput, SllmError, Unavailable
@@ -87,13 +91,19 @@ def _check_ready(service: InstanceService) -> None:
         raise Unavailable(f"instance {service.instance_id} is {service.state}")
 
 
-async def _run_generate(service: InstanceService, body: Any) -> Response:
+# 499: nginx's "client closed request"; sent to no one, it only shows in access logs.
+CLIENT_GONE = 499
+
+
+async def _run_generate(service: InstanceService, body: Any, receive: Receive) -> Response:
     chat = service.handler != "completion"
     state = build_request(body, service.tok, service.defaults, chat=chat)
-    return await _respond(service, state, stream=body.get("stream", False) is True)
+    return await _respond(service, state, receive, stream=body.get("stream", False) is True)
 
 
-async def _respond(service: InstanceService, state: RequestState, *, stream: bool) -> Response:
+async def _respond(
+    service: InstanceService, state: RequestState, receive: Receive, *, stream: bool
+) -> Response:
     if stream:
         # Submit before answering 200 so a refused request still gets a JSON error status.
         # migration's event stream: the /v1/generate events, or a ``migrated`` last event
@@ -101,7 +111,7 @@ async def _respond(service: InstanceService, state: RequestState, *, stream: boo
         events = event_stream(service.engine, state)
         first = await anext(events)
         return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
-    return JSONResponse(await generate(service.engine, state))
+    return JSONResponse(await unless_client_gone(receive, generate(service.engine, state)))
 
 
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -120,25 +130,30 @@ def build_app(service: InstanceService) -> Starlette:
             "in_flight": load.in_flight + service.custom_in_flight,
             "tokens_in": load.tokens_in,
             "tokens_out": load.tokens_out,
+            "cancelled": service.engine.cancelled,
         }
         return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
 
     async def generate_route(request: Request) -> Response:
         try:
             _check_ready(service)
-            return await _run_generate(service, await _json_body(request))
+            return await _run_generate(service, await _json_body(request), request.receive)
         except SllmError as exc:
             return _error_response(exc)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
 
     async def invoke(request: Request) -> Response:
         try:
             _check_ready(service)
             body = await _json_body(request)
             if service.custom is None:
-                return await _run_generate(service, body)
-            return await _invoke_custom(service, service.custom, body)
+                return await _run_generate(service, body, request.receive)
+            return await _invoke_custom(service, service.custom, body, request.receive)
         except SllmError as exc:
             return _error_response(exc)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
 
     return Starlette(
         routes=[
@@ -146,21 +161,26 @@ def build_app(service: InstanceService) -> Starlette:
             Route("/v1/generate", generate_route, methods=["POST"]),
             Route("/v1/invoke", invoke, methods=["POST"]),
             *migration_routes(service.engine),
-            *migration_routes(service.engine),
         ]
     )
 
 
-async def _invoke_custom(service: InstanceService, custom: CustomHandler, body: Any) -> Response:
+async def _invoke_custom(
+    service: InstanceService, custom: CustomHandler, body: Any, receive: Receive
+) -> Response:
+    """When the client goes away, an ``async def`` handler is cancelled (with the generation it
+    awaits); a plain one's generations are cancelled and it runs on its thread to its end."""
     service.custom_in_flight += 1
     streaming = False
     try:
         try:
+            context = service.context.for_request()
             if custom.is_async:
-                result = await custom.function(body, service.context)
+                result = await unless_client_gone(receive, custom.function(body, context))
             else:
-                result = await run_in_threadpool(custom.function, body, service.context)
-        except SllmError:
+                call = run_in_threadpool(custom.function, body, context)
+                result = await unless_client_gone(receive, call, context.cancel)
+        except (SllmError, ClientGone):
             raise
         except Exception as exc:
             raise SllmError(
