@@ -121,8 +121,14 @@ async def migrate_requests(
         log.info("migration round %d: %d requests, %d new tokens", rounds, len(states), new)
         await progress("round", rounds, new)
     rounds_done = time.monotonic()
+    # Staged requests that finished on the source between two rounds: nothing to move, and
+    # the target drops their caches now rather than when they expire.
+    ended = [rid for rid in staged if rid not in {s["request_id"] for s in states}]
+    if ended:
+        await _abort(http, target, ended)
     if not states:
-        return MigrationOutcome(0, 0, rounds, 0, rounds_done - started, 0.0, rounds_done - started)
+        elapsed = rounds_done - started
+        return MigrationOutcome(0, len(ended), rounds, 0, elapsed, 0.0, elapsed)
     try:  # past the switch the target owns the requests: make sure it still answers
         await _call(http, "GET", f"{target}/healthz")
     except (httpx.HTTPError, ValueError, SllmError) as exc:
@@ -141,6 +147,7 @@ async def migrate_requests(
     finished: list[str] = list(reply.get("finished", []))
     if finished:
         await _abort(http, target, finished)
+    finished = [*ended, *finished]
     done = time.monotonic()
     tokens = sum(_tokens(s) for s in moved)
     await progress("switched", rounds, tokens)

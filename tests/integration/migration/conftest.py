@@ -184,12 +184,3 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
         nats.stop()
         for node_env in node_envs:
             shutil.rmtree(dram_root(NodeSettings.from_env(node_env)), ignore_errors=True)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Known intermittent failures (about 1 run in 3: a migration finds no stream, issue 7 left
-    # open). Run them by hand with `pytest tests/integration/migration`; CI skips them.
-    if os.environ.get("CI"):
-        for item in items:
-            if "integration/migration" in str(item.path):
-                item.add_marker(pytest.mark.skip(reason="intermittent, issue 7 open"))
