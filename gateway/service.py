@@ -18,10 +18,12 @@ from gateway.instance_http import InstanceHttpClient
 from gateway.instances import InstanceTable
 from gateway.logs import LogBuffer
 from gateway.metrics import GatewayMetrics
+from gateway.migration.fits import MigrationFitStore
 from gateway.migration.orchestrator import Migrator
 from gateway.placement import PolicyScheduler, Scheduler
 from gateway.proxy import InstanceProxy
 from gateway.registry import Registry
+from gateway.scheduler.estimators import MigrationModels
 from sllm.bus import Bus, KeyValue, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError
@@ -81,11 +83,15 @@ class GatewayService:
             tick_s=self.tick_s,
             settle_s=self.settle_s,
         )
+        # The resume-cost fits placements use, learned from migrations and kept in the bucket.
+        models = getattr(self.scheduler, "migration", None)
+        self.fits = MigrationFitStore(
+            self.kv, models if isinstance(models, MigrationModels) else MigrationModels()
+        )
         # Live migration: operators' POST /system/migrate and the scheduler's decisions
         self.controller.migrator = Migrator(
             self.table, self.registry, self.dispatcher, self.bus, self.clock,
-            models=getattr(self.scheduler, "migration", None),  # the fits placements use
-            migrating=self.controller.migrating,
+            models=self.fits.models, migrating=self.controller.migrating, fits=self.fits,
         )  # fmt: skip
         self.resume_http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.settings.request_timeout_s, connect=5.0)
@@ -98,6 +104,7 @@ class GatewayService:
 
     async def start(self) -> None:
         await self.registry.load()
+        await self.fits.load()
         self._subs = [
             await self.bus.subscribe(HEARTBEAT_SUBJECT, self._on_heartbeat),
             await self.bus.subscribe(EVENT_SUBJECT, self._on_event),

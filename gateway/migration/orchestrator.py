@@ -8,7 +8,7 @@ its node ``S`` to node ``D``.
    the node runs the rounds and the switch (runtime.migration); client streams follow the
    switch in the proxy (``follow_moves``).
 3. Success: ``I`` is unloaded (its JSON answers finish first), the resume is observed by the
-   cost model (seconds against tokens). Failure before the switch: ``I`` serves again, nothing
+   cost model (seconds against tokens), which is saved in the KV bucket (``fits``). Failure before the switch: ``I`` serves again, nothing
    was lost, and a target this migration loaded is unloaded.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway.dispatcher import Dispatcher
 from gateway.instances import Instance, InstanceTable
+from gateway.migration.fits import MigrationFitStore
 from gateway.registry import Registry
 from gateway.scheduler.estimators import MigrationModels
 from gateway.scheduler.types import Migration
@@ -69,6 +70,7 @@ class Migrator:
         models: MigrationModels | None = None,
         settings: MigrationSettings | None = None,
         migrating: set[str] | None = None,
+        fits: MigrationFitStore | None = None,
     ) -> None:
         self._table = table
         self._registry = registry
@@ -76,6 +78,7 @@ class Migrator:
         self._bus = bus
         self._clock = clock
         self.models = models or MigrationModels()
+        self.fits = fits  # where observed fits are saved (None: memory only)
         self.settings = settings or MigrationSettings()
         self.active: set[str] = set()  # instance ids being migrated
         # functions whose scaling waits (the controller's ``migrating``)
@@ -132,6 +135,8 @@ class Migrator:
             self.models.observe(
                 record.checkpoint, int(outcome.get("tokens", 0)), float(outcome.get("seconds", 0))
             )
+            if self.fits is not None:
+                await self.fits.save(record.checkpoint)
         await self._unload(source)
         total = self._clock.now() - started
         log.info("migration %s done total_s=%.3f %s", migration_id, total, outcome)

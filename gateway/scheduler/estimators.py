@@ -49,6 +49,26 @@ class MigrationModel:
         self.sxx += x * x
         self.sxy += x * seconds
 
+    def state(self) -> dict[str, float]:
+        """The sufficient statistics, to persist: ``restore`` continues the same fit."""
+        return {"n": self.n, "sx": self.sx, "sy": self.sy, "sxx": self.sxx, "sxy": self.sxy}
+
+    @classmethod
+    def restore(cls, state: Mapping[str, object], prior: MigrationFit) -> MigrationModel:
+        """The model whose ``state()`` was ``state``; InvalidInput when it is not one."""
+        n = state.get("n")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInput(f"n: expected an observation count >= 0, got {n!r}")
+        sums: dict[str, float] = {}
+        for key in ("sx", "sy", "sxx", "sxy"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidInput(f"{key}: expected a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise InvalidInput(f"{key}: expected a finite sum of observations, got {value!r}")
+            sums[key] = float(value)
+        return cls(prior=prior, n=n, **sums)
+
     def fit(self) -> MigrationFit:
         if self.n == 0:
             return self.prior
@@ -81,6 +101,15 @@ class MigrationModels:
         if model is None:
             model = self._models[checkpoint] = MigrationModel(prior=self.prior)
         model.observe(tokens, seconds)
+
+    def state(self, checkpoint: str) -> dict[str, float] | None:
+        """``checkpoint``'s sufficient statistics (None before any observation)."""
+        model = self._models.get(checkpoint)
+        return None if model is None else model.state()
+
+    def restore(self, checkpoint: str, state: Mapping[str, object]) -> None:
+        """Take ``checkpoint``'s model from a ``state()`` (saved by an earlier gateway)."""
+        self._models[checkpoint] = MigrationModel.restore(state, self.prior)
 
     def fits(self) -> dict[str, MigrationFit]:
         """checkpoint key -> fit, for ClusterSnapshot.migration."""
