@@ -7,6 +7,11 @@ unbuffered.
   answer): an event stream ends with an ``error`` event, a JSON answer is cut short.
 - The in-flight count taken by the dispatcher is given back when the body is finished or the
   client goes away.
+- A client that disconnects while its answer is not ready yet (queued for a cold start, or
+  waiting for a JSON answer, which comes back whole at the end of the generation) drops the
+  exchange when the caller passes its ASGI ``receive``: the instance connection is closed, and
+  the instance, seeing its own client gone, cancels the generation. Starlette cancels nothing
+  by itself there; a streamed answer notices when a send fails.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
+from starlette.types import Receive
 
 from gateway.dispatcher import Dispatcher
 from gateway.instance_http import (
@@ -37,10 +44,49 @@ from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class UpstreamTimeout(SllmError):
     code = "upstream_timeout"
     status = 504
+
+
+class ClientGone(SllmError):
+    """The client disconnected before its answer was ready; the exchange was dropped. 499 is
+    nginx's "client closed request": the answer reaches no one, only logs and metrics."""
+
+    code = "client_gone"
+    status = 499
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # body messages: the route read the body already, so these are empty
+
+
+async def unless_client_gone(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it, wait until its cleanup ran
+    (the instance connection closed, the dispatcher slot given back) and raise ``ClientGone``.
+    Call it once the request body was read."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled ourselves: take both down with us
+        task.cancel()
+        gone.cancel()
+        raise
+    if task.done():
+        gone.cancel()
+        return task.result()
+    if gone.exception() is not None:  # the server cannot tell us: just wait for the answer
+        return await task
+    task.cancel()
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        task.exception()  # finished with an error meanwhile: nobody is left to receive it
+    raise ClientGone("the client disconnected before its answer was ready")
 
 
 @dataclass
@@ -86,11 +132,23 @@ class InstanceProxy:
         self._metrics = metrics
 
     async def open(
-        self, record: FunctionRecord, path: str, body: bytes, started: float
+        self,
+        record: FunctionRecord,
+        path: str,
+        body: bytes,
+        started: float,
+        receive: Receive | None = None,
     ) -> Upstream:
         """Send ``body`` to ``path`` of an instance of ``record``; retried once elsewhere when
         nothing came back. Raises Unavailable (503), UpstreamTimeout (504) or the queue's
-        errors (429, 503)."""
+        errors (429, 503); with the client's ``receive``, ClientGone (499) when it disconnects
+        before the answer started."""
+        opening = self._open(record, path, body, started)
+        return await (opening if receive is None else unless_client_gone(receive, opening))
+
+    async def _open(
+        self, record: FunctionRecord, path: str, body: bytes, started: float
+    ) -> Upstream:
         name = record.spec.name
         exclude: set[str] = set()
         for attempt in (1, 2):
@@ -142,8 +200,13 @@ class InstanceProxy:
         self._metrics.ttft.labels(inst.function).observe(self._clock.now() - started)
         return Upstream(inst, response, first, chunks, started)
 
-    async def read_all(self, upstream: Upstream) -> bytes:
-        """The whole answer (non-stream use), then the instance is released."""
+    async def read_all(self, upstream: Upstream, receive: Receive | None = None) -> bytes:
+        """The whole answer (non-stream use), then the instance is released. With the client's
+        ``receive``: ClientGone (499) when it disconnects first."""
+        reading = self._read_all(upstream)
+        return await (reading if receive is None else unless_client_gone(receive, reading))
+
+    async def _read_all(self, upstream: Upstream) -> bytes:
         parts = [upstream.first]
         try:
             async for chunk in upstream.rest:
