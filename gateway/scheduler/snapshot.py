@@ -2,7 +2,8 @@
 
 ``snapshot_from_heartbeats`` builds everything each call (fine for tens of nodes).
 ``SnapshotCache`` gives the same snapshot but rebuilds only the nodes whose inputs changed
-since its last call and keeps the checkpoint index up to date in place, for 1,000 nodes.
+since its last call and keeps the checkpoint index up to date in place, for 1,000 nodes (the
+gateway's scheduler uses it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def snapshot_from_heartbeats(
     bandwidths: Mapping[str, Mapping[str, float]] | None = None,
     migration: Mapping[str, MigrationFit] | None = None,
     reclaim_idle: bool = False,
+    protected: Collection[str] = (),
 ) -> ClusterSnapshot:
     """The cluster as the scheduler sees it.
 
@@ -43,11 +45,14 @@ def snapshot_from_heartbeats(
     bytes/s} learned by the gateway (estimators.BandwidthModel.table()); they override what the
     node reported. ``migration``: checkpoint key -> fitted resume model. ``reclaim_idle``: an
     instance with nothing in flight may be stopped to free its device (keep-alive is then a
-    preference, not a reservation).
+    preference, not a reservation). ``protected``: instance ids shown busy (at least one
+    request in flight) whatever their heartbeat says, so they are never reclaimed as idle (the
+    gateway has requests in flight on them, or their function is at its minimum).
     """
     reserved = reserved or {}
     functions = functions or {}
     bandwidths = bandwidths or {}
+    protected = frozenset(protected)
     nodes = [
         node_view(
             node_id,
@@ -56,6 +61,7 @@ def snapshot_from_heartbeats(
             functions,
             bandwidths.get(node_id, {}),
             reclaim_idle,
+            protected,
         )
         for node_id, hb in heartbeats.items()
     ]
@@ -69,6 +75,7 @@ def node_view(
     functions: Mapping[str, tuple[str, int]],
     learned: Mapping[str, float],
     reclaim_idle: bool,
+    protected: Collection[str] = (),
 ) -> NodeView:
     """One node's view from its heartbeat (see snapshot_from_heartbeats for the arguments)."""
     booked = set(booked)
@@ -86,6 +93,7 @@ def node_view(
         devices = tuple(devices_of.get(inst.instance_id, [inst.device]))
         if any(dev in booked for dev in devices):
             continue  # a pending command already owns this device (e.g. an eviction)
+        in_flight = max(1, inst.in_flight) if inst.instance_id in protected else inst.in_flight
         instances.append(
             RunningInstance(
                 instance_id=inst.instance_id,
@@ -95,8 +103,8 @@ def node_view(
                 devices=devices,
                 tokens_in=inst.tokens_in,
                 tokens_out=inst.tokens_out,
-                in_flight=inst.in_flight,
-                idle=reclaim_idle and inst.state == "ready" and inst.in_flight == 0,
+                in_flight=in_flight,
+                idle=reclaim_idle and inst.state == "ready" and in_flight == 0,
                 migratable=known is not None and inst.state in _MIGRATABLE_STATES,
             )
         )
@@ -118,15 +126,21 @@ def node_view(
 
 class SnapshotCache:
     """``snapshot_from_heartbeats`` for large clusters: node views are rebuilt only when their
-    inputs change (the heartbeat object, its bookings, learned bandwidths, or the registry
-    entries of its instances), and the checkpoint -> nodes index is updated in place.
+    inputs change (the heartbeat object, its bookings, learned bandwidths, the registry entries
+    of its instances, which of its instances are protected), and the checkpoint -> nodes index
+    is updated in place.
+
+    A heartbeat is recognised by identity: the cache keeps a reference to the one each view was
+    built from (so its id cannot be reused by a newer object) and rebuilds when a node's
+    heartbeat is another object, whatever its ``seq`` (a restarted node counts from 0 again).
+    Heartbeats must not be mutated once passed in (they are treated as frozen values).
 
     The ``holders`` of a returned snapshot are shared with the cache: a snapshot is valid until
     the next ``snapshot`` call (decide, then ask again). Not thread-safe; pure otherwise.
     """
 
     def __init__(self) -> None:
-        self._views: dict[str, tuple[tuple[Any, ...], NodeView]] = {}
+        self._views: dict[str, tuple[NodeHeartbeat, tuple[Any, ...], NodeView]] = {}
         self._holders: dict[str, set[str]] = {}
         self.rebuilt = 0  # node views rebuilt by the last call (for metrics and tests)
 
@@ -139,32 +153,34 @@ class SnapshotCache:
         bandwidths: Mapping[str, Mapping[str, float]] | None = None,
         migration: Mapping[str, MigrationFit] | None = None,
         reclaim_idle: bool = False,
+        protected: Collection[str] = (),
     ) -> ClusterSnapshot:
+        """Equal to ``snapshot_from_heartbeats`` with the same arguments."""
         reserved = reserved or {}
         functions = functions or {}
         bandwidths = bandwidths or {}
+        protected = protected if isinstance(protected, set | frozenset) else frozenset(protected)
         self.rebuilt = 0
         for gone in [n for n in self._views if n not in heartbeats]:
-            self._index(gone, self._views.pop(gone)[1], None)
+            self._index(gone, self._views.pop(gone)[2], None)
         nodes: dict[str, NodeView] = {}
         for node_id, hb in heartbeats.items():
             booked = frozenset(reserved.get(node_id, ()))
             learned = bandwidths.get(node_id, {})
             key = (
-                id(hb),
-                hb.seq,
                 booked,
                 tuple(sorted(learned.items())),
                 tuple([functions.get(i.function) for i in hb.instances]),
                 reclaim_idle,
+                frozenset([i.instance_id for i in hb.instances if i.instance_id in protected]),
             )
             old = self._views.get(node_id)
-            if old is not None and old[0] == key:
-                nodes[node_id] = old[1]
+            if old is not None and old[0] is hb and old[1] == key:
+                nodes[node_id] = old[2]
                 continue
-            view = node_view(node_id, hb, booked, functions, learned, reclaim_idle)
-            self._index(node_id, old[1] if old else None, view)
-            self._views[node_id] = (key, view)
+            view = node_view(node_id, hb, booked, functions, learned, reclaim_idle, protected)
+            self._index(node_id, old[2] if old else None, view)
+            self._views[node_id] = (hb, key, view)
             nodes[node_id] = view
             self.rebuilt += 1
         return ClusterSnapshot(
