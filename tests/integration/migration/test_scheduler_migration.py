@@ -54,6 +54,7 @@ class Cluster:
     gateway: subprocess.Popen[bytes] | None = None
     port: int = field(default_factory=free_port)
     sizes: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -86,6 +87,18 @@ class Cluster:
         assert r.status_code == 200, r.text
         (hb,) = [n for n in r.json() if n["node_id"] == node_id]
         return dict(hb)
+
+    def start_gateway(self) -> None:
+        env = {**self.env, "SLLM_GATEWAY_PORT": str(self.port)}
+        self.gateway = _start(["gateway", "start"], env, self.root / "gateway.log")
+
+        def two_nodes() -> bool:
+            try:
+                return bool(httpx.get(f"{self.url}/healthz", timeout=2).json().get("nodes") == 2)
+            except (httpx.TransportError, json.JSONDecodeError):
+                return False
+
+        self.wait("the gateway to see two nodes", two_nodes)
 
     def wait(self, what: str, check: Callable[[], bool], timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -141,7 +154,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "SLLM_POOL_SIZE": "1",
         "SLLM_HEARTBEAT_INTERVAL": "0.3s",
     }
-    c = Cluster(root, nats, sizes=sizes)
+    c = Cluster(root, nats, sizes=sizes, env=env)
     node_envs = []
     try:
         for i, store_bw in ((1, ""), (2, str(SLOW_STORE))):
@@ -155,17 +168,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             node_envs.append(node_env)
             argv = ["-v", "node", "start", "--drain", "2s"]
             c.nodes[node_id] = _start(argv, node_env, root / f"{node_id}.log")
-        c.gateway = _start(
-            ["gateway", "start"], {**env, "SLLM_GATEWAY_PORT": str(c.port)}, root / "gateway.log"
-        )
-
-        def two_nodes() -> bool:
-            try:
-                return bool(httpx.get(f"{c.url}/healthz", timeout=2).json().get("nodes") == 2)
-            except (httpx.TransportError, json.JSONDecodeError):
-                return False
-
-        c.wait("two nodes", two_nodes)
+        c.start_gateway()
         for name in (A, B):
             spec = {
                 "name": name,
@@ -234,8 +237,17 @@ async def test_request_for_a_dram_hot_function_migrates_the_busy_instance(
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
     go = asyncio.Event()
 
+    def a_busy_in_node_1s_heartbeat() -> bool:
+        # The scheduler sees A as a victim only once node 1's heartbeat shows it on its slot,
+        # ready and streaming; an instance no heartbeat shows yet holds its device as booked.
+        hb = c.node(c.fast)
+        busy = [i for i in hb["instances"] if i["function"] == A and i["state"] == "ready"]
+        held = {d["instance_id"] for d in hb["devices"]}
+        return len(busy) == 1 and busy[0]["in_flight"] >= 1 and busy[0]["instance_id"] in held
+
     async def request_b(http: httpx.AsyncClient) -> httpx.Response:
         await go.wait()  # A streams on node 1 (its only slot) now
+        await asyncio.to_thread(c.wait, "A busy on node 1", a_busy_in_node_1s_heartbeat, 30)
         return await http.post(f"/function/{B}", json={"prompt": "hello", "max_tokens": 8})
 
     def at(n: int) -> None:
@@ -245,21 +257,32 @@ async def test_request_for_a_dram_hot_function_migrates_the_busy_instance(
     async with httpx.AsyncClient(base_url=c.url, timeout=180) as http:
         b_task = asyncio.create_task(request_b(http))
         tokens, text, errors = await _stream(http, body, at)
+        # The unmoved answer: A alone (B loads meanwhile), on the instance it has on node 2.
+        ref_task = asyncio.create_task(http.post(f"/function/{A}", json={**body, "stream": False}))
         b = await b_task
-        # The unmoved answer: A alone, on the instance it now has on node 2.
-        ref = await http.post(f"/function/{A}", json={**body, "stream": False})
+        ref = await ref_task
     logs = c.logs()
     assert b.status_code == 200 and b.json()["usage"]["completion_tokens"] > 0, b.text + logs
-    assert ref.status_code == 200, ref.text
+    assert ref.status_code == 200, ref.text + logs
     unmoved = ref.json()
     assert errors == [] and text == unmoved["text"], logs
     assert len(tokens) == unmoved["usage"]["completion_tokens"] > 100
 
-    assert [i["node"] for i in c.instances(B)] == [c.fast]
-    assert [i["node"] for i in c.instances(A)] == [c.slow]
+    assert [i["node"] for i in c.instances(B)] == [c.fast], logs
+    assert [i["node"] for i in c.instances(A)] == [c.slow], logs
     gateway_log = c.log("gateway.log")
     placed = re.search(
         rf"place function={B} node={c.fast} .* migrate=(\S+) to={c.slow}", gateway_log
     )
     assert placed is not None, gateway_log
     assert re.search(r"migration \S+ done .*'moved': 1", gateway_log), gateway_log
+
+    # The resume cost this migration taught the gateway is in its KV bucket: a restarted
+    # gateway reads it back (and the scheduler places with it rather than the prior).
+    assert c.gateway is not None
+    await asyncio.to_thread(stop_process, c.gateway)
+    await asyncio.to_thread(c.start_gateway)
+    restored = re.findall(
+        r"migration fit restored checkpoint=(\S+) \{'n': (\d+)", c.log("gateway.log")
+    )
+    assert restored == [(KEYS[A], "1")], c.logs()
