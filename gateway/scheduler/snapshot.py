@@ -9,6 +9,7 @@ gateway's scheduler uses it).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.scheduler.types import (
@@ -16,7 +17,6 @@ from gateway.scheduler.types import (
     MigrationFit,
     NodeView,
     RunningInstance,
-    nodes_with_room,
 )
 from sllm.messages import NodeHeartbeat
 
@@ -140,7 +140,11 @@ class SnapshotCache:
     """
 
     def __init__(self) -> None:
-        self._views: dict[str, tuple[NodeHeartbeat, tuple[Any, ...], NodeView]] = {}
+        self._views: dict[str, _Entry] = {}
+        # The registry and protected set of the last call: when equal this time (one
+        # comparison), an unchanged heartbeat's share of them is unchanged too.
+        self._functions: dict[str, tuple[str, int]] = {}
+        self._protected: frozenset[str] = frozenset()
         self._holders: dict[str, set[str]] = {}
         self.rebuilt = 0  # node views rebuilt by the last call (for metrics and tests)
 
@@ -159,37 +163,50 @@ class SnapshotCache:
         reserved = reserved or {}
         functions = functions or {}
         bandwidths = bandwidths or {}
-        protected = protected if isinstance(protected, set | frozenset) else frozenset(protected)
+        protected = frozenset(protected)
+        same_functions = functions == self._functions
+        same_protected = protected == self._protected
         self.rebuilt = 0
         for gone in [n for n in self._views if n not in heartbeats]:
-            self._index(gone, self._views.pop(gone)[2], None)
+            self._index(gone, self._views.pop(gone).view, None)
         nodes: dict[str, NodeView] = {}
+        entries: list[_Entry] = []
         for node_id, hb in heartbeats.items():
-            booked = frozenset(reserved.get(node_id, ()))
+            booked = frozenset(reserved[node_id]) if node_id in reserved else _NONE
             learned = bandwidths.get(node_id, {})
-            key = (
-                booked,
-                tuple(sorted(learned.items())),
-                tuple([functions.get(i.function) for i in hb.instances]),
-                reclaim_idle,
-                frozenset([i.instance_id for i in hb.instances if i.instance_id in protected]),
-            )
+            local = (booked, tuple(sorted(learned.items())) if learned else (), reclaim_idle)
             old = self._views.get(node_id)
-            if old is not None and old[0] is hb and old[1] == key:
-                nodes[node_id] = old[2]
-                continue
+            if old is not None and old.heartbeat is hb and old.inputs.local == local:
+                inputs = old.inputs
+                if not same_functions:
+                    inputs = replace(inputs, functions=_functions_of(hb, functions))
+                if not same_protected:
+                    inputs = replace(inputs, protected=_protected_on(hb, protected))
+                if inputs is old.inputs or inputs == old.inputs:
+                    nodes[node_id] = old.view
+                    entries.append(old)
+                    continue
+            else:
+                inputs = _Inputs(local, _functions_of(hb, functions), _protected_on(hb, protected))
             view = node_view(node_id, hb, booked, functions, learned, reclaim_idle, protected)
-            self._index(node_id, old[2] if old else None, view)
-            self._views[node_id] = (hb, key, view)
+            self._index(node_id, old.view if old else None, view)
+            entry = _Entry(hb, inputs, view)
+            self._views[node_id] = entry
             nodes[node_id] = view
+            entries.append(entry)
             self.rebuilt += 1
+        if not same_functions:
+            self._functions = dict(functions)
+        self._protected = protected
+        # as nodes_with_room: filtering, then a stable sort on the wait, keeps the same order
+        with_room = sorted((e for e in entries if e.room), key=lambda e: e.wait)
         return ClusterSnapshot(
             nodes=nodes,
             holders=self._holders,
-            free=nodes_with_room(nodes.values()),
+            free=dict.fromkeys(e.view.node_id for e in with_room).keys(),
             migration=dict(migration or {}),
-            store_bw_max=max((n.bandwidth("store") for n in nodes.values()), default=0.0),
-            dram_bw_max=max((n.bandwidth("dram") for n in nodes.values()), default=0.0),
+            store_bw_max=max((e.store_bw for e in entries), default=0.0),
+            dram_bw_max=max((e.dram_bw for e in entries), default=0.0),
         )
 
     def _index(self, node_id: str, old: NodeView | None, new: NodeView | None) -> None:
@@ -203,6 +220,44 @@ class SnapshotCache:
                     del self._holders[key]
         for key in after - before:
             self._holders.setdefault(key, set()).add(node_id)
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What a node's view depends on besides its heartbeat: ``local`` = (its booked devices,
+    its learned bandwidths, reclaim_idle); the registry entries of its instances' functions;
+    which of its instances are protected."""
+
+    local: tuple[Any, ...]
+    functions: tuple[tuple[str, int] | None, ...]
+    protected: frozenset[str]
+
+
+class _Entry:
+    """A node's view, the heartbeat and other inputs it was built from, and what each
+    snapshot reads of it (computed once per view)."""
+
+    __slots__ = ("dram_bw", "heartbeat", "inputs", "room", "store_bw", "view", "wait")
+
+    def __init__(self, heartbeat: NodeHeartbeat, inputs: _Inputs, view: NodeView) -> None:
+        self.heartbeat, self.inputs, self.view = heartbeat, inputs, view
+        self.store_bw = view.bandwidth("store")
+        self.dram_bw = view.bandwidth("dram")
+        self.wait = view.wait(0.0)
+        self.room = view.has_room()
+
+
+def _functions_of(
+    hb: NodeHeartbeat, functions: Mapping[str, tuple[str, int]]
+) -> tuple[tuple[str, int] | None, ...]:
+    return tuple([functions.get(i.function) for i in hb.instances])
+
+
+def _protected_on(hb: NodeHeartbeat, protected: frozenset[str]) -> frozenset[str]:
+    return frozenset([i.instance_id for i in hb.instances if i.instance_id in protected])
 
 
 def _cached(view: NodeView | None) -> set[str]:
