@@ -10,6 +10,12 @@ flight, and some nodes have loads queued. Two states are measured: ``busy`` (60%
 taken) and ``full`` (all but ~1% taken, so locality+migration weighs many victims). Timings are
 place() alone on a prepared snapshot, and snapshot_from_heartbeats() from 1,000 heartbeats
 (what the gateway rebuilds when nodes report).
+
+The gateway path (``--gateway-only`` runs just this part) times one placement as the gateway
+asks for it (``PolicyScheduler.place``: snapshot, then decide) with 1% of the nodes reporting
+between decisions and the instances with requests in flight protected: the full build of
+every decision that the gateway did before (protected instances marked in copied heartbeats,
+then ``snapshot_from_heartbeats``) against today's ``SnapshotCache``; both decide the same.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 # would shadow the gateway package: drop it so the installed packages are imported.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
+from gateway.placement import PolicyScheduler  # noqa: E402
 from gateway.scheduler.policies import POLICIES, place  # noqa: E402
 from gateway.scheduler.snapshot import SnapshotCache, snapshot_from_heartbeats  # noqa: E402
 from gateway.scheduler.types import ClusterSnapshot, Placement, PlacementRequest  # noqa: E402
@@ -168,6 +175,63 @@ def bench_decisions(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _protect_by_copy(hb: NodeHeartbeat, protected: set[str]) -> NodeHeartbeat:
+    """The gateway's former way of protecting instances (gateway/placement.py ``_protect`` up
+    to commit 9acadaa): a copy of the heartbeat with them shown busy, every decision."""
+    instances = [
+        dataclasses.replace(i, in_flight=max(1, i.in_flight)) if i.instance_id in protected else i
+        for i in hb.instances
+    ]
+    return dataclasses.replace(hb, instances=instances)
+
+
+def bench_gateway_path(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    policy = "locality+migration"
+    for state, busy in (("busy", 0.6), ("full", 0.99)):
+        hbs, table, cum = synthetic_cluster(args.nodes, args.accelerators, args.functions, busy, 1)
+        protected = {i.instance_id for hb in hbs.values() for i in hb.instances if i.in_flight}
+        rng = random.Random(3)
+        names = list(table)
+        picks = rng.choices(range(len(names)), cum_weights=cum, k=args.gateway_decisions)
+        requests = [PlacementRequest(names[i], *table[names[i]]) for i in picks]
+        scheduler = PolicyScheduler(policy)
+        scheduler.place(list(hbs.values()), set(), table, requests[0], protected=protected)
+        ids = list(hbs)
+        step = max(1, len(ids) // 100)
+        before_s: list[float] = []
+        after_s: list[float] = []
+        for k, req in enumerate(requests):
+            for j in range(k * step, k * step + step):  # 1% of the nodes reported since
+                node_id = ids[j % len(ids)]
+                hbs[node_id] = dataclasses.replace(hbs[node_id], seq=hbs[node_id].seq + 1)
+            beats = list(hbs.values())
+            t0 = time.perf_counter()
+            by_node = {hb.node_id: _protect_by_copy(hb, protected) for hb in beats}
+            snap = snapshot_from_heartbeats(
+                by_node,
+                {},
+                functions=table,
+                migration=scheduler.migration.fits(),
+                reclaim_idle=True,
+            )
+            want = place(snap, req, policy)
+            before_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            got = scheduler.place(beats, set(), table, req, protected=protected)
+            after_s.append(time.perf_counter() - t0)
+            if got != want:
+                raise AssertionError(f"cached and full snapshots decided differently: {got} {want}")
+        out[state] = {
+            "policy": policy,
+            "protected_instances": len(protected),
+            "decisions": len(requests),
+            "full_build_per_decision": _ms(before_s),
+            "snapshot_cache": _ms(after_s),
+        }
+    return out
+
+
 def bench_sim_hour(config_path: Path) -> dict[str, Any]:
     config = load_config(str(config_path))
     t0 = time.perf_counter()
@@ -198,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=5, help="passes over the requests")
     p.add_argument("--sim-config", type=Path, default=SCALE_CONFIG)
     p.add_argument("--skip-sim", action="store_true", help="decisions only")
+    p.add_argument("--gateway-decisions", type=int, default=30, help="gateway-path decisions")
+    p.add_argument("--gateway-only", action="store_true", help="the gateway path alone")
     args = p.parse_args(argv)
+    if args.gateway_only:
+        return _gateway_only(args)
     figures: dict[str, Any] = {
         "machine": f"{platform.machine()} {platform.python_implementation()} "
         f"{platform.python_version()}, {_cpus()} CPUs",
@@ -222,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             f" ms; SnapshotCache (1% changed) p50 "
             f"{d['snapshot_cache_1pct_changed']['p50_ms']:.1f} ms"
         )
+    figures["gateway_path"] = bench_gateway_path(args)
+    _print_gateway(figures["gateway_path"])
     if not args.skip_sim:
         figures["sim_hour"] = bench_sim_hour(args.sim_config)
         h = figures["sim_hour"]
@@ -232,6 +302,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _gateway_only(args: argparse.Namespace) -> int:
+    figures = {"gateway_path": bench_gateway_path(args)}
+    _print_gateway(figures["gateway_path"])
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _print_gateway(path: dict[str, Any]) -> None:
+    for state, g in path.items():
+        a, b = g["full_build_per_decision"], g["snapshot_cache"]
+        print(
+            f"{state:>4} gateway place(): full build p50 {a['p50_ms']:.1f} max {a['max_ms']:.1f}"
+            f" ms; SnapshotCache p50 {b['p50_ms']:.1f} max {b['max_ms']:.1f} ms"
+            f" ({g['protected_instances']} protected instances, {g['decisions']} decisions)"
+        )
 
 
 def _cpus() -> int:
