@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -92,6 +93,7 @@ class Cluster:
         env = {**self.env, "SLLM_GATEWAY_PORT": str(self.port)}
         self.gateway = _start(["gateway", "start"], env, self.root / "gateway.log")
 
+    def wait_gateway(self) -> None:
         def two_nodes() -> bool:
             try:
                 return bool(httpx.get(f"{self.url}/healthz", timeout=2).json().get("nodes") == 2)
@@ -123,23 +125,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("sched-migration")
     store = root / "store"
     store.mkdir()
-    configs = {
-        # A: the slow-decoding model of conftest (long streams); B: ~6x its bytes.
-        A: TinyConfig(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            max_position_embeddings=2048,
-        ),
-        B: TinyConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4),
-    }
-    sizes = {}
-    for name, config in configs.items():
-        model_dir = build_tiny_llama(root / f"hf-{name}", seed=0, config=config)
-        sizes[name] = convert_checkpoint(model_dir, root / f"ckpt-{name}").total_bytes
-        push_checkpoint(root / f"ckpt-{name}", LocalStore(store), KEYS[name])
-    # The margin the module docstring counts on: B from the slow store >> A from it + resume.
-    assert (sizes[B] - sizes[A]) / SLOW_STORE > 10.0, sizes
     nats = start_nats(root / "nats")
     env = {
         **os.environ,
@@ -154,9 +139,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "SLLM_POOL_SIZE": "1",
         "SLLM_HEARTBEAT_INTERVAL": "0.3s",
     }
-    c = Cluster(root, nats, sizes=sizes, env=env)
+    c = Cluster(root, nats, env=env)
     node_envs = []
+    configs = {
+        # A: the slow-decoding model of conftest (long streams); B: ~6x its bytes.
+        A: TinyConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            max_position_embeddings=2048,
+        ),
+        B: TinyConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4),
+    }
     try:
+        # The nodes and the gateway start (seconds of imports) while the models are built.
         for i, store_bw in ((1, ""), (2, str(SLOW_STORE))):
             node_id = f"sched-{os.getpid()}-{i}"
             node_env = {
@@ -169,6 +165,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             argv = ["-v", "node", "start", "--drain", "2s"]
             c.nodes[node_id] = _start(argv, node_env, root / f"{node_id}.log")
         c.start_gateway()
+        sizes = c.sizes
+        for name, config in configs.items():
+            model_dir = build_tiny_llama(root / f"hf-{name}", seed=0, config=config)
+            sizes[name] = convert_checkpoint(model_dir, root / f"ckpt-{name}").total_bytes
+            push_checkpoint(root / f"ckpt-{name}", LocalStore(store), KEYS[name])
+        # The margin the module docstring counts on: B from the slow store >> A from it + resume.
+        assert (sizes[B] - sizes[A]) / SLOW_STORE > 10.0, sizes
+        c.wait_gateway()
         for name in (A, B):
             spec = {
                 "name": name,
@@ -184,6 +188,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         if c.gateway is not None:
             stop_process(c.gateway)
+        for proc in c.nodes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # both nodes drain at once
         for proc in c.nodes.values():
             stop_process(proc)
         nats.stop()
@@ -282,6 +289,7 @@ async def test_request_for_a_dram_hot_function_migrates_the_busy_instance(
     assert c.gateway is not None
     await asyncio.to_thread(stop_process, c.gateway)
     await asyncio.to_thread(c.start_gateway)
+    await asyncio.to_thread(c.wait_gateway)
     restored = re.findall(
         r"migration fit restored checkpoint=(\S+) \{'n': (\d+)", c.log("gateway.log")
     )
