@@ -33,7 +33,7 @@ async def invoke(request: Request) -> Response:
         data = parse_json(body)
         if record.spec.handler in BUILTIN_HANDLERS:
             body = json.dumps(native_generate(data, record.spec.generation)).encode()
-        upstream = await gw.proxy.open(record, "/v1/invoke", body, started)
+        upstream = await gw.proxy.open(record, "/v1/invoke", body, started, request.receive)
     except SllmError as exc:
         count(gw, name, "function", exc.status)
         raise
@@ -45,7 +45,7 @@ async def invoke(request: Request) -> Response:
             media_type=upstream.content_type,
             headers=SSE_HEADERS,
         )
-    content = await gw.proxy.read_all(upstream)
+    content = await gw.proxy.read_all(upstream, request.receive)
     return Response(content, status_code=upstream.status, media_type=upstream.content_type)
 
 

@@ -47,7 +47,9 @@ async def _complete(request: Request, *, chat: bool) -> Response:
                            code="model_not_found")  # fmt: skip
         native = (openai_chat if chat else openai_completion)(data, record.spec.generation)
         usage = include_usage(data)
-        upstream = await gw.proxy.open(record, "/v1/generate", json.dumps(native).encode(), started)
+        upstream = await gw.proxy.open(
+            record, "/v1/generate", json.dumps(native).encode(), started, request.receive
+        )
         if upstream.status >= 400:
             raise error_from_upstream(upstream.status, await gw.proxy.read_all(upstream))
         if native["stream"] and upstream.is_stream:
@@ -58,7 +60,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        raw = await gw.proxy.read_all(upstream)
+        raw = await gw.proxy.read_all(upstream, request.receive)
         try:
             answer = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
