@@ -24,9 +24,9 @@ TOKEN = "mig-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 CHECKPOINT_KEY = "checkpoints/tiny/it-migration"
 FUNCTION = "mig"
-# ~6-10 s a stream here (more while the machine is busy): the switch, a few tenths of a
-# second, happens well before the end.
-MAX_TOKENS = 900
+# Seconds a stream here (more while the machine is busy): the switch, a few tenths of a
+# second after the stream starts, happens well before the end.
+MAX_TOKENS = 1200
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -80,18 +80,27 @@ class Stage:
     def streams(self, inst: dict[str, Any]) -> set[str]:
         """Request ids of the streams running on ``inst`` (an entry of ``instances``)."""
         try:
-            r = httpx.get(f"{inst['address']}/v1/migration/requests", timeout=10)
+            r = httpx.get(f"{inst['address']}/v1/migration/requests", timeout=30)
         except httpx.HTTPError:
             return set()  # gone (a test killed it) or going
         return {s["request_id"] for s in r.json()["requests"]}
 
     def serving(self, request_id: str | None = None) -> dict[str, Any]:
         """The instance streaming ``request_id`` (None: any stream)."""
+        seen = []
         for inst in self.instances():
             streams = self.streams(inst)
             if request_id in streams or (request_id is None and streams):
                 return inst
-        raise AssertionError(f"no instance streams {request_id or 'anything'}")
+            seen.append((inst, streams))
+        raise AssertionError(f"no instance streams {request_id or 'anything'}: {seen}")
+
+    def wait_log(self, node_id: str, text: str, timeout_s: float = 60.0) -> None:
+        """Wait until ``text`` appears in node ``node_id``'s log."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_tail(f"{node_id}.log", 400):
+            assert time.monotonic() < deadline, f"{text!r} not logged by {node_id}\n{self.logs()}"
+            time.sleep(0.02)
 
     def migrate(self, target_node: str, **source: str) -> httpx.Response:
         body = {**source, "target_node": target_node}

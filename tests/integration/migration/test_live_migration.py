@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,9 +18,6 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-
-from sllm.messages import MigrationProgress, decode_as
-from sllm.nats_bus import NatsBus
 
 from .conftest import FUNCTION, MAX_TOKENS, Stage
 
@@ -97,8 +93,9 @@ def rid(prefix: str) -> str:
 
 
 # Greedy prompts whose output runs to MAX_TOKENS with this model (no early end of sequence:
-# each runs past 1,300 tokens). A stream that ends early could finish before a migration
-# reaches it on a busy machine, and a test would then find nothing to move.
+# each runs past 1,300 tokens). The engine does not wait for a slow reader, so on a busy
+# machine it can be far ahead of what the client has read: the tests move a stream as soon
+# as it starts, and no stream may end early, or a migration could find nothing left to move.
 LONG_PROMPTS = ("The capital of France", "What is love", "Why?")
 
 
@@ -108,7 +105,7 @@ async def test_greedy_stream_moves_mid_way_token_for_token(stage: Stage) -> None
     async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
         ref = asyncio.create_task(reference(http, body))
         mover = asyncio.create_task(migrate_stream(stage, request_id, go))
-        moved = await native_stream(http, {**body, "request_id": request_id}, at(10, go))
+        moved = await native_stream(http, {**body, "request_id": request_id}, at(2, go))
         response = await mover
         unmoved = await ref
     assert response.status_code == 200, response.text + stage.logs()
@@ -154,7 +151,7 @@ async def test_seeded_openai_stream_moves_identically(stage: Stage) -> None:
                 usage = chunk.get("usage") or usage
                 chunks += len(chunk["choices"])
                 text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
-                if chunks >= 10:
+                if chunks >= 2:
                     go.set()
         return text, usage
 
@@ -180,7 +177,7 @@ async def test_five_concurrent_streams_move_together(stage: Stage) -> None:
     # (prompt, temperature, seed) that run past MAX_TOKENS with this model: none can end on
     # the source before the migration reaches it, however busy the machine
     picks = [("The capital of France", 0.8, 9), ("The sky", 0.0, 0),
-             ("What is love", 0.8, 9), ("Once upon a time", 0.8, 2), ("Dear diary", 0.8, 9)]  # fmt: skip
+             ("The sky", 0.7, 11), ("Once upon a time", 0.8, 2), ("Dear diary", 0.8, 9)]  # fmt: skip
     bodies = [
         {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": t, "seed": s} for p, t, s in picks
     ]
@@ -192,10 +189,9 @@ async def test_five_concurrent_streams_move_together(stage: Stage) -> None:
 
     def watch(i: int) -> Callable[[Run], None]:
         def on_token(run: Run) -> None:
-            if len(run.tokens) >= 5:
-                started.add(i)
-                if len(started) >= len(ids) - 2:  # most are decoding: move now
-                    go.set()
+            started.add(i)
+            if len(started) == len(ids):  # all are decoding: move now
+                go.set()
 
         return on_token
 
@@ -229,67 +225,50 @@ async def test_five_concurrent_streams_move_together(stage: Stage) -> None:
     stage.wait_ready(2)
 
 
-class RoundKiller(threading.Thread):
-    """SIGKILLs ``pid`` at the first round of a migration (before its switch). It listens on its own event loop:
-    the test's loop is busy streaming, and the next round is only tenths of a second away."""
-
-    def __init__(self, nats_url: str) -> None:
-        super().__init__(daemon=True)
-        self.nats_url = nats_url
-        self.pid = 0
-        self.killed = threading.Event()
-        self.listening = threading.Event()
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        asyncio.run(self._listen())
-
-    async def _listen(self) -> None:
-        bus = await NatsBus.connect(self.nats_url, name="mig-test-killer")
-
-        async def on_progress(msg: Any) -> None:
-            progress = decode_as(msg.data, MigrationProgress)
-            if progress.phase == "round" and self.pid and not self.killed.is_set():
-                os.kill(self.pid, signal.SIGKILL)
-                self.killed.set()
-
-        await bus.subscribe("sllm.migration.*.progress", on_progress)
-        self.listening.set()
-        await asyncio.to_thread(self.done.wait)
-        await bus.close()
+async def migrate_frozen(
+    stage: Stage, source: dict[str, Any], target: dict[str, Any], then: Callable[[], None]
+) -> httpx.Response:
+    """Migrate ``source`` to ``target`` while the target process is stopped (SIGSTOP): the
+    migration cannot pass its first round. Once the source's node has started it, ``then()``
+    runs (the fault), and the target continues (SIGCONT; a no-op if ``then`` killed it)."""
+    target_pid = pid_on(target["address"])
+    os.kill(target_pid, signal.SIGSTOP)
+    try:
+        moving = asyncio.create_task(
+            asyncio.to_thread(stage.migrate, target["node"], instance=source["id"])
+        )
+        await asyncio.to_thread(stage.wait_log, source["node"], f"start instance={source['id']}")
+        then()
+    finally:
+        os.kill(target_pid, signal.SIGCONT)
+    return await moving
 
 
 async def test_target_killed_before_switch_source_continues(stage: Stage) -> None:
     body = {"prompt": LONG_PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0}
     request_id, go = rid("kill-target"), asyncio.Event()
-    pids = {i["id"]: pid_on(i["address"]) for i in stage.wait_ready(2)}
-    killer = RoundKiller(stage.nats_url)
-    killer.start()
-    assert await asyncio.to_thread(killer.listening.wait, 30)
+    stage.wait_ready(2)
 
     async def mover() -> tuple[httpx.Response, dict[str, Any]]:
         await go.wait()
         source = await asyncio.to_thread(stage.serving, request_id)
         (target,) = [i for i in stage.instances() if i["id"] != source["id"]]
-        killer.pid = pids[target["id"]]  # the target dies after its first round
-        return await asyncio.to_thread(stage.migrate, target["node"], instance=source["id"]), source
+        pid = pid_on(target["address"])
+        return await migrate_frozen(
+            stage, source, target, lambda: os.kill(pid, signal.SIGKILL)
+        ), source
 
-    try:
-        async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
-            ref = asyncio.create_task(reference(http, body))
-            moving = asyncio.create_task(mover())
-            run = await native_stream(http, {**body, "request_id": request_id}, at(10, go))
-            response, source = await moving
-            unmoved = await ref
-    finally:
-        killer.done.set()
-        killer.join(10)
-    assert killer.killed.is_set(), "the target was not killed"
+    async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
+        ref = asyncio.create_task(reference(http, body))
+        moving = asyncio.create_task(mover())
+        run = await native_stream(http, {**body, "request_id": request_id}, at(2, go))
+        response, source = await moving
+        unmoved = await ref
     assert response.status_code == 502, response.text
     assert response.json()["error"]["code"] == "migration_failed"
     # Nothing lost: the source kept decoding the stream to its end, and keeps serving.
     assert run.errors == [] and run.text == unmoved["text"]
-    assert len(run.tokens) == unmoved["usage"]["completion_tokens"]
+    assert len(run.tokens) == unmoved["usage"]["completion_tokens"] == MAX_TOKENS
     assert source["id"] in {i["id"] for i in stage.wait_ready(2)}
 
 
@@ -298,7 +277,7 @@ async def test_source_killed_mid_stream_ends_with_clear_error(stage: Stage) -> N
     request_id = rid("kill-source")
 
     def kill(run: Run) -> None:
-        if len(run.tokens) == 10:
+        if len(run.tokens) == 2:
             os.kill(pid_on(stage.serving(request_id)["address"]), signal.SIGKILL)
 
     started = time.monotonic()
@@ -309,40 +288,33 @@ async def test_source_killed_mid_stream_ends_with_clear_error(stage: Stage) -> N
     assert time.monotonic() - started < 30  # ended, no hang
     assert len(run.errors) == 1 and run.events[-1] == run.errors[0]
     assert run.errors[0]["error"]["code"] in ("instance_failed", "migration_failed")
+    stage.wait_ready(2)  # the function gets its lost instance back
 
 
 async def test_source_killed_mid_migration_ends_with_clear_error(stage: Stage) -> None:
     body = {"prompt": LONG_PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
     request_id, go = rid("kill-source-mid"), asyncio.Event()
-    pids = {i["id"]: pid_on(i["address"]) for i in stage.wait_ready(2)}
-    killer = RoundKiller(stage.nats_url)
-    killer.start()
-    assert await asyncio.to_thread(killer.listening.wait, 30)
+    stage.wait_ready(2)
 
     async def mover() -> httpx.Response:
         await go.wait()
         source = await asyncio.to_thread(stage.serving, request_id)
-        (target,) = [n for n in stage.nodes if n != source["node"]]
-        killer.pid = pids[source["id"]]  # the source dies after the first round
-        return await asyncio.to_thread(stage.migrate, target, instance=source["id"])
+        (target,) = [i for i in stage.instances() if i["id"] != source["id"]]
+        pid = pid_on(source["address"])  # the source dies during the first round
+        return await migrate_frozen(stage, source, target, lambda: os.kill(pid, signal.SIGKILL))
 
     started = time.monotonic()
-    try:
-        async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
-            moving = asyncio.create_task(mover())
-            run = await asyncio.wait_for(
-                native_stream(http, {**body, "request_id": request_id}, at(10, go)), 60
-            )
-            response = await moving
-    finally:
-        killer.done.set()
-        killer.join(10)
-    assert killer.killed.is_set(), "the source was not killed"
+    async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
+        moving = asyncio.create_task(mover())
+        run = await asyncio.wait_for(
+            native_stream(http, {**body, "request_id": request_id}, at(2, go)), 60
+        )
+        response = await moving
     assert time.monotonic() - started < 60  # ended, no hang
     assert response.status_code == 502, response.text
     assert response.json()["error"]["code"] == "migration_failed"
     # The stream ends with one clear error after the tokens it had, never silently.
-    assert 10 <= len(run.tokens) < MAX_TOKENS
+    assert 2 <= len(run.tokens) < MAX_TOKENS
     assert len(run.errors) == 1 and run.events[-1] == run.errors[0]
     assert run.errors[0]["error"]["code"] in ("instance_failed", "migration_failed")
     stage.wait_ready(2)  # the function gets its second instance back
