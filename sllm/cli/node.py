@@ -34,6 +34,10 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("--pool-size", type=int, help="pre-started instance processes")
     p.add_argument("--heartbeat", help="heartbeat period, e.g. 2s")
     p.add_argument(
+        "--store-bandwidth",
+        help="store link bytes/s reported until a pull is measured, e.g. 125M",
+    )
+    p.add_argument(
         "--drain", default="30s", help="how long instances may finish requests on shutdown"
     )
     p.set_defaults(func=cmd_start)
@@ -52,6 +56,7 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
         "SLLM_CPU_SLOTS": None if args.cpu_slots is None else str(args.cpu_slots),
         "SLLM_POOL_SIZE": None if args.pool_size is None else str(args.pool_size),
         "SLLM_HEARTBEAT_INTERVAL": args.heartbeat,
+        "SLLM_STORE_BANDWIDTH": args.store_bandwidth,
     }
     env.update({k: v for k, v in flags.items() if v is not None})
     settings = NodeSettings.from_env(env)

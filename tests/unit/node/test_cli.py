@@ -15,6 +15,7 @@ from sllm.cli.app import run
         (["--node-id", "Not_A_Label"], "SLLM_NODE_ID='Not_A_Label'"),
         (["--dram-capacity", "lots"], "SLLM_DRAM_CAPACITY='lots'"),
         (["--heartbeat", "0s"], "SLLM_HEARTBEAT_INTERVAL"),
+        (["--store-bandwidth", "fast"], "SLLM_STORE_BANDWIDTH='fast'"),
         (["--drain", "soon"], "--drain"),
     ],
 )
