@@ -152,13 +152,35 @@ class Migrator:
     async def free_devices(self, migration: Migration) -> None:
         """Apply a placement's ``Migration``: move the victim's streams to its target node,
         then wait until the victim has stopped, so its devices are free for the new instance.
-        MigrationFailed (the victim keeps serving) otherwise."""
-        await self.migrate(migration.victim, migration.target_node)
+        MigrationFailed (the victim keeps serving) otherwise.
+
+        A victim that has finished its requests since the decision has nothing to move: it is
+        stopped like an evicted instance (no target is loaded for it); one already gone has
+        freed its devices."""
+        victim = self._table.instances.get(migration.victim)
+        if victim is None:
+            return
+        if self._idle(victim):
+            log.info("migration victim %s is idle: stopped, not moved", victim.instance_id)
+            await self._unload(victim)
+        else:
+            await self.migrate(migration.victim, migration.target_node)
         deadline = self._clock.now() + self.settings.drain_s + 15.0
         while migration.victim in self._table.instances:
             if self._clock.now() > deadline:
                 raise MigrationFailed(f"instance {migration.victim} did not stop after migrating")
             await self._clock.sleep(self.settings.poll_s)
+
+    def _idle(self, inst: Instance) -> bool:
+        """Ready, with no request in flight through this gateway and, in its node's latest
+        heartbeat, none in its engine (streams moved onto it count only there)."""
+        if inst.state != "ready" or inst.in_flight > 0:
+            return False
+        info = self._table.nodes.get(inst.node)
+        if info is None:
+            return False
+        states = [i for i in info.heartbeat.instances if i.instance_id == inst.instance_id]
+        return bool(states) and states[0].in_flight == 0
 
     def _restore(self, source: Instance) -> None:
         """The source keeps serving (it was never interrupted before the switch)."""
