@@ -41,6 +41,7 @@ class Stage:
     nodes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     gateway: subprocess.Popen[bytes] | None = None
     port: int = field(default_factory=free_port)
+    _http: httpx.Client | None = None
 
     @property
     def url(self) -> str:
@@ -61,8 +62,16 @@ class Stage:
             for name in ["gateway.log", *(f"{n}.log" for n in self.nodes)]
         )
 
+    @property
+    def http(self) -> httpx.Client:
+        """One client for the stage: making one per call costs 0.1-2 s on a busy machine (its
+        TLS context), long enough for a stream to end before a test moves it."""
+        if self._http is None:
+            self._http = httpx.Client(timeout=120, trust_env=False, verify=False)
+        return self._http
+
     def instances(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.url}/system/functions/{FUNCTION}", headers=AUTH, timeout=10)
+        r = self.http.get(f"{self.url}/system/functions/{FUNCTION}", headers=AUTH)
         assert r.status_code == 200, r.text
         found: list[dict[str, Any]] = r.json()["instances"]
         return found
@@ -77,23 +86,38 @@ class Stage:
             assert time.monotonic() < deadline, f"instances: {insts}\n{self.logs()}"
             time.sleep(0.1)
 
-    def streams(self, inst: dict[str, Any]) -> set[str]:
-        """Request ids of the streams running on ``inst`` (an entry of ``instances``)."""
+    def streams(self, inst: dict[str, Any]) -> dict[str, int]:
+        """Request id -> output tokens so far of the streams running on ``inst`` (an entry of
+        ``instances``), as its engine reports them (ahead of what a client has read)."""
         try:
-            r = httpx.get(f"{inst['address']}/v1/migration/requests", timeout=30)
+            r = self.http.get(f"{inst['address']}/v1/migration/requests", timeout=30)
         except httpx.HTTPError:
-            return set()  # gone (a test killed it) or going
-        return {s["request_id"] for s in r.json()["requests"]}
+            return {}  # gone (a test killed it) or going
+        return {s["request_id"]: len(s["output_ids"]) for s in r.json()["requests"]}
 
-    def serving(self, request_id: str | None = None) -> dict[str, Any]:
-        """The instance streaming ``request_id`` (None: any stream)."""
-        seen = []
-        for inst in self.instances():
-            streams = self.streams(inst)
-            if request_id in streams or (request_id is None and streams):
+    def wait_streams(
+        self, request_ids: set[str] | None = None, min_tokens: int = 2, timeout_s: float = 60.0
+    ) -> list[tuple[dict[str, Any], dict[str, int]]]:
+        """Wait until every stream of ``request_ids`` (None: some stream) runs with at least
+        ``min_tokens`` output tokens on some instance; then (instance, its streams) for each
+        instance, busiest first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = [(inst, self.streams(inst)) for inst in self.instances()]
+            running = {rid for _, streams in seen for rid, n in streams.items() if n >= min_tokens}
+            if (request_ids is None and running) or (request_ids and request_ids <= running):
+                return sorted(seen, key=lambda x: -len(x[1]))
+            assert time.monotonic() < deadline, f"streams not running: {seen}\n{self.logs()}"
+            time.sleep(0.01)
+
+    def serving(self, request_id: str | None = None, min_tokens: int = 2) -> dict[str, Any]:
+        """The instance streaming ``request_id`` (None: the busiest one), once it has
+        generated ``min_tokens`` tokens for it."""
+        ids = None if request_id is None else {request_id}
+        for inst, streams in self.wait_streams(ids, min_tokens):
+            if request_id is None or request_id in streams:
                 return inst
-            seen.append((inst, streams))
-        raise AssertionError(f"no instance streams {request_id or 'anything'}: {seen}")
+        raise AssertionError(f"no instance streams {request_id}")
 
     def wait_log(self, node_id: str, text: str, timeout_s: float = 60.0) -> None:
         """Wait until ``text`` appears in node ``node_id``'s log."""
@@ -104,7 +128,7 @@ class Stage:
 
     def migrate(self, target_node: str, **source: str) -> httpx.Response:
         body = {**source, "target_node": target_node}
-        return httpx.post(f"{self.url}/system/migrate", json=body, headers=AUTH, timeout=120)
+        return self.http.post(f"{self.url}/system/migrate", json=body, headers=AUTH)
 
 
 def _start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -186,6 +210,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
         s.wait_ready(2)
         yield s
     finally:
+        if s._http is not None:
+            s._http.close()
         if s.gateway is not None:
             _stop(s.gateway)
         for proc in s.nodes.values():
