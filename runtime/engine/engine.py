@@ -3,9 +3,18 @@
 One thread owns the model. Each turn of its loop it admits waiting requests (prefilling each
 alone, which also samples its first token), then runs one decoding step for every running
 sequence together (``KVBatch``) and hands each request its new token through its sink. New
-requests join between steps; finished or cancelled ones leave between steps. Callers on other
-threads (the HTTP server's event loop, a custom handler's worker thread) only ``submit`` and
-``cancel``; events come back through the thread-safe sink they passed.
+requests join between steps; finished or cancelled ones leave between steps.
+
+Chunked prefill: a prompt with more than ``prefill_chunk`` tokens left to compute is not
+prefilled whole on admission (that would stall every running stream for the whole forward
+pass) but over several turns, at most ``prefill_chunk`` tokens a turn across all such requests
+(oldest first), with one decoding step of the running batch between turns. Its last chunk's
+logits sample its first token and it joins the batch then. Until then it is active (it holds a
+batch slot, ``snapshots`` export it with its prompt as its tokens so far, ``cancel`` ends it),
+but not in ``KVBatch``.
+
+Callers on other threads (the HTTP server's event loop, a custom handler's worker thread) only
+``submit`` and ``cancel``; events come back through the thread-safe sink they passed.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ class _Active:
     sink: Sink
     text: TextStream
     next_input: int = -1
+    cache: Any = None  # while prefilling: its own batch-1 cache, holding ``prefilled`` positions
+    prefilled: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class Engine:
 
     ``max_batch`` bounds the sequences decoded together (more wait their turn); ``max_context``
     bounds prompt plus output tokens (default: the model's ``max_position_embeddings``).
+    ``prefill_chunk`` bounds the prompt tokens computed per loop turn for long prompts (see the
+    module docstring); 0 prefills every prompt whole on admission.
     """
 
     def __init__(
@@ -66,7 +79,12 @@ class Engine:
         eos_ids: Sequence[int] = (),
         max_batch: int = 16,
         max_context: int | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
+        if prefill_chunk < 0:
+            raise ValueError(
+                f"prefill_chunk must be >= 0 (0 disables chunking), not {prefill_chunk}"
+            )
         self.model = model
         self.device = next(model.parameters()).device
         self._decode = decode
@@ -81,6 +99,11 @@ class Engine:
         self._active: dict[str, _Active] = {}
         self._known: set[str] = set()  # ids pending or active (duplicate detection)
         self._batch = KVBatch()
+        # 512 (vLLM's first chunked-prefill token budget): on a GPU such a chunk takes about as
+        # long as one to a few decoding steps, so a running stream's largest pause stays a few
+        # steps while the prompt is still computed in passes large enough to be efficient.
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: list[_Active] = []  # engine thread only; admission order
         # Live migration (runtime.migration) prefills a request's cache here before the request
         # is resumed: request id -> (cache, the token ids it covers). Read once at admission.
         self.staged: dict[str, tuple[Any, list[int]]] = {}
@@ -179,7 +202,8 @@ class Engine:
             try:
                 for a in admitted:
                     if a.state.request_id in self._active:
-                        self._prefill(a)
+                        self._admit(a)
+                self._prefill_chunks()
                 if len(self._batch):
                     self._decode_step()
             except Exception as exc:  # a failed forward fails the running requests, not the loop
@@ -196,15 +220,43 @@ class Engine:
                     self._finish(a, "cancelled")
         for rid in cancels & set(self._active):
             self._finish(self._active[rid], "cancelled")
+        self._prefilling = [a for a in self._prefilling if a.state.request_id not in cancels]
         self._batch.remove(cancels)
 
-    def _prefill(self, a: _Active) -> None:
+    def _admit(self, a: _Active) -> None:
+        """Prefill a newly admitted request whole, or queue it for chunks if it is long."""
         ids = a.state.prompt_ids + a.state.output_ids
-        cache, done = self._start_cache(a.state.request_id, ids)
-        inputs = torch.tensor([ids[done:]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        a.cache, a.prefilled = self._start_cache(a.state.request_id, ids)
+        if self.prefill_chunk and len(ids) - a.prefilled > self.prefill_chunk:
+            self._prefilling.append(a)
+        else:
+            self._prefill(a, ids, len(ids))
+
+    def _prefill_chunks(self) -> None:
+        """Advance the prefilling requests by ``prefill_chunk`` tokens in all, oldest first."""
+        budget = self.prefill_chunk
+        while budget > 0 and self._prefilling:
+            a = self._prefilling[0]
+            ids = a.state.prompt_ids + a.state.output_ids
+            end = min(len(ids), a.prefilled + budget)
+            budget -= end - a.prefilled
+            if end == len(ids):
+                self._prefilling.pop(0)
+            self._prefill(a, ids, end)
+
+    def _prefill(self, a: _Active, ids: list[int], end: int) -> None:
+        """Compute ``ids[a.prefilled:end]`` into ``a.cache``; at the end of ``ids``, sample the
+        first token and join the batch."""
+        inputs = torch.tensor([ids[a.prefilled : end]], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=inputs, past_key_values=a.cache, use_cache=True, logits_to_keep=1
+        )
+        a.cache, a.prefilled = out.past_key_values, end
+        if end < len(ids):
+            return
+        cache, a.cache = a.cache, None  # the batch owns it from here
         if self._accept(a, out.logits[0, -1]):
-            self._batch.join(a.state.request_id, out.past_key_values, len(ids))
+            self._batch.join(a.state.request_id, cache, len(ids))
 
     def _start_cache(self, request_id: str, ids: list[int]) -> tuple[Any, int]:
         """(cache, positions it holds): one staged by live migration when it covers a proper
@@ -281,6 +333,7 @@ class Engine:
             victims = [*self._pending, *self._active.values()]
             self._pending, self._active, self._known = [], {}, set()
         self._batch = KVBatch()
+        self._prefilling = []
         for a in victims:
             a.state.finish_reason = "error"
             _deliver(a.sink, ErrorEvent(code, message))
