@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,27 @@ def node_devices(settings: NodeSettings) -> list[Device]:
     return gpus if gpus else cpu_devices(settings.cpu_slots)
 
 
+# In a node's DRAM tier directory: the cache directory it belongs to (see sweep_orphan_dram).
+OWNER_FILE = "cache-dir"
+
+
+def sweep_orphan_dram(shm: Path = Path("/dev/shm")) -> list[Path]:
+    """Remove this user's node DRAM tiers whose cache directory no longer exists (a node that
+    ran on a temporary directory, now gone: no node can find that tier again, and shared memory
+    is held until reboot otherwise). Directories without an owner file are left alone."""
+    removed = []
+    for root in sorted(shm.glob(f"sllm-{os.getuid()}-*")):
+        try:
+            cache_dir = (root / OWNER_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if cache_dir and not Path(cache_dir).exists():
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root)
+            log.info("removed orphaned DRAM tier %s (cache dir %s is gone)", root, cache_dir)
+    return removed
+
+
 def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator]:
     """(TieredCache, BandwidthEstimator) for ``settings``; the bandwidths are probed."""
     from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
@@ -47,8 +69,11 @@ def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator
     store = open_store(settings.store)
     ssd_dir = Path(settings.cache_dir) / "ssd"
     ssd_dir.mkdir(parents=True, exist_ok=True)
+    sweep_orphan_dram()
     ssd = SsdCache(ssd_dir, settings.ssd_capacity)
-    dram = DramCache(dram_root(settings), settings.dram_capacity)
+    root = dram_root(settings)
+    dram = DramCache(root, settings.dram_capacity)
+    (root / OWNER_FILE).write_text(str(Path(settings.cache_dir).resolve()), encoding="utf-8")
     bandwidths = BandwidthEstimator()
     bandwidths.seed("store", settings.store_bandwidth)  # 0: keeps the default seed
     try:
