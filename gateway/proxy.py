@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import httpx
 from starlette.types import Receive
@@ -39,54 +38,16 @@ from gateway.migration.resume import StreamResumer
 from gateway.migration.splice import follow_moves
 from gateway.openai_format import sse
 from sllm.clock import Clock
+from sllm.disconnect import unless_client_gone
 from sllm.errors import SllmError, Unavailable
 from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 class UpstreamTimeout(SllmError):
     code = "upstream_timeout"
     status = 504
-
-
-class ClientGone(SllmError):
-    """The client disconnected before its answer was ready; the exchange was dropped. 499 is
-    nginx's "client closed request": the answer reaches no one, only logs and metrics."""
-
-    code = "client_gone"
-    status = 499
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass  # body messages: the route read the body already, so these are empty
-
-
-async def unless_client_gone(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it, wait until its cleanup ran
-    (the instance connection closed, the dispatcher slot given back) and raise ``ClientGone``.
-    Call it once the request body was read."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # we were cancelled ourselves: take both down with us
-        task.cancel()
-        gone.cancel()
-        raise
-    if task.done():
-        gone.cancel()
-        return task.result()
-    if gone.exception() is not None:  # the server cannot tell us: just wait for the answer
-        return await task
-    task.cancel()
-    await asyncio.wait((task,))
-    if not task.cancelled():
-        task.exception()  # finished with an error meanwhile: nobody is left to receive it
-    raise ClientGone("the client disconnected before its answer was ready")
 
 
 @dataclass

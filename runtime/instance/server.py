@@ -28,9 +28,9 @@ from runtime.engine.engine import Engine
 from runtime.engine.prompts import Tokenizing, build_request
 from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults
-from runtime.instance.disconnect import ClientGone, unless_client_gone
 from runtime.instance.handlers import CustomHandler, HandlerContext
 from runtime.migration.routes import event_stream, migration_routes
+from sllm.disconnect import unless_client_gone
 from sllm.errors import InvalidInput, SllmError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,6 @@ def _check_ready(service: InstanceService) -> None:
         raise Unavailable(f"instance {service.instance_id} is {service.state}")
 
 
-# 499: nginx's "client closed request"; sent to no one, it only shows in access logs.
-CLIENT_GONE = 499
-
-
 async def _run_generate(service: InstanceService, body: Any, receive: Receive) -> Response:
     chat = service.handler != "completion"
     state = build_request(body, service.tok, service.defaults, chat=chat)
@@ -138,10 +134,8 @@ def build_app(service: InstanceService) -> Starlette:
         try:
             _check_ready(service)
             return await _run_generate(service, await _json_body(request), request.receive)
-        except SllmError as exc:
+        except SllmError as exc:  # ClientGone included: a 499 nobody reads
             return _error_response(exc)
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
 
     async def invoke(request: Request) -> Response:
         try:
@@ -150,10 +144,8 @@ def build_app(service: InstanceService) -> Starlette:
             if service.custom is None:
                 return await _run_generate(service, body, request.receive)
             return await _invoke_custom(service, service.custom, body, request.receive)
-        except SllmError as exc:
+        except SllmError as exc:  # ClientGone included: a 499 nobody reads
             return _error_response(exc)
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
 
     return Starlette(
         routes=[
@@ -180,7 +172,7 @@ async def _invoke_custom(
             else:
                 call = run_in_threadpool(custom.function, body, context)
                 result = await unless_client_gone(receive, call, context.cancel)
-        except (SllmError, ClientGone):
+        except SllmError:  # ClientGone included
             raise
         except Exception as exc:
             raise SllmError(

@@ -1,4 +1,4 @@
-"""``gateway.proxy.unless_client_gone``: the exchange is cancelled (its cleanup run) when the
+"""``sllm.disconnect.unless_client_gone`` (gateway side): the exchange is cancelled (its cleanup run) when the
 client's ASGI ``receive`` says ``http.disconnect`` first, and untouched otherwise."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.proxy import ClientGone, unless_client_gone
+from sllm.disconnect import ClientGone, unless_client_gone
 
 
 class Client:

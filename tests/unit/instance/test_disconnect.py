@@ -1,4 +1,4 @@
-"""``runtime.instance.disconnect.unless_client_gone``: a client that leaves first cancels the
+"""``sllm.disconnect.unless_client_gone`` (instance side): a client that leaves first cancels the
 work, after ``on_gone`` (what a cancellation cannot reach, e.g. a worker thread's generations)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from runtime.instance.disconnect import ClientGone, unless_client_gone
+from sllm.disconnect import ClientGone, unless_client_gone
 
 
 async def test_the_result_comes_back_and_on_gone_is_not_called() -> None:
