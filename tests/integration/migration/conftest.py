@@ -131,6 +131,24 @@ class Stage:
         return self.http.post(f"{self.url}/system/migrate", json=body, headers=AUTH)
 
 
+def stage_env(nats: ManagedServer, store: Path, policy: str) -> dict[str, str]:
+    """Environment of a two-node stage: its NATS and local-directory store, one CPU slot and
+    one pre-started process per node, fast heartbeats, small caches."""
+    return {
+        **os.environ,
+        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
+        "SLLM_STORE_URL": str(store),
+        "SLLM_TOKEN": TOKEN,
+        "SLLM_POLICY": policy,
+        "SLLM_WAKE_TIMEOUT": "120s",
+        "SLLM_DRAM_CAPACITY": "256Mi",
+        "SLLM_SSD_CAPACITY": "256Mi",
+        "SLLM_CPU_SLOTS": "1",
+        "SLLM_POOL_SIZE": "1",
+        "SLLM_HEARTBEAT_INTERVAL": "0.3s",
+    }
+
+
 def _start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -162,19 +180,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     store.mkdir()
     push_checkpoint(root / "ckpt", LocalStore(store), CHECKPOINT_KEY)
     nats = start_nats(root / "nats")
-    env = {
-        **os.environ,
-        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
-        "SLLM_STORE_URL": str(store),
-        "SLLM_TOKEN": TOKEN,
-        "SLLM_POLICY": "least-loaded",
-        "SLLM_WAKE_TIMEOUT": "120s",
-        "SLLM_DRAM_CAPACITY": "256Mi",
-        "SLLM_SSD_CAPACITY": "256Mi",
-        "SLLM_CPU_SLOTS": "1",
-        "SLLM_POOL_SIZE": "1",
-        "SLLM_HEARTBEAT_INTERVAL": "0.3s",
-    }
+    env = stage_env(nats, store, "least-loaded")
     s = Stage(root, nats, env)
     node_envs = []
     try:

@@ -33,7 +33,7 @@ import pytest
 
 from sllm.servers import ManagedServer, free_port, start_nats, stop_process
 
-from .conftest import AUTH, TOKEN, _start
+from .conftest import AUTH, _start, stage_env
 
 pytestmark = pytest.mark.integration
 
@@ -126,19 +126,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     store = root / "store"
     store.mkdir()
     nats = start_nats(root / "nats")
-    env = {
-        **os.environ,
-        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
-        "SLLM_STORE_URL": str(store),
-        "SLLM_TOKEN": TOKEN,
-        "SLLM_POLICY": "locality+migration",
-        "SLLM_WAKE_TIMEOUT": "120s",
-        "SLLM_DRAM_CAPACITY": "256Mi",
-        "SLLM_SSD_CAPACITY": "256Mi",
-        "SLLM_CPU_SLOTS": "1",
-        "SLLM_POOL_SIZE": "1",
-        "SLLM_HEARTBEAT_INTERVAL": "0.3s",
-    }
+    env = stage_env(nats, store, "locality+migration")
     c = Cluster(root, nats, env=env)
     node_envs = []
     configs = {

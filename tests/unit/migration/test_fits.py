@@ -8,30 +8,20 @@ import logging
 
 import pytest
 
-from gateway.dispatcher import Dispatcher
 from gateway.instance_http import InstanceHttpClient
-from gateway.instances import InstanceTable
 from gateway.migration.fits import MigrationFitStore, fit_key
-from gateway.migration.orchestrator import Migrator
 from gateway.placement import PolicyScheduler
-from gateway.registry import Registry
 from gateway.scheduler.estimators import MigrationModels
 from gateway.service import GatewayService
-from sllm.bus import MemoryBus, MemoryKeyValue, Message
+from sllm.bus import MemoryBus, MemoryKeyValue
 from sllm.clock import ManualClock
 from sllm.messages import (
-    CmdReply,
-    DeviceState,
-    InstanceState,
     MigrateCmd,
-    NodeHeartbeat,
     UnloadCmd,
-    decode,
-    encode,
-    node_cmd_subject,
 )
 from sllm.settings import GatewaySettings
-from sllm.spec import FunctionRecord, FunctionSpec
+
+from .conftest import two_nodes
 
 CKPT = "checkpoints/a/0123:weird key"  # a KV key may not hold ':' or ' ': hashed
 
@@ -97,40 +87,9 @@ async def test_kv_failure_keeps_the_in_memory_fit(caplog: pytest.LogCaptureFixtu
 
 
 async def test_observed_migration_is_saved() -> None:
-    clock, kv, bus = ManualClock(), MemoryKeyValue(), MemoryBus()
-    registry = Registry(kv)
-    await registry.create(FunctionRecord(FunctionSpec(name="a", model="m"), CKPT, 10))
-    table = InstanceTable()
-    for instance_id, node in (("a-1", "n1"), ("a-2", "n2")):
-        inst = table.launched(instance_id, "a", node, "cpu:0", 1, 0.0)
-        inst.state, inst.address = "ready", f"http://{node}"
-    table.on_heartbeat(
-        NodeHeartbeat(
-            "n2", 1, [DeviceState("cpu:0", "cpu", 0, "a-2")],
-            [InstanceState("a-2", "a", "cpu:0", "ready", "http://n2", 0)], {}, {},
-        ),
-        0.0,
-    )  # fmt: skip
-    sent: list[object] = []
-
-    async def node_1(msg: Message) -> bytes:
-        command = decode(msg.data)
-        sent.append(command)
-        if isinstance(command, MigrateCmd):
-            return encode(CmdReply(ok=True, data={"moved": 1, "tokens": 400, "seconds": 0.7}))
-        return encode(CmdReply(ok=True))
-
-    await bus.subscribe(node_cmd_subject("n1"), node_1)
-    models = MigrationModels()
-    migrator = Migrator(
-        table,
-        registry,
-        Dispatcher(table, clock, 10, 10.0, on_wait=lambda fn: None),
-        bus,
-        clock,
-        models=models,
-        fits=MigrationFitStore(kv, models),
-    )
+    stage = await two_nodes(CKPT)
+    models, kv, sent = MigrationModels(), stage.kv, stage.sent
+    migrator = stage.migrator(models=models, fits=MigrationFitStore(kv, models))
     outcome = await migrator.migrate("a-1", "n2")
     assert outcome["moved"] == 1 and [type(c) for c in sent] == [MigrateCmd, UnloadCmd]
     restored = MigrationModels()

@@ -115,27 +115,21 @@ class World:
             self.bandwidths[node] = {"store": rng.choice((0.2e9, 2e9))}
         # kind 7: nothing changed
 
+    def inputs(self) -> dict[str, Any]:
+        """The keyword arguments of both snapshot builds."""
+        return {
+            "functions": self.functions,
+            "bandwidths": self.bandwidths,
+            "migration": {"ck-1": MigrationFit(0.001, 0.5)},
+            "reclaim_idle": True,
+            "protected": self.protected,
+        }
+
     def fresh(self) -> ClusterSnapshot:
-        return snapshot_from_heartbeats(
-            self.heartbeats,
-            self.reserved,
-            functions=self.functions,
-            bandwidths=self.bandwidths,
-            migration={"ck-1": MigrationFit(0.001, 0.5)},
-            reclaim_idle=True,
-            protected=self.protected,
-        )
+        return snapshot_from_heartbeats(self.heartbeats, self.reserved, **self.inputs())
 
     def cached(self, cache: SnapshotCache) -> ClusterSnapshot:
-        return cache.snapshot(
-            self.heartbeats,
-            self.reserved,
-            functions=self.functions,
-            bandwidths=self.bandwidths,
-            migration={"ck-1": MigrationFit(0.001, 0.5)},
-            reclaim_idle=True,
-            protected=self.protected,
-        )
+        return cache.snapshot(self.heartbeats, self.reserved, **self.inputs())
 
 
 def requests() -> list[PlacementRequest]:
