@@ -3,8 +3,8 @@
 - gather: the instance table (heartbeats, events, the gateway's own commands), the cold-start
   queue and the in-flight counts;
 - decide: ``autoscaler.decide`` per function and ``Scheduler.place`` per new instance;
-- apply: ``LoadCmd`` / ``UnloadCmd`` to nodes (acked; a refused or unanswered load is placed on
-  another node, up to ``LOAD_ATTEMPTS`` nodes).
+- apply: ``UnloadCmd`` to nodes here; new instances through ``gateway.launcher`` (placement,
+  eviction or migration first, ``LoadCmd``, another node for a refused or unanswered load).
 
 The loop runs every ``tick_s`` and at once when a request starts waiting (``poke``). Loads are
 applied in background tasks; an instance is booked as ``starting`` before its command is sent,
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
@@ -25,22 +24,17 @@ from gateway.commands import CommandFailed, NodeCommands
 from gateway.dispatcher import Dispatcher
 from gateway.gauges import update_gauges
 from gateway.instances import Instance, InstanceTable, ReadyChange
+from gateway.launcher import Launcher
 from gateway.metrics import GatewayMetrics
 from gateway.migration.orchestrator import Migrator
 from gateway.placement import Scheduler
 from gateway.registry import Registry
-from gateway.scheduler.types import NoCapacity, Placement, PlacementRequest
 from sllm.clock import Clock
-from sllm.errors import SllmError, Unavailable
-from sllm.messages import InstanceEvent, LoadCmd, NodeHeartbeat, UnloadCmd
+from sllm.errors import Unavailable
+from sllm.messages import InstanceEvent, NodeHeartbeat, UnloadCmd
 from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
-
-LOAD_ATTEMPTS = 3
-# An idle instance evicted for a placement drains nothing; 30 s bounds a node that never
-# reports it stopped (the load is then sent anyway and the node answers for itself).
-EVICT_WAIT_S = 30.0
 
 
 class Controller:
@@ -74,14 +68,24 @@ class Controller:
         # Functions with an instance moving between nodes (gateway.migration): their replicas
         # are in flux (a draining source, a loading target), so no scale decision meanwhile.
         self.migrating: set[str] = set()
-        self.migrator: Migrator | None = None  # set by the gateway's wiring
         self._manual: dict[str, int] = {}
-        # Instances booked as starting whose load command has not gone out yet (it waits for a
-        # migration or an eviction to free the device): a heartbeat that does not show them
-        # is no sign they are gone (InstanceTable drops a launch unseen for LAUNCH_GRACE_S).
-        self._unsent: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.launcher = Launcher(
+            registry, table, commands, scheduler, clock, metrics,
+            evict=self._evict,
+            lost=lambda function, reason: self._lost(function, reason, wake_failed=True),
+            spawn=self._spawn,
+        )  # fmt: skip
+
+    @property
+    def migrator(self) -> Migrator | None:
+        """Applies the placements that migrate a running instance (set by the wiring)."""
+        return self.launcher.migrator
+
+    @migrator.setter
+    def migrator(self, migrator: Migrator | None) -> None:
+        self.launcher.migrator = migrator
 
     # --- inputs ---------------------------------------------------------------------------
     def poke(self, function: str = "") -> None:
@@ -109,7 +113,7 @@ class Controller:
 
     def on_heartbeat(self, hb: NodeHeartbeat) -> None:
         now = self._clock.now()
-        for instance_id in self._unsent:
+        for instance_id in self.launcher.unsent:
             inst = self._table.instances.get(instance_id)
             if inst is not None and inst.state == "starting":
                 inst.since = now  # the launch grace runs from when the load is sent
@@ -239,7 +243,7 @@ class Controller:
                 decision.reason,
             )
             for _ in range(decision.desired - have):
-                if not self._launch(record):
+                if not self.launcher.launch(record):
                     break
         elif decision.desired < have:
             log.info(
@@ -260,119 +264,6 @@ class Controller:
                     self._drain(inst, f"revision {record.revision} replaces {inst.revision}")
 
     # --- apply -----------------------------------------------------------------------------
-    def _launch(
-        self, record: FunctionRecord, exclude: frozenset[str] = frozenset(), why: str = ""
-    ) -> bool:
-        """Place one instance and book it as starting; the load command goes out in a task."""
-        now = self._clock.now()
-        spec = record.spec
-        request = PlacementRequest(
-            function=spec.name,
-            checkpoint=record.checkpoint,
-            checkpoint_bytes=record.checkpoint_bytes,
-            accelerators=max(1, spec.resources.accelerators),
-        )
-        nodes = self._table.live_nodes(now)
-        functions = {r.spec.name: (r.checkpoint, r.checkpoint_bytes) for r in self._registry.all()}
-        placement = self._scheduler.place(
-            nodes, self._table.booked_devices(), functions, request, exclude, self._protected()
-        )
-        if isinstance(placement, NoCapacity):
-            self._metrics.placements.labels(self._scheduler.policy, "no_capacity", "").inc()
-            log.warning("no capacity function=%s reason=%s", spec.name, placement.reason)
-            if not [n for n in nodes if n.node_id not in exclude]:
-                reason = f"{why}; no other node can take it" if why else "no node is connected"
-                self._lost(spec.name, reason, wake_failed=True)
-            return False
-        self._metrics.placements.labels(self._scheduler.policy, "placed", placement.tier).inc()
-        moved = placement.migration
-        log.info(
-            "place function=%s node=%s devices=%s tier=%s estimated_s=%.3f policy=%s%s",
-            spec.name, placement.node, ",".join(placement.devices), placement.tier,
-            placement.estimated_s, placement.policy,
-            f" migrate={moved.victim} to={moved.target_node}" if moved is not None else "",
-        )  # fmt: skip
-        evicted = []
-        for victim_id in placement.evict:
-            victim = self._table.instances.get(victim_id)
-            if victim is not None:
-                self._evict(victim)
-                evicted.append(victim_id)
-        instance_id = f"{spec.name}-{uuid.uuid4().hex[:10]}"
-        device = placement.devices[0]
-        self._table.launched(instance_id, spec.name, placement.node, device, record.revision, now)
-        command = LoadCmd(instance_id, spec.name, record.to_dict(), device)
-        self._unsent.add(instance_id)
-        if placement.migration is not None:  # a running instance moves away first (issue 7)
-            self._spawn(self._migrate_then_load(record, placement, command, exclude))
-            return True
-        self._spawn(self._send_load(record, placement.node, command, exclude, evicted))
-        return True
-
-    async def _migrate_then_load(
-        self,
-        record: FunctionRecord,
-        placement: Placement,
-        command: LoadCmd,
-        exclude: frozenset[str],
-    ) -> None:
-        """Live-migrate the placement's victim to its target node (gateway.migration), then
-        load on the devices it freed; a failed migration places the instance elsewhere."""
-        assert placement.migration is not None
-        try:
-            if self.migrator is None:
-                raise Unavailable("live migration is not wired into this gateway")
-            await self.migrator.free_devices(placement.migration)
-        except SllmError as exc:
-            log.warning("migration for a placement failed function=%s error=%s",
-                        command.function, exc.message)  # fmt: skip
-            self._unsent.discard(command.instance_id)
-            self._table.forget(command.instance_id)
-            tried = exclude | {placement.node}
-            if len(tried) < LOAD_ATTEMPTS and self._launch(record, tried, exc.message):
-                return
-            self._lost(command.function, exc.message, wake_failed=True)
-            return
-        await self._send_load(record, placement.node, command, exclude, [])
-
-    def _protected(self) -> set[str]:
-        """Instances a placement must not evict: requests in flight through this gateway, or
-        their function would drop below its min (its scaler would load it straight back)."""
-        protected = {i.instance_id for i in self._table.instances.values() if i.in_flight > 0}
-        for record in self._registry.all():
-            if record.spec.scale.min > 0:
-                protected.update(i.instance_id for i in self._table.of(record.spec.name))
-        return protected
-
-    async def _send_load(
-        self,
-        record: FunctionRecord,
-        node: str,
-        command: LoadCmd,
-        exclude: frozenset[str],
-        evicted: list[str],
-    ) -> None:
-        # The node frees an evicted instance's device only once it stopped: load after that.
-        deadline = self._clock.now() + EVICT_WAIT_S
-        while any(v in self._table.instances for v in evicted) and self._clock.now() < deadline:
-            await self._clock.sleep(0.05)
-        self._unsent.discard(command.instance_id)
-        booked = self._table.instances.get(command.instance_id)
-        if booked is None or booked.state != "starting":
-            # Its node went away, or it was drained (function deleted) while it waited.
-            self._table.forget(command.instance_id)
-            return
-        booked.since = self._clock.now()
-        try:
-            await self._commands.send(node, command)
-        except CommandFailed as exc:
-            log.warning("load failed function=%s node=%s error=%s", command.function, node, exc)
-            self._table.forget(command.instance_id)
-            tried = exclude | {node}
-            if len(tried) < LOAD_ATTEMPTS and self._launch(record, tried, str(exc)):
-                return
-            self._lost(command.function, str(exc), wake_failed=True)
-
     def _evict(self, victim: Instance) -> None:
         """Stop an idle instance of another function to free its device; its function's scaler
         forgets it, so the device is not claimed straight back."""

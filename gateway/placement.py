@@ -8,18 +8,30 @@ loads it runs; the gateway's ready events time command-to-ready, not the transfe
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
+from gateway.instances import InstanceTable
 from gateway.scheduler.estimators import MigrationModels
 from gateway.scheduler.policies import place
 from gateway.scheduler.snapshot import SnapshotCache
 from gateway.scheduler.types import NoCapacity, Placement, PlacementRequest
 from sllm.messages import NodeHeartbeat
+from sllm.spec import FunctionRecord
 
 # Policies applied as another one (none today: locality+migration's migrations are applied by
 # the controller through gateway.migration).
 _APPLIED: dict[str, str] = {}
+
+
+def protected_instances(table: InstanceTable, records: Iterable[FunctionRecord]) -> set[str]:
+    """Instances a placement must not evict: requests in flight through this gateway, or their
+    function would drop below its min (its scaler would load it straight back)."""
+    protected = {i.instance_id for i in table.instances.values() if i.in_flight > 0}
+    for record in records:
+        if record.spec.scale.min > 0:
+            protected.update(i.instance_id for i in table.of(record.spec.name))
+    return protected
 
 
 class Scheduler(Protocol):

@@ -96,7 +96,7 @@ async def test_migration_runs_before_the_load_on_the_freed_device() -> None:
     placement = Placement("n1", ("cpu:0",), "dram", 1.5, "locality+migration", migration=MOVE)
     migrator = FakeMigrator(fail=False)
     ctl, commands = controller(Scheduler([placement]), migrator)
-    assert ctl._launch(RECORD)
+    assert ctl.launcher.launch(RECORD)
     await settle(ctl)
     assert migrator.freed == [MOVE]
     [(node, load)] = commands.sent
@@ -108,7 +108,7 @@ async def test_failed_migration_places_the_instance_elsewhere() -> None:
     other = Placement("n3", ("cpu:1",), "store", 3.0, "locality+migration")
     scheduler = Scheduler([moved, other])
     ctl, commands = controller(scheduler, FakeMigrator(fail=True))
-    assert ctl._launch(RECORD)
+    assert ctl.launcher.launch(RECORD)
     await settle(ctl)
     assert scheduler.excluded[1] == {"n1"}
     [(node, load)] = commands.sent
@@ -123,7 +123,7 @@ async def test_booked_instance_outlives_a_slow_migration() -> None:
     done = asyncio.Event()
     clock = ManualClock()
     ctl, commands = controller(Scheduler([placement]), FakeMigrator(False, done), clock)
-    assert ctl._launch(RECORD)
+    assert ctl.launcher.launch(RECORD)
     for _ in range(20):
         await asyncio.sleep(0)
     (booked,) = ctl._table.of("b")
