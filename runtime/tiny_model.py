@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -104,7 +105,8 @@ def build_tiny_llama(
         pad_token_id=eos_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_cfg).to(getattr(torch, cfg.dtype))
+    model_class: Any = LlamaForCausalLM  # unannotated constructor in some releases
+    model = model_class(llama_cfg).to(getattr(torch, cfg.dtype))
     with torch.no_grad():
         for p in model.parameters():
             # std 0.5 (not the 0.02 init) so greedy decoding is decisive, not ties at ~uniform

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from runtime.engine.detokenize import TextStream
+from runtime.engine.forward import forward, new_cache
 from runtime.engine.kv_batch import KVBatch
 from runtime.engine.request import (
     ErrorEvent,
@@ -248,43 +249,34 @@ class Engine:
         """Compute ``ids[a.prefilled:end]`` into ``a.cache``; at the end of ``ids``, sample the
         first token and join the batch."""
         inputs = torch.tensor([ids[a.prefilled : end]], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=inputs, past_key_values=a.cache, use_cache=True, logits_to_keep=1
-        )
-        a.cache, a.prefilled = out.past_key_values, end
+        logits = forward(self.model, a.cache, inputs)
+        a.prefilled = end
         if end < len(ids):
             return
         cache, a.cache = a.cache, None  # the batch owns it from here
-        if self._accept(a, out.logits[0, -1]):
+        if self._accept(a, logits[0]):
             self._batch.join(a.state.request_id, cache, len(ids))
 
     def _start_cache(self, request_id: str, ids: list[int]) -> tuple[Any, int]:
         """(cache, positions it holds): one staged by live migration when it covers a proper
         prefix of ``ids`` (only the rest is computed now), else a new empty one."""
-        from transformers import DynamicCache
-
         staged = self.staged.pop(request_id, None)
         if staged is not None:
             cache, covered = staged
             if 0 < len(covered) < len(ids) and ids[: len(covered)] == covered:
                 return cache, len(covered)
-        return DynamicCache(config=self.model.config), 0
+        return new_cache(self.model), 0
 
     def _decode_step(self) -> None:
         mask, positions = self._batch.step_inputs()
         rows = [self._active[rid] for rid in self._batch.ids]
         inputs = torch.tensor([[a.next_input] for a in rows], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self._batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
+        step_logits = forward(
+            self.model, self._batch.cache, inputs, attention_mask=mask, position_ids=positions
         )
         self._batch.commit_step(mask)
         # one device-to-host copy for the whole batch (the sampler works on CPU float32)
-        logits = out.logits[:, -1].to(device="cpu", dtype=torch.float32)
+        logits = step_logits.to(device="cpu", dtype=torch.float32)
         finished = {
             a.state.request_id for i, a in enumerate(rows) if not self._accept(a, logits[i])
         }

@@ -117,9 +117,11 @@ def pool_warm_up() -> None:
         num_key_value_heads=1,
         max_position_embeddings=64,
     )
+    # Any: some transformers releases leave the model constructors unannotated
+    model_class: Any = LlamaForCausalLM
     with torch.device("meta"):
-        LlamaForCausalLM(config)
-    model: Any = LlamaForCausalLM(config)
+        model_class(config)
+    model: Any = model_class(config)
     model.eval()
     engine = Engine(model, lambda ids: "", eos_ids=[], max_batch=2)
     engine.start()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from runtime.engine.engine import Engine
+from runtime.engine.forward import forward, new_cache
 from runtime.engine.request import RequestState
 from sllm.errors import InvalidInput
 
@@ -64,23 +65,19 @@ class Stager:
             return {rid: len(s.covered) for rid, s in self._staged.items()}
 
     def _stage_one(self, state: RequestState) -> int:
-        from transformers import DynamicCache
-
         ids = state.prompt_ids + state.output_ids
         goal = ids[:-1]  # the newest token is run at resume, giving the next logits
         entry = self._staged.pop(state.request_id, None)
         self.engine.staged.pop(state.request_id, None)  # not resumable while it grows
         if entry is None or goal[: len(entry.covered)] != entry.covered:
-            entry = _Staged(DynamicCache(config=self.engine.model.config), [], 0.0)
+            entry = _Staged(new_cache(self.engine.model), [], 0.0)
         todo = goal[len(entry.covered) :]
         if todo:
             limit = self.engine.max_context
             if len(ids) >= limit:
                 raise InvalidInput(f"request {state.request_id}: {len(ids)} tokens exceed {limit}")
             inputs = torch.tensor([todo], dtype=torch.long, device=self.engine.device)
-            self.engine.model(
-                input_ids=inputs, past_key_values=entry.cache, use_cache=True, logits_to_keep=1
-            )
+            forward(self.engine.model, entry.cache, inputs)
             entry.covered = goal
         entry.touched = self._now()
         self._staged[state.request_id] = entry

@@ -129,16 +129,16 @@ def test_duplicate_request_id_is_refused(harness: EngineHarness) -> None:
 
 
 def test_resume_takes_a_staged_cache_and_continues_identically(harness: EngineHarness) -> None:
-    from transformers import DynamicCache
+    from runtime.engine.forward import forward, new_cache
 
     model: Any = harness.engine.model
     full = harness.run(state(harness, PROMPTS[2], SEEDED))
     head = state(harness, PROMPTS[2], SEEDED)
     head.output_ids = full.ids[:6]
     covered = (head.prompt_ids + head.output_ids)[:-1]
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     with torch.no_grad():
-        model(input_ids=torch.tensor([covered]), past_key_values=cache, use_cache=True)
+        forward(model, cache, torch.tensor([covered]))
     harness.engine.staged[head.request_id] = (cache, covered)
     assert harness.run(head).ids == full.ids[6:]
     assert head.request_id not in harness.engine.staged
