@@ -15,8 +15,24 @@ from pathlib import Path
 import pytest
 
 from sllm.servers import ManagedServer, start_nats, start_seaweedfs
+from tests.leaks import LeakCheck, free_dram_tiers
 
 S3_KEY_ID = "sllm-test"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(LeakCheck(), "sllm-leak-check")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _free_test_nodes_dram(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A node keeps its DRAM tier (shared memory) when it stops, by design: restarted, it finds
+    its checkpoints there again. The nodes of this session ran on temporary cache directories,
+    so no node will: free their tiers once every test is done."""
+    yield
+    free_dram_tiers(tmp_path_factory.getbasetemp())
+
+
 S3_SECRET = "sllm-test-secret"
 
 

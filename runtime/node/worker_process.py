@@ -155,8 +155,15 @@ class WorkerPool:
     async def _add(self) -> None:
         try:
             worker = await WorkerProcess.spawn(self.env)
-            await worker.wait_idle()
         except Exception as exc:
+            log.warning("pre-starting an instance process failed: %s", exc)
+            return
+        try:
+            await worker.wait_idle()
+        except BaseException as exc:
+            worker.kill()  # cancelled by close() while it started, too: it must not outlive us
+            if not isinstance(exc, Exception):
+                raise
             log.warning("pre-starting an instance process failed: %s", exc)
             return
         if self._closed:
@@ -191,8 +198,10 @@ class WorkerPool:
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._starting):
+        starting = list(self._starting)
+        for task in starting:
             task.cancel()
+        await asyncio.gather(*starting, return_exceptions=True)
         for worker in self._idle:
             worker.kill()
         for worker in self._idle:

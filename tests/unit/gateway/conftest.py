@@ -9,7 +9,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -102,6 +102,8 @@ class _Backend:
     def __init__(self) -> None:
         self.instances = ScriptedInstances()
         self.base_url = ""
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> str:
         if not self.base_url:
@@ -109,14 +111,21 @@ class _Backend:
             app = _Dispatch(self)
             config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
                                     lifespan="off")  # fmt: skip
-            server = uvicorn.Server(config)
-            threading.Thread(target=server.run, name="scripted-instances", daemon=True).start()
+            server = self._server = uvicorn.Server(config)
+            self._thread = threading.Thread(target=server.run, name="scripted-instances")
+            self._thread.start()
             deadline = time.monotonic() + 10
             while not server.started:
                 assert time.monotonic() < deadline, "scripted instance server did not start"
                 time.sleep(0.005)
             self.base_url = f"http://127.0.0.1:{port}"
         return self.base_url
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        self._server, self._thread, self.base_url = None, None, ""
 
 
 class _Dispatch:
@@ -136,6 +145,12 @@ class _Dispatch:
 
 
 BACKEND = _Backend()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_scripted_instances() -> Iterator[None]:
+    yield
+    BACKEND.stop()
 
 
 @dataclass

@@ -1,0 +1,112 @@
+"""The session leak check (tests/leaks.py) fails a run that leaves a process, a /dev/shm entry
+of its own or a socket behind, names each, and removes them; a clean run passes. Each case
+runs pytest in a subprocess, so the check sees only what that run did."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+CONFTEST = """
+from tests.leaks import LeakCheck
+
+def pytest_configure(config):
+    config.pluginmanager.register(LeakCheck(), "sllm-leak-check")
+"""
+
+
+def run_session(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    (tmp_path / "test_case.py").write_text(textwrap.dedent(body))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+         str(tmp_path / "base"), "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_clean_session_passes(tmp_path: Path) -> None:
+    result = run_session(
+        tmp_path,
+        """
+        import socket, subprocess
+        def test_tidy():
+            proc = subprocess.Popen(["sleep", "30"])
+            proc.kill(); proc.wait()
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0)); s.listen()
+        """,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "leak check failed" not in result.stdout
+
+
+def test_leaks_fail_the_session_are_named_and_removed(tmp_path: Path) -> None:
+    shm = Path("/dev/shm") / f"sllm-{os.getuid()}-leak-check-{os.getpid()}"
+    result = run_session(
+        tmp_path,
+        f"""
+        import socket, subprocess
+        from pathlib import Path
+        KEEP = []
+        def test_passes_but_leaves_things(tmp_path):
+            KEEP.append(subprocess.Popen(["sleep", "300"]))
+            # an orphan: its parent exits at once, so only the subreaper can still find it
+            subprocess.run(["sh", "-c", "sleep 301 &"], check=True)
+            s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); KEEP.append(s)
+            shm = Path("{shm}"); shm.mkdir()
+            (shm / "cache-dir").write_text(str(tmp_path / "cache"))
+        """,
+    )
+    try:
+        out = result.stdout
+        assert result.returncode == 1, out + result.stderr
+        assert "1 passed" in out and "leak check failed" in out
+        assert "process left running" in out and "sleep 300" in out and "sleep 301" in out
+        assert f"/dev/shm entry left: {shm.name}" in out
+        assert "socket left open" in out and "LISTEN" in out
+        assert not shm.exists()
+        sleepers = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] in
+                    (["sleep", "300"], ["sleep", "301"])]  # fmt: skip
+        assert sleepers == []
+    finally:
+        if shm.exists():
+            import shutil
+
+            shutil.rmtree(shm)
+
+
+def test_another_sessions_dram_tier_is_not_touched(tmp_path: Path) -> None:
+    """A DRAM tier whose cache directory is outside this session's temporary directory belongs
+    to another run (a second checkout's tests at the same time): not reported, not removed."""
+    shm = Path("/dev/shm") / f"sllm-{os.getuid()}-leak-other-{os.getpid()}"
+    elsewhere = tmp_path / "elsewhere"
+    try:
+        result = run_session(
+            tmp_path,
+            f"""
+            from pathlib import Path
+            def test_someone_else_starts_a_node():
+                shm = Path("{shm}"); shm.mkdir()
+                (shm / "cache-dir").write_text("{elsewhere}")
+            """,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert shm.exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytestmark = pytest.mark.skip("the check uses Linux's prctl and /dev/shm")
