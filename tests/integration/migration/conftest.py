@@ -76,12 +76,20 @@ class Stage:
         found: list[dict[str, Any]] = r.json()["instances"]
         return found
 
-    def wait_ready(self, count: int = 1, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-        """Wait until exactly ``count`` instances are ready and none is starting/draining."""
+    def wait_ready(
+        self, count: int = 1, timeout_s: float = 120.0, *, gone: str = ""
+    ) -> list[dict[str, Any]]:
+        """Wait until exactly ``count`` instances are ready and none is starting/draining.
+        ``gone``: an instance a test killed, which must have left the list too (until its node
+        reports it, the gateway still lists it as ready)."""
         deadline = time.monotonic() + timeout_s
         while True:
             insts = self.instances()
-            if len(insts) == count and all(i["state"] == "ready" for i in insts):
+            if (
+                len(insts) == count
+                and all(i["state"] == "ready" for i in insts)
+                and gone not in {i["id"] for i in insts}
+            ):
                 return insts
             assert time.monotonic() < deadline, f"instances: {insts}\n{self.logs()}"
             time.sleep(0.1)

@@ -214,46 +214,49 @@ async def test_target_killed_before_switch_source_continues(stage: Stage) -> Non
     request_id = rid("kill-target")
     stage.wait_ready(2)
 
-    async def mover() -> tuple[httpx.Response, dict[str, Any]]:
+    async def mover() -> tuple[httpx.Response, dict[str, Any], dict[str, Any]]:
         source = await asyncio.to_thread(stage.serving, request_id)
         (target,) = [i for i in stage.instances() if i["id"] != source["id"]]
         pid = pid_on(target["address"])
-        return await migrate_frozen(
-            stage, source, target, lambda: os.kill(pid, signal.SIGKILL)
-        ), source
+        return (
+            await migrate_frozen(stage, source, target, lambda: os.kill(pid, signal.SIGKILL)),
+            source,
+            target,
+        )
 
     async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
         ref = asyncio.create_task(reference(http, body))
         moving = asyncio.create_task(mover())
         run = await native_stream(http, {**body, "request_id": request_id})
-        response, source = await moving
+        response, source, target = await moving
         unmoved = await ref
     assert response.status_code == 502, response.text
     assert response.json()["error"]["code"] == "migration_failed"
     # Nothing lost: the source kept decoding the stream to its end, and keeps serving.
     assert run.errors == [] and run.text == unmoved["text"]
     assert len(run.tokens) == unmoved["usage"]["completion_tokens"] == MAX_TOKENS
-    assert source["id"] in {i["id"] for i in stage.wait_ready(2)}
+    assert source["id"] in {i["id"] for i in stage.wait_ready(2, gone=target["id"])}
 
 
 async def test_source_killed_mid_stream_ends_with_clear_error(stage: Stage) -> None:
     body = {"prompt": LONG_PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 0}
     request_id = rid("kill-source")
 
-    async def kill() -> None:
+    async def kill() -> str:
         source = await asyncio.to_thread(stage.serving, request_id)
         os.kill(pid_on(source["address"]), signal.SIGKILL)
+        return str(source["id"])
 
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=stage.url, timeout=120) as http:
         killing = asyncio.create_task(kill())
         run = await asyncio.wait_for(native_stream(http, {**body, "request_id": request_id}), 60)
-        await killing
+        killed = await killing
     assert time.monotonic() - started < 60  # ended, no hang
     assert len(run.tokens) < MAX_TOKENS
     assert len(run.errors) == 1 and run.events[-1] == run.errors[0]
     assert run.errors[0]["error"]["code"] in ("instance_failed", "migration_failed")
-    stage.wait_ready(2)  # the function gets its lost instance back
+    stage.wait_ready(2, gone=killed)  # the function gets its lost instance back
 
 
 async def test_source_killed_mid_migration_ends_with_clear_error(stage: Stage) -> None:
@@ -261,10 +264,13 @@ async def test_source_killed_mid_migration_ends_with_clear_error(stage: Stage) -
     request_id = rid("kill-source-mid")
     stage.wait_ready(2)
 
+    killed: list[str] = []
+
     async def mover() -> httpx.Response:
         source = await asyncio.to_thread(stage.serving, request_id)
         (target,) = [i for i in stage.instances() if i["id"] != source["id"]]
         pid = pid_on(source["address"])  # the source dies during the first round
+        killed.append(source["id"])
         return await migrate_frozen(stage, source, target, lambda: os.kill(pid, signal.SIGKILL))
 
     started = time.monotonic()
@@ -279,4 +285,4 @@ async def test_source_killed_mid_migration_ends_with_clear_error(stage: Stage) -
     assert len(run.tokens) < MAX_TOKENS
     assert len(run.errors) == 1 and run.events[-1] == run.errors[0]
     assert run.errors[0]["error"]["code"] in ("instance_failed", "migration_failed")
-    stage.wait_ready(2)  # the function gets its second instance back
+    stage.wait_ready(2, gone=killed[0])  # the function gets its second instance back
