@@ -18,9 +18,10 @@ EXTRAS := runtime,server,sim,dev,vllm,demo
 CUDA_EXTRAS := runtime,server,vllm-cuda
 # uv is bootstrapped with pip at the version the lock pins, then installs everything else.
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))
-# torch==2.13.0+cpu is not on PyPI: take it from the machine's pip find-links (where this
-# machine keeps the wheel), else from PyTorch's CPU index.
-TORCH_SOURCE ?= $(shell d=$$($(PY) -m pip config get global.find-links 2>/dev/null); \
+# torch==2.13.0+cpu is not on PyPI: take it from pip's find-links (PIP_FIND_LINKS or a pip
+# config file; where this machine keeps the wheel), else from PyTorch's CPU index.
+TORCH_SOURCE ?= $(shell d=$$($(PY) -m pip config list 2>/dev/null \
+	| sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p" | head -n 1); \
 	if [ -n "$$d" ]; then echo "--find-links $$d"; \
 	else echo "--index https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match"; fi)
 RESOLVE := -c constraints.txt --excludes excludes.txt --python-version 3.11
