@@ -5,7 +5,10 @@ down, it looks for what the tests added and did not remove:
 
 - processes: any descendant of the test process still alive. The test process is made a child
   subreaper (prctl), so an instance orphaned by a SIGKILLed node is reparented here and found;
-- ``/dev/shm`` entries that did not exist at the start;
+- the platform's ``/dev/shm`` entries (node DRAM tiers, ``sllm-<uid>-...``) that did not exist
+  at the start and belong to this session: a tier names its cache directory, and this
+  session's lie under its temporary directory. Other programs' entries, and tiers of another
+  test session running at the same time (a second checkout), are not this session's;
 - open sockets of the test process.
 
 Each leak is named in the report, removed (processes killed, entries deleted) so nothing
@@ -30,6 +33,7 @@ import pytest
 from runtime.node.main import OWNER_FILE
 
 SHM = Path("/dev/shm")
+TIER_PREFIX = f"sllm-{os.getuid()}-"  # runtime.node.main.dram_root
 PR_SET_CHILD_SUBREAPER = 36
 GRACE_S = 5.0  # processes told to stop at teardown may still be exiting
 
@@ -83,7 +87,7 @@ def _ours(entry: Path, basetemp: Path) -> bool:
 
 def free_dram_tiers(basetemp: Path) -> None:
     """Remove the node DRAM tiers whose cache directory lies under ``basetemp``."""
-    for entry in SHM.glob(f"sllm-{os.getuid()}-*"):
+    for entry in SHM.glob(TIER_PREFIX + "*"):
         if (entry / OWNER_FILE).is_file() and _ours(entry, basetemp.resolve()):
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -103,7 +107,7 @@ def finish(baseline: Baseline, basetemp: Path) -> list[str]:
     psutil.wait_procs(alive, timeout=5)
     if SHM.is_dir():
         for name in sorted(set(os.listdir(SHM)) - baseline.shm):
-            if not _ours(SHM / name, basetemp):
+            if not name.startswith(TIER_PREFIX) or not _ours(SHM / name, basetemp):
                 continue
             problems.append(f"/dev/shm entry left: {name}")
             path = SHM / name

@@ -85,10 +85,13 @@ def test_leaks_fail_the_session_are_named_and_removed(tmp_path: Path) -> None:
             shutil.rmtree(shm)
 
 
-def test_another_sessions_dram_tier_is_not_touched(tmp_path: Path) -> None:
+def test_other_sessions_and_programs_shm_entries_are_not_touched(tmp_path: Path) -> None:
     """A DRAM tier whose cache directory is outside this session's temporary directory belongs
-    to another run (a second checkout's tests at the same time): not reported, not removed."""
-    shm = Path("/dev/shm") / f"sllm-{os.getuid()}-leak-other-{os.getpid()}"
+    to another run (a second checkout's tests at the same time), and an entry not named like a
+    tier to another program (podman's libpod_lock, a benchmark's buffer): neither is reported
+    or removed."""
+    tier = Path("/dev/shm") / f"sllm-{os.getuid()}-leak-other-{os.getpid()}"
+    foreign = Path("/dev/shm") / f"not-sllm-leak-check-{os.getpid()}"
     elsewhere = tmp_path / "elsewhere"
     try:
         result = run_session(
@@ -96,16 +99,18 @@ def test_another_sessions_dram_tier_is_not_touched(tmp_path: Path) -> None:
             f"""
             from pathlib import Path
             def test_someone_else_starts_a_node():
-                shm = Path("{shm}"); shm.mkdir()
-                (shm / "cache-dir").write_text("{elsewhere}")
+                tier = Path("{tier}"); tier.mkdir()
+                (tier / "cache-dir").write_text("{elsewhere}")
+                Path("{foreign}").write_bytes(b"x")
             """,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        assert shm.exists()
+        assert tier.exists() and foreign.exists()
     finally:
         import shutil
 
-        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(tier, ignore_errors=True)
+        foreign.unlink(missing_ok=True)
 
 
 if sys.platform != "linux":  # pragma: no cover
