@@ -130,6 +130,19 @@ class NodeClient:
             await self.events.put(event)
             await asyncio.sleep(0.02)
 
+    async def free_devices(self, timeout_s: float = 60.0) -> None:
+        """Unload whatever a test left on the node (one that failed half-way, say), so the
+        next test starts with every device free instead of failing for want of one."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held = [d.instance_id for d in (await self.heartbeat()).devices if d.instance_id]
+            if not held:
+                return
+            assert time.monotonic() < deadline, f"devices still held by {held}"
+            for instance_id in held:
+                await self.unload(instance_id, drain_s=0.0)
+            await asyncio.sleep(0.2)
+
     async def heartbeat(self, timeout_s: float = 10.0) -> NodeHeartbeat:
         while not self.heartbeats.empty():
             self.heartbeats.get_nowait()
@@ -152,5 +165,10 @@ async def client(node: NodeProcess, nats_url: str) -> AsyncIterator[NodeClient]:
     await bus.subscribe(EVENT_SUBJECT, on_event)
     await bus.subscribe(HEARTBEAT_SUBJECT, on_heartbeat)
     await c.heartbeat(timeout_s=90.0)  # the node is up
-    yield c
-    await bus.close()
+    try:
+        yield c
+    finally:
+        try:
+            await c.free_devices()
+        finally:
+            await bus.close()

@@ -52,6 +52,8 @@ def test_a_clean_session_passes(tmp_path: Path) -> None:
 
 def test_leaks_fail_the_session_are_named_and_removed(tmp_path: Path) -> None:
     shm = Path("/dev/shm") / f"sllm-{os.getuid()}-leak-check-{os.getpid()}"
+    # durations unique to this run: another checkout's tests may run this test at the same time
+    first, second = f"300.{os.getpid()}", f"301.{os.getpid()}"
     result = run_session(
         tmp_path,
         f"""
@@ -59,9 +61,9 @@ def test_leaks_fail_the_session_are_named_and_removed(tmp_path: Path) -> None:
         from pathlib import Path
         KEEP = []
         def test_passes_but_leaves_things(tmp_path):
-            KEEP.append(subprocess.Popen(["sleep", "300"]))
+            KEEP.append(subprocess.Popen(["sleep", "{first}"]))
             # an orphan: its parent exits at once, so only the subreaper can still find it
-            subprocess.run(["sh", "-c", "sleep 301 &"], check=True)
+            subprocess.run(["sh", "-c", "sleep {second} &"], check=True)
             s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); KEEP.append(s)
             shm = Path("{shm}"); shm.mkdir()
             (shm / "cache-dir").write_text(str(tmp_path / "cache"))
@@ -71,12 +73,14 @@ def test_leaks_fail_the_session_are_named_and_removed(tmp_path: Path) -> None:
         out = result.stdout
         assert result.returncode == 1, out + result.stderr
         assert "1 passed" in out and "leak check failed" in out
-        assert "process left running" in out and "sleep 300" in out and "sleep 301" in out
+        assert (
+            "process left running" in out and f"sleep {first}" in out and f"sleep {second}" in out
+        )
         assert f"/dev/shm entry left: {shm.name}" in out
         assert "socket left open" in out and "LISTEN" in out
         assert not shm.exists()
         sleepers = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] in
-                    (["sleep", "300"], ["sleep", "301"])]  # fmt: skip
+                    (["sleep", first], ["sleep", second])]  # fmt: skip
         assert sleepers == []
     finally:
         if shm.exists():
