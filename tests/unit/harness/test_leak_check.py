@@ -97,6 +97,7 @@ def test_other_sessions_and_programs_shm_entries_are_not_touched(tmp_path: Path)
     tier = Path("/dev/shm") / f"sllm-{os.getuid()}-leak-other-{os.getpid()}"
     foreign = Path("/dev/shm") / f"not-sllm-leak-check-{os.getpid()}"
     elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # exists: a node starting meanwhile sweeps only tiers whose dir is gone
     try:
         result = run_session(
             tmp_path,
