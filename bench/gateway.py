@@ -235,6 +235,7 @@ async def run(
                 "name": "bench",
                 "model": "none",
                 "handler": "completion",
+                "auth": "public",
                 "scale": {"min": 0, "max": 1, "keep_alive": "1h"},
             }
             r = await client.post(

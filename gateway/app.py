@@ -14,7 +14,7 @@ from gateway.instance_http import InstanceHttpClient
 from gateway.migration import routes as migration
 from gateway.placement import Scheduler
 from gateway.registry import BUCKET
-from gateway.routes import invoke, openai, ops, system
+from gateway.routes import invoke, keys, openai, ops, system
 from gateway.service import GatewayService
 from sllm.bus import Bus, KeyValue
 from sllm.clock import Clock, SystemClock
@@ -73,7 +73,14 @@ def create_app(
             await bus.close()
 
     return Starlette(
-        routes=[*invoke.routes, *openai.routes, *system.routes, *migration.routes, *ops.routes],
+        routes=[
+            *invoke.routes,
+            *openai.routes,
+            *system.routes,
+            *keys.routes,
+            *migration.routes,
+            *ops.routes,
+        ],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

@@ -16,6 +16,7 @@ from gateway.controller import Controller
 from gateway.dispatcher import Dispatcher
 from gateway.instance_http import InstanceHttpClient
 from gateway.instances import InstanceTable
+from gateway.keys import KeyStore
 from gateway.logs import LogBuffer
 from gateway.metrics import GatewayMetrics
 from gateway.migration.fits import MigrationFitStore
@@ -60,6 +61,7 @@ class GatewayService:
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.kv)
+        self.keys = KeyStore(self.kv, self.clock)
         self.table = InstanceTable()
         self.dispatcher = Dispatcher(
             self.table,

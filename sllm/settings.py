@@ -54,6 +54,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_POLICY": ("locality+migration", "placement policy"),
     "SLLM_SCALE_DOWN_WINDOW": ("30s", "how long load must stay lower before scaling down"),
     "SLLM_GATEWAY_URL": ("http://127.0.0.1:8080", "gateway URL the CLI talks to"),
+    "SLLM_KEY": ("", "invocation key the CLI sends to private functions (default: the token)"),
 }
 
 

@@ -25,6 +25,7 @@ from sllm.errors import SllmError
 COMMAND_MODULES: tuple[str, ...] = (
     "sllm.cli.ckpt",
     "sllm.cli.fn",
+    "sllm.cli.key",
     "sllm.cli.gateway",
     "sllm.cli.up",
     "sllm.cli.misc",

@@ -87,6 +87,7 @@ class Cluster:
             "name": name,
             "model": "tiny",
             "handler": "chat",
+            "auth": "public",
             "scale": scale,
             "generation": {"max_tokens": 8, "temperature": 0.0},
         }

@@ -56,6 +56,7 @@ async def test_json_request_through_the_gateway_is_cancelled_when_its_client_goe
         "name": "long",
         "model": "tiny-long",
         "handler": "long:handle",
+        "auth": "public",
         "scale": {"min": 0, "max": 1, "keep_alive": "10m"},
     }
     deploy = {"spec": spec, "checkpoint": KEY, "checkpoint_bytes": size}

@@ -215,6 +215,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
             "name": FUNCTION,
             "model": "tiny",
             "handler": "chat",
+            "auth": "public",
             "scale": {"min": 2, "max": 2, "keep_alive": "10m"},
             "generation": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
         }

@@ -166,6 +166,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "name": name,
                 "model": "tiny",
                 "handler": "chat",
+                "auth": "public",
                 "scale": {"min": 0, "max": 1, "keep_alive": "10m"},
                 "generation": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
             }

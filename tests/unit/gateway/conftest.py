@@ -242,8 +242,10 @@ class Harness:
     bus: MemoryBus
     kv: MemoryKeyValue
 
-    async def deploy(self, name: str = "chat", **scale: Any) -> httpx.Response:
-        spec = {"name": name, "model": "tiny", "handler": "chat",
+    async def deploy(
+        self, name: str = "chat", auth: str = "public", **scale: Any
+    ) -> httpx.Response:
+        spec = {"name": name, "model": "tiny", "handler": "chat", "auth": auth,
                 "scale": {"min": 0, "max": 2, "target_concurrency": 4, "keep_alive": "60s", **scale}}  # fmt: skip
         body = {"spec": spec, "checkpoint": f"checkpoints/{name}/abc", "checkpoint_bytes": 1000}
         return await self.client.post("/system/functions", json=body, headers=AUTH)
