@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
+    EVENTS,
+    HEARTBEATS,
     CmdReply,
     InstanceEvent,
     LoadCmd,
@@ -149,8 +149,8 @@ async def client(node: NodeProcess, nats_url: str) -> AsyncIterator[NodeClient]:
         if beat.node_id == node.node_id:
             await c.heartbeats.put(beat)
 
-    await bus.subscribe(EVENT_SUBJECT, on_event)
-    await bus.subscribe(HEARTBEAT_SUBJECT, on_heartbeat)
+    await bus.subscribe(EVENTS, on_event)
+    await bus.subscribe(HEARTBEATS, on_heartbeat)
     await c.heartbeat(timeout_s=90.0)  # the node is up
     yield c
     await bus.close()

@@ -17,7 +17,7 @@ import pytest
 from runtime.node.main import dram_root
 from sllm.bus import Message
 from sllm.messages import (
-    HEARTBEAT_SUBJECT,
+    HEARTBEATS,
     CmdReply,
     NodeHeartbeat,
     UnloadCmd,
@@ -41,7 +41,7 @@ async def _next_heartbeat(url: str, node_id: str, timeout_s: float) -> NodeHeart
         if beat.node_id == node_id:
             await beats.put(beat)
 
-    await bus.subscribe(HEARTBEAT_SUBJECT, on_beat)
+    await bus.subscribe(HEARTBEATS, on_beat)
     try:
         return await asyncio.wait_for(beats.get(), timeout_s)
     finally:
