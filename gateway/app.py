@@ -29,7 +29,9 @@ CONNECT_TIMEOUT_S = 5.0
 async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
     from sllm.nats_bus import NatsBus
 
-    bus = await NatsBus.connect(settings.nats_url, name="sllm-gateway")
+    bus = await NatsBus.connect(
+        settings.nats_url, name="sllm-gateway", seed_file=settings.nats_seed_file
+    )
     return bus, await bus.key_value(BUCKET)
 
 

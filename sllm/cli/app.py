@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sllm.cli.gateway",
     "sllm.cli.up",
     "sllm.cli.misc",
+    "sllm.cli.nats",
     "sllm.cli.store",
     "sllm.cli.sim",
     "sllm.cli.node",

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sllm.servers import ManagedServer, free_port, start_nats, stop_process
+from sllm.nats_auth import NatsCredentials
+from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
 
 TOKEN = "mig-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -144,7 +145,7 @@ def stage_env(nats: ManagedServer, store: Path, policy: str) -> dict[str, str]:
     one pre-started process per node, fast heartbeats, small caches."""
     return {
         **os.environ,
-        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
+        **nats_client_env(nats),
         "SLLM_STORE_URL": str(store),
         "SLLM_TOKEN": TOKEN,
         "SLLM_POLICY": policy,
@@ -187,14 +188,19 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     store = root / "store"
     store.mkdir()
     push_checkpoint(root / "ckpt", LocalStore(store), CHECKPOINT_KEY)
-    nats = start_nats(root / "nats")
+    nats = start_nats(root / "nats", credentials=NatsCredentials(root / "nats-creds"))
     env = stage_env(nats, store, "least-loaded")
     s = Stage(root, nats, env)
     node_envs = []
     try:
         for i in (1, 2):
             node_id = f"mig-{os.getpid()}-{i}"
-            node_env = {**env, "SLLM_NODE_ID": node_id, "SLLM_CACHE_DIR": str(root / f"c{i}")}
+            node_env = {
+                **env,
+                **nats_client_env(nats, node_id),
+                "SLLM_NODE_ID": node_id,
+                "SLLM_CACHE_DIR": str(root / f"c{i}"),
+            }
             node_envs.append(node_env)
             argv = ["-v", "node", "start", "--drain", "2s"]
             s.nodes[node_id] = _start(argv, node_env, root / f"{node_id}.log")
