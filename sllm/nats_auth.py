@@ -95,8 +95,7 @@ class NatsCredentials:
     def _ensure(self, name: str) -> Path:
         path = self.directory / name
         if not path.is_file():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.directory, 0o700)
+            self._make_directory()
             _write_private(path, new_seed() + "\n")
             self.write_config()
         return path
@@ -121,7 +120,12 @@ class NatsCredentials:
             + "\n  ]\n}\n"
         )
 
+    def _make_directory(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
     def write_config(self) -> Path:
+        self._make_directory()
         _write_private(self.config_path, self.server_config())
         return self.config_path
 

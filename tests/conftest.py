@@ -16,6 +16,7 @@ import pytest
 
 from sllm.nats_auth import NatsCredentials
 from sllm.servers import ManagedServer, nats_client_env, start_nats, start_seaweedfs
+from tests import secret_scan
 from tests.leaks import LeakCheck, free_dram_tiers
 
 S3_KEY_ID = "sllm-test"
@@ -23,6 +24,7 @@ S3_KEY_ID = "sllm-test"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(LeakCheck(), "sllm-leak-check")
+    config.pluginmanager.register(secret_scan.SecretScan(), "sllm-secret-scan")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,6 +37,7 @@ def _free_test_nodes_dram(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 S3_SECRET = "sllm-test-secret"
+secret_scan.register(S3_SECRET)
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,10 @@ import pytest
 
 from sllm.nats_auth import NatsCredentials
 from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from tests import secret_scan
 
 TOKEN = "it-token"
+secret_scan.register(TOKEN)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 CHECKPOINT_KEY = "checkpoints/tiny/it-gateway"
 
@@ -83,12 +85,12 @@ class Cluster:
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         return "\n".join(lines[-n:])
 
-    def deploy(self, name: str, **scale: Any) -> dict[str, Any]:
+    def deploy(self, name: str, auth: str = "public", **scale: Any) -> dict[str, Any]:
         spec = {
             "name": name,
             "model": "tiny",
             "handler": "chat",
-            "auth": "public",
+            "auth": auth,
             "scale": scale,
             "generation": {"max_tokens": 8, "temperature": 0.0},
         }

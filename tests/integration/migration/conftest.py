@@ -18,10 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
+from sllm.instance_auth import auth_header
 from sllm.nats_auth import NatsCredentials
 from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from tests import secret_scan
+from tests.instance_secrets import instance_secret
 
 TOKEN = "mig-token"
+secret_scan.register(TOKEN)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 CHECKPOINT_KEY = "checkpoints/tiny/it-migration"
 FUNCTION = "mig"
@@ -99,7 +103,10 @@ class Stage:
         """Request id -> output tokens so far of the streams running on ``inst`` (an entry of
         ``instances``), as its engine reports them (ahead of what a client has read)."""
         try:
-            r = self.http.get(f"{inst['address']}/v1/migration/requests", timeout=30)
+            headers = auth_header(instance_secret(self.env, inst["id"]))
+            r = self.http.get(
+                f"{inst['address']}/v1/migration/requests", timeout=30, headers=headers
+            )
         except httpx.HTTPError:
             return {}  # gone (a test killed it) or going
         return {s["request_id"]: len(s["output_ids"]) for s in r.json()["requests"]}

@@ -41,8 +41,10 @@ from sllm.messages import (
 )
 from sllm.servers import free_port
 from sllm.settings import GatewaySettings
+from tests import secret_scan
 
 TOKEN = "test-token"
+secret_scan.register(TOKEN)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
