@@ -151,7 +151,7 @@ class Node:
 
 async def load_once(nats_url: str, node: Node, instance_id: str) -> dict[str, Any]:
     from sllm.messages import (
-        EVENT_SUBJECT,
+        EVENTS,
         CmdReply,
         InstanceEvent,
         LoadCmd,
@@ -171,7 +171,7 @@ async def load_once(nats_url: str, node: Node, instance_id: str) -> dict[str, An
         if event.instance_id == instance_id:
             await events.put(event)
 
-    await bus.subscribe(EVENT_SUBJECT, on_event)
+    await bus.subscribe(EVENTS, on_event)
     spec = FunctionSpec(name="bench", model="bench")
     record = FunctionRecord(spec=spec, checkpoint=KEY, checkpoint_bytes=0).to_dict()
     subject = node_cmd_subject(node.node_id)
@@ -210,7 +210,7 @@ def instance_timings(node: Node, instance_id: str) -> dict[str, Any]:
 
 
 async def _wait_idle(nats_url: str, node: Node, pool: int, timeout_s: float) -> None:
-    from sllm.messages import HEARTBEAT_SUBJECT, NodeHeartbeat, decode_as
+    from sllm.messages import HEARTBEATS, NodeHeartbeat, decode_as
     from sllm.nats_bus import NatsBus
 
     bus = await NatsBus.connect(nats_url, name="bench-wait")
@@ -221,7 +221,7 @@ async def _wait_idle(nats_url: str, node: Node, pool: int, timeout_s: float) -> 
         if beat.node_id == node.node_id and beat.pool_idle >= pool and not beat.instances:
             ready.set()
 
-    await bus.subscribe(HEARTBEAT_SUBJECT, on_beat)
+    await bus.subscribe(HEARTBEATS, on_beat)
     try:
         await asyncio.wait_for(ready.wait(), timeout_s)
     finally:

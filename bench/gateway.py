@@ -34,9 +34,8 @@ from typing import Any
 import httpx
 
 from sllm.bus import Message
+from sllm.instance_auth import new_secret
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
     CmdReply,
     DeviceState,
     InstanceEvent,
@@ -45,10 +44,13 @@ from sllm.messages import (
     NodeHeartbeat,
     decode,
     encode,
+    event_subject,
+    heartbeat_subject,
     node_cmd_subject,
 )
+from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import free_port, port_open, start_nats
+from sllm.servers import free_port, nats_client_env, port_open, start_nats
 
 TOKEN = "bench-token"
 ANSWER = {
@@ -104,20 +106,26 @@ class ScriptedNode:
             used = {i.device: i.instance_id for i in self.instances}
             devices = [DeviceState("cpu0", "cpu", 2**30, used.get("cpu0"))]
             hb = NodeHeartbeat("bench-node", self.seq, devices, self.instances, {}, {})
-            await self.bus.publish(HEARTBEAT_SUBJECT, encode(hb))
+            await self.bus.publish(heartbeat_subject("bench-node"), encode(hb))
             await asyncio.sleep(1.0)
 
     async def on_cmd(self, msg: Message) -> bytes:
         cmd = decode(msg.data)
         if isinstance(cmd, LoadCmd):
-            self.instances = [
-                InstanceState(cmd.instance_id, cmd.function, cmd.device, "ready", self.address, 0)
-            ]
-            event = InstanceEvent(
-                "ready", cmd.instance_id, "bench-node", cmd.function, self.address, tier="dram"
+            # a secret, as a real node gives its instances: the gateway sends it on every call
+            # (the path measured is the path that serves); the trivial backend ignores it
+            secret = new_secret()
+            state = InstanceState(
+                cmd.instance_id, cmd.function, cmd.device, "ready", self.address, 0, secret=secret
             )
+            self.instances = [state]
+            event = InstanceEvent(
+                "ready", cmd.instance_id, "bench-node", cmd.function, self.address, tier="dram",
+                secret=secret,
+            )  # fmt: skip
+            subject = event_subject("bench-node")
             asyncio.get_running_loop().call_later(
-                0.05, lambda: asyncio.ensure_future(self.bus.publish(EVENT_SUBJECT, encode(event)))
+                0.05, lambda: asyncio.ensure_future(self.bus.publish(subject, encode(event)))
             )
         return encode(CmdReply(ok=True))
 
@@ -217,9 +225,11 @@ async def rps(url: str, concurrency: int, seconds: float) -> dict[str, float]:
 
 
 async def run(
-    args: argparse.Namespace, nats_url: str, gateway_url: str, backend: str
+    args: argparse.Namespace, nats_env: dict[str, str], gateway_url: str, backend: str
 ) -> dict[str, Any]:
-    bus = await NatsBus.connect(nats_url, "bench-node")
+    bus = await NatsBus.connect(
+        nats_env["SLLM_NATS_URL"], "bench-node", seed_file=nats_env["SLLM_NATS_SEED_FILE"]
+    )
     node = ScriptedNode(bus, backend)
     await node.start()
     beat = asyncio.create_task(node.beat())
@@ -235,6 +245,7 @@ async def run(
                 "name": "bench",
                 "model": "none",
                 "handler": "completion",
+                "auth": "public",
                 "scale": {"min": 0, "max": 1, "keep_alive": "1h"},
             }
             r = await client.post(
@@ -301,9 +312,8 @@ def main() -> int:
         return 0
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="sllm-bench-gw-") as tmp:
-        nats = start_nats(Path(tmp) / "nats")
+        nats = start_nats(Path(tmp) / "nats", credentials=NatsCredentials(Path(tmp) / "creds"))
         try:
-            nats_url = f"nats://127.0.0.1:{nats.ports['client']}"
             backend_port, gateway_port = free_port(), free_port()
             backend = subprocess.Popen(
                 [sys.executable, __file__, "--serve-backend", str(backend_port)]
@@ -311,7 +321,7 @@ def main() -> int:
             procs.append(backend)
             env = dict(
                 os.environ,
-                SLLM_NATS_URL=nats_url,
+                **nats_client_env(nats),
                 SLLM_TOKEN=TOKEN,
                 SLLM_GATEWAY_PORT=str(gateway_port),
                 SLLM_POLICY="least-loaded",
@@ -327,7 +337,7 @@ def main() -> int:
             result = asyncio.run(
                 run(
                     args,
-                    nats_url,
+                    nats_client_env(nats, "bench-node"),
                     f"http://127.0.0.1:{gateway_port}",
                     f"http://127.0.0.1:{backend_port}",
                 )

@@ -50,9 +50,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from gateway.migration.resume import StreamResumer  # noqa: E402
 from gateway.migration.splice import follow_moves  # noqa: E402
 from gateway.scheduler.estimators import MigrationModel  # noqa: E402
+from sllm.instance_auth import auth_header  # noqa: E402
 from sllm.messages import (  # noqa: E402
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
+    EVENTS,
+    HEARTBEATS,
     CmdReply,
     InstanceEvent,
     LoadCmd,
@@ -61,8 +62,9 @@ from sllm.messages import (  # noqa: E402
     encode,
     node_cmd_subject,
 )
+from sllm.nats_auth import NatsCredentials  # noqa: E402
 from sllm.nats_bus import NatsBus  # noqa: E402
-from sllm.servers import start_nats  # noqa: E402
+from sllm.servers import nats_client_env, start_nats  # noqa: E402
 from sllm.spec import FunctionRecord, FunctionSpec  # noqa: E402
 
 KEY = "checkpoints/bench/migration"
@@ -91,11 +93,18 @@ def build_model(root: Path) -> tuple[Path, int]:
 
 
 async def stream_tokens(
-    http: httpx.AsyncClient, address: str, body: dict[str, Any], at: int, on_at: Any
+    http: httpx.AsyncClient,
+    address: str,
+    body: dict[str, Any],
+    at: int,
+    on_at: Any,
+    secrets: dict[str, str],
 ) -> tuple[list[int], list[float]]:
     """Stream ``body`` from ``address`` through the gateway's splicing; calls ``on_at()``
-    (a coroutine function) once ``at`` tokens arrived. Returns token ids and arrival times."""
-    request = http.build_request("POST", f"{address}/v1/generate", json=body)
+    (a coroutine function) once ``at`` tokens arrived. Returns token ids and arrival times.
+    ``secrets``: each instance's secret by address (as the gateway keeps them)."""
+    headers = auth_header(secrets[address])
+    request = http.build_request("POST", f"{address}/v1/generate", json=body, headers=headers)
     response = await http.send(request, stream=True)
     assert response.status_code == 200, await response.aread()
     tokens: list[int] = []
@@ -104,7 +113,9 @@ async def stream_tokens(
     buffer = b""
     try:
         chunks = response.aiter_raw()
-        async for chunk in follow_moves(b"", chunks, StreamResumer(http, [address])):
+        async for chunk in follow_moves(
+            b"", chunks, StreamResumer(http, [address], lambda a: secrets.get(a, ""))
+        ):
             buffer += chunk
             while b"\n\n" in buffer:
                 event, buffer = buffer.split(b"\n\n", 1)
@@ -131,6 +142,7 @@ class Bench:
     def __init__(self, bus: NatsBus, node: str, http: httpx.AsyncClient) -> None:
         self.bus, self.node, self.http = bus, node, http
         self.events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
+        self.secrets: dict[str, str] = {}  # instance address -> its secret
 
     async def command(self, message: object, timeout_s: float = 120.0) -> CmdReply:
         raw = await self.bus.request(node_cmd_subject(self.node), encode(message), timeout_s)
@@ -146,6 +158,7 @@ class Bench:
             event = await asyncio.wait_for(self.events.get(), 300)
             if event.instance_id == instance_id:
                 assert event.kind == "ready" and event.address, event
+                self.secrets[event.address] = event.secret
                 return event.address, time.perf_counter() - started
 
     async def migrate_run(
@@ -155,13 +168,16 @@ class Bench:
         outcome: dict[str, Any] = {}
 
         async def migrate() -> None:
-            cmd = MigrateCmd(source[0], uuid.uuid4().hex[:8], self.node, target[0], target[1])
+            cmd = MigrateCmd(
+                source[0], uuid.uuid4().hex[:8], self.node, target[0], target[1],
+                target_secret=self.secrets[target[1]],
+            )  # fmt: skip
             started = time.perf_counter()
             reply = await self.command(cmd)
             assert reply.ok, reply
             outcome.update(reply.data, total_s=time.perf_counter() - started)
 
-        tokens, times = await stream_tokens(self.http, source[1], body, n, migrate)
+        tokens, times = await stream_tokens(self.http, source[1], body, n, migrate, self.secrets)
         gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
         after = [b - a for a, b in zip(times[n - 1 :], times[n:], strict=False)]
         return {
@@ -180,7 +196,7 @@ class Bench:
         """The request preempted at N tokens restarts from its prompt on ``target``: the pause
         runs from the resubmission to token N + 1 (the source's side costs nothing here)."""
         started = time.perf_counter()
-        ids, times = await stream_tokens(self.http, target[1], self.body(n), 0, None)
+        ids, times = await stream_tokens(self.http, target[1], self.body(n), 0, None, self.secrets)
         return {"pause_s": times[n] - started, "ids": ids}
 
     @staticmethod
@@ -207,11 +223,13 @@ def start_node(root: Path) -> tuple[Any, subprocess.Popen[bytes], dict[str, str]
     store = root / "store"
     store.mkdir()
     push_checkpoint(ckpt, LocalStore(store), KEY)
-    nats = start_nats(root / "nats")
+    # NATS as the platform runs it: with credentials (the node's here, the bench's below)
+    nats = start_nats(root / "nats", credentials=NatsCredentials(root / "nats-creds"))
+    node_id = f"bench-mig-{os.getpid()}"
     env = {
         **os.environ,
-        "SLLM_NODE_ID": f"bench-mig-{os.getpid()}",
-        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
+        **nats_client_env(nats, node_id),
+        "SLLM_NODE_ID": node_id,
         "SLLM_STORE_URL": str(store),
         "SLLM_CACHE_DIR": str(root / "cache"),
         "SLLM_DRAM_CAPACITY": "512Mi",
@@ -230,9 +248,16 @@ def start_node(root: Path) -> tuple[Any, subprocess.Popen[bytes], dict[str, str]
     return nats, node, env, nbytes
 
 
+def gateway_seed(nats: Any) -> str:
+    """The bench talks to the node as the gateway does, with the gateway role's seed."""
+    return nats_client_env(nats)["SLLM_NATS_SEED_FILE"]
+
+
 async def run(args: argparse.Namespace, env: dict[str, str], nbytes: int) -> dict[str, Any]:
     node_id = env["SLLM_NODE_ID"]
-    bus = await NatsBus.connect(env["SLLM_NATS_URL"], name="bench-migration")
+    bus = await NatsBus.connect(
+        env["SLLM_NATS_URL"], name="bench-migration", seed_file=env["BENCH_GATEWAY_SEED"]
+    )
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=5)) as http:
             bench = Bench(bus, node_id, http)
@@ -245,8 +270,8 @@ async def run(args: argparse.Namespace, env: dict[str, str], nbytes: int) -> dic
             async def on_heartbeat(msg: Any) -> None:
                 up.set()  # the node subscribes to its commands before it beats
 
-            await bus.subscribe(EVENT_SUBJECT, on_event)
-            await bus.subscribe(HEARTBEAT_SUBJECT, on_heartbeat)
+            await bus.subscribe(EVENTS, on_event)
+            await bus.subscribe(HEARTBEATS, on_heartbeat)
             await asyncio.wait_for(up.wait(), 120)
             a_addr, load_a = await bench.load("bench-a", "cpu:0", nbytes)
             b_addr, load_b = await bench.load("bench-b", "cpu:1", nbytes)
@@ -312,7 +337,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="sllm-bench-migration-"))
     nats, node, env, nbytes = start_node(root)
     try:
-        result = asyncio.run(run(args, env, nbytes))
+        result = asyncio.run(run(args, {**env, "BENCH_GATEWAY_SEED": gateway_seed(nats)}, nbytes))
     finally:
         from runtime.node.main import dram_root
         from sllm.settings import NodeSettings

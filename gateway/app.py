@@ -14,7 +14,7 @@ from gateway.instance_http import InstanceHttpClient
 from gateway.migration import routes as migration
 from gateway.placement import Scheduler
 from gateway.registry import BUCKET
-from gateway.routes import invoke, openai, ops, system
+from gateway.routes import invoke, keys, openai, ops, system
 from gateway.service import GatewayService
 from sllm.bus import Bus, KeyValue
 from sllm.clock import Clock, SystemClock
@@ -29,7 +29,9 @@ CONNECT_TIMEOUT_S = 5.0
 async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
     from sllm.nats_bus import NatsBus
 
-    bus = await NatsBus.connect(settings.nats_url, name="sllm-gateway")
+    bus = await NatsBus.connect(
+        settings.nats_url, name="sllm-gateway", seed_file=settings.nats_seed_file
+    )
     return bus, await bus.key_value(BUCKET)
 
 
@@ -73,7 +75,14 @@ def create_app(
             await bus.close()
 
     return Starlette(
-        routes=[*invoke.routes, *openai.routes, *system.routes, *migration.routes, *ops.routes],
+        routes=[
+            *invoke.routes,
+            *openai.routes,
+            *system.routes,
+            *keys.routes,
+            *migration.routes,
+            *ops.routes,
+        ],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

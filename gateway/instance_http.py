@@ -145,16 +145,18 @@ class InstanceHttpClient:
         self._swept = time.monotonic()
 
     async def post(
-        self, url: str, body: bytes, content_type: str = "application/json"
+        self, url: str, body: bytes, content_type: str = "application/json", secret: str = ""
     ) -> InstanceResponse:
-        """POST ``body`` to ``url`` (http://host:port/path); returns once the status line and
-        headers arrived. A reused connection the server had closed is retried once on a new
-        one (the request never reached the application)."""
+        """POST ``body`` to ``url`` (http://host:port/path) with the instance's ``secret``
+        (sllm.instance_auth); returns once the status line and headers arrived. A reused
+        connection the server had closed is retried once on a new one (the request never
+        reached the application)."""
         host, port, path = self._target(url)
         key = (host, port)
+        auth = f"authorization: Bearer {secret}\r\n" if secret else ""
         request = (
             f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: {content_type}\r\n"
-            f"content-length: {len(body)}\r\n\r\n"
+            f"{auth}content-length: {len(body)}\r\n\r\n"
         ).encode("latin-1") + body
         conn = self._take(key)
         if conn is not None:

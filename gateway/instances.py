@@ -44,6 +44,8 @@ class Instance:
     address: str | None = None
     in_flight: int = 0
     tier: str = ""
+    # sent on every call to the instance (sllm.instance_auth); never shown by summary()
+    secret: str = field(default="", repr=False)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -141,6 +143,7 @@ class InstanceTable:
                 self.instances[event.instance_id] = inst
                 change.adopted.append(inst)
             inst.address = event.address
+            inst.secret = event.secret or inst.secret
             inst.tier = event.tier
             if inst.state in ("starting", "unreachable"):
                 inst.state = "ready"
@@ -153,6 +156,13 @@ class InstanceTable:
             else:
                 change.removed.append(inst)
         return change
+
+    def secret_at(self, address: str) -> str:
+        """The secret of the instance at ``address`` ("" when none is known there)."""
+        for inst in self.instances.values():
+            if inst.address == address:
+                return inst.secret
+        return ""
 
     def on_heartbeat(self, hb: NodeHeartbeat, now: float) -> ReadyChange:
         change = ReadyChange()
@@ -201,6 +211,8 @@ class InstanceTable:
         inst.device = state.device or inst.device
         if state.address:
             inst.address = state.address
+        if state.secret:
+            inst.secret = state.secret
         if inst.state == "draining":
             return  # the gateway asked it to drain; the node's catching up
         if mapped == "ready" and inst.address and inst.state != "ready":

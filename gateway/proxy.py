@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -83,10 +83,13 @@ class InstanceProxy:
         clock: Clock,
         metrics: GatewayMetrics,
         resume_client: httpx.AsyncClient,
+        secret_at: Callable[[str], str] = lambda address: "",
     ) -> None:
         """``resume_client`` opens the continuation of a stream moved by a live migration
-        (``gateway.migration``; rare, so httpx is fine there)."""
+        (``gateway.migration``; rare, so httpx is fine there), at an instance whose secret
+        ``secret_at(address)`` gives."""
         self._client = client
+        self._secret_at = secret_at
         self._resume_client = resume_client
         self._dispatcher = dispatcher
         self._clock = clock
@@ -147,7 +150,7 @@ class InstanceProxy:
         raise Unavailable(f"function {name!r}: {reason}")
 
     async def _send(self, inst: Instance, path: str, body: bytes, started: float) -> Upstream:
-        response = await self._client.post(f"{inst.address}{path}", body)
+        response = await self._client.post(f"{inst.address}{path}", body, secret=inst.secret)
         try:
             chunks = response.aiter_raw()
             first = b""
@@ -184,7 +187,9 @@ class InstanceProxy:
         """The answer's bytes as they come; a broken event stream ends with an error event."""
         try:
             # a streamed request may move to another instance mid-way (live migration)
-            resume = StreamResumer(self._resume_client, [upstream.instance.address or ""])
+            resume = StreamResumer(
+                self._resume_client, [upstream.instance.address or ""], self._secret_at
+            )
             async for chunk in follow_moves(upstream.first, upstream.rest, resume):
                 yield chunk
         except (UpstreamError, httpx.TransportError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 
@@ -16,6 +17,7 @@ from gateway.controller import Controller
 from gateway.dispatcher import Dispatcher
 from gateway.instance_http import InstanceHttpClient
 from gateway.instances import InstanceTable
+from gateway.keys import KeyStore
 from gateway.logs import LogBuffer
 from gateway.metrics import GatewayMetrics
 from gateway.migration.fits import MigrationFitStore
@@ -28,12 +30,14 @@ from sllm.bus import Bus, KeyValue, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
+    EVENTS,
+    HEARTBEATS,
+    LOGS,
     InstanceEvent,
     LogLine,
     NodeHeartbeat,
     decode_as,
+    node_of,
 )
 from sllm.settings import GatewaySettings
 
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 # settle_s (3 s): nodes beat every 2 s by default, so after 3 s a restarted gateway has heard
 # from every live node and knows which instances already run.
 COMMAND_TIMEOUT_S = 10.0
+
+M = TypeVar("M")
 
 
 @dataclass
@@ -60,6 +66,7 @@ class GatewayService:
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.kv)
+        self.keys = KeyStore(self.kv, self.clock)
         self.table = InstanceTable()
         self.dispatcher = Dispatcher(
             self.table,
@@ -97,8 +104,9 @@ class GatewayService:
             timeout=httpx.Timeout(self.settings.request_timeout_s, connect=5.0)
         )
         self.proxy = InstanceProxy(
-            self.http, self.dispatcher, self.clock, self.metrics, self.resume_http
-        )
+            self.http, self.dispatcher, self.clock, self.metrics, self.resume_http,
+            self.table.secret_at,
+        )  # fmt: skip
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -106,9 +114,9 @@ class GatewayService:
         await self.registry.load()
         await self.fits.load()
         self._subs = [
-            await self.bus.subscribe(HEARTBEAT_SUBJECT, self._on_heartbeat),
-            await self.bus.subscribe(EVENT_SUBJECT, self._on_event),
-            await self.bus.subscribe("sllm.logs.*", self._on_log),
+            await self.bus.subscribe(HEARTBEATS, self._on_heartbeat),
+            await self.bus.subscribe(EVENTS, self._on_event),
+            await self.bus.subscribe(LOGS, self._on_log),
         ]
         self._loop_task = asyncio.create_task(self.controller.run(), name="gateway-control-loop")
         log.info(
@@ -126,26 +134,32 @@ class GatewayService:
         await self.resume_http.aclose()
 
     async def _on_heartbeat(self, msg: Message) -> None:
-        try:
-            hb = decode_as(msg.data, NodeHeartbeat)
-        except ProtocolError as exc:
-            log.warning("dropped heartbeat: %s", exc.message)
-            return None
-        self.controller.on_heartbeat(hb)
-        return None
+        hb = _from_its_node(msg, NodeHeartbeat, "heartbeat")
+        if hb is not None:
+            self.controller.on_heartbeat(hb)
 
     async def _on_event(self, msg: Message) -> None:
-        try:
-            event = decode_as(msg.data, InstanceEvent)
-        except ProtocolError as exc:
-            log.warning("dropped instance event: %s", exc.message)
-            return None
-        self.controller.on_event(event)
-        return None
+        event = _from_its_node(msg, InstanceEvent, "instance event")
+        if event is not None:
+            self.controller.on_event(event)
 
     async def _on_log(self, msg: Message) -> None:
-        try:
-            self.logs.add(decode_as(msg.data, LogLine))
-        except ProtocolError as exc:
-            log.warning("dropped log line: %s", exc.message)
+        line = _from_its_node(msg, LogLine, "log line")
+        if line is not None:
+            self.logs.add(line)
+
+
+def _from_its_node(msg: Message, cls: type[M], what: str) -> M | None:
+    """The message, if it decodes and names the node whose subject it came on (NATS lets a
+    node publish only under its own ``sllm.node.<node>.``, so a node cannot speak for
+    another); else None, with a log line."""
+    try:
+        message = decode_as(msg.data, cls)
+    except ProtocolError as exc:
+        log.warning("dropped %s on %s: %s", what, msg.subject, exc.message)
         return None
+    claimed = getattr(message, "node_id", "")
+    if claimed != node_of(msg.subject):
+        log.warning("dropped %s on %s: it names node %r", what, msg.subject, claimed)
+        return None
+    return message

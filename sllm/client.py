@@ -1,8 +1,9 @@
 """HTTP client of the gateway, as the CLI uses it.
 
-Where the gateway is and which token to send is resolved once, in this order: command-line
-flags, then the environment (``SLLM_GATEWAY_URL``, ``SLLM_TOKEN``), then the config file
-``~/.config/sllm/config.yaml`` (written by ``sllm up``), then the default URL.
+Where the gateway is, which admin token and which invocation key to send is resolved once, in
+this order: command-line flags, then the environment (``SLLM_GATEWAY_URL``, ``SLLM_TOKEN``,
+``SLLM_KEY``), then the config file ``~/.config/sllm/config.yaml`` (written by ``sllm up``),
+then the default URL. Invocations send the key, or the admin token when there is no key.
 
 Every failure becomes a typed ``SllmError`` with one line that says what to do: a gateway that
 does not answer names its URL and ``sllm up``; an error body ``{"error": {"code", "message"}}``
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ _ERRORS_BY_CODE: dict[str, type[SllmError]] = {
         errors.NotFound,
         errors.Conflict,
         errors.Unauthorized,
+        errors.Forbidden,
         errors.PayloadTooLarge,
         errors.Overloaded,
         errors.Unavailable,
@@ -54,8 +56,11 @@ def config_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "sllm" / "config.yaml"
 
 
+CONFIG_KEYS = ("gateway_url", "token", "key")
+
+
 def read_config_file(path: Path) -> dict[str, str]:
-    """The ``gateway_url`` and ``token`` of a config file; {} when there is none."""
+    """The ``gateway_url``, ``token`` and ``key`` of a config file; {} when there is none."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -71,7 +76,7 @@ def read_config_file(path: Path) -> dict[str, str]:
     if not isinstance(data, dict):
         raise ValidationFailed(f"{path}: expected a mapping with gateway_url and token")
     out: dict[str, str] = {}
-    for key in ("gateway_url", "token"):
+    for key in CONFIG_KEYS:
         value = data.get(key)
         if value is None:
             continue
@@ -82,25 +87,33 @@ def read_config_file(path: Path) -> dict[str, str]:
 
 
 def write_config_file(path: Path, gateway_url: str, token: str) -> None:
-    """Write the config atomically, readable by its owner only (it holds the token)."""
+    """Write the config atomically, readable by its owner only (it holds the token). A
+    ``key`` the file already has is kept."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = read_config_file(path)
+    except ValidationFailed:
+        data = {}
+    data.update(gateway_url=gateway_url, token=token)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump({"gateway_url": gateway_url, "token": token}, f, sort_keys=True)
+        yaml.safe_dump(data, f, sort_keys=True)
     os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     url: str
-    token: str
+    token: str = field(repr=False)
+    key: str = field(default="", repr=False)
 
     @staticmethod
     def resolve(
         url: str | None = None,
         token: str | None = None,
         env: Mapping[str, str] | None = None,
+        key: str | None = None,
     ) -> ClientConfig:
         """Flags > environment > config file > default (see the module docstring)."""
         env = os.environ if env is None else env
@@ -113,11 +126,13 @@ class ClientConfig:
                 f"gateway URL {resolved_url!r} must start with http:// or https://"
             )
         resolved_token = token or env.get("SLLM_TOKEN") or from_file.get("token") or ""
-        return ClientConfig(url=resolved_url.rstrip("/"), token=resolved_token)
+        resolved_key = key or env.get("SLLM_KEY") or from_file.get("key") or ""
+        return ClientConfig(resolved_url.rstrip("/"), resolved_token, resolved_key)
 
 
-def error_from_response(response: httpx.Response, url: str) -> SllmError:
-    """The typed error of a non-2xx gateway response (its code and message when it sent one)."""
+def error_from_response(response: httpx.Response, url: str, invoking: bool = False) -> SllmError:
+    """The typed error of a non-2xx gateway response (its code and message when it sent one).
+    ``invoking``: the request was an invocation, where a 401 is about the key."""
     code, message = None, None
     try:
         body = json.loads(response.read() or b"null")
@@ -126,6 +141,11 @@ def error_from_response(response: httpx.Response, url: str) -> SllmError:
             message = body["error"].get("message")
     except (json.JSONDecodeError, UnicodeDecodeError):
         pass
+    if response.status_code == 401 and invoking:
+        return Unauthorized(
+            f"{message or 'the gateway refused the call'}; pass --key, set SLLM_KEY or add "
+            "'key: <key>' to ~/.config/sllm/config.yaml"
+        )
     if response.status_code == 401:
         return Unauthorized(
             f"the gateway at {url} rejected the token: pass --token, set SLLM_TOKEN, or run "
@@ -249,6 +269,23 @@ class GatewayClient:
         )
         return result
 
+    def _invocation_auth(self) -> dict[str, str]:
+        """The key, else the admin token (which opens every function)."""
+        secret = self.config.key or self.config.token
+        return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+    def create_key(self, name: str, functions: list[str]) -> dict[str, Any]:
+        body = {"name": name, "functions": functions}
+        result: dict[str, Any] = self._json("POST", "/system/keys", json=body)
+        return result
+
+    def keys(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", "/system/keys")
+        return result
+
+    def revoke_key(self, key_id: str) -> None:
+        self._json("DELETE", f"/system/keys/{key_id}")
+
     def invoke(self, name: str, body: dict[str, Any], timeout_s: float = 600.0) -> Iterator[Event]:
         """POST /function/<name>: yields the answer as events, streamed when the function streams.
 
@@ -260,10 +297,11 @@ class GatewayClient:
                 "POST",
                 f"/function/{name}",
                 json=body,
+                headers=self._invocation_auth(),
                 timeout=httpx.Timeout(timeout_s, connect=5.0),
             ) as response:
                 if response.status_code >= 400:
-                    raise error_from_response(response, self.config.url)
+                    raise error_from_response(response, self.config.url, invoking=True)
                 if response.headers.get("content-type", "").startswith("text/event-stream"):
                     yield from _sse_events(response.iter_lines())
                     return

@@ -54,6 +54,13 @@ class Unauthorized(SllmError):
     status = 401
 
 
+class Forbidden(SllmError):
+    """The caller is known but may not do this (an invocation key without that function)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class PayloadTooLarge(SllmError):
     code = "payload_too_large"
     status = 413

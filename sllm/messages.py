@@ -4,12 +4,14 @@ Every payload is a msgpack map ``{"v": VERSION, "type": <name>, "body": {...}}``
 checks the version, the type and every field's type; anything else raises ``ProtocolError``
 (handlers reply with an error, never crash).
 
-Subjects (DESIGN.md, "Wire contract"):
+Subjects (DESIGN.md, "Wire contract"). Everything a node publishes is under its own
+``sllm.node.<node>.``, so NATS permissions can keep a node to its own subjects
+(``sllm.nats_auth``), and the gateway drops a message whose body names another node:
 - ``sllm.node.<node>.cmd``: request-reply; LoadCmd, UnloadCmd, DrainCmd, MigrateCmd -> CmdReply
-- ``sllm.node.heartbeat``: NodeHeartbeat
-- ``sllm.instance.event``: InstanceEvent
+- ``sllm.node.<node>.heartbeat``: NodeHeartbeat
+- ``sllm.node.<node>.event``: InstanceEvent
+- ``sllm.node.<node>.logs.<function>``: LogLine
 - ``sllm.migration.<id>.*``: migration progress
-- ``sllm.logs.<function>``: LogLine
 """
 
 from __future__ import annotations
@@ -26,20 +28,36 @@ from sllm.errors import ProtocolError
 
 VERSION = 1
 
-HEARTBEAT_SUBJECT = "sllm.node.heartbeat"
-EVENT_SUBJECT = "sllm.instance.event"
+# What the gateway subscribes to (every node's); nodes publish on the subjects below.
+HEARTBEATS = "sllm.node.*.heartbeat"
+EVENTS = "sllm.node.*.event"
+LOGS = "sllm.node.*.logs.*"
 
 
 def node_cmd_subject(node_id: str) -> str:
     return f"sllm.node.{node_id}.cmd"
 
 
+def heartbeat_subject(node_id: str) -> str:
+    return f"sllm.node.{node_id}.heartbeat"
+
+
+def event_subject(node_id: str) -> str:
+    return f"sllm.node.{node_id}.event"
+
+
+def node_of(subject: str) -> str:
+    """The node a ``sllm.node.<node>.…`` subject belongs to ("" for any other subject)."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["sllm", "node"] else ""
+
+
 def migration_subject(migration_id: str, what: str) -> str:
     return f"sllm.migration.{migration_id}.{what}"
 
 
-def log_subject(function: str) -> str:
-    return f"sllm.logs.{function}"
+def log_subject(node_id: str, function: str) -> str:
+    return f"sllm.node.{node_id}.logs.{function}"
 
 
 Tier = Literal["device", "dram", "ssd", "store"]
@@ -86,6 +104,8 @@ class MigrateCmd:
     target_address: str
     max_rounds: int = 3
     threshold_tokens: int = 8
+    # the target instance's secret (sllm.instance_auth): the source node calls it
+    target_secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,9 @@ class DeviceState:
 
 @dataclass(frozen=True)
 class InstanceState:
+    """``secret``: what callers of the instance must send (sllm.instance_auth); heartbeats
+    carry it so a restarted gateway can call the instances it adopts."""
+
     instance_id: str
     function: str
     device: str
@@ -115,6 +138,7 @@ class InstanceState:
     tokens_in: int = 0
     tokens_out: int = 0
     revision: int = 1
+    secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -143,8 +167,9 @@ class NodeHeartbeat:
 
 @dataclass(frozen=True)
 class InstanceEvent:
-    """kind: ready | failed | stopped. On ready, ``address`` is http://host:port; ``tier`` says
-    where the checkpoint came from and ``load_s`` how long command-to-ready took."""
+    """kind: ready | failed | stopped. On ready, ``address`` is http://host:port and ``secret``
+    what its callers must send; ``tier`` says where the checkpoint came from and ``load_s`` how
+    long command-to-ready took."""
 
     kind: str
     instance_id: str
@@ -155,6 +180,7 @@ class InstanceEvent:
     tier: str = ""
     load_s: float = 0.0
     revision: int = 1
+    secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -168,7 +194,8 @@ class MigrationProgress:
 
 @dataclass(frozen=True)
 class LogLine:
-    """One line an instance wrote (stdout/stderr) or a lifecycle note, on ``sllm.logs.<fn>``."""
+    """One line an instance wrote (stdout/stderr) or a lifecycle note, on
+    ``sllm.node.<node>.logs.<function>``."""
 
     function: str
     instance_id: str

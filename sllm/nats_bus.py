@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
@@ -35,7 +35,14 @@ class NatsBus:
         self.nc = nc
 
     @staticmethod
-    async def connect(url: str, name: str, connect_timeout_s: float = 5.0) -> NatsBus:
+    async def connect(
+        url: str, name: str, connect_timeout_s: float = 5.0, seed_file: str | Path = ""
+    ) -> NatsBus:
+        """Connect as the identity whose NKey seed is in ``seed_file`` (``sllm.nats_auth``;
+        "" connects without credentials, which a server with authorization refuses)."""
+        _check_seed_file(seed_file)
+        refused = asyncio.Event()
+
         async def on_disconnect() -> None:
             log.warning("nats disconnected url=%s", url)
 
@@ -43,18 +50,48 @@ class NatsBus:
             log.info("nats reconnected url=%s", url)
 
         async def on_error(exc: Exception) -> None:
+            if "authorization violation" in str(exc).lower():
+                refused.set()
             log.warning("nats error: %s", exc)
 
         # max_reconnect_attempts=-1 also makes nats-py retry the *first* connect forever, so the
-        # initial connect gets its own deadline; after that, reconnects never give up.
-        try:
-            nc = await asyncio.wait_for(
-                _connect(url, name, connect_timeout_s, on_disconnect, on_reconnect, on_error),
-                connect_timeout_s * 2,
-            )
-        except Exception as exc:
-            raise Unavailable(f"cannot connect to NATS at {url}: {exc!r}") from None
-        return NatsBus(nc)
+        # initial connect gets its own deadline, and ends at once when the server refuses the
+        # credentials; after that, reconnects never give up.
+        nc = Client()
+        options: dict[str, Any] = {
+            "servers": [url],
+            "name": name,
+            "connect_timeout": connect_timeout_s,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "allow_reconnect": True,
+            "disconnected_cb": on_disconnect,
+            "reconnected_cb": on_reconnect,
+            "error_cb": on_error,
+        }
+        if seed_file:
+            options["nkeys_seed"] = str(seed_file)
+        connecting = asyncio.ensure_future(nc.connect(**options))
+        refusal = asyncio.ensure_future(refused.wait())
+        await asyncio.wait(
+            {connecting, refusal}, timeout=connect_timeout_s * 2, return_when="FIRST_COMPLETED"
+        )
+        refusal.cancel()
+        if connecting.done() and connecting.exception() is None:
+            return NatsBus(nc)
+        connecting.cancel()
+        reason = (
+            "the server refused the credentials (Authorization Violation): check "
+            "SLLM_NATS_SEED_FILE and that the server knows this identity"
+            if refused.is_set()
+            else repr(connecting.exception()) if connecting.done() and not connecting.cancelled()
+            else f"no connection within {connect_timeout_s * 2:g}s"
+        )  # fmt: skip
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await connecting
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise Unavailable(f"cannot connect to NATS at {url}: {reason}")
 
     async def publish(self, subject: str, payload: bytes) -> None:
         await self.nc.publish(subject, payload)
@@ -93,25 +130,12 @@ class NatsBus:
         return NatsKeyValue(kv)
 
 
-async def _connect(
-    url: str,
-    name: str,
-    connect_timeout_s: float,
-    on_disconnect: Callable[[], Awaitable[None]],
-    on_reconnect: Callable[[], Awaitable[None]],
-    on_error: Callable[[Exception], Awaitable[None]],
-) -> Client:
-    return await nats.connect(
-        url,
-        name=name,
-        connect_timeout=connect_timeout_s,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        error_cb=on_error,
-    )
+def _check_seed_file(seed_file: str | Path) -> None:
+    if seed_file and not Path(seed_file).is_file():
+        raise Unavailable(
+            f"NATS credentials {seed_file} do not exist (SLLM_NATS_SEED_FILE names this "
+            "component's NKey seed file; `sllm nats creds` makes them)"
+        )
 
 
 class NatsKeyValue:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sllm.errors import Unavailable
+from sllm.nats_auth import GATEWAY_FILE, NatsCredentials, node_file
 
 
 def free_port() -> int:
@@ -67,6 +68,8 @@ class ManagedServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
+    # a nats-server's identities (sllm.nats_auth), None when it takes anyone
+    credentials: NatsCredentials | None = None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -95,8 +98,15 @@ def _wait_for_port(server: ManagedServer, port: int, timeout_s: float) -> None:
     )
 
 
-def start_nats(data_dir: Path, port: int | None = None, timeout_s: float = 15.0) -> ManagedServer:
-    """nats-server with JetStream storing under ``data_dir`` (the registry survives restarts)."""
+def start_nats(
+    data_dir: Path,
+    port: int | None = None,
+    timeout_s: float = 15.0,
+    credentials: NatsCredentials | None = None,
+) -> ManagedServer:
+    """nats-server with JetStream storing under ``data_dir`` (the registry survives restarts).
+    With ``credentials``, only their identities may connect, each limited to its role's
+    subjects (``sllm.nats_auth``); ``reload_nats`` applies identities added later."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = data_dir / "nats-server.log"
@@ -107,11 +117,45 @@ def start_nats(data_dir: Path, port: int | None = None, timeout_s: float = 15.0)
         "-js",
         "-sd", str(data_dir / "jetstream"),
     ]  # fmt: skip
+    if credentials is not None:
+        cmd += ["-c", str(credentials.write_config())]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = ManagedServer("nats-server", proc, log_path, {"client": port})
+    server = ManagedServer("nats-server", proc, log_path, {"client": port}, credentials)
     _wait_for_port(server, port, timeout_s)
     return server
+
+
+def nats_client_env(server: ManagedServer, node_id: str | None = None) -> dict[str, str]:
+    """``SLLM_NATS_URL`` and ``SLLM_NATS_SEED_FILE`` for the gateway (``node_id`` None) or
+    node ``node_id`` of this nats-server; a node it does not know yet is added (a new seed,
+    the server reloaded)."""
+    env = {"SLLM_NATS_URL": f"nats://127.0.0.1:{server.ports['client']}"}
+    creds = server.credentials
+    if creds is None:
+        return env
+    name = GATEWAY_FILE if node_id is None else node_file(node_id)
+    known = (creds.directory / name).is_file()
+    seed = creds.gateway() if node_id is None else creds.node(node_id)
+    if not known:
+        reload_nats(server)
+    return env | {"SLLM_NATS_SEED_FILE": str(seed)}
+
+
+def reload_nats(server: ManagedServer, timeout_s: float = 10.0) -> None:
+    """Make a running nats-server re-read its configuration (SIGHUP), e.g. after
+    ``NatsCredentials.node`` added an identity, and wait until it says it did."""
+    done = server.log_path.read_text(errors="replace").count(RELOADED)
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout_s
+    while server.log_path.read_text(errors="replace").count(RELOADED) <= done:
+        if not server.alive() or time.monotonic() > deadline:
+            raise Unavailable(f"nats-server did not reload its configuration:\n{server.log_tail()}")
+        time.sleep(0.02)
+
+
+# nats-server's log line once a reload is applied
+RELOADED = "Reloaded server configuration"
 
 
 def start_seaweedfs(

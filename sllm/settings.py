@@ -22,6 +22,10 @@ T = TypeVar("T")
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_HOME": ("~/.local/share/sllm", "data directory of `sllm up` (NATS, store, caches)"),
     "SLLM_NATS_URL": ("nats://127.0.0.1:4222", "NATS server URL"),
+    "SLLM_NATS_SEED_FILE": (
+        "",
+        "this gateway's or node's NKey seed file (sllm nats creds; empty: no credentials)",
+    ),
     "SLLM_STORE_URL": ("", "model store: a local directory or s3://bucket/prefix"),
     "SLLM_S3_ENDPOINT": ("", "S3 endpoint URL (empty: AWS); also AWS_ENDPOINT_URL"),
     "SLLM_S3_REGION": ("us-east-1", "S3 region; also AWS_REGION / AWS_DEFAULT_REGION"),
@@ -54,6 +58,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_POLICY": ("locality+migration", "placement policy"),
     "SLLM_SCALE_DOWN_WINDOW": ("30s", "how long load must stay lower before scaling down"),
     "SLLM_GATEWAY_URL": ("http://127.0.0.1:8080", "gateway URL the CLI talks to"),
+    "SLLM_KEY": ("", "invocation key the CLI sends to private functions (default: the token)"),
 }
 
 
@@ -161,6 +166,7 @@ class NodeSettings:
     # seed. The start-up probe measures SSD and DRAM only (reading the store costs money and
     # needs a key), so an operator who knows the link says it here.
     store_bandwidth: float = 0.0
+    nats_seed_file: str = ""
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -185,6 +191,7 @@ class NodeSettings:
             heartbeat_s=_parse(env, "SLLM_HEARTBEAT_INTERVAL", as_seconds),
             store=StoreSettings.from_env(env),
             store_bandwidth=float(_parse(env, "SLLM_STORE_BANDWIDTH", _optional_bytes)),
+            nats_seed_file=_get(env, "SLLM_NATS_SEED_FILE"),
         )
 
 
@@ -201,6 +208,7 @@ class GatewaySettings:
     policy: str
     store: StoreSettings
     stable_window_s: float = 30.0
+    nats_seed_file: str = ""
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -221,4 +229,5 @@ class GatewaySettings:
             policy=policy,
             store=StoreSettings.from_env(env),
             stable_window_s=_parse(env, "SLLM_SCALE_DOWN_WINDOW", as_seconds),
+            nats_seed_file=_get(env, "SLLM_NATS_SEED_FILE"),
         )

@@ -30,6 +30,8 @@ _MEMORY_UNITS = {
 }
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Who may invoke a function: anyone (public) or callers with an invocation key (private).
+AUTH_MODES = ("public", "private")
 
 
 def validate_name(name: object, key: str = "name") -> str:
@@ -97,11 +99,14 @@ class Generation:
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    """What a user deploys. ``model`` is a local path or a store URL (s3://bucket/prefix)."""
+    """What a user deploys. ``model`` is a local path or a store URL (s3://bucket/prefix).
+    ``auth``: "private" (the default, also for records stored before the field existed)
+    wants an invocation key; "public" lets anyone who reaches the gateway invoke it."""
 
     name: str
     model: str
     handler: str = "chat"
+    auth: str = "private"
     resources: Resources = field(default_factory=Resources)
     scale: Scale = field(default_factory=Scale)
     generation: Generation = field(default_factory=Generation)
@@ -252,7 +257,7 @@ def _float_in(value: object, key: str, lo: float, hi: float, lines: dict[str, in
     return float(number)
 
 
-_TOP = {"name", "model", "handler", "resources", "scale", "generation", "env"}
+_TOP = {"name", "model", "handler", "auth", "resources", "scale", "generation", "env"}
 
 
 def _build(data: dict[str, Any], *, lines: dict[str, int], internal: bool) -> FunctionSpec:
@@ -276,6 +281,12 @@ def _build(data: dict[str, Any], *, lines: dict[str, int], internal: bool) -> Fu
         raise ValidationFailed(
             f"{_where('handler', lines)}: expected 'chat', 'completion' or 'module:function', "
             f"got {handler!r}"
+        )
+
+    auth = data.get("auth", "private")
+    if auth not in AUTH_MODES:
+        raise ValidationFailed(
+            f"{_where('auth', lines)}: expected 'public' or 'private', got {auth!r}"
         )
 
     res_keys = {"accelerators", "memory_bytes"} if internal else {"accelerators", "memory"}
@@ -332,6 +343,7 @@ def _build(data: dict[str, Any], *, lines: dict[str, int], internal: bool) -> Fu
         name=name,
         model=model.strip(),
         handler=handler,
+        auth=str(auth),
         resources=resources,
         scale=scale,
         generation=generation,

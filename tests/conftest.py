@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sllm.servers import ManagedServer, start_nats, start_seaweedfs
+from sllm.nats_auth import NatsCredentials
+from sllm.servers import ManagedServer, nats_client_env, start_nats, start_seaweedfs
+from tests import secret_scan
 from tests.leaks import LeakCheck, free_dram_tiers
 
 S3_KEY_ID = "sllm-test"
@@ -22,6 +24,7 @@ S3_KEY_ID = "sllm-test"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(LeakCheck(), "sllm-leak-check")
+    config.pluginmanager.register(secret_scan.SecretScan(), "sllm-secret-scan")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,11 +37,17 @@ def _free_test_nodes_dram(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 S3_SECRET = "sllm-test-secret"
+secret_scan.register(S3_SECRET)
 
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
-    server = start_nats(tmp_path_factory.mktemp("nats"))
+    """NATS as the platform runs it: only known identities (NKeys) may connect, each limited to
+    its role's subjects (sllm.nats_auth); ``nats_client_env`` gives a gateway's or a node's."""
+    root = tmp_path_factory.mktemp("nats")
+    creds = NatsCredentials(root / "creds")
+    creds.gateway()
+    server = start_nats(root, credentials=creds)
     yield server
     server.stop()
 
@@ -46,6 +55,12 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedSer
 @pytest.fixture(scope="session")
 def nats_url(nats_server: ManagedServer) -> str:
     return f"nats://127.0.0.1:{nats_server.ports['client']}"
+
+
+@pytest.fixture(scope="session")
+def nats_seed(nats_server: ManagedServer) -> str:
+    """The gateway role's seed file: tests that talk to nodes over NATS act as the gateway."""
+    return nats_client_env(nats_server)["SLLM_NATS_SEED_FILE"]
 
 
 @dataclass(frozen=True)

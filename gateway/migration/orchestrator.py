@@ -116,7 +116,7 @@ class Migrator:
             assert target.address is not None
             command = MigrateCmd(
                 instance_id, migration_id, target_node, target.instance_id, target.address,
-                self.settings.max_rounds, self.settings.threshold_tokens,
+                self.settings.max_rounds, self.settings.threshold_tokens, target.secret,
             )  # fmt: skip
             reply = await self._send(source.node, command, self.settings.migrate_timeout_s)
         except SllmError as exc:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 
 from sllm.errors import Unavailable
+from sllm.instance_auth import auth_header
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +22,13 @@ class StreamResumer:
 
     ``client`` is the proxy's instance client: ``httpx.AsyncClient`` or one with
     ``post(url, body)`` returning a streamed response (``status_code``, ``aiter_raw``,
-    ``aread``, ``aclose``)."""
+    ``aread``, ``aclose``). ``secret_at(address)``: the secret the instance at that address
+    wants (sllm.instance_auth)."""
 
-    def __init__(self, client: Any, fallbacks: list[str]) -> None:
+    def __init__(self, client: Any, fallbacks: list[str], secret_at: Callable[[str], str]) -> None:
         self._client = client
         self._fallbacks = fallbacks
+        self._secret_at = secret_at
 
     async def __call__(self, moved: dict[str, Any]) -> AsyncIterator[bytes]:
         target = str(moved.get("target_address") or "")
@@ -46,13 +49,13 @@ class StreamResumer:
     async def _open(self, address: str, state: dict[str, Any]) -> AsyncIterator[bytes]:
         url = f"{address}/v1/migration/resume"
         body = json.dumps({"state": state}).encode()
+        secret = self._secret_at(address)
         if isinstance(self._client, httpx.AsyncClient):
-            request = self._client.build_request(
-                "POST", url, content=body, headers={"content-type": "application/json"}
-            )
+            headers = {"content-type": "application/json", **auth_header(secret)}
+            request = self._client.build_request("POST", url, content=body, headers=headers)
             response: Any = await self._client.send(request, stream=True)
         else:
-            response = await self._client.post(url, body)
+            response = await self._client.post(url, body, secret=secret)
         if response.status_code != 200:
             text = (await response.aread()).decode("utf-8", errors="replace")[:300]
             await response.aclose()

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.routes.common import read_body, service
+from gateway.routes.common import read_body, require_key, service
 from gateway.service import GatewayService
 from gateway.validation import native_generate, parse_json
 from sllm.errors import SllmError
@@ -29,6 +29,7 @@ async def invoke(request: Request) -> Response:
     name = request.path_params["name"]
     try:
         record = gw.registry.get(name)
+        await require_key(request, record)
         body = await read_body(request, gw.settings.max_body_bytes)
         data = parse_json(body)
         if record.spec.handler in BUILTIN_HANDLERS:

@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from gateway.openai_format import OpenAIStream, SseParser, native_event, openai_response
 from gateway.proxy import Upstream, error_from_upstream
-from gateway.routes.common import read_body, service
+from gateway.routes.common import bearer, caller_key, is_admin, read_body, require_key, service
 from gateway.routes.invoke import SSE_HEADERS, count
 from gateway.service import GatewayService
 from gateway.validation import (
@@ -45,6 +45,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
         if record is None:
             raise NotFound(f"model {model!r} does not exist (GET /v1/models lists the functions)",
                            code="model_not_found")  # fmt: skip
+        await require_key(request, record)
         native = (openai_chat if chat else openai_completion)(data, record.spec.generation)
         usage = include_usage(data)
         upstream = await gw.proxy.open(
@@ -93,10 +94,15 @@ async def _translate(
 
 
 async def models(request: Request) -> Response:
+    """The functions the caller may invoke: public ones, plus the private ones its key (or
+    the admin token) allows."""
     gw = service(request)
+    admin = is_admin(request, bearer(request))
+    key = None if admin else await caller_key(request)
     data = [
         {"id": r.spec.name, "object": "model", "created": 0, "owned_by": "sllm"}
         for r in gw.registry.all()
+        if r.spec.auth == "public" or admin or (key is not None and key.allows(r.spec.name))
     ]
     return JSONResponse({"object": "list", "data": data})
 

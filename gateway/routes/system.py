@@ -161,6 +161,8 @@ async def nodes(request: Request) -> Response:
     for node_id in sorted(gw.table.nodes):
         seen = gw.table.nodes[node_id]
         entry = dataclasses.asdict(seen.heartbeat)
+        for inst in entry["instances"]:
+            inst.pop("secret", None)  # the data plane's secrets stay in the gateway
         entry["age_s"] = round(now - seen.seen, 3)
         entry["live"] = seen.heartbeat in gw.table.live_nodes(now)
         out.append(entry)

@@ -48,6 +48,8 @@ class LoadSpec:
     handler_source: dict[str, str] = field(default_factory=dict)
     max_batch: int = 16
     threads: int = 0
+    # what every caller must send (sllm.instance_auth); a load without one fails
+    secret: str = field(default="", repr=False)
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> LoadSpec:

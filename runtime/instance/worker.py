@@ -40,19 +40,19 @@ def _take_stdout() -> IO[str]:
     return control
 
 
-async def _serve(loaded: Any, host: str) -> int:
+async def _serve(loaded: Any, host: str, secret: str) -> int:
     import uvicorn
 
     from runtime.instance.server import build_app
+    from sllm.instance_auth import RequireSecret
 
     service = loaded.service
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        build_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=1
-    )
+    app = RequireSecret(build_app(service), secret, service.instance_id)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -142,6 +142,8 @@ def main() -> int:
         return 0
     try:
         spec = LoadSpec.from_json(command)
+        if not spec.secret:
+            raise ValueError("the load command has no instance secret; refusing to serve")
         loaded = load_instance(spec, premapper.take(spec.entry_dir))
     except Exception as exc:
         from sllm.errors import SllmError
@@ -151,7 +153,7 @@ def main() -> int:
         traceback.print_exc(file=sys.stderr)
         send({"event": "failed", "code": code, "error": message})
         return 1
-    return asyncio.run(_serve(loaded, spec.host))
+    return asyncio.run(_serve(loaded, spec.host, spec.secret))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from runtime.migration.protocol import MigrationFailed, migrate_requests
+from runtime.migration.protocol import MigrationFailed, Peer, migrate_requests
 from sllm.errors import Conflict, InvalidInput, NotFound
 from sllm.messages import MigrateCmd, MigrationProgress, encode, migration_subject
 
@@ -40,7 +40,7 @@ async def run_migrate_command(
     instances: Mapping[str, Any], cmd: MigrateCmd, publish: Publish
 ) -> dict[str, Any]:
     """Migrate ``cmd.instance_id``'s streamed requests; the reply data is the outcome.
-    ``instances`` maps instance id -> an object with ``state`` and ``address``."""
+    ``instances`` maps instance id -> an object with ``state``, ``address`` and ``secret``."""
     inst = instances.get(cmd.instance_id)
     if inst is None:
         raise NotFound(f"migrate: instance {cmd.instance_id} is not on this node")
@@ -64,8 +64,8 @@ async def run_migrate_command(
     try:
         outcome = await migrate_requests(
             _client(),
-            inst.address,
-            target,
+            Peer(inst.address, getattr(inst, "secret", "")),
+            Peer(target, cmd.target_secret),
             cmd.target_instance_id,
             max_rounds=cmd.max_rounds,
             threshold_tokens=cmd.threshold_tokens,

@@ -16,12 +16,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from sllm.errors import SllmError
+from sllm.instance_auth import auth_header
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,20 @@ def _tokens(state: dict[str, Any]) -> int:
     return len(state.get("prompt_ids", ())) + len(state.get("output_ids", ()))
 
 
+@dataclass(frozen=True)
+class Peer:
+    """An instance the protocol calls: its base URL and its secret (sllm.instance_auth)."""
+
+    url: str
+    secret: str = field(default="", repr=False)
+
+
 async def _call(
-    http: httpx.AsyncClient, method: str, url: str, body: dict[str, Any] | None = None
+    http: httpx.AsyncClient, method: str, peer: Peer, path: str, body: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """One JSON call; raises httpx errors, or MigrationFailed on an error status."""
-    response = await http.request(method, url, json=body)
+    url = f"{peer.url}{path}"
+    response = await http.request(method, url, json=body, headers=auth_header(peer.secret))
     if response.status_code != 200:
         raise MigrationFailed(f"{method} {url} answered {response.status_code}: {response.text}")
     data = response.json()
@@ -77,16 +87,16 @@ async def _call(
     return data
 
 
-async def _abort(http: httpx.AsyncClient, target: str, ids: list[str]) -> None:
+async def _abort(http: httpx.AsyncClient, target: Peer, ids: list[str]) -> None:
     # the target may be gone or sick: its staged caches then expire there by themselves
     with contextlib.suppress(httpx.HTTPError, SllmError, ValueError):
-        await _call(http, "POST", f"{target}/v1/migration/abort", {"request_ids": ids})
+        await _call(http, "POST", target, "/v1/migration/abort", {"request_ids": ids})
 
 
 async def migrate_requests(
     http: httpx.AsyncClient,
-    source: str,
-    target: str,
+    source: Peer,
+    target: Peer,
     target_instance_id: str,
     *,
     max_rounds: int,
@@ -94,13 +104,13 @@ async def migrate_requests(
     progress: Progress,
 ) -> MigrationOutcome:
     """Move the streamed in-flight requests of the instance at ``source`` to the one at
-    ``target`` (both base URLs). MigrationFailed before the switch leaves them on the source."""
+    ``target``. MigrationFailed before the switch leaves them on the source."""
     started = time.monotonic()
     staged: dict[str, int] = {}
     rounds = 0
     while True:
         try:
-            data = await _call(http, "GET", f"{source}/v1/migration/requests")
+            data = await _call(http, "GET", source, "/v1/migration/requests")
         except (httpx.HTTPError, ValueError) as exc:
             await _abort(http, target, list(staged))
             raise MigrationFailed(f"source instance failed during migration: {exc!r}") from None
@@ -109,7 +119,7 @@ async def migrate_requests(
         if not states or rounds >= max(1, max_rounds) or (rounds and new <= threshold_tokens):
             break
         try:
-            await _call(http, "POST", f"{target}/v1/migration/import", {"states": states})
+            await _call(http, "POST", target, "/v1/migration/import", {"states": states})
         except (httpx.HTTPError, ValueError, SllmError) as exc:
             await _abort(http, target, list(staged))
             raise MigrationFailed(
@@ -130,16 +140,20 @@ async def migrate_requests(
         elapsed = rounds_done - started
         return MigrationOutcome(0, len(ended), rounds, 0, elapsed, 0.0, elapsed)
     try:  # past the switch the target owns the requests: make sure it still answers
-        await _call(http, "GET", f"{target}/healthz")
+        await _call(http, "GET", target, "/healthz")
     except (httpx.HTTPError, ValueError, SllmError) as exc:
         await _abort(http, target, list(staged))
         raise MigrationFailed(
             f"target instance is not ready for the switch ({exc!r}); the requests stay on the source"
         ) from None
     ids = [s["request_id"] for s in states]
-    body = {"request_ids": ids, "target_instance_id": target_instance_id, "target_address": target}
+    body = {
+        "request_ids": ids,
+        "target_instance_id": target_instance_id,
+        "target_address": target.url,
+    }
     try:
-        reply = await _call(http, "POST", f"{source}/v1/migration/handoff", body)
+        reply = await _call(http, "POST", source, "/v1/migration/handoff", body)
     except (httpx.HTTPError, ValueError) as exc:
         await _abort(http, target, ids)
         raise MigrationFailed(f"source instance failed at the switch: {exc!r}") from None

@@ -25,9 +25,8 @@ from runtime.node.worker_process import WorkerPool
 from sllm.bus import Bus, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError, SllmError, Unavailable
+from sllm.instance_auth import auth_header
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
     CacheEntryState,
     CmdReply,
     DrainCmd,
@@ -38,6 +37,8 @@ from sllm.messages import (
     UnloadCmd,
     decode,
     encode,
+    event_subject,
+    heartbeat_subject,
     log_subject,
     node_cmd_subject,
 )
@@ -168,11 +169,11 @@ class NodeAgent:
 
     # -- publishing ---------------------------------------------------------------------------
     async def _publish_event(self, event: object) -> None:
-        await self.bus.publish(EVENT_SUBJECT, encode(event))
+        await self.bus.publish(event_subject(self.node_id), encode(event))
 
     async def _publish_log(self, line: object) -> None:
         assert isinstance(line, LogLine)
-        await self.bus.publish(log_subject(line.function), encode(line))
+        await self.bus.publish(log_subject(self.node_id, line.function), encode(line))
 
     # -- heartbeats ---------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
@@ -208,7 +209,7 @@ class NodeAgent:
             },
             pool_idle=self.pool.idle,
         )
-        await self.bus.publish(HEARTBEAT_SUBJECT, encode(heartbeat))
+        await self.bus.publish(heartbeat_subject(self.node_id), encode(heartbeat))
         return heartbeat
 
     def _load_queue_s(self) -> float:
@@ -225,7 +226,9 @@ class NodeAgent:
 
         async def poll(inst: Any) -> None:
             try:
-                response = await self._http.get(f"{inst.address}/healthz")
+                response = await self._http.get(
+                    f"{inst.address}/healthz", headers=auth_header(inst.secret)
+                )
                 body = response.json()
             except (httpx.HTTPError, ValueError):
                 return

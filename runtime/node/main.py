@@ -86,7 +86,9 @@ def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator
 async def run_node(settings: NodeSettings, stop: asyncio.Event, drain_s: float = 30.0) -> None:
     cache, bandwidths = await asyncio.to_thread(build_cache, settings)
     devices = await asyncio.to_thread(node_devices, settings)
-    bus = await NatsBus.connect(settings.nats_url, name=f"sllm-node-{settings.node_id}")
+    bus = await NatsBus.connect(
+        settings.nats_url, name=f"sllm-node-{settings.node_id}", seed_file=settings.nats_seed_file
+    )
     agent = NodeAgent(
         settings, bus, cache, devices, SystemClock(), bandwidths, cache.dram.entries.path
     )

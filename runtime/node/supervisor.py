@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from runtime.node.devices import DeviceTable, threads_per_slot
 from runtime.node.worker_process import WorkerPool, WorkerProcess
 from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
+from sllm.instance_auth import new_secret
 from sllm.messages import InstanceEvent, InstanceState, LoadCmd, LogLine
 from sllm.spec import FunctionRecord
 
@@ -66,6 +67,8 @@ class Instance:
     tokens_out: int = 0
     task: asyncio.Task[None] | None = None
     drain_started: asyncio.Event = field(default_factory=asyncio.Event)
+    # what every caller of the instance must send (sllm.instance_auth)
+    secret: str = field(default_factory=new_secret, repr=False)
 
     def to_state(self) -> InstanceState:
         return InstanceState(
@@ -78,6 +81,7 @@ class Instance:
             tokens_in=self.tokens_in,
             tokens_out=self.tokens_out,
             revision=self.record.revision,
+            secret=self.secret if self.address else "",
         )
 
 
@@ -278,6 +282,7 @@ class Supervisor:
             "handler_source": dict(inst.record.handler_source),
             "handler_dir": str(self.handler_root / inst.instance_id),
             "threads": threads_per_slot(self.cpu_slots) if inst.device.startswith("cpu") else 0,
+            "secret": inst.secret,
         }
 
     async def _kill_after(self, inst: Instance, seconds: float) -> None:
@@ -321,6 +326,7 @@ class Supervisor:
             tier=inst.tier,
             load_s=inst.load_s,
             revision=inst.record.revision,
+            secret=inst.secret if kind == "ready" else "",
         )
         try:
             await self.publish_event(event)

@@ -25,9 +25,11 @@ from sllm.errors import SllmError
 COMMAND_MODULES: tuple[str, ...] = (
     "sllm.cli.ckpt",
     "sllm.cli.fn",
+    "sllm.cli.key",
     "sllm.cli.gateway",
     "sllm.cli.up",
     "sllm.cli.misc",
+    "sllm.cli.nats",
     "sllm.cli.store",
     "sllm.cli.sim",
     "sllm.cli.node",

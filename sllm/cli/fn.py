@@ -17,7 +17,7 @@ from sllm.cli.app import Groups, group
 from sllm.cli.misc import scaffold
 from sllm.cli.output import add_gateway_flags, gateway_client, human_bytes, print_table
 from sllm.client import Event, GatewayClient
-from sllm.errors import Conflict, InvalidInput
+from sllm.errors import Conflict, InvalidInput, Unauthorized
 from sllm.spec import validate_name
 
 
@@ -275,14 +275,23 @@ def print_events(events: Iterable[Event], as_json: bool) -> None:
 
 
 def _handler_of(client: GatewayClient, name: str) -> str:
-    return str((client.function(name).get("spec") or {}).get("handler", "chat"))
+    try:
+        return str((client.function(name).get("spec") or {}).get("handler", "chat"))
+    except Unauthorized:
+        if not client.config.key:
+            raise
+        raise Unauthorized(
+            f"turning plain text into {name}'s request needs the admin token (to look up its "
+            f"handler); with only a key, send JSON: sllm fn invoke {name} --json -d "
+            '\'{"messages": [{"role": "user", "content": "..."}]}\''
+        ) from None
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
     validate_name(args.name, "NAME")
     with gateway_client(args) as client:
         # The handler decides how plain text is wrapped; a JSON body needs no lookup (and so
-        # no admin token: invocation itself is open).
+        # no admin token: a key, or nothing for a public function, is enough).
         handler = "" if args.json else _handler_of(client, args.name)
         body = invoke_body(handler, _read_input(args), args)
         print_events(client.invoke(args.name, body, timeout_s=args.timeout), args.json)
@@ -357,6 +366,9 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    p.add_argument(
+        "--key", help="invocation key (default: $SLLM_KEY, 'key' in the config file, the token)"
+    )
     add_gateway_flags(p)
     p.set_defaults(func=cmd_invoke)
 

@@ -24,6 +24,7 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     start.add_argument("--host", help="bind address (SLLM_GATEWAY_HOST)")
     start.add_argument("--port", type=int, help="port (SLLM_GATEWAY_PORT)")
     start.add_argument("--nats-url", help="NATS server URL (SLLM_NATS_URL)")
+    start.add_argument("--nats-seed-file", help="NKey seed file (SLLM_NATS_SEED_FILE)")
     start.add_argument("--token", help="bearer token for /system (SLLM_TOKEN)")
     start.add_argument("--policy", help="placement policy (SLLM_POLICY)")
     start.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
@@ -36,6 +37,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         "host": args.host,
         "port": args.port,
         "nats_url": args.nats_url,
+        "nats_seed_file": args.nats_seed_file,
         "token": args.token,
         "policy": args.policy,
     }

@@ -25,6 +25,7 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     )
     p.add_argument("--node-id", help="this node's id (SLLM_NODE_ID)")
     p.add_argument("--nats-url", help="NATS server URL (SLLM_NATS_URL)")
+    p.add_argument("--nats-seed-file", help="NKey seed file (SLLM_NATS_SEED_FILE)")
     p.add_argument("--store-url", help="model store: directory or s3://bucket/prefix")
     p.add_argument("--host", help="address instances listen on (SLLM_NODE_HOST)")
     p.add_argument("--cache-dir", type=Path, help="SSD cache directory (SLLM_CACHE_DIR)")
@@ -48,6 +49,7 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
     flags = {
         "SLLM_NODE_ID": args.node_id,
         "SLLM_NATS_URL": args.nats_url,
+        "SLLM_NATS_SEED_FILE": args.nats_seed_file,
         "SLLM_STORE_URL": args.store_url,
         "SLLM_NODE_HOST": args.host,
         "SLLM_CACHE_DIR": str(args.cache_dir) if args.cache_dir else None,

@@ -20,7 +20,7 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_client(args: argparse.Namespace, timeout_s: float = 30.0) -> GatewayClient:
-    config = ClientConfig.resolve(url=args.url, token=args.token)
+    config = ClientConfig.resolve(url=args.url, token=args.token, key=getattr(args, "key", None))
     return GatewayClient(config, timeout_s=timeout_s)
 
 

@@ -3,7 +3,8 @@
 Starts nats-server (JetStream under ``$SLLM_HOME/nats``, so the function registry survives),
 then ``sllm gateway start`` and ``sllm node start`` as child processes whose environment points
 them at it, at a local-directory store (``$SLLM_HOME/store``) and at the node cache
-(``$SLLM_HOME/cache``). The token is generated once and kept in ``$SLLM_HOME/token``, so a
+(``$SLLM_HOME/cache``). NATS accepts only the NKeys made under ``$SLLM_HOME/secrets/nats``
+(one for the gateway, one for the node). The token is generated once and kept in ``$SLLM_HOME/token``, so a
 second `sllm up` with the same home finds its registry, store, caches and token again. The
 gateway URL and token go to ``~/.config/sllm/config.yaml`` for the other CLI verbs.
 
@@ -31,6 +32,7 @@ from typing import IO
 from sllm.cli.app import Groups
 from sllm.client import ClientConfig, GatewayClient, config_path, write_config_file
 from sllm.errors import Conflict, Unavailable
+from sllm.nats_auth import NatsCredentials
 from sllm.servers import ManagedServer, port_open, start_nats
 from sllm.settings import ENVIRONMENT, home
 
@@ -175,7 +177,12 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
             f"port {port} is already in use (another `sllm up` or a gateway?): stop it or pass "
             "--port"
         )
-    nats = start_nats(sllm_home / "nats")
+    # NATS refuses connections without credentials: the gateway and the node get their own
+    # NKeys, made on the first start and kept under the home (sllm.nats_auth)
+    creds = NatsCredentials(sllm_home / "secrets" / "nats")
+    node_id = os.environ.get("SLLM_NODE_ID") or ENVIRONMENT["SLLM_NODE_ID"][0]
+    gateway_seed, node_seed = creds.gateway(), creds.node(node_id)
+    nats = start_nats(sllm_home / "nats", credentials=creds)
     platform.servers.append(nats)
     env = child_env(
         dict(os.environ),
@@ -186,9 +193,11 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
         args.cpu_slots,
     )
     logs = sllm_home / "logs"
-    gateway = start_child("gateway", ["gateway", "start"], env, logs)
+    gateway_env = {**env, "SLLM_NATS_SEED_FILE": str(gateway_seed)}
+    gateway = start_child("gateway", ["gateway", "start"], gateway_env, logs)
     platform.servers.append(gateway)
-    node = start_child("node", ["node", "start"], env, logs)
+    node_env = {**env, "SLLM_NATS_SEED_FILE": str(node_seed), "SLLM_NODE_ID": node_id}
+    node = start_child("node", ["node", "start"], node_env, logs)
     platform.servers.append(node)
     client = GatewayClient(ClientConfig(platform.url, platform.token), timeout_s=5.0)
     with client:

@@ -76,18 +76,30 @@ def test_new_deploy_list_invoke_describe(cli: Cli, platform: Up, tiny_model_dir:
         cli("fn", "invoke", "tiny-chat", "--max-tokens", "8", "--temperature", "0", input=QUESTION)
     ).stdout
     # The CLI's streamed answer is the whole answer: compare with a non-streamed request
-    # straight to the gateway (greedy decoding is deterministic).
-    whole = httpx.post(
-        f"{platform.url}/function/tiny-chat",
-        json={
-            "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 8,
-            "temperature": 0,
-            "stream": False,
-        },
-        timeout=120,
+    # straight to the gateway (greedy decoding is deterministic). The template's function is
+    # private: the CLI sent the admin token; a plain client needs an invocation key.
+    body = {
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": False,
+    }
+    url = f"{platform.url}/function/tiny-chat"
+    assert httpx.post(url, json=body, timeout=30).status_code == 401
+    key = json.loads(
+        ok(cli("key", "create", "--name", "e2e", "--function", "tiny-chat", "--json")).stdout
     )
+    assert key["functions"] == ["tiny-chat"] and key["key"].startswith("sllm_")
+    assert key["id"] in ok(cli("key", "list")).stdout
+    auth = {"authorization": f"Bearer {key['key']}"}
+    whole = httpx.post(url, json=body, headers=auth, timeout=120)
     assert whole.status_code == 200, whole.text
+    as_json = ok(
+        cli("fn", "invoke", "tiny-chat", "--json", "--key", key["key"], input=json.dumps(body))
+    )
+    assert json.loads(as_json.stdout)["text"] == whole.json()["text"]
+    ok(cli("key", "revoke", key["id"]))
+    assert httpx.post(url, json=body, headers=auth, timeout=30).status_code == 401
     text = whole.json()["text"]
     assert text and streamed == text + ("" if text.endswith("\n") else "\n")
 

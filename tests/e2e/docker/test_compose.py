@@ -62,6 +62,17 @@ def test_services_are_wired_together() -> None:
         assert env["SLLM_S3_ENDPOINT"] == "http://s3:9000"
         assert set(service["depends_on"]) == {"nats", "s3-init"}
     assert "-js" in services["nats"]["command"]
+    # NATS credentials come from secrets, each service only its own (docs/security.md)
+    nats = services["nats"]
+    assert nats["command"][-2:] == ["-c", "/run/secrets/nats-auth"]
+    assert nats["secrets"] == ["nats-auth"]
+    assert compose["secrets"]["nats-auth"]["file"] == "./secrets/auth.conf"
+    for role, secret in (("gateway", "nats-gateway"), ("runtime", "nats-node-0")):
+        service = services[role]
+        assert service["secrets"] == [secret]
+        assert service["environment"]["SLLM_NATS_SEED_FILE"] == f"/run/secrets/{secret}"
+    node_id = services["runtime"]["environment"]["SLLM_NODE_ID"]
+    assert compose["secrets"]["nats-node-0"]["file"] == f"./secrets/node-{node_id}.nk"
     devices = services["runtime"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
 

@@ -1,37 +1,53 @@
-"""The NATS adapter against the real server: request-reply, wildcards, KV persistence."""
+"""The NATS adapter against the real server, with the platform's credentials: request-reply
+between the gateway role and a node, KV persistence; a connection without (or with unknown)
+credentials is refused, and a node's credentials cannot publish as another node, receive its
+commands or read other nodes' heartbeats."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from sllm.bus import Message
 from sllm.errors import Unavailable
+from sllm.nats_auth import new_seed
 from sllm.nats_bus import NatsBus
+from sllm.servers import ManagedServer, nats_client_env
 
 
-async def test_request_reply_and_publish(nats_url: str) -> None:
-    bus = await NatsBus.connect(nats_url, "test")
+def node_seed(server: ManagedServer, node_id: str) -> str:
+    return nats_client_env(server, node_id)["SLLM_NATS_SEED_FILE"]
+
+
+async def test_request_reply_and_publish(
+    nats_server: ManagedServer, nats_url: str, nats_seed: str
+) -> None:
+    gateway = await NatsBus.connect(nats_url, "test-gateway", seed_file=nats_seed)
+    node = await NatsBus.connect(nats_url, "n1", seed_file=node_seed(nats_server, "bus-n1"))
     received: list[bytes] = []
 
     async def handler(msg: Message) -> bytes | None:
         received.append(msg.data)
         return b"ack:" + msg.data if msg.reply_to else None
 
-    await bus.subscribe("t.*.cmd", handler)
-    assert await bus.request("t.n1.cmd", b"load", 2.0) == b"ack:load"
-    with pytest.raises(TimeoutError, match=r"no reply on nobody\.home"):
-        await bus.request("nobody.home", b"x", 0.3)
-    await bus.close()
+    await node.subscribe("sllm.node.bus-n1.cmd", handler)
+    await node.nc.flush()
+    assert await gateway.request("sllm.node.bus-n1.cmd", b"load", 2.0) == b"ack:load"
+    with pytest.raises(TimeoutError, match=r"no reply on sllm\.node\.nobody\.cmd"):
+        await gateway.request("sllm.node.nobody.cmd", b"x", 0.3)
+    await gateway.close()
+    await node.close()
     assert received == [b"load"]
 
 
-async def test_key_value_survives_reconnect(nats_url: str) -> None:
-    bus = await NatsBus.connect(nats_url, "kv-writer")
+async def test_key_value_survives_reconnect(nats_url: str, nats_seed: str) -> None:
+    bus = await NatsBus.connect(nats_url, "kv-writer", seed_file=nats_seed)
     kv = await bus.key_value("test_registry")
     await kv.put("fn.chat", b"v1")
     await bus.close()
 
-    bus2 = await NatsBus.connect(nats_url, "kv-reader")
+    bus2 = await NatsBus.connect(nats_url, "kv-reader", seed_file=nats_seed)
     kv2 = await bus2.key_value("test_registry")
     assert await kv2.get("fn.chat") == b"v1"
     assert "fn.chat" in await kv2.keys()
@@ -43,3 +59,68 @@ async def test_key_value_survives_reconnect(nats_url: str) -> None:
 async def test_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(Unavailable, match="cannot connect to NATS"):
         await NatsBus.connect("nats://127.0.0.1:1", "x", connect_timeout_s=0.5)
+
+
+async def test_connections_without_known_credentials_are_refused(
+    nats_url: str, tmp_path: object
+) -> None:
+    with pytest.raises(Unavailable, match="refused the credentials"):
+        await NatsBus.connect(nats_url, "anonymous", connect_timeout_s=2.0)
+    from pathlib import Path
+
+    stranger = Path(str(tmp_path)) / "stranger.nk"
+    stranger.write_text(new_seed())
+    with pytest.raises(Unavailable, match="refused the credentials"):
+        await NatsBus.connect(nats_url, "stranger", connect_timeout_s=2.0, seed_file=stranger)
+    with pytest.raises(Unavailable, match="do not exist"):
+        await NatsBus.connect(nats_url, "typo", seed_file=Path(str(tmp_path)) / "missing.nk")
+
+
+async def test_a_node_cannot_act_as_another(
+    nats_server: ManagedServer, nats_url: str, nats_seed: str
+) -> None:
+    """Each check is closed by a message the node may send: NATS keeps one connection's
+    messages in order, so once it arrives, a forged one sent before it would have too."""
+    gateway = await NatsBus.connect(nats_url, "gw", seed_file=nats_seed)
+    node_a = await NatsBus.connect(nats_url, "a", seed_file=node_seed(nats_server, "bus-a"))
+    node_b = await NatsBus.connect(nats_url, "b", seed_file=node_seed(nats_server, "bus-b"))
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def record(msg: Message) -> None:
+        await seen.put(f"{msg.subject} {msg.data.decode()}")
+
+    try:
+        await gateway.subscribe("sllm.node.*.heartbeat", record)
+        await gateway.nc.flush()
+        # a heartbeat or event on node b's subjects, from node a: dropped by the server
+        await node_a.publish("sllm.node.bus-b.heartbeat", b"forged")
+        await node_a.publish("sllm.node.bus-b.event", b"forged")
+        await node_a.publish("sllm.node.bus-a.heartbeat", b"own")
+        assert await asyncio.wait_for(seen.get(), 5) == "sllm.node.bus-a.heartbeat own"
+
+        # node a cannot take node b's commands: nobody answers them while b is away
+        async def answer(msg: Message) -> bytes:
+            return b"from a"
+
+        await node_a.subscribe("sllm.node.bus-b.cmd", answer)
+        await node_a.nc.flush()
+        with pytest.raises(TimeoutError):
+            await gateway.request("sllm.node.bus-b.cmd", b"load", 0.5)
+
+        # nor read other nodes' heartbeats (they carry instance secrets): what node a receives
+        # next is its own command, sent after node b's heartbeat went through the server
+        at_a: asyncio.Queue[str] = asyncio.Queue()
+
+        async def record_at_a(msg: Message) -> None:
+            await at_a.put(msg.subject)
+
+        await node_a.subscribe("sllm.node.*.heartbeat", record_at_a)
+        await node_a.subscribe("sllm.node.bus-a.cmd", record_at_a)
+        await node_a.nc.flush()
+        await node_b.publish("sllm.node.bus-b.heartbeat", b"secret-bearing")
+        assert await asyncio.wait_for(seen.get(), 5) == "sllm.node.bus-b.heartbeat secret-bearing"
+        await gateway.publish("sllm.node.bus-a.cmd", b"after")
+        assert await asyncio.wait_for(at_a.get(), 5) == "sllm.node.bus-a.cmd"
+    finally:
+        for bus in (gateway, node_a, node_b):
+            await bus.close()

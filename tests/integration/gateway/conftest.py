@@ -18,9 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
-from sllm.servers import ManagedServer, free_port, start_nats, stop_process
+from sllm.nats_auth import NatsCredentials
+from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from tests import secret_scan
 
 TOKEN = "it-token"
+secret_scan.register(TOKEN)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 CHECKPOINT_KEY = "checkpoints/tiny/it-gateway"
 
@@ -82,11 +85,12 @@ class Cluster:
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         return "\n".join(lines[-n:])
 
-    def deploy(self, name: str, **scale: Any) -> dict[str, Any]:
+    def deploy(self, name: str, auth: str = "public", **scale: Any) -> dict[str, Any]:
         spec = {
             "name": name,
             "model": "tiny",
             "handler": "chat",
+            "auth": auth,
             "scale": scale,
             "generation": {"max_tokens": 8, "temperature": 0.0},
         }
@@ -112,11 +116,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     store = root / "store"
     store.mkdir()
     push_checkpoint(root / "ckpt", LocalStore(store), CHECKPOINT_KEY)
-    nats = start_nats(root / "nats")
+    nats = start_nats(root / "nats", credentials=NatsCredentials(root / "nats-creds"))
     node_id = f"gw-it-{os.getpid()}"
     env = {
         **os.environ,
-        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
+        **nats_client_env(nats),
         "SLLM_STORE_URL": str(store),
         "SLLM_TOKEN": TOKEN,
         "SLLM_POLICY": "least-loaded",
@@ -135,7 +139,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     with open(root / "node.log", "ab") as log:
         c.node = subprocess.Popen(
             [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "2s"],
-            env=env,
+            env={**env, **nats_client_env(nats, node_id)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

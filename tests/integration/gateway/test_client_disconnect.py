@@ -17,6 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from sllm.instance_auth import auth_header
+from tests.instance_secrets import instance_secret_async
+
 from .conftest import AUTH, Cluster
 
 pytestmark = pytest.mark.integration
@@ -43,8 +46,10 @@ def push_long_context_model(cluster: Cluster, tmp_path: Path) -> int:
     return index.total_bytes
 
 
-async def instance_health(http: httpx.AsyncClient, address: str) -> dict[str, Any]:
-    body: dict[str, Any] = (await http.get(f"{address}/healthz")).json()
+async def instance_health(http: httpx.AsyncClient, address: str, secret: str) -> dict[str, Any]:
+    body: dict[str, Any] = (
+        await http.get(f"{address}/healthz", headers=auth_header(secret))
+    ).json()
     return body
 
 
@@ -56,6 +61,7 @@ async def test_json_request_through_the_gateway_is_cancelled_when_its_client_goe
         "name": "long",
         "model": "tiny-long",
         "handler": "long:handle",
+        "auth": "public",
         "scale": {"min": 0, "max": 1, "keep_alive": "10m"},
     }
     deploy = {"spec": spec, "checkpoint": KEY, "checkpoint_bytes": size}
@@ -69,7 +75,8 @@ async def test_json_request_through_the_gateway_is_cancelled_when_its_client_goe
             info = (await http.get(f"{cluster.url}/system/functions/long", headers=AUTH)).json()
             (inst,) = info["instances"]
             address = inst["address"]
-            before = (await instance_health(http, address))["cancelled"]
+            secret = await instance_secret_async(cluster.env, inst["id"])
+            before = (await instance_health(http, address, secret))["cancelled"]
 
             body = json.dumps({"max_tokens": LONG}).encode()
             _reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
@@ -81,7 +88,7 @@ async def test_json_request_through_the_gateway_is_cancelled_when_its_client_goe
             await writer.drain()
             deadline = time.monotonic() + DEADLINE_S
             while True:  # generating on the instance
-                health = await instance_health(http, address)
+                health = await instance_health(http, address, secret)
                 if health["in_flight"] >= 1 and health["tokens_out"] > 0:
                     break
                 assert time.monotonic() < deadline, f"never started: {health}"
@@ -90,7 +97,7 @@ async def test_json_request_through_the_gateway_is_cancelled_when_its_client_goe
             await writer.wait_closed()
 
             deadline = time.monotonic() + DEADLINE_S
-            while (health := await instance_health(http, address))["in_flight"] > 0:
+            while (health := await instance_health(http, address, secret))["in_flight"] > 0:
                 assert time.monotonic() < deadline, (
                     f"still generating after the client left: {health}"
                 )

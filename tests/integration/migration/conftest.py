@@ -18,9 +18,14 @@ from typing import Any
 import httpx
 import pytest
 
-from sllm.servers import ManagedServer, free_port, start_nats, stop_process
+from sllm.instance_auth import auth_header
+from sllm.nats_auth import NatsCredentials
+from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from tests import secret_scan
+from tests.instance_secrets import instance_secret
 
 TOKEN = "mig-token"
+secret_scan.register(TOKEN)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 CHECKPOINT_KEY = "checkpoints/tiny/it-migration"
 FUNCTION = "mig"
@@ -98,7 +103,10 @@ class Stage:
         """Request id -> output tokens so far of the streams running on ``inst`` (an entry of
         ``instances``), as its engine reports them (ahead of what a client has read)."""
         try:
-            r = self.http.get(f"{inst['address']}/v1/migration/requests", timeout=30)
+            headers = auth_header(instance_secret(self.env, inst["id"]))
+            r = self.http.get(
+                f"{inst['address']}/v1/migration/requests", timeout=30, headers=headers
+            )
         except httpx.HTTPError:
             return {}  # gone (a test killed it) or going
         return {s["request_id"]: len(s["output_ids"]) for s in r.json()["requests"]}
@@ -144,7 +152,7 @@ def stage_env(nats: ManagedServer, store: Path, policy: str) -> dict[str, str]:
     one pre-started process per node, fast heartbeats, small caches."""
     return {
         **os.environ,
-        "SLLM_NATS_URL": f"nats://127.0.0.1:{nats.ports['client']}",
+        **nats_client_env(nats),
         "SLLM_STORE_URL": str(store),
         "SLLM_TOKEN": TOKEN,
         "SLLM_POLICY": policy,
@@ -187,14 +195,19 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     store = root / "store"
     store.mkdir()
     push_checkpoint(root / "ckpt", LocalStore(store), CHECKPOINT_KEY)
-    nats = start_nats(root / "nats")
+    nats = start_nats(root / "nats", credentials=NatsCredentials(root / "nats-creds"))
     env = stage_env(nats, store, "least-loaded")
     s = Stage(root, nats, env)
     node_envs = []
     try:
         for i in (1, 2):
             node_id = f"mig-{os.getpid()}-{i}"
-            node_env = {**env, "SLLM_NODE_ID": node_id, "SLLM_CACHE_DIR": str(root / f"c{i}")}
+            node_env = {
+                **env,
+                **nats_client_env(nats, node_id),
+                "SLLM_NODE_ID": node_id,
+                "SLLM_CACHE_DIR": str(root / f"c{i}"),
+            }
             node_envs.append(node_env)
             argv = ["-v", "node", "start", "--drain", "2s"]
             s.nodes[node_id] = _start(argv, node_env, root / f"{node_id}.log")
@@ -215,6 +228,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
             "name": FUNCTION,
             "model": "tiny",
             "handler": "chat",
+            "auth": "public",
             "scale": {"min": 2, "max": 2, "keep_alive": "10m"},
             "generation": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
         }

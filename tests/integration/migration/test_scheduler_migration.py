@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sllm.servers import ManagedServer, free_port, start_nats, stop_process
+from sllm.nats_auth import NatsCredentials
+from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
 
 from .conftest import AUTH, _start, stage_env
 
@@ -125,7 +126,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("sched-migration")
     store = root / "store"
     store.mkdir()
-    nats = start_nats(root / "nats")
+    nats = start_nats(root / "nats", credentials=NatsCredentials(root / "nats-creds"))
     env = stage_env(nats, store, "locality+migration")
     c = Cluster(root, nats, env=env)
     node_envs = []
@@ -145,6 +146,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             node_id = f"sched-{os.getpid()}-{i}"
             node_env = {
                 **env,
+                **nats_client_env(nats, node_id),
                 "SLLM_NODE_ID": node_id,
                 "SLLM_CACHE_DIR": str(root / f"c{i}"),
                 "SLLM_STORE_BANDWIDTH": store_bw,
@@ -166,6 +168,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "name": name,
                 "model": "tiny",
                 "handler": "chat",
+                "auth": "public",
                 "scale": {"min": 0, "max": 1, "keep_alive": "10m"},
                 "generation": {"max_tokens": MAX_TOKENS, "temperature": 0.0},
             }

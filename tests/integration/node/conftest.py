@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
+    EVENTS,
+    HEARTBEATS,
+    LOGS,
     CmdReply,
     InstanceEvent,
     LoadCmd,
+    LogLine,
     NodeHeartbeat,
     UnloadCmd,
     decode_as,
@@ -29,6 +31,7 @@ from sllm.messages import (
     node_cmd_subject,
 )
 from sllm.nats_bus import NatsBus
+from sllm.servers import ManagedServer, nats_client_env
 from sllm.spec import FunctionRecord, FunctionSpec
 
 CHECKPOINT_KEY = "checkpoints/tiny/0000000000000000"
@@ -44,7 +47,7 @@ class NodeProcess:
 
 @pytest.fixture(scope="module")
 def node(
-    tmp_path_factory: pytest.TempPathFactory, nats_url: str, tiny_model_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, nats_server: ManagedServer, tiny_model_dir: Path
 ) -> Iterator[NodeProcess]:
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.store.local import LocalStore
@@ -59,7 +62,7 @@ def node(
     env = {
         **os.environ,
         "SLLM_NODE_ID": node_id,
-        "SLLM_NATS_URL": nats_url,
+        **nats_client_env(nats_server, node_id),
         "SLLM_STORE_URL": str(store_dir),
         "SLLM_CACHE_DIR": str(root / "cache"),
         "SLLM_DRAM_CAPACITY": "256Mi",
@@ -105,6 +108,7 @@ class NodeClient:
         self.node = node
         self.events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
         self.heartbeats: asyncio.Queue[NodeHeartbeat] = asyncio.Queue()
+        self.logs: asyncio.Queue[LogLine] = asyncio.Queue()
 
     async def command(self, payload: bytes, timeout_s: float = 30.0) -> CmdReply:
         raw = await self.bus.request(node_cmd_subject(self.node.node_id), payload, timeout_s)
@@ -143,6 +147,13 @@ class NodeClient:
                 await self.unload(instance_id, drain_s=0.0)
             await asyncio.sleep(0.2)
 
+    async def log_line(self, containing: str, timeout_s: float = 10.0) -> LogLine:
+        """The next log line of an instance that contains ``containing``."""
+        while True:
+            line = await asyncio.wait_for(self.logs.get(), timeout_s)
+            if containing in line.line:
+                return line
+
     async def heartbeat(self, timeout_s: float = 10.0) -> NodeHeartbeat:
         while not self.heartbeats.empty():
             self.heartbeats.get_nowait()
@@ -150,8 +161,8 @@ class NodeClient:
 
 
 @pytest.fixture
-async def client(node: NodeProcess, nats_url: str) -> AsyncIterator[NodeClient]:
-    bus = await NatsBus.connect(nats_url, name="node-test")
+async def client(node: NodeProcess, nats_url: str, nats_seed: str) -> AsyncIterator[NodeClient]:
+    bus = await NatsBus.connect(nats_url, name="node-test", seed_file=nats_seed)
     c = NodeClient(bus, node)
 
     async def on_event(msg: Any) -> None:
@@ -162,8 +173,12 @@ async def client(node: NodeProcess, nats_url: str) -> AsyncIterator[NodeClient]:
         if beat.node_id == node.node_id:
             await c.heartbeats.put(beat)
 
-    await bus.subscribe(EVENT_SUBJECT, on_event)
-    await bus.subscribe(HEARTBEAT_SUBJECT, on_heartbeat)
+    async def on_log(msg: Any) -> None:
+        await c.logs.put(decode_as(msg.data, LogLine))
+
+    await bus.subscribe(EVENTS, on_event)
+    await bus.subscribe(LOGS, on_log)
+    await bus.subscribe(HEARTBEATS, on_heartbeat)
     await c.heartbeat(timeout_s=90.0)  # the node is up
     try:
         yield c

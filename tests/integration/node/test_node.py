@@ -13,7 +13,8 @@ import msgpack
 import psutil
 import pytest
 
-from sllm.messages import LoadCmd, encode
+from sllm.instance_auth import auth_header, new_secret
+from sllm.messages import InstanceEvent, LoadCmd, encode
 
 from .conftest import NodeClient, record
 
@@ -40,6 +41,32 @@ async def _stream(http: httpx.AsyncClient, url: str, body: dict[str, object]) ->
     return events
 
 
+async def _refuses_strangers(client: NodeClient, ready: InstanceEvent) -> None:
+    """The data plane: an instance answers nothing without its secret, migration endpoints
+    included (a forged export, handoff or resume is 401), logs each refusal, and listens only
+    on the node's address (SLLM_NODE_HOST, 127.0.0.1 here; 127.0.0.2 is the same loopback
+    interface, another address)."""
+    assert ready.secret.startswith("sllmi_") and ready.secret not in repr(ready)
+    calls = [
+        ("GET", "/healthz", {}),
+        ("POST", "/v1/generate", {}),
+        ("GET", "/v1/migration/requests", auth_header(new_secret())),
+        ("POST", "/v1/migration/handoff", {"authorization": ready.secret}),
+        ("POST", "/v1/migration/resume", auth_header(ready.secret + "x")),
+    ]
+    async with httpx.AsyncClient(base_url=str(ready.address), timeout=30) as http:
+        for method, path, headers in calls:
+            r = await http.request(method, path, json={}, headers=headers)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"]["code"] == "unauthorized"
+            line = await client.log_line("refused")
+            assert f"{method} {path}" in line.line and ready.secret not in line.line
+    port = int(str(ready.address).rsplit(":", 1)[1])
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(timeout=5) as http:
+            await http.get(f"http://127.0.0.2:{port}/healthz")
+
+
 async def test_load_generate_stream_unload(client: NodeClient) -> None:
     reply = await client.load("inst-a", "cpu:0")
     assert reply.ok, reply
@@ -49,8 +76,10 @@ async def test_load_generate_stream_unload(client: NodeClient) -> None:
     ready = await client.event("inst-a")
     assert ready.kind == "ready", ready.error
     assert ready.address and ready.tier in ("store", "ssd", "dram") and ready.load_s > 0
+    await _refuses_strangers(client, ready)
 
-    async with httpx.AsyncClient(base_url=ready.address, timeout=60) as http:
+    secret = auth_header(ready.secret)
+    async with httpx.AsyncClient(base_url=ready.address, timeout=60, headers=secret) as http:
         health = (await http.get("/healthz")).json()
         assert health["state"] == "ready" and health["instance_id"] == "inst-a"
         body = {"prompt": "hello world", "max_tokens": 8, "temperature": 0, "seed": 1}
@@ -78,7 +107,7 @@ async def test_load_generate_stream_unload(client: NodeClient) -> None:
 
     # unload while a stream is in flight: it finishes, new requests get 503 meanwhile
     long = {"prompt": "hello", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=ready.address, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=ready.address, timeout=60, headers=secret) as http:
         in_flight = asyncio.create_task(_stream(http, "/v1/generate", long))
         for _ in range(500):
             if (await http.get("/healthz")).json()["in_flight"]:
@@ -112,7 +141,10 @@ async def test_two_instances_on_two_cpu_slots_and_one_killed(client: NodeClient)
     body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
     async with httpx.AsyncClient(timeout=60) as http:
         outs = await asyncio.gather(
-            *(http.post(f"{e.address}/v1/generate", json=body) for e in ready)
+            *(
+                http.post(f"{e.address}/v1/generate", json=body, headers=auth_header(e.secret))
+                for e in ready
+            )
         )
     texts = [o.json()["text"] for o in outs]
     assert texts[0] == texts[1]  # same model, greedy: same answer from either instance
@@ -131,7 +163,10 @@ async def test_two_instances_on_two_cpu_slots_and_one_killed(client: NodeClient)
 
         async def stream() -> None:
             async with http.stream(
-                "POST", f"{doomed.address}/v1/generate", json=long | {"stream": True}
+                "POST",
+                f"{doomed.address}/v1/generate",
+                json=long | {"stream": True},
+                headers=auth_header(doomed.secret),
             ) as r:
                 async for _ in r.aiter_lines():
                     os.kill(pid, signal.SIGKILL)
@@ -140,7 +175,9 @@ async def test_two_instances_on_two_cpu_slots_and_one_killed(client: NodeClient)
             await stream()
         failed = await client.event("two-1")
         assert failed.kind == "failed" and "exited with code -9" in failed.error
-        still = await http.post(f"{ready[0].address}/v1/generate", json=body)
+        still = await http.post(
+            f"{ready[0].address}/v1/generate", json=body, headers=auth_header(ready[0].secret)
+        )
         assert still.status_code == 200 and still.json()["text"] == texts[0]
     beat = await client.heartbeat()
     assert {d.device: d.instance_id for d in beat.devices}[replies[1].data["device"]] is None
@@ -198,7 +235,9 @@ async def test_handler_import_error_is_a_failed_load_and_custom_handlers_work(
     ready = await client.event("h-ok")
     assert ready.kind == "ready", ready.error
     async with httpx.AsyncClient(timeout=60) as http:
-        out = await http.post(f"{ready.address}/v1/invoke", json={"q": "hello"})
+        out = await http.post(
+            f"{ready.address}/v1/invoke", json={"q": "hello"}, headers=auth_header(ready.secret)
+        )
     assert out.json() == {"greeting": "hi", "tokens": 3}
     assert (await client.unload("h-ok", 1.0)).ok
     assert (await client.event("h-ok")).kind == "stopped"

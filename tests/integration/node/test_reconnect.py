@@ -17,7 +17,7 @@ import pytest
 from runtime.node.main import dram_root
 from sllm.bus import Message
 from sllm.messages import (
-    HEARTBEAT_SUBJECT,
+    HEARTBEATS,
     CmdReply,
     NodeHeartbeat,
     UnloadCmd,
@@ -25,15 +25,16 @@ from sllm.messages import (
     encode,
     node_cmd_subject,
 )
+from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import ManagedServer, free_port, start_nats
+from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats
 from sllm.settings import NodeSettings
 
 pytestmark = pytest.mark.integration
 
 
-async def _next_heartbeat(url: str, node_id: str, timeout_s: float) -> NodeHeartbeat:
-    bus = await NatsBus.connect(url, name="reconnect-test")
+async def _next_heartbeat(outage: Outage, node_id: str, timeout_s: float) -> NodeHeartbeat:
+    bus = await NatsBus.connect(outage.url, name="reconnect-test", seed_file=outage.gateway_seed)
     beats: asyncio.Queue[NodeHeartbeat] = asyncio.Queue()
 
     async def on_beat(msg: Message) -> None:
@@ -41,7 +42,7 @@ async def _next_heartbeat(url: str, node_id: str, timeout_s: float) -> NodeHeart
         if beat.node_id == node_id:
             await beats.put(beat)
 
-    await bus.subscribe(HEARTBEAT_SUBJECT, on_beat)
+    await bus.subscribe(HEARTBEATS, on_beat)
     try:
         return await asyncio.wait_for(beats.get(), timeout_s)
     finally:
@@ -54,6 +55,11 @@ class Outage:
     data: Path
     nats: ManagedServer
     node: subprocess.Popen[bytes]
+    creds: NatsCredentials
+
+    @property
+    def gateway_seed(self) -> Path:
+        return self.creds.gateway()
 
     @property
     def url(self) -> str:
@@ -63,11 +69,14 @@ class Outage:
 @pytest.fixture
 def outage(tmp_path: Path) -> Iterator[Outage]:
     port = free_port()
-    nats = start_nats(tmp_path / "nats", port=port)
+    creds = NatsCredentials(tmp_path / "creds")
+    creds.gateway()
+    creds.node("reconnect-node")
+    nats = start_nats(tmp_path / "nats", port=port, credentials=creds)
     env = {
         **os.environ,
+        **nats_client_env(nats, "reconnect-node"),
         "SLLM_NODE_ID": "reconnect-node",
-        "SLLM_NATS_URL": f"nats://127.0.0.1:{port}",
         "SLLM_STORE_URL": str(tmp_path / "store"),
         "SLLM_CACHE_DIR": str(tmp_path / "cache"),
         "SLLM_POOL_SIZE": "0",
@@ -79,7 +88,7 @@ def outage(tmp_path: Path) -> Iterator[Outage]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    state = Outage(port, tmp_path / "nats", nats, node)
+    state = Outage(port, tmp_path / "nats", nats, node, creds)
     yield state
     node.send_signal(signal.SIGTERM)
     node.wait(timeout=30)
@@ -88,13 +97,13 @@ def outage(tmp_path: Path) -> Iterator[Outage]:
 
 
 async def test_node_reconnects_after_a_nats_outage(outage: Outage) -> None:
-    first = await _next_heartbeat(outage.url, "reconnect-node", 90)
+    first = await _next_heartbeat(outage, "reconnect-node", 90)
     outage.nats.stop()
     await asyncio.sleep(1.0)
-    outage.nats = start_nats(outage.data, port=outage.port)
-    later = await _next_heartbeat(outage.url, "reconnect-node", 30)
+    outage.nats = start_nats(outage.data, port=outage.port, credentials=outage.creds)
+    later = await _next_heartbeat(outage, "reconnect-node", 30)
     assert later.seq > first.seq
-    bus = await NatsBus.connect(outage.url, name="reconnect-cmd")
+    bus = await NatsBus.connect(outage.url, name="reconnect-cmd", seed_file=outage.gateway_seed)
     raw = await bus.request(node_cmd_subject("reconnect-node"), encode(UnloadCmd("x")), 10)
     await bus.close()
     assert decode_as(raw, CmdReply).ok

@@ -63,3 +63,19 @@ def test_bad_config_file_names_the_file(tmp_path: Path, text: str, problem: str)
     with pytest.raises(ValidationFailed, match=problem) as info:
         ClientConfig.resolve(env=env)
     assert str(path) in info.value.message
+
+
+def test_key_precedence_and_kept_by_sllm_up(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path)}
+    path = config_path(env)
+    path.parent.mkdir(parents=True)
+    path.write_text("gateway_url: http://file:1\ntoken: t\nkey: file-key\n")
+    assert ClientConfig.resolve(env=env).key == "file-key"
+    # `sllm up` rewrites URL and token; the user's key stays
+    write_config_file(path, "http://127.0.0.1:8080", "t2")
+    assert ClientConfig.resolve(env=env) == ClientConfig("http://127.0.0.1:8080", "t2", "file-key")
+    assert ClientConfig.resolve(env=env | {"SLLM_KEY": "env-key"}).key == "env-key"
+    assert ClientConfig.resolve(env=env | {"SLLM_KEY": "env-key"}, key="flag").key == "flag"
+    # secrets stay out of reprs (a config printed in a traceback or a log line)
+    assert "t2" not in repr(ClientConfig.resolve(env=env))
+    assert "file-key" not in repr(ClientConfig.resolve(env=env))

@@ -134,3 +134,26 @@ def test_printing_answers(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == "whole\n"
     print_events([Event(json={"summary": "s", "n": 1})], True)
     assert json.loads(capsys.readouterr().out) == {"summary": "s", "n": 1}
+
+
+def test_invoke_sends_the_key_else_the_token_and_explains_a_401() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization", ""))
+        if request.headers.get("authorization") == "Bearer bad":
+            return error(401, "unauthorized", "function 'x': the key is not valid")
+        return httpx.Response(200, json={"text": "ok"})
+
+    transport = httpx.MockTransport(handler)
+    with GatewayClient(ClientConfig(URL, "tok", "k1"), transport=transport) as client:
+        assert list(client.invoke("x", {})) == [Event(json={"text": "ok"})]
+    with GatewayClient(ClientConfig(URL, "tok"), transport=transport) as client:
+        list(client.invoke("x", {}))
+    assert seen == ["Bearer k1", "Bearer tok"]
+    with (
+        GatewayClient(ClientConfig(URL, "tok", "bad"), transport=transport) as client,
+        pytest.raises(Unauthorized) as info,
+    ):
+        list(client.invoke("x", {}))
+    assert "the key is not valid" in info.value.message and "--key" in info.value.message

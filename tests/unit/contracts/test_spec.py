@@ -77,3 +77,14 @@ def test_json_spec_validation() -> None:
 def test_custom_handler_reference_is_accepted() -> None:
     spec = parse_spec_yaml("name: a\nmodel: m\nhandler: handler:handle\n")
     assert spec.handler == "handler:handle"
+
+
+def test_auth_is_private_unless_public() -> None:
+    assert parse_spec_yaml("name: a\nmodel: m\n").auth == "private"
+    assert parse_spec_yaml("name: a\nmodel: m\nauth: public\n").auth == "public"
+    # a record stored before the field existed is private too
+    assert FunctionSpec.from_dict({"name": "a", "model": "m"}).auth == "private"
+    spec = parse_spec_dict({"name": "a", "model": "m", "auth": "public"})
+    assert FunctionSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValidationFailed, match=r"auth \(line 3\): expected 'public' or 'private'"):
+        parse_spec_yaml("name: a\nmodel: m\nauth: open\n")

@@ -26,8 +26,6 @@ from gateway.app import create_app
 from gateway.service import GatewayService
 from sllm.bus import MemoryBus, MemoryKeyValue, Message
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
     CmdReply,
     DeviceState,
     InstanceEvent,
@@ -37,13 +35,22 @@ from sllm.messages import (
     UnloadCmd,
     decode,
     encode,
+    event_subject,
+    heartbeat_subject,
     node_cmd_subject,
 )
 from sllm.servers import free_port
 from sllm.settings import GatewaySettings
+from tests import secret_scan
 
 TOKEN = "test-token"
+secret_scan.register(TOKEN)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def secret_of(instance_id: str) -> str:
+    """The secret the scripted node gives each instance (the scripted instance checks it)."""
+    return f"sllmi_test-{instance_id}"
 
 
 def answer_text(body: dict[str, Any]) -> str:
@@ -65,6 +72,8 @@ class ScriptedInstances:
     def app(self) -> Starlette:
         async def generate(request: Request) -> Response:
             iid = request.path_params["iid"]
+            if request.headers.get("authorization") != f"Bearer {secret_of(iid)}":
+                return JSONResponse({"error": {"code": "unauthorized", "message": "x"}}, 401)
             body = json.loads(await request.body())
             path = request.url.path.removeprefix(f"/i/{iid}")
             self.seen.append((iid, path, body))
@@ -181,7 +190,7 @@ class ScriptedNode:
             DeviceState(f"cpu{i}", "cpu", 2**30, used.get(f"cpu{i}")) for i in range(self.slots)
         ]
         hb = NodeHeartbeat(self.node_id, self.seq, devices, list(self.instances.values()), {}, {})
-        await self.bus.publish(HEARTBEAT_SUBJECT, encode(hb))
+        await self.bus.publish(heartbeat_subject(self.node_id), encode(hb))
 
     async def _on_cmd(self, msg: Message) -> bytes:
         cmd = decode(msg.data)
@@ -205,7 +214,7 @@ class ScriptedNode:
             state = self.instances.pop(cmd.instance_id, None)
             if state is not None:
                 await self.bus.publish(
-                    EVENT_SUBJECT,
+                    event_subject(self.node_id),
                     encode(InstanceEvent("stopped", cmd.instance_id, self.node_id, state.function)),
                 )
         return encode(CmdReply(ok=True))
@@ -219,11 +228,14 @@ class ScriptedNode:
         else:
             address = f"{self.base_url}/i/{cmd.instance_id}"
             state = self.instances[cmd.instance_id]
-            self.instances[cmd.instance_id] = replace(state, state="ready", address=address)
+            secret = secret_of(cmd.instance_id)
+            self.instances[cmd.instance_id] = replace(
+                state, state="ready", address=address, secret=secret
+            )
             event = InstanceEvent("ready", cmd.instance_id, self.node_id, cmd.function, address,
                                   tier="dram", load_s=self.load_s,
-                                  revision=int(cmd.record["revision"]))  # fmt: skip
-        await self.bus.publish(EVENT_SUBJECT, encode(event))
+                                  revision=int(cmd.record["revision"]), secret=secret)  # fmt: skip
+        await self.bus.publish(event_subject(self.node_id), encode(event))
 
 
 def settings(**overrides: Any) -> GatewaySettings:
@@ -242,8 +254,10 @@ class Harness:
     bus: MemoryBus
     kv: MemoryKeyValue
 
-    async def deploy(self, name: str = "chat", **scale: Any) -> httpx.Response:
-        spec = {"name": name, "model": "tiny", "handler": "chat",
+    async def deploy(
+        self, name: str = "chat", auth: str = "public", **scale: Any
+    ) -> httpx.Response:
+        spec = {"name": name, "model": "tiny", "handler": "chat", "auth": auth,
                 "scale": {"min": 0, "max": 2, "target_concurrency": 4, "keep_alive": "60s", **scale}}  # fmt: skip
         body = {"spec": spec, "checkpoint": f"checkpoints/{name}/abc", "checkpoint_bytes": 1000}
         return await self.client.post("/system/functions", json=body, headers=AUTH)

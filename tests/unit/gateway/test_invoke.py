@@ -173,7 +173,7 @@ async def test_client_gone_releases_the_in_flight_slot(h: Harness) -> None:
 
 
 async def test_custom_handler_body_goes_through_unchanged(h: Harness) -> None:
-    spec = {"name": "custom", "model": "tiny", "handler": "handler:handle"}
+    spec = {"name": "custom", "model": "tiny", "handler": "handler:handle", "auth": "public"}
     body = {"spec": spec, "checkpoint": "k", "checkpoint_bytes": 1,
             "handler_source": {"handler.py": "def handle(r, ctx): ..."}}  # fmt: skip
     assert (await h.client.post("/system/functions", json=body,

@@ -90,7 +90,7 @@ async def test_nodes_info_and_logs(h: Harness) -> None:
     assert info["nodes"] == 1 and info["store_url"] == "/tmp/store" and info["version"]
     for i in range(5):
         line = LogLine("chat", "chat-1", "node-a", f"line {i}")
-        await h.bus.publish(log_subject("chat"), encode(line))
+        await h.bus.publish(log_subject(line.node_id, "chat"), encode(line))
     logs = (await h.client.get("/system/logs/chat?tail=2", headers=AUTH)).json()
     assert [x["line"] for x in logs] == ["line 3", "line 4"]
     r = await h.client.get("/system/logs/chat?tail=x", headers=AUTH)

@@ -11,9 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from runtime.migration.protocol import MigrationFailed, migrate_requests
+from runtime.migration.protocol import MigrationFailed, Peer, migrate_requests
 
 SOURCE, TARGET = "http://source", "http://target"
+# each side answers only its own secret (sllm.instance_auth)
+SECRETS = {SOURCE: "sllmi_source", TARGET: "sllmi_target"}
 
 
 def state(rid: str, outputs: int) -> dict[str, Any]:
@@ -36,6 +38,9 @@ class Script:
         self.calls.append((method, url, body))
         if self.fail(method, url):
             raise httpx.ConnectError("connection refused", request=request)
+        side = SOURCE if url.startswith(SOURCE) else TARGET
+        if request.headers.get("authorization") != f"Bearer {SECRETS[side]}":
+            return httpx.Response(401, json={"error": {"code": "unauthorized", "message": url}})
         if url == f"{SOURCE}/v1/migration/requests":
             states = self.rounds[min(self.reads, len(self.rounds) - 1)]
             self.reads += 1
@@ -65,7 +70,7 @@ async def run(script: Script, max_rounds: int = 3, threshold: int = 8) -> Any:
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(script.handler)) as http:
         outcome = await migrate_requests(
-            http, SOURCE, TARGET, "t-1", max_rounds=max_rounds, threshold_tokens=threshold,
+            http, Peer(SOURCE, SECRETS[SOURCE]), Peer(TARGET, SECRETS[TARGET]), "t-1", max_rounds=max_rounds, threshold_tokens=threshold,
             progress=progress,
         )  # fmt: skip
     return outcome, phases

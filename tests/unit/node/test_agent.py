@@ -15,7 +15,6 @@ from runtime.node.devices import Device
 from sllm.bus import MemoryBus, Message
 from sllm.clock import ManualClock
 from sllm.messages import (
-    HEARTBEAT_SUBJECT,
     CmdReply,
     DrainCmd,
     LoadCmd,
@@ -24,6 +23,7 @@ from sllm.messages import (
     UnloadCmd,
     decode_as,
     encode,
+    heartbeat_subject,
     node_cmd_subject,
 )
 from sllm.settings import NodeSettings
@@ -119,7 +119,9 @@ async def test_heartbeat_reports_devices_cache_and_capacity(
     node, bus = agent
     await node.publish_heartbeat()
     beats = [
-        decode_as(m.data, NodeHeartbeat) for m in bus.published if m.subject == HEARTBEAT_SUBJECT
+        decode_as(m.data, NodeHeartbeat)
+        for m in bus.published
+        if m.subject == heartbeat_subject("n1")
     ]
     beat = beats[-1]
     assert beat.node_id == "n1" and beat.seq >= 1
