@@ -72,16 +72,15 @@ def test_leaks_fail_the_session_are_named_and_removed(tmp_path: Path) -> None:
     try:
         out = result.stdout
         assert result.returncode == 1, out + result.stderr
-        assert "1 passed" in out and "leak check failed" in out
-        assert (
-            "process left running" in out and f"sleep {first}" in out and f"sleep {second}" in out
-        )
-        assert f"/dev/shm entry left: {shm.name}" in out
-        assert "socket left open" in out and "LISTEN" in out
+        assert "1 passed" in out and "leak check failed" in out, out
+        assert "process left running" in out, out
+        assert f"sleep {first}" in out and f"sleep {second}" in out, out
+        assert f"/dev/shm entry left: {shm.name}" in out, out
+        assert "socket left open" in out and "LISTEN" in out, out
         assert not shm.exists()
-        sleepers = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] in
+        sleepers = [p for p in psutil.process_iter(["cmdline", "status"]) if p.info["cmdline"] in
                     (["sleep", first], ["sleep", second])]  # fmt: skip
-        assert sleepers == []
+        assert sleepers == [], out
     finally:
         if shm.exists():
             import shutil
