@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 CUDA_LOCK := requirements-cuda.lock
 # What this machine's venv holds: every extra but vllm-cuda (CUDA nodes, requirements-cuda.lock).
-EXTRAS := runtime,server,sim,dev,vllm,demo
+EXTRAS := runtime,server,sim,dev,vllm,demo,bench
 CUDA_EXTRAS := runtime,server,vllm-cuda
 # uv is bootstrapped with pip at the version the lock pins, then installs everything else.
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' $(LOCK))
@@ -91,7 +91,7 @@ test-latest:
 	rm -rf .venv-latest
 	$(MAKE) test VENV=.venv-latest LATEST=$(EXTRAS)
 	rm -rf .venv-latest
-	$(MAKE) test VENV=.venv-latest LATEST=runtime,server,sim,dev,demo
+	$(MAKE) test VENV=.venv-latest LATEST=runtime,server,sim,dev,demo,bench
 	rm -rf .venv-latest
 
 
