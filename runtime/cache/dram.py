@@ -7,8 +7,8 @@ An entry is a directory in shared memory (default under /dev/shm)::
     config.json, tokenizer.json, ...  the checkpoint's extra files
 
 An instance process maps ``image.bin`` read-only with ``map_image`` and gets zero-copy tensor
-views of it (``runtime.loader.cpu.tensor_views``); on CUDA the mapping is registered as pinned
-memory so host-to-device copies run at full speed. The node pins an entry with ``acquire``
+views of it (``runtime.loader.cpu.entry_tensors``); on CUDA the instance copies the mapping to
+its device chunk by chunk, page-locking each chunk as it goes (``runtime.loader.cuda``). The node pins an entry with ``acquire``
 for as long as an instance uses it; only unpinned entries are evicted.
 """
 
@@ -22,7 +22,6 @@ import os
 import shutil
 import threading
 import uuid
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,8 +36,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_FILE = "image.bin"
 DEFAULT_ROOT = Path("/dev/shm")
-# cudaHostRegisterReadOnly: the mapping is PROT_READ, so CUDA must not ask for write access.
-_CUDA_HOST_REGISTER_READ_ONLY = 0x08
 # Linux 5.14+: fault pages in writable without writing them (not in every Python's mmap).
 _MADV_POPULATE_WRITE = 23
 _POPULATE_STEP = 64 << 20
@@ -265,16 +262,14 @@ def _close_mapping(mm: mmap.mmap) -> None:
         mm.close()
 
 
-def map_image(
-    path: Path, index: CheckpointIndex, pin: bool | None = None
-) -> tuple[mmap.mmap, torch.Tensor]:
+def map_image(path: Path, index: CheckpointIndex) -> tuple[mmap.mmap, torch.Tensor]:
     """Map a DRAM image read-only: ``(mapping, uint8 tensor over all of it)``, zero-copy.
 
     ``path`` is an entry's image.bin (or its directory). Keep the mapping alive as long as any
-    view of the tensor is used. ``pin`` (default: when CUDA is available) registers the
-    region as page-locked memory so ``.to("cuda", non_blocking=True)`` copies run by DMA.
+    view of the tensor is used. Touches no CUDA state: an instance pins what it copies to its
+    device only once that device is selected (``runtime.loader.cuda``).
     """
-    import torch
+    from runtime.loader.cpu import image_from_buffer
 
     path = Path(path)
     if path.is_dir():
@@ -287,32 +282,5 @@ def map_image(
         if size == 0:
             raise CheckpointError(f"{path}: empty image (the checkpoint has no tensors)")
         mm = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
-    with warnings.catch_warnings():
-        # frombuffer warns that the buffer is not writable: that is the point (PROT_READ; a
-        # write through the tensor would fault, so views must be treated as read-only).
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.frombuffer(mm, dtype=torch.uint8)
-    if pin is None:
-        pin = torch.cuda.is_available()
-    if pin:
-        cuda_register(tensor)
-    return mm, tensor
-
-
-def cuda_register(tensor: torch.Tensor) -> bool:
-    """Page-lock the memory under ``tensor`` for CUDA (read-only registration); False (and
-    a warning) when that is not possible, the copies then just run slower."""
-    import torch
-
-    try:
-        cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        err = cudart.cudaHostRegister(
-            tensor.data_ptr(), tensor.numel(), _CUDA_HOST_REGISTER_READ_ONLY
-        )
-    except (RuntimeError, AttributeError) as exc:
-        log.warning("dram image not pinned (cudaHostRegister unavailable: %s)", exc)
-        return False
-    if int(err) != 0:
-        log.warning("dram image not pinned (cudaHostRegister returned %s)", err)
-        return False
-    return True
+    # a read-only tensor: the mapping is PROT_READ, a write through a view would fault
+    return mm, image_from_buffer(mm)

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Literal
 
 from runtime.cache.bandwidth import BandwidthEstimator, HopStat
-from runtime.cache.disk_read import CONCURRENCY as DISK_CONCURRENCY
-from runtime.cache.disk_read import read_partitions
 from runtime.cache.dram import IMAGE_FILE, DramCache
 from runtime.cache.pull import pull_partitions
 from runtime.cache.ssd import SsdCache, SsdWriter, entry_bytes
 from runtime.cache.writeback import SsdWriteBehind
 from runtime.ckpt.index import INDEX_FILE, CheckpointIndex, parse_index, read_index
+from runtime.loader.read import THREADS as DISK_THREADS
+from runtime.loader.read import read_checkpoint
 from runtime.store.base import Store, join_key
 from sllm.clock import Clock, SystemClock
 from sllm.errors import CheckpointError, Conflict
@@ -76,7 +76,7 @@ class TieredCache:
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="ssd-commit")
         # Download threads live as long as the cache (pulls of different keys share them).
         self._downloads = ThreadPoolExecutor(store.concurrency, thread_name_prefix="pull")
-        self._disk_reads = ThreadPoolExecutor(DISK_CONCURRENCY, thread_name_prefix="disk-read")
+        self._disk_reads = ThreadPoolExecutor(DISK_THREADS, thread_name_prefix="disk-read")
         self._pending: list[Future[None]] = []
 
     def fetch(self, key: str) -> FetchResult:
@@ -165,7 +165,8 @@ class TieredCache:
         # as cheaply, and populating alongside them made SSD loads ~10% slower (measured).
         writer = self.dram.writer(key, index, extra, populate=False)
         try:
-            read_partitions(ssd_dir, index, writer.buffer, executor=self._disk_reads)
+            # the loader's one reader, the same code bench/load.py measures
+            read_checkpoint(ssd_dir, index, writer.buffer, executor=self._disk_reads)
         except BaseException:
             writer.abort()
             raise

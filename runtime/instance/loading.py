@@ -1,6 +1,7 @@
-"""Bringing a model up inside an instance process: map the DRAM image, build the model from
-zero-copy views (copied to the device on CUDA), load the tokenizer, set up the handler and run
-a warm-up forward pass. Also the pool warm-up a pre-started process runs before any model is
+"""Bringing a model up inside an instance process: select the device, map the DRAM image, build
+the model from zero-copy views of it (on CUDA, views of the device image the pipelined copy
+filled: ``runtime.loader.cuda``), load the tokenizer, set up the handler and run a warm-up
+forward pass. Also the pool warm-up a pre-started process runs before any model is
 assigned, so the first real load does not pay for first-use costs of torch and transformers.
 """
 
@@ -11,6 +12,7 @@ import logging
 import queue
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,31 +139,56 @@ def pool_warm_up() -> None:
 class LoadedInstance:
     service: InstanceService
     timings: dict[str, float]
-    mapped: MappedImage  # keeps the DRAM mapping alive as long as the model's views are used
+    # the DRAM mapping, kept as long as the model's CPU views of it are used; None on CUDA,
+    # where the model's tensors are views of the device image and the mapping is closed
+    mapped: MappedImage | None
 
 
 def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> LoadedInstance:
     """Build the model from the DRAM entry and everything around it (blocking, seconds).
-    ``premapped``: the entry's image already mapped by this process while it waited."""
+    ``premapped``: the entry's image already mapped by this process while it waited.
+
+    On CUDA the device is selected first, before anything else touches CUDA, so this process
+    opens its one context on ``spec.device``. The meta skeleton of the model is built on a
+    side thread while the tensors are made (CPU: views of the mapping; CUDA: the pipelined
+    copy), then the tensors are assigned to it, never copied again."""
     import torch
 
     from runtime.loader.cpu import tensor_views
-    from runtime.loader.model import build_model, load_tokenizer
+    from runtime.loader.model import assign_tensors, build_skeleton, load_tokenizer
 
     if spec.threads > 0:
         torch.set_num_threads(spec.threads)
+    device = torch_device(spec.device)
+    on_cpu = device == "cpu"
+    if not on_cpu:
+        from runtime.loader.cuda import select_device
+
+        device = str(select_device(device))
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     entry = Path(spec.entry_dir)
-    on_cpu = spec.device.startswith("cpu")
-    mapped = premapped or map_entry(entry, fill=on_cpu)
-    if on_cpu and not mapped.populated:
-        mapped.populated = populate(mapped.mapping)
-    tensors = tensor_views(mapped.index, mapped.image)
-    timings["map_s"] = time.monotonic() - t0
+    with ThreadPoolExecutor(1, thread_name_prefix="sllm-skeleton") as pool:
+        skeleton = pool.submit(build_skeleton, entry)
+        mapped = premapped or map_entry(entry, fill=on_cpu)
+        kept: MappedImage | None = mapped
+        if on_cpu:
+            if not mapped.populated:
+                mapped.populated = populate(mapped.mapping)
+            tensors = tensor_views(mapped.index, mapped.image)
+        else:
+            from runtime.loader.cuda import image_to_device
 
-    t1 = time.monotonic()
-    model: Any = build_model(entry, tensors, torch_device(spec.device))
+            placed = image_to_device(mapped.index, mapped.image, device)
+            tensors = placed.tensors
+            timings["copy_s"] = placed.stats.seconds
+            timings["pinned_bytes"] = float(placed.stats.pinned_bytes)
+            mapped.close()
+            kept = None
+        timings["map_s"] = time.monotonic() - t0
+
+        t1 = time.monotonic()
+        model: Any = assign_tensors(skeleton.result(), entry, tensors)
     tokenizer = load_tokenizer(entry)
     timings["build_s"] = time.monotonic() - t1
 
@@ -201,7 +228,7 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
         custom=custom,
     )
     log.info("instance %s loaded: %s", spec.instance_id, json.dumps(timings))
-    return LoadedInstance(service, timings, mapped)
+    return LoadedInstance(service, timings, kept)
 
 
 def _defaults(generation: dict[str, Any]) -> SamplingDefaults:

@@ -1,77 +1,29 @@
-"""Load an sllm checkpoint into CPU memory: one aligned image, a few large parallel reads,
-tensors as zero-copy views.
+"""Checkpoint images in CPU memory and the tensors in them, as zero-copy views.
 
 The image layout is ``runtime.ckpt.index.image_layout`` (partitions back to back at aligned
-offsets), shared with the DRAM cache, so ``tensor_views`` works on any image: one this module
-read, or a read-only mapping of a cache file (``image_from_buffer``).
+offsets), the one layout of the DRAM tier's shared memory, of a buffer the reader
+(``runtime.loader.read``) fills and of a device image (``runtime.loader.cuda``), so
+``tensor_views`` works on any of them. ``entry_tensors`` is the entry point for a DRAM entry:
+what an instance builds its model from, and what another backend's loader takes its weights from.
 """
 
 from __future__ import annotations
 
 import mmap
-import os
-import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runtime.ckpt.dtypes import torch_dtype
-from runtime.ckpt.index import (
-    CheckpointIndex,
-    check_partition_sizes,
-    checksum_bytes,
-    image_layout,
-    read_index,
-)
-from runtime.loader.direct_io import (
-    DIRECT_ALIGN,
-    open_direct,
-    page_residency,
-    read_into,
-    resident_fraction,
-)
+from runtime.ckpt.index import CheckpointIndex, checksum_bytes, image_layout, read_index
 from sllm.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
-# 16 MiB reads, 4 in flight: 2-4 reads of 4-16 MiB saturate this machine's disk (DESIGN.md).
-CHUNK_BYTES = 16 << 20
-DEFAULT_THREADS = 4
-# Reads served by the page cache are memory copies: 4 MiB pieces (cache-friendly) on at most
-# one thread per core ran at ~5 GB/s here, against ~2 GB/s for 16 MiB on 4 threads.
-CACHED_CHUNK_BYTES = 4 << 20
-# A chunk with at least half its pages cached is read buffered (page cache -> memory at
-# ~7-9 GB/s) instead of O_DIRECT (disk speed, ~1-2 GB/s, whatever is cached).
-CACHED_FRACTION = 0.5
 # Linux 5.14+: fault the pages in from the kernel in one call (much cheaper than touching).
 _MADV_POPULATE_WRITE = 23
-
-
-@dataclass(frozen=True)
-class ReadStats:
-    """What one ``read_image`` did. Bandwidth counts checkpoint bytes, not padding."""
-
-    bytes: int
-    seconds: float
-    direct_bytes: int
-    buffered_bytes: int
-    chunks: int
-    threads: int
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    index: CheckpointIndex
-    image: torch.Tensor
-    tensors: dict[str, torch.Tensor]
-    stats: ReadStats
 
 
 def allocate_image(nbytes: int, *, touch: bool = True) -> torch.Tensor:
@@ -114,83 +66,16 @@ def image_size(index: CheckpointIndex) -> int:
     return image_layout(index)[1]
 
 
-def read_image(
-    directory: Path,
-    index: CheckpointIndex,
-    image: torch.Tensor,
-    *,
-    threads: int = DEFAULT_THREADS,
-) -> ReadStats:
-    """Read every partition of ``directory`` into ``image`` (layout: ``image_layout``).
-
-    Chunks of ``CHUNK_BYTES`` are read by ``threads`` threads; each is O_DIRECT unless its
-    pages are mostly cached, the file system refuses O_DIRECT, or ``image`` is not aligned.
-    """
-    directory = Path(directory)
-    starts, size = image_layout(index)
-    if image.numel() < size:
-        raise CheckpointError(f"{directory}: image holds {image.numel()} bytes, needs {size}")
-    check_partition_sizes(directory, index)
-    dest = _writable_view(image, directory)
-    aligned = image.data_ptr() % DIRECT_ALIGN == 0
-    fds: list[tuple[int, int | None]] = []
-    jobs: list[tuple[int, int, int, int, bool]] = []  # (partition, offset, length, at, direct)
-    began = time.perf_counter()
-    try:
-        for i, p in enumerate(index.partitions):
-            path = str(directory / p.file)
-            fd = os.open(path, os.O_RDONLY)
-            fd_direct = open_direct(path) if aligned else None
-            fds.append((fd, fd_direct))
-            residency = page_residency(fd, p.nbytes) if fd_direct is not None else None
-            for off in range(0, p.nbytes, CHUNK_BYTES):
-                length = min(CHUNK_BYTES, p.nbytes - off)
-                cached = resident_fraction(residency, off, length) >= CACHED_FRACTION
-                if fd_direct is not None and not cached:
-                    jobs.append((i, off, length, starts[i] + off, True))
-                    continue
-                for sub in range(off, off + length, CACHED_CHUNK_BYTES):
-                    sub_len = min(CACHED_CHUNK_BYTES, off + length - sub)
-                    jobs.append((i, sub, sub_len, starts[i] + sub, False))
-
-        def run(job: tuple[int, int, int, int, bool]) -> tuple[int, bool]:
-            part, off, length, at, direct = job
-            fd, fd_direct = fds[part]
-            try:
-                was_direct = read_into(fd, fd_direct if direct else None, dest[at:], off, length)
-            except EOFError as exc:
-                raise CheckpointError(
-                    f"{directory / index.partitions[part].file}: {exc} (truncated?)"
-                ) from None
-            return length, was_direct
-
-        # Direct reads wait on the disk (more in flight helps); buffered ones are CPU copies
-        # (more threads than cores only adds contention).
-        any_direct = any(job[4] for job in jobs)
-        cap = threads if any_direct else min(threads, os.cpu_count() or 1)
-        workers = max(1, min(cap, len(jobs)))
-        with ThreadPoolExecutor(workers, thread_name_prefix="sllm-read") as pool:
-            results = list(pool.map(run, jobs))
-    finally:
-        for fd, fd_direct in fds:
-            os.close(fd)
-            if fd_direct is not None:
-                os.close(fd_direct)
-    seconds = time.perf_counter() - began
-    direct = sum(n for n, d in results if d)
-    total = sum(n for n, _ in results)
-    return ReadStats(total, seconds, direct, total - direct, len(jobs), workers)
-
-
-def _writable_view(image: torch.Tensor, directory: Path) -> memoryview:
+def writable_view(image: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous 1-d uint8 ``image`` as a writable view (for the reader)."""
     import torch
 
     if image.dtype != torch.uint8 or image.dim() != 1 or not image.is_contiguous():
-        raise CheckpointError(f"{directory}: image must be a contiguous 1-d uint8 tensor")
-    view = memoryview(image.numpy().data)
+        raise CheckpointError("image must be a contiguous 1-d uint8 tensor")
+    view = memoryview(image.numpy().data).cast("B")
     if view.readonly:
-        raise CheckpointError(f"{directory}: image is read-only, cannot read into it")
-    return view.cast("B")
+        raise CheckpointError("image is read-only, cannot read into it")
+    return view
 
 
 def tensor_views(index: CheckpointIndex, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -220,21 +105,30 @@ def verify_image(index: CheckpointIndex, image: torch.Tensor) -> None:
             raise CheckpointError(f"{p.file}: checksum mismatch in the loaded image (corrupt)")
 
 
-def load_checkpoint(
-    directory: Path,
-    *,
-    threads: int = DEFAULT_THREADS,
-    image: torch.Tensor | None = None,
-) -> LoadedCheckpoint:
-    """Read index, allocate (or reuse ``image``, e.g. from a pre-touched pool), read, view.
+@dataclass
+class EntryTensors:
+    """A DRAM entry's tensors as read-only views of its mapped image; ``close`` unmaps it
+    (after the last use of any view: a view outliving the mapping would read freed memory)."""
 
-    A fresh image is not pre-touched: its pages are faulted in by the reads themselves, on
-    the reading threads and overlapped with the disk (cold 2 GB here: ~1.0 GB/s this way
-    against ~0.6 GB/s populating first). A pre-touched pool image is faster still (~1.3 GB/s).
-    """
-    directory = Path(directory)
-    index = read_index(directory)
-    if image is None:
-        image = allocate_image(image_size(index), touch=False)
-    stats = read_image(directory, index, image, threads=threads)
-    return LoadedCheckpoint(index, image, tensor_views(index, image), stats)
+    index: CheckpointIndex
+    mapping: mmap.mmap
+    image: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+
+    def close(self) -> None:
+        self.tensors.clear()
+        del self.image
+        self.mapping.close()
+
+
+def entry_tensors(entry: Path) -> EntryTensors:
+    """The tensors of a DRAM entry (a ``runtime.cache.dram`` entry directory, or any
+    checkpoint image file with its index beside it), as zero-copy views of its image mapped
+    read-only: name -> tensor with the checkpoint's dtype and shape, aliases (tied weights)
+    included, on CPU. No byte is copied or read until a view is used; writing through a view
+    faults (the mapping is PROT_READ). Raises ``CheckpointError`` for a broken entry."""
+    from runtime.cache.dram import map_image
+
+    index = read_index(entry)
+    mapping, image = map_image(entry, index)
+    return EntryTensors(index, mapping, image, tensor_views(index, image))

@@ -1,49 +1,65 @@
-"""Load a checkpoint onto a CUDA device: pinned staging buffers, chunked asynchronous
-host-to-device copies overlapped with the reads of the next chunks.
+"""A DRAM image onto a CUDA device: chunked asynchronous host-to-device copies, each chunk
+prepared (page-locked) while the previous one is copied.
 
-Two sources: a checkpoint directory (chunks read, O_DIRECT where possible, into a ring of
-pinned staging buffers, each copied to the device on a side stream while later chunks are
-read) and an in-memory image such as the DRAM cache's (copied directly when it is pinned or
-registered, through the staging ring otherwise). The pipeline (``stage_chunks``) is written
-against a small ``Sink`` port so its ordering and buffer reuse are tested on CPU too; the CUDA
-sink is the only part that needs a GPU (tests/gpu).
+What an instance on a GPU runs (``runtime.instance.loading``), after ``select_device``:
+
+1. ``select_device`` makes the instance's device current before anything else touches CUDA,
+   so the process opens its context there and nowhere else (a default context lands on GPU 0).
+2. ``image_to_device`` allocates the device image on the current stream, makes a side stream
+   wait for it, and runs ``copy_pipeline``: a preparation thread page-locks chunk k+1 (and
+   later ones, up to ``SLOTS`` ahead) while chunk k's copy runs on the side stream.
+   Preparation is ``cudaHostRegister`` of the chunk's range of the read-only DRAM mapping
+   (flags portable | read-only: valid in every context, never written), or, where the driver
+   refuses that, a memcpy into one of a ring of pinned staging buffers (a buffer is refilled
+   only after the copy out of it completed). Nothing is pinned ahead of the load, and the
+   whole image is never locked before the first copy starts.
+3. Whatever happens, every copy issued has completed before any source is released:
+   registrations are undone (``cudaHostUnregister``) and staging buffers dropped only after
+   the side stream is synchronised, also when a preparation or a copy raised.
+
+The pipeline is written against a small ``Sink`` port, so its ordering, buffer reuse and error
+paths are tested on CPU (tests/unit/ckpt/test_staging.py); the CUDA sink and registration need a
+GPU (tests/gpu).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from runtime.ckpt.index import CheckpointIndex, check_partition_sizes, image_layout, read_index
-from runtime.loader.cpu import ReadStats, tensor_views
-from runtime.loader.direct_io import (
-    DIRECT_ALIGN,
-    open_direct,
-    page_residency,
-    read_into,
-    resident_fraction,
-)
+from runtime.ckpt.index import CheckpointIndex, image_layout
+from runtime.loader.cpu import tensor_views
 from sllm.errors import CheckpointError, Unavailable
 
 if TYPE_CHECKING:
     import torch
 
-# 32 MiB chunks, 4 staging buffers: H2D copies of >= 8 MiB run at full PCIe speed, and four
-# buffers keep 2-4 reads in flight (what saturates an NVMe or this VM's disk) while one copies.
+log = logging.getLogger(__name__)
+
+# 32 MiB chunks: H2D copies of >= 8 MiB run at full PCIe speed, and registering 32 MiB takes
+# well under the time its copy does, so preparation stays ahead of the DMA.
 CHUNK_BYTES = 32 << 20
-STAGING_BUFFERS = 4
-CACHED_FRACTION = 0.5
+# Chunks prepared ahead of the copies (and staging buffers in the staging mode).
+SLOTS = 4
+# cudaHostRegister flags (cuda_runtime_api.h): Portable = every context sees the range as
+# pinned (not only the one current when registering); ReadOnly = the DRAM mapping is
+# PROT_READ, so the driver must not ask for write access.
+HOST_REGISTER_PORTABLE = 0x01
+HOST_REGISTER_READ_ONLY = 0x08
+
+Mode = Literal["registered", "staging"]
 
 
 class Sink(Protocol):
-    """Where staged chunks go: ``copy`` starts a copy of ``src`` into the destination at
-    ``at`` and returns a handle; ``wait`` blocks until that copy no longer reads ``src``."""
+    """Where prepared chunks go: ``copy`` starts an asynchronous copy of ``src`` into the
+    destination at ``at`` and returns a handle; ``wait`` blocks until that copy no longer
+    reads ``src``; ``finish`` blocks until every copy issued so far has completed."""
 
     def copy(self, at: int, src: torch.Tensor) -> Any: ...
 
@@ -54,62 +70,107 @@ class Sink(Protocol):
 
 @dataclass(frozen=True)
 class Chunk:
-    at: int  # destination offset in the image
+    at: int  # offset in the image (host and device alike)
     length: int
-    fill: Callable[[torch.Tensor], bool]  # fills staging[:length]; True if read O_DIRECT
 
 
 @dataclass(frozen=True)
-class DeviceCheckpoint:
+class CopyStats:
+    """What one ``image_to_device`` did. ``pinned_bytes``: bytes whose source was page-locked
+    (``is_pinned``) when its copy was issued, i.e. copied by DMA without a driver bounce."""
+
+    bytes: int
+    seconds: float
+    chunks: int
+    mode: Mode
+    pinned_bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class DeviceImage:
     index: CheckpointIndex
     image: torch.Tensor
     tensors: dict[str, torch.Tensor]
-    stats: ReadStats
+    stats: CopyStats
 
 
-def stage_chunks(
-    chunks: Iterable[Chunk], staging: list[torch.Tensor], sink: Sink, *, threads: int
-) -> tuple[int, int]:
-    """Fill staging buffers in parallel and hand each to ``sink`` in order; a buffer is
-    refilled only after the copy out of it finished. Returns (bytes, direct bytes)."""
-    free: deque[int] = deque(range(len(staging)))
-    handles: list[Any] = [None] * len(staging)
-    inflight: deque[tuple[Future[bool], int, Chunk]] = deque()
-    total = direct = 0
+def plan_chunks(size: int, chunk_bytes: int) -> list[Chunk]:
+    if chunk_bytes <= 0 or chunk_bytes % 4096:
+        raise ValueError(f"chunk_bytes must be a positive multiple of 4096, not {chunk_bytes}")
+    return [Chunk(at, min(chunk_bytes, size - at)) for at in range(0, size, chunk_bytes)]
 
-    def drain_one() -> None:
-        nonlocal total, direct
-        future, k, chunk = inflight.popleft()
-        if future.result():
-            direct += chunk.length
-        total += chunk.length
-        handles[k] = sink.copy(chunk.at, staging[k][: chunk.length])
-        free.append(k)
 
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="sllm-stage") as pool:
-        for chunk in chunks:
-            if chunk.length > staging[0].numel():
-                raise ValueError(f"chunk of {chunk.length} bytes exceeds the staging buffers")
-            if not free:
-                drain_one()
-            k = free.popleft()
-            if handles[k] is not None:
-                sink.wait(handles[k])
-            inflight.append((pool.submit(chunk.fill, staging[k]), k, chunk))
-        while inflight:
-            drain_one()
+def copy_pipeline(
+    chunks: Sequence[Chunk],
+    prepare: Callable[[Chunk, int], torch.Tensor],
+    sink: Sink,
+    *,
+    slots: int = SLOTS,
+    threads: int = 1,
+) -> None:
+    """Prepare chunks on ``threads`` threads, up to ``slots`` ahead, and hand each to ``sink``
+    in order. ``prepare(chunk, slot)`` returns the host tensor to copy (e.g. a registered
+    range, or staging buffer ``slot`` filled); a slot is handed to ``prepare`` again only after
+    the copy out of it completed (``sink.wait``). Returns, or raises the first error, only
+    once every copy issued has completed (``sink.finish``) and no preparation is running."""
+    if slots < 1:
+        raise ValueError("slots must be >= 1")
+    free: deque[int] = deque(range(slots))
+    handles: list[Any] = [None] * slots
+    ahead: deque[tuple[Future[torch.Tensor], int, Chunk]] = deque()
+
+    def issue_next() -> None:
+        future, slot, chunk = ahead.popleft()
+        src = future.result()
+        if src.numel() != chunk.length:
+            raise ValueError(f"prepared {src.numel()} bytes for a chunk of {chunk.length}")
+        handles[slot] = sink.copy(chunk.at, src)
+        free.append(slot)
+
+    try:
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="sllm-h2d-prep") as pool:
+            try:
+                for chunk in chunks:
+                    if not free:
+                        issue_next()
+                    slot = free.popleft()
+                    if handles[slot] is not None:
+                        sink.wait(handles[slot])
+                        handles[slot] = None
+                    ahead.append((pool.submit(prepare, chunk, slot), slot, chunk))
+                while ahead:
+                    issue_next()
+            except BaseException:
+                for future, _, _ in ahead:
+                    future.cancel()
+                raise  # leaving the pool waits for the preparations already running
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            sink.finish()
+        raise
     sink.finish()
-    return total, direct
 
 
 class CudaSink:
-    """Asynchronous H2D copies on a side stream, one event per copy."""
+    """Asynchronous H2D copies on a side stream, one event per copy. The side stream waits
+    for the stream the destination was allocated on (its allocation may still be pending
+    there), and that stream waits for the side stream once ``finish`` is called, so work
+    queued later on it sees the copied bytes."""
 
     def __init__(self, dest: torch.Tensor) -> None:
         import torch
 
         self.dest = dest
+        self.origin = torch.cuda.current_stream(dest.device)
         self.stream = torch.cuda.Stream(device=dest.device)  # type: ignore[no-untyped-call]
+        self.stream.wait_stream(self.origin)
+        # the caching allocator must not hand the memory out again while the side stream
+        # still writes it, should the image be dropped early
+        dest.record_stream(self.stream)
 
     def copy(self, at: int, src: torch.Tensor) -> Any:
         import torch
@@ -125,171 +186,110 @@ class CudaSink:
 
     def finish(self) -> None:
         self.stream.synchronize()
+        self.origin.wait_stream(self.stream)
 
 
-def file_chunks(
-    directory: Path, index: CheckpointIndex, chunk_bytes: int, *, aligned: bool
-) -> tuple[list[Chunk], Callable[[], None]]:
-    """Chunks reading every partition of ``directory`` (O_DIRECT unless mostly cached or
-    ``aligned`` is False), and a function closing the files."""
-    starts, _ = image_layout(index)
-    check_partition_sizes(directory, index)
-    fds: list[int] = []
-    chunks: list[Chunk] = []
-
-    def close() -> None:
-        for fd in fds:
-            os.close(fd)
-
-    try:
-        for i, p in enumerate(index.partitions):
-            path = str(directory / p.file)
-            fd = os.open(path, os.O_RDONLY)
-            fds.append(fd)
-            fd_direct = open_direct(path) if aligned else None
-            if fd_direct is not None:
-                fds.append(fd_direct)
-            residency = page_residency(fd, p.nbytes) if fd_direct is not None else None
-            for off in range(0, p.nbytes, chunk_bytes):
-                length = min(chunk_bytes, p.nbytes - off)
-                cached = resident_fraction(residency, off, length) >= CACHED_FRACTION
-                chunks.append(
-                    Chunk(
-                        starts[i] + off,
-                        length,
-                        _reader(fd, None if cached else fd_direct, off, length, path),
-                    )
-                )
-    except BaseException:
-        close()
-        raise
-    return chunks, close
-
-
-def _reader(
-    fd: int, fd_direct: int | None, off: int, length: int, path: str
-) -> Callable[[torch.Tensor], bool]:
-    def fill(buf: torch.Tensor) -> bool:
-        try:
-            return read_into(fd, fd_direct, memoryview(buf.numpy().data), off, length)
-        except EOFError as exc:
-            raise CheckpointError(f"{path}: {exc} (truncated?)") from None
-
-    return fill
-
-
-def image_chunks(host_image: torch.Tensor, size: int, chunk_bytes: int) -> list[Chunk]:
-    """Chunks copying an unpinned in-memory image through the staging ring (memcpy)."""
-
-    def copier(at: int, length: int) -> Callable[[torch.Tensor], bool]:
-        def fill(buf: torch.Tensor) -> bool:
-            buf[:length].copy_(host_image[at : at + length])
-            return False
-
-        return fill
-
-    return [
-        Chunk(at, min(chunk_bytes, size - at), copier(at, min(chunk_bytes, size - at)))
-        for at in range(0, size, chunk_bytes)
-    ]
-
-
-def _require_cuda(device: str) -> torch.device:
+def select_device(device: str) -> torch.device:
+    """Make ``device`` ("cuda", "cuda:1") the process's current CUDA device, before anything
+    else touches CUDA: the context (and every later pinned registration, stream and
+    allocation) is then on that device. Raises ``Unavailable`` without CUDA or past the last
+    device."""
     import torch
 
     target = torch.device(device)
     if target.type != "cuda" or not torch.cuda.is_available():
         raise Unavailable(f"device {device!r}: CUDA is not available on this machine")
-    return target
+    count = torch.cuda.device_count()
+    index = 0 if target.index is None else target.index
+    if index >= count:
+        raise Unavailable(f"device {device!r}: this machine has {count} CUDA device(s)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
-def allocate_staging(count: int, nbytes: int, pin: bool = True) -> list[torch.Tensor]:
-    import torch
+class HostRegistration:
+    """Page-locked ranges of host memory (``cudaHostRegister``, portable | read-only), all
+    undone by ``close`` (``cudaHostUnregister``). Ranges must not share a page."""
 
-    return [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+    def __init__(self) -> None:
+        import torch
 
+        self._cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+        self._ptrs: list[int] = []
 
-def load_to_cuda(
-    directory: Path,
-    *,
-    device: str = "cuda",
-    chunk_bytes: int = CHUNK_BYTES,
-    buffers: int = STAGING_BUFFERS,
-    threads: int = STAGING_BUFFERS,
-) -> DeviceCheckpoint:
-    """Read a checkpoint directory straight onto ``device`` (no full host copy)."""
-    import torch
+    def register(self, ptr: int, nbytes: int) -> bool:
+        flags = HOST_REGISTER_PORTABLE | HOST_REGISTER_READ_ONLY
+        err = self._cudart.cudaHostRegister(ptr, nbytes, flags)
+        if int(err) != 0:
+            return False
+        self._ptrs.append(ptr)
+        return True
 
-    target = _require_cuda(device)
-    directory = Path(directory)
-    index = read_index(directory)
-    size = image_layout(index)[1]
-    image = torch.empty(size, dtype=torch.uint8, device=target)
-    staging = allocate_staging(buffers, chunk_bytes)
-    aligned = all(b.data_ptr() % DIRECT_ALIGN == 0 for b in staging)
-    began = time.perf_counter()
-    chunks, close = file_chunks(directory, index, chunk_bytes, aligned=aligned)
-    try:
-        total, direct = stage_chunks(chunks, staging, CudaSink(image), threads=threads)
-    finally:
-        close()
-    stats = ReadStats(
-        total, time.perf_counter() - began, direct, total - direct, len(chunks), threads
-    )
-    return DeviceCheckpoint(index, image, tensor_views(index, image), stats)
+    def close(self) -> None:
+        failed = 0
+        for ptr in self._ptrs:
+            failed += int(self._cudart.cudaHostUnregister(ptr)) != 0
+        self._ptrs.clear()
+        if failed:
+            log.warning("cudaHostUnregister failed for %d range(s)", failed)
 
 
-def image_to_cuda(
+def image_to_device(
     index: CheckpointIndex,
     host_image: torch.Tensor,
+    device: str,
     *,
-    device: str = "cuda",
     chunk_bytes: int = CHUNK_BYTES,
-    buffers: int = STAGING_BUFFERS,
-) -> DeviceCheckpoint:
-    """Copy an in-memory image (e.g. the DRAM cache's mapping) onto ``device``. A pinned or
-    registered image is copied directly in chunks; otherwise through pinned staging buffers,
-    so the memcpy of one chunk overlaps the DMA of the previous."""
+    slots: int = SLOTS,
+    mode: Mode | None = None,
+) -> DeviceImage:
+    """Copy a host image (the DRAM tier's read-only mapping) onto ``device`` through
+    ``copy_pipeline``; tensors are views of the device image. ``mode`` None registers the
+    mapping chunk by chunk and falls back to pinned staging buffers where the driver refuses
+    the registration; "staging" forces the fallback (tests, benchmarks)."""
     import torch
 
-    target = _require_cuda(device)
+    target = select_device(device)
     size = image_layout(index)[1]
     if host_image.numel() < size:
         raise CheckpointError(
             f"image holds {host_image.numel()} bytes, the checkpoint needs {size}"
         )
-    image = torch.empty(size, dtype=torch.uint8, device=target)
-    sink = CudaSink(image)
+    chunks = plan_chunks(size, chunk_bytes)
+    registration = HostRegistration()
+    pinned: list[int] = []  # appended from the preparation threads (list.append is atomic)
     began = time.perf_counter()
-    if host_image.is_pinned():
-        for at in range(0, size, chunk_bytes):
-            sink.copy(at, host_image[at : min(size, at + chunk_bytes)])
-        sink.finish()
-        chunks = (size + chunk_bytes - 1) // chunk_bytes
-    else:
-        staging = allocate_staging(buffers, chunk_bytes)
-        chunk_list = image_chunks(host_image, size, chunk_bytes)
-        stage_chunks(chunk_list, staging, sink, threads=2)
-        chunks = len(chunk_list)
-    stats = ReadStats(size, time.perf_counter() - began, 0, size, chunks, 1)
-    return DeviceCheckpoint(index, image, tensor_views(index, image), stats)
+    try:
+        if mode is None:
+            first = chunks[0] if chunks else None
+            ok = first is None or registration.register(
+                host_image[first.at :].data_ptr(), first.length
+            )
+            mode = "registered" if ok else "staging"
+            if not ok:
+                log.info("DRAM image not registrable on %s: copying through staging", target)
+        staging = (
+            [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+            if mode == "staging"
+            else []
+        )
 
+        def prepare(chunk: Chunk, slot: int) -> torch.Tensor:
+            src = host_image[chunk.at : chunk.at + chunk.length]
+            if mode == "staging":
+                src = staging[slot][: chunk.length]
+                src.copy_(host_image[chunk.at : chunk.at + chunk.length])
+            elif chunk.at != 0 and not registration.register(src.data_ptr(), chunk.length):
+                raise Unavailable(f"cudaHostRegister refused the DRAM image at byte {chunk.at}")
+            if src.is_pinned():
+                pinned.append(chunk.length)
+            return src
 
-def pin_image(image: torch.Tensor) -> bool:
-    """Register ``image``'s memory with CUDA as pinned (cudaHostRegister) so H2D copies from
-    it run at full speed; False when CUDA is absent or refuses (e.g. a read-only mapping)."""
-    import torch
-
-    if not torch.cuda.is_available() or image.numel() == 0:
-        return False
-    cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    rc = cudart.cudaHostRegister(image.data_ptr(), image.numel(), 0)
-    return int(rc) == 0
-
-
-def unpin_image(image: torch.Tensor) -> None:
-    import torch
-
-    if torch.cuda.is_available() and image.numel():
-        cudart: Any = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        cudart.cudaHostUnregister(image.data_ptr())
+        image = torch.empty(size, dtype=torch.uint8, device=target)
+        copy_pipeline(
+            chunks, prepare, CudaSink(image), slots=slots, threads=2 if mode == "staging" else 1
+        )
+    finally:
+        registration.close()  # after copy_pipeline: no copy reads a registered range any more
+    stats = CopyStats(size, time.perf_counter() - began, len(chunks), mode, sum(pinned))
+    return DeviceImage(index, image, tensor_views(index, image), stats)

@@ -1,7 +1,8 @@
 """A transformers model around loaded tensors: built on the ``meta`` device, tensors assigned.
 
 No parameter is randomly initialised and no tensor is copied: ``load_state_dict(assign=True)``
-makes each parameter wrap the loader's view (on CPU, a view of the checkpoint image). What the
+makes each parameter wrap the loader's view (on CPU, a view of the DRAM image; on CUDA, a view
+of the device image ``runtime.loader.cuda.image_to_device`` filled). What the
 checkpoint does not hold is made here: tied weights (``tie_weights``) and non-persistent buffers
 such as the rotary ``inv_freq``, which are computed from the config exactly as transformers'
 own initialisation does.
@@ -13,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from runtime.loader.cpu import LoadedCheckpoint, load_checkpoint
 from sllm.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -37,7 +37,8 @@ def load_config(checkpoint_dir: Path) -> Any:
 
 def build_skeleton(checkpoint_dir: Path) -> Any:
     """The checkpoint's causal-LM model on the ``meta`` device (no memory, no init). Pure
-    Python work: ``load_model`` runs it while the reads of the tensors are under way."""
+    Python work (~0.05 s warm, ~2 s on a model class's first use in a process): an instance
+    runs it on a side thread while its tensors are being copied to the device."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -46,28 +47,27 @@ def build_skeleton(checkpoint_dir: Path) -> Any:
         return AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
 
 
-def build_model(
-    checkpoint_dir: Path, tensors: dict[str, torch.Tensor], device: str = "cpu"
-) -> PreTrainedModel:
-    """The checkpoint's causal-LM model, in eval mode, its parameters being ``tensors``.
-
-    Tensors not on ``device`` are moved there (the CUDA loader hands over device tensors, so
-    nothing moves then). Raises ``CheckpointError`` naming missing weights.
-    """
-    return assign_tensors(build_skeleton(checkpoint_dir), checkpoint_dir, tensors, device)
+def build_model(checkpoint_dir: Path, tensors: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """The checkpoint's causal-LM model, in eval mode, its parameters being ``tensors`` (all on
+    one device, which the model is then on). Raises ``CheckpointError`` naming missing
+    weights."""
+    return assign_tensors(build_skeleton(checkpoint_dir), checkpoint_dir, tensors)
 
 
 def assign_tensors(
-    model: Any, checkpoint_dir: Path, tensors: dict[str, torch.Tensor], device: str = "cpu"
+    model: Any, checkpoint_dir: Path, tensors: dict[str, torch.Tensor]
 ) -> PreTrainedModel:
-    """Make the parameters of a ``build_skeleton`` model be ``tensors`` (no copies), tie
-    weights, materialize buffers, load the generation config."""
-    import torch
+    """Make the parameters of a ``build_skeleton`` model be ``tensors`` (no copies: every
+    tensor must already be on the one device the model is to run on), tie weights,
+    materialize buffers on that device, load the generation config."""
     from transformers import GenerationConfig
 
-    target = torch.device(device)
-    on_device = {k: v if v.device == target else v.to(target) for k, v in tensors.items()}
-    result = model.load_state_dict(on_device, strict=False, assign=True)
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        where = ", ".join(sorted(str(d) for d in devices)) or "no tensors"
+        raise CheckpointError(f"{checkpoint_dir}: tensors must be on one device ({where})")
+    (target,) = devices
+    result = model.load_state_dict(tensors, strict=False, assign=True)
     tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
     missing = [k for k in result.missing_keys if k not in tied]
     if missing:
@@ -128,21 +128,3 @@ def load_tokenizer(checkpoint_dir: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(checkpoint_dir))
     except (ValueError, OSError, KeyError) as exc:
         raise CheckpointError(f"{checkpoint_dir}: cannot load the tokenizer ({exc})") from None
-
-
-def load_model(
-    checkpoint_dir: Path, device: str = "cpu", *, image: torch.Tensor | None = None
-) -> tuple[LoadedCheckpoint, PreTrainedModel]:
-    """CPU load + model: the loaded checkpoint (keep it: it owns the image) and the model.
-
-    The meta skeleton is built on a side thread while the reads run (the reads release the
-    GIL and wait on the disk; building the skeleton is ~0.1-2 s of Python), so the model is
-    ready about when the last byte is.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="sllm-skeleton") as pool:
-        skeleton = pool.submit(build_skeleton, checkpoint_dir)
-        loaded = load_checkpoint(checkpoint_dir, image=image)
-        model = skeleton.result()
-    return loaded, assign_tensors(model, checkpoint_dir, loaded.tensors, device)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from runtime.ckpt.convert import convert_checkpoint
-from runtime.loader.cpu import load_checkpoint
-from runtime.loader.model import build_model, load_model, load_tokenizer
+from runtime.loader.cpu import entry_tensors
+from runtime.loader.model import build_model, load_tokenizer
 from runtime.tiny_model import TinyConfig, build_tiny_llama
+from tests.loaded import dram_entry, read_into_memory
 
 PROMPTS = ["The capital of France is", "hello world, how"]
 
@@ -21,25 +22,31 @@ def _greedy(model: torch.nn.Module, tokenizer: object, prompt: str) -> list[int]
     return [int(t) for t in out[0, ids.shape[1] :]]
 
 
-def _assert_same_generation(hf_dir: Path, ckpt: Path) -> None:
+def _assert_same_generation(hf_dir: Path, ckpt: Path, dram_root: Path) -> None:
+    """The model built from a DRAM entry's tensors (the instance's path: the reader fills the
+    entry, ``entry_tensors`` maps it) generates like ``from_pretrained``, its parameters
+    being views of the mapped image (no per-tensor copy)."""
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(hf_dir)
-    loaded = load_checkpoint(ckpt)
-    model = build_model(ckpt, loaded.tensors)
+    entry = entry_tensors(dram_entry(ckpt, dram_root))
+    model = build_model(ckpt, entry.tensors)
     tokenizer = load_tokenizer(ckpt)
     for prompt in PROMPTS:
         assert _greedy(model, tokenizer, prompt) == _greedy(reference, tokenizer, prompt)
-    # no copies: parameters are the loader's views of the image
+    base, size = entry.image.data_ptr(), entry.image.numel()
     for name, param in model.named_parameters():
-        assert param.data_ptr() == loaded.tensors[name].data_ptr(), name
+        assert param.data_ptr() == entry.tensors[name].data_ptr(), name
+        assert base <= param.data_ptr() < base + size, name
     assert not any(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
 
 
-def test_tiny_llama_generates_like_from_pretrained(tiny_model_dir: Path, tiny_ckpt: Path) -> None:
-    _assert_same_generation(tiny_model_dir, tiny_ckpt)
-    model = build_model(tiny_ckpt, load_checkpoint(tiny_ckpt).tensors)
+def test_tiny_llama_generates_like_from_pretrained(
+    tiny_model_dir: Path, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    _assert_same_generation(tiny_model_dir, tiny_ckpt, tmp_path / "dram")
+    model = build_model(tiny_ckpt, read_into_memory(tiny_ckpt).tensors)
     assert model.training is False
     assert model.generation_config.eos_token_id is not None
 
@@ -82,8 +89,8 @@ def test_tied_sharded_bin_llama_generates_like_from_pretrained(tmp_path: Path) -
     assert index.metadata["source_format"] == "pytorch"
     assert index.aliases == {"lm_head.weight": "model.embed_tokens.weight"}  # stored once
     assert "lm_head.weight" not in index.tensors
-    _assert_same_generation(hf, tmp_path / "ckpt")
-    model = build_model(tmp_path / "ckpt", load_checkpoint(tmp_path / "ckpt").tensors)
+    _assert_same_generation(hf, tmp_path / "ckpt", tmp_path / "dram")
+    model = build_model(tmp_path / "ckpt", read_into_memory(tmp_path / "ckpt").tensors)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
@@ -91,23 +98,22 @@ def test_tied_safetensors_llama_generates_like_from_pretrained(tmp_path: Path) -
     """safetensors drop the tied lm_head; build_model ties it back from the config."""
     hf = build_tiny_llama(tmp_path / "hf", seed=2, config=TinyConfig(tie_word_embeddings=True))
     convert_checkpoint(hf, tmp_path / "ckpt")
-    _assert_same_generation(hf, tmp_path / "ckpt")
+    _assert_same_generation(hf, tmp_path / "ckpt", tmp_path / "dram")
 
 
-def test_load_model_overlaps_skeleton_and_reads(tiny_model_dir: Path, tiny_ckpt: Path) -> None:
-    from transformers import AutoModelForCausalLM
+def test_tensors_on_two_devices_are_refused(tiny_ckpt: Path) -> None:
+    from sllm.errors import CheckpointError
 
-    loaded, model = load_model(tiny_ckpt)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tokenizer = load_tokenizer(tiny_ckpt)
-    assert _greedy(model, tokenizer, PROMPTS[0]) == _greedy(reference, tokenizer, PROMPTS[0])
-    assert model.model.norm.weight.data_ptr() == loaded.tensors["model.norm.weight"].data_ptr()
+    tensors = dict(read_into_memory(tiny_ckpt).tensors)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to("meta")
+    with pytest.raises(CheckpointError, match=r"tensors must be on one device \(cpu, meta\)"):
+        build_model(tiny_ckpt, tensors)
 
 
 def test_missing_weight_is_named(tiny_ckpt: Path) -> None:
     from sllm.errors import CheckpointError
 
-    tensors = dict(load_checkpoint(tiny_ckpt).tensors)
+    tensors = dict(read_into_memory(tiny_ckpt).tensors)
     del tensors["model.norm.weight"]
     with pytest.raises(
         CheckpointError, match=r"lacks 1 weight\(s\) the model needs: model\.norm\.weight"
@@ -116,7 +122,7 @@ def test_missing_weight_is_named(tiny_ckpt: Path) -> None:
 
 
 def test_smollm2_demo_answers_paris(smollm2_ckpt: Path) -> None:
-    loaded = load_checkpoint(smollm2_ckpt)
+    loaded = read_into_memory(smollm2_ckpt)
     assert loaded.index.aliases == {"lm_head.weight": "model.embed_tokens.weight"}
     model = build_model(smollm2_ckpt, loaded.tensors)
     tokenizer = load_tokenizer(smollm2_ckpt)

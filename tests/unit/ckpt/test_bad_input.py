@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from runtime.ckpt.convert import convert_checkpoint
 from runtime.ckpt.index import INDEX_FILE, read_index
 from runtime.ckpt.verify import verify_checkpoint
-from runtime.loader.cpu import load_checkpoint
 from sllm.errors import CheckpointError
+from tests.loaded import read_into_memory
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_truncated_partition(ckpt: Path) -> None:
     part = ckpt / "data-00000.bin"
     with open(part, "r+b") as f:
         f.truncate(part.stat().st_size - 4096)
-    for check in (verify_checkpoint, load_checkpoint):
+    for check in (verify_checkpoint, read_into_memory):
         with pytest.raises(CheckpointError, match=r"data-00000\.bin: partition is .*truncated"):
             check(ckpt)
 
@@ -51,7 +51,7 @@ def test_flipped_byte(ckpt: Path) -> None:
 def test_missing_index(ckpt: Path) -> None:
     (ckpt / INDEX_FILE).unlink()
     with pytest.raises(CheckpointError, match=r"index\.json: missing"):
-        load_checkpoint(ckpt)
+        read_into_memory(ckpt)
 
 
 def test_garbled_index(ckpt: Path) -> None:
@@ -70,7 +70,7 @@ def test_entry_pointing_outside_its_file(ckpt: Path) -> None:
         CheckpointError,
         match=r"index\.json: tensor 'big' ends at byte .* past the end of data-00000\.bin",
     ):
-        load_checkpoint(ckpt)
+        read_into_memory(ckpt)
 
 
 def test_unknown_dtype_in_index(ckpt: Path) -> None:
@@ -97,7 +97,7 @@ def test_path_like_tensor_name_in_index(ckpt: Path, name: str) -> None:
     with pytest.raises(
         CheckpointError, match=r"index\.json: tensor name .* path separator or '\.\.'"
     ):
-        load_checkpoint(ckpt)
+        read_into_memory(ckpt)
 
 
 def test_path_like_tensor_name_in_source(tmp_path: Path) -> None:

@@ -16,17 +16,18 @@ from runtime.ckpt.verify import verify_checkpoint
 from runtime.loader.cpu import (
     allocate_image,
     image_from_buffer,
-    load_checkpoint,
-    read_image,
     tensor_views,
     verify_image,
+    writable_view,
 )
+from runtime.loader.read import read_checkpoint
+from tests.loaded import read_into_memory
 
 from .conftest import all_dtype_tensors, as_bytes
 
 
 def test_every_dtype_round_trips(dtype_ckpt: Path) -> None:
-    loaded = load_checkpoint(dtype_ckpt)
+    loaded = read_into_memory(dtype_ckpt)
     expected = all_dtype_tensors()
     assert set(loaded.tensors) == set(expected)
     for name, ref in expected.items():
@@ -48,7 +49,7 @@ def test_layout_is_aligned_and_extra_files_copied(dtype_ckpt: Path) -> None:
 
 
 def test_views_are_zero_copy(dtype_ckpt: Path) -> None:
-    loaded = load_checkpoint(dtype_ckpt)
+    loaded = read_into_memory(dtype_ckpt)
     starts, size = image_layout(loaded.index)
     base = loaded.image.data_ptr()
     assert loaded.image.numel() == size
@@ -81,7 +82,7 @@ def test_small_partitions_split_and_reload(dtype_source: Path, tmp_path: Path) -
     assert len(index.partitions) >= 2
     total = sum(t.nbytes for t in index.tensors.values())
     assert progress[0] == (0, total) and progress[-1] == (total, total)
-    loaded = load_checkpoint(dst, threads=3)
+    loaded = read_into_memory(dst, threads=3)
     assert as_bytes(loaded.tensors["big"]) == as_bytes(all_dtype_tensors()["big"])
     assert loaded.stats.bytes == index.total_bytes
 
@@ -104,7 +105,7 @@ def test_pytorch_bin_non_contiguous_and_tied(tmp_path: Path) -> None:
     assert index.aliases == {"lm_head.weight": "embed.weight"}
     assert "lm_head.weight" not in index.tensors  # stored once
     assert index.metadata["source_format"] == "pytorch"
-    loaded = load_checkpoint(tmp_path / "ckpt")
+    loaded = read_into_memory(tmp_path / "ckpt")
     for name, ref in state.items():
         assert loaded.tensors[name].dtype == ref.dtype
         assert as_bytes(loaded.tensors[name]) == as_bytes(ref), name
@@ -132,7 +133,7 @@ def test_sharded_safetensors_and_bins(tmp_path: Path) -> None:
         (src / index_name).write_text(json.dumps({"weight_map": weight_map}))
         index = convert_checkpoint(src, tmp_path / f"{kind}-ckpt")
         assert index.files == ()  # the shard index is not an extra file
-        loaded = load_checkpoint(tmp_path / f"{kind}-ckpt")
+        loaded = read_into_memory(tmp_path / f"{kind}-ckpt")
         assert set(loaded.tensors) == set(parts)
         for name, ref in parts.items():
             assert torch.equal(loaded.tensors[name], ref)
@@ -141,7 +142,7 @@ def test_sharded_safetensors_and_bins(tmp_path: Path) -> None:
 def test_single_weights_file_as_source(tmp_path: Path) -> None:
     save_file({"a": torch.ones(3)}, str(tmp_path / "w.safetensors"))
     convert_checkpoint(tmp_path / "w.safetensors", tmp_path / "ckpt")
-    assert torch.equal(load_checkpoint(tmp_path / "ckpt").tensors["a"], torch.ones(3))
+    assert torch.equal(read_into_memory(tmp_path / "ckpt").tensors["a"], torch.ones(3))
 
 
 def test_tmpfs_falls_back_to_buffered_reads(dtype_ckpt: Path) -> None:
@@ -154,7 +155,7 @@ def test_tmpfs_falls_back_to_buffered_reads(dtype_ckpt: Path) -> None:
     copy = shm / f"sllm-test-{uuid.uuid4().hex[:8]}"
     shutil.copytree(dtype_ckpt, copy)
     try:
-        loaded = load_checkpoint(copy)  # tmpfs refuses O_DIRECT: must still load
+        loaded = read_into_memory(copy)  # tmpfs refuses O_DIRECT: must still load
         assert loaded.stats.direct_bytes == 0
         assert loaded.stats.buffered_bytes == loaded.index.total_bytes
         assert as_bytes(loaded.tensors["big"]) == as_bytes(all_dtype_tensors()["big"])
@@ -167,7 +168,7 @@ def test_cached_file_is_read_buffered(dtype_ckpt: Path) -> None:
     for p in index.partitions:
         (dtype_ckpt / p.file).read_bytes()  # now in the page cache
     image = allocate_image(image_layout(index)[1])
-    stats = read_image(dtype_ckpt, index, image)
+    stats = read_checkpoint(dtype_ckpt, index, writable_view(image))
     assert stats.buffered_bytes == index.total_bytes
     assert stats.direct_bytes == 0
 
@@ -177,7 +178,7 @@ def test_unaligned_image_still_loads(dtype_ckpt: Path) -> None:
     size = image_layout(index)[1]
     backing = torch.zeros(size + 64, dtype=torch.uint8)
     image = backing[64:]  # not 4096-aligned: O_DIRECT impossible, buffered reads instead
-    stats = read_image(dtype_ckpt, index, image)
+    stats = read_checkpoint(dtype_ckpt, index, writable_view(image))
     assert stats.direct_bytes == 0
     assert as_bytes(tensor_views(index, image)["f32"]) == as_bytes(all_dtype_tensors()["f32"])
 
@@ -191,7 +192,7 @@ def test_cold_file_is_read_with_o_direct(dtype_source: Path, tmp_path: Path) -> 
         fd = os.open(dst / p.file, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop it from the page cache
         os.close(fd)
-    loaded = load_checkpoint(dst)
+    loaded = read_into_memory(dst)
     if loaded.stats.direct_bytes == 0:
         pytest.skip("this file system refuses O_DIRECT")
     assert loaded.stats.direct_bytes == index.total_bytes

@@ -1,0 +1,192 @@
+"""The one checkpoint reader: a checkpoint directory's partitions into an image, at disk speed.
+
+The node's SSD -> DRAM hop (``runtime.cache.tiered``) reads with it straight into the DRAM
+entry's shared memory, and ``bench/load.py`` measures it on that same path. Built on
+``direct_io``: each chunk whose pages are mostly cold is read with O_DIRECT (16 MiB requests,
+4 in flight saturate this machine's disk: DESIGN.md "This machine"); a chunk mostly in the page
+cache (``mincore``) is read buffered in 4 MiB pieces, since O_DIRECT would ignore the cache and
+run ~5x slower. File systems that refuse O_DIRECT (tmpfs) and unaligned destinations are read
+buffered. Each partition's slot in the image is rounded up to 4096 (``image_layout``), so the
+rounded-up tail of a direct read stays inside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from runtime.ckpt.index import CheckpointIndex, check_partition_sizes, image_layout
+from runtime.loader.direct_io import (
+    DIRECT_ALIGN,
+    open_direct,
+    page_residency,
+    read_into,
+    resident_fraction,
+)
+from sllm.errors import CheckpointError
+
+# 16 MiB reads, 4 in flight: 2-4 reads of 4-16 MiB saturate this machine's disk (DESIGN.md).
+CHUNK_BYTES = 16 << 20
+THREADS = 4
+# Reads served by the page cache are memory copies: 4 MiB pieces (cache-friendly) on at most
+# one thread per core ran at ~5 GB/s here, against ~2 GB/s for 16 MiB on 4 threads.
+CACHED_CHUNK_BYTES = 4 << 20
+# A chunk with at least half its pages cached is read buffered (page cache -> memory at
+# ~7-9 GB/s) instead of O_DIRECT (disk speed, ~1-2 GB/s, whatever is cached).
+CACHED_FRACTION = 0.5
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ReadStats:
+    """What one ``read_checkpoint`` did. Bandwidth counts checkpoint bytes, not padding."""
+
+    bytes: int
+    seconds: float
+    direct_bytes: int
+    buffered_bytes: int
+    chunks: int
+    threads: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Job:
+    partition: int
+    offset: int  # in the partition file
+    length: int
+    at: int  # in the image
+    direct: bool
+
+
+def read_checkpoint(
+    directory: Path,
+    index: CheckpointIndex,
+    dest: memoryview,
+    *,
+    threads: int = THREADS,
+    executor: ThreadPoolExecutor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+    direct: bool | None = None,
+) -> ReadStats:
+    """Fill ``dest`` (a writable byte view of an image, ``image_layout(index)`` sized) with
+    every partition of ``directory``.
+
+    ``direct``: None decides per chunk from page-cache residency; True/False forces O_DIRECT
+    (where the file system allows it) or buffered reads. ``executor``: long-lived reader
+    threads (a node's; ``threads`` new ones otherwise); at most ``threads`` reads are in flight
+    either way, and at most one per core when every chunk is cached. Raises
+    ``CheckpointError`` for a missing or truncated partition; on any error no read is still
+    writing into ``dest`` when this returns.
+    """
+    directory = Path(directory)
+    starts, size = image_layout(index)
+    if len(dest) < size:
+        raise CheckpointError(f"{directory}: image holds {len(dest)} bytes, needs {size}")
+    if dest.readonly:
+        raise CheckpointError(f"{directory}: image is read-only, cannot read into it")
+    check_partition_sizes(directory, index)
+    aligned = size == 0 or _address(dest) % DIRECT_ALIGN == 0
+    fds: list[tuple[int, int | None]] = []
+    jobs: list[_Job] = []
+    began = time.perf_counter()
+    try:
+        for i, p in enumerate(index.partitions):
+            path = str(directory / p.file)
+            fd = os.open(path, os.O_RDONLY)
+            fd_direct = open_direct(path) if aligned and direct is not False else None
+            fds.append((fd, fd_direct))
+            residency = (
+                page_residency(fd, p.nbytes) if fd_direct is not None and direct is None else None
+            )
+            for off in range(0, p.nbytes, chunk_bytes):
+                length = min(chunk_bytes, p.nbytes - off)
+                cached = resident_fraction(residency, off, length) >= CACHED_FRACTION
+                if fd_direct is not None and not cached:
+                    jobs.append(_Job(i, off, length, starts[i] + off, True))
+                    continue
+                step = min(chunk_bytes, CACHED_CHUNK_BYTES)
+                for sub in range(off, off + length, step):
+                    sub_len = min(step, off + length - sub)
+                    jobs.append(_Job(i, sub, sub_len, starts[i] + sub, False))
+
+        def run(job: _Job) -> tuple[int, bool]:
+            fd, fd_direct = fds[job.partition]
+            try:
+                was_direct = read_into(
+                    fd, fd_direct if job.direct else None, dest[job.at :], job.offset, job.length
+                )
+            except EOFError as exc:
+                raise CheckpointError(
+                    f"{directory / index.partitions[job.partition].file}: {exc} (truncated?)"
+                ) from None
+            return job.length, was_direct
+
+        # Direct reads wait on the disk (more in flight helps); buffered ones are CPU copies
+        # (more threads than cores only adds contention).
+        any_direct = any(job.direct for job in jobs)
+        cap = threads if any_direct else min(threads, os.cpu_count() or 1)
+        workers = max(1, min(cap, len(jobs)))
+        results = bounded_map(run, jobs, workers, executor, "sllm-read")
+    finally:
+        for fd, fd_direct in fds:
+            os.close(fd)
+            if fd_direct is not None:
+                os.close(fd_direct)
+    seconds = time.perf_counter() - began
+    direct_bytes = sum(n for n, d in results if d)
+    total = sum(n for n, _ in results)
+    return ReadStats(total, seconds, direct_bytes, total - direct_bytes, len(jobs), workers)
+
+
+def bounded_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    in_flight: int,
+    executor: ThreadPoolExecutor | None,
+    name: str,
+) -> list[R]:
+    """``fn`` over ``items`` with at most ``in_flight`` calls running, results in order. On
+    the first error, calls not started are cancelled and running ones waited for before it is
+    raised: nothing keeps writing into the caller's buffers after this returns."""
+    if executor is None:
+        with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix=name) as own:
+            return bounded_map(fn, items, in_flight, own, name)
+    results: list[R] = []
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            if len(pending) >= in_flight:
+                results.append(pending.popleft().result())
+            pending.append(executor.submit(fn, item))
+        while pending:
+            results.append(pending.popleft().result())
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:
+            if not fut.cancelled():
+                fut.exception()  # waits; its own error is secondary to the one raised
+        raise
+    return results
+
+
+def _address(view: memoryview) -> int:
+    """The address of a writable buffer's first byte (for the O_DIRECT alignment check)."""
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor

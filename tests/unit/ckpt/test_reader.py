@@ -1,0 +1,95 @@
+"""The one reader (``runtime.loader.read``): residency, both read modes, a node's executor,
+and no read left writing into the destination after an error."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from runtime.cache.synthetic import write_random_checkpoint
+from runtime.ckpt.index import image_layout
+from runtime.loader.direct_io import page_residency, resident_fraction
+from runtime.loader.read import bounded_map, read_checkpoint
+from sllm.errors import CheckpointError
+
+
+def _residency(path: Path) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return resident_fraction(page_residency(fd, path.stat().st_size), 0, path.stat().st_size)
+    finally:
+        os.close(fd)
+
+
+def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    assert _residency(path) > 0.9  # just written: in the page cache
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # dirty pages cannot be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert _residency(path) < 0.5
+
+
+@pytest.mark.parametrize("direct", [True, False, None])
+@pytest.mark.parametrize("shared", [False, True])
+def test_reader_fills_the_image(tmp_path: Path, direct: bool | None, shared: bool) -> None:
+    # Odd sizes: the last chunk of each partition is not 4096-aligned.
+    index = write_random_checkpoint(tmp_path, (3 * (1 << 20) + 77, 5000))
+    starts, size = image_layout(index)
+    buf = mmap.mmap(-1, size)
+    view = memoryview(buf)
+    executor = ThreadPoolExecutor(4) if shared else None
+    try:
+        stats = read_checkpoint(
+            tmp_path, index, view, chunk_bytes=1 << 20, direct=direct, executor=executor
+        )
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    assert stats.bytes == index.total_bytes
+    if direct is False:
+        assert stats.direct_bytes == 0
+    for start, p in zip(starts, index.partitions, strict=True):
+        assert view[start : start + p.nbytes] == (tmp_path / p.file).read_bytes()
+    view.release()
+    buf.close()
+
+
+def test_reader_refuses_a_small_or_read_only_image(tmp_path: Path) -> None:
+    index = write_random_checkpoint(tmp_path, (8192,))
+    with pytest.raises(CheckpointError, match="image holds 4096 bytes, needs 8192"):
+        read_checkpoint(tmp_path, index, memoryview(bytearray(4096)))
+    with pytest.raises(CheckpointError, match="read-only"):
+        read_checkpoint(tmp_path, index, memoryview(bytes(8192)))
+
+
+def test_an_error_waits_for_the_reads_in_flight() -> None:
+    """The first error is raised only after the calls already running have returned, and no
+    call starts after it (callers free the destination right after an error)."""
+    running = threading.Event()
+    finished: list[int] = []
+
+    def work(i: int) -> int:
+        if i == 0:
+            running.set()
+            time.sleep(0.3)
+            finished.append(i)
+            return i
+        running.wait()
+        if i == 1:
+            raise OSError("disk gone")
+        finished.append(i)
+        return i
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(OSError, match="disk gone"):
+        bounded_map(work, range(50), 2, pool, "t")
+    assert 0 in finished  # the slow read was waited for
+    assert len(finished) <= 3  # the rest was cancelled, not run
