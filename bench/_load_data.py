@@ -1,17 +1,22 @@
 """Data and helpers of bench/load.py: a random Llama-shaped bf16 checkpoint of about N GB in
-three forms (HF safetensors, pytorch_model.bin, sllm), cache dropping and raw reads."""
+four forms (HF safetensors, pytorch_model.bin, tensorizer, sllm, the last also as an entry of
+an SSD tier), cache dropping, the fio limit and the memcpy limit."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 DATA = Path(__file__).resolve().parent / ".data"
 MiB = 1 << 20
+# The key the checkpoint has in the bench's SSD tier (bench/_load_peers.py reads it from there).
+SSD_KEY = "checkpoints/bench/load"
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 2048, 5632, 16, 32000
 
 
@@ -37,17 +42,20 @@ def llama_config(size_gb: float) -> dict[str, object]:
 
 
 def ensure_checkpoint(size_gb: float) -> tuple[Path, Path, Path]:
-    """(hf dir with model.safetensors, dir with pytorch_model.bin, sllm dir), built once."""
+    """(hf dir with model.safetensors, dir with pytorch_model.bin, sllm dir), built once; the
+    root also holds ``tensorizer/model.tensors`` and ``ssd/``, an SSD tier holding the sllm
+    checkpoint (hard links to the same files, so one page cache)."""
+    root = DATA / f"llama-{size_gb:g}gb"
+    hf, pt, ckpt = root / "hf", root / "pt", root / "sllm"
+    if (root / "complete").exists():
+        _ensure_extras(root, hf, ckpt)
+        return hf, pt, ckpt
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from runtime.ckpt.convert import convert_checkpoint
 
-    root = DATA / f"llama-{size_gb:g}gb"
-    hf, pt, ckpt = root / "hf", root / "pt", root / "sllm"
-    if (root / "complete").exists():
-        return hf, pt, ckpt
     shutil.rmtree(root, ignore_errors=True)
     hf.mkdir(parents=True)
     pt.mkdir()
@@ -67,7 +75,78 @@ def ensure_checkpoint(size_gb: float) -> tuple[Path, Path, Path]:
     del state
     convert_checkpoint(hf, ckpt)
     (root / "complete").write_text("ok\n")
+    _ensure_extras(root, hf, ckpt)
     return hf, pt, ckpt
+
+
+def _ensure_extras(root: Path, hf: Path, ckpt: Path) -> None:
+    tensors = root / "tensorizer" / "model.tensors"
+    if not tensors.exists():
+        from safetensors.torch import load_file
+        from tensorizer import TensorSerializer
+
+        tensors.parent.mkdir(exist_ok=True)
+        tmp = tensors.with_suffix(".tmp")
+        serializer = TensorSerializer(str(tmp))
+        serializer.write_state_dict(load_file(str(hf / "model.safetensors")))
+        serializer.close()
+        tmp.rename(tensors)
+    entry = root / "ssd" / "entries" / quote(SSD_KEY, safe="")
+    if not entry.exists():
+        tmp_entry = entry.with_name(entry.name + ".tmp")
+        shutil.rmtree(tmp_entry, ignore_errors=True)
+        tmp_entry.mkdir(parents=True)
+        for f in ckpt.iterdir():
+            os.link(f, tmp_entry / f.name)
+        tmp_entry.rename(entry)
+
+
+def tensorizer_file(ckpt: Path) -> Path:
+    return ckpt.parent / "tensorizer" / "model.tensors"
+
+
+def ssd_root(ckpt: Path) -> Path:
+    return ckpt.parent / "ssd"
+
+
+def ensure_fio() -> str:
+    """The fio binary; installed with apt-get (Debian's package) when missing, saying so."""
+    found = shutil.which("fio")
+    if found:
+        return found
+    print("fio is not installed: installing Debian's fio package (apt-get)", file=sys.stderr)
+    subprocess.run(["apt-get", "install", "-y", "-q", "fio"], check=True)
+    found = shutil.which("fio")
+    if not found:
+        raise SystemExit("fio: apt-get ran but no fio binary was installed")
+    return found
+
+
+FIO_JOBS = (("16m", 4), ("4m", 16))
+
+
+def fio_read(fio: str, paths: list[Path]) -> dict[str, float]:
+    """Seconds for fio to read every byte of ``paths`` (O_DIRECT, libaio), once per job shape
+    of ``FIO_JOBS`` (block size, queue depth): the disk's limit is the fastest of them."""
+    out: dict[str, float] = {}
+    total = sum(p.stat().st_size for p in paths)
+    for bs, depth in FIO_JOBS:
+        result = subprocess.run(
+            [
+                fio, "--name=limit", "--readonly", "--rw=read", "--direct=1",
+                "--ioengine=libaio", f"--bs={bs}", f"--iodepth={depth}",
+                "--filename=" + ":".join(str(p).replace(":", "\\:") for p in paths),
+                "--output-format=json",
+            ],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        job = json.loads(result.stdout)["jobs"][0]["read"]
+        # fio reads whole blocks: each file's tail under one block is left out, so the time
+        # is scaled to every byte at fio's own rate
+        if job["io_bytes"] < 0.95 * total:
+            raise RuntimeError(f"fio read {job['io_bytes']} of {total} bytes")
+        out[f"fio_{bs}_qd{depth}"] = job["runtime"] / 1000.0 * total / job["io_bytes"]
+    return out
 
 
 def files_of(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -87,49 +166,6 @@ def drop_caches(paths: list[Path]) -> str:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         return "fadvise"
-
-
-def raw_read(paths: list[Path], *, threads: int = 4, chunk: int = 16 * MiB) -> float:
-    """Seconds to read every byte of ``paths`` with the loader's I/O pattern (O_DIRECT where
-    possible, 16 MiB reads, ``threads`` in flight) into one small reused buffer per thread:
-    the disk's limit, free of any destination-memory cost."""
-    import mmap
-    import threading
-
-    from runtime.loader.direct_io import open_direct
-
-    jobs = iter(
-        [
-            (p, off, min(chunk, p.stat().st_size - off))
-            for p in paths
-            for off in range(0, p.stat().st_size, chunk)
-        ]
-    )
-    lock = threading.Lock()
-    fds = {p: open_direct(str(p)) or os.open(p, os.O_RDONLY) for p in paths}
-    buffers = [
-        mmap.mmap(-1, chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(threads)
-    ]
-    for b in buffers:
-        b.write(b"\0" * chunk)  # touched once, outside the timing
-
-    def worker(buffer: mmap.mmap) -> None:
-        view = memoryview(buffer)
-        while True:
-            with lock:
-                job = next(jobs, None)
-            if job is None:
-                return
-            path, off, length = job
-            os.preadv(fds[path], [view[: (length + 4095) // 4096 * 4096]], off)
-
-    began = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(worker, buffers))
-    seconds = time.perf_counter() - began
-    for fd in fds.values():
-        os.close(fd)
-    return seconds
 
 
 def memcpy_gbps(nbytes: int = 512 * MiB) -> float:
@@ -157,3 +193,7 @@ def touch_pages(tensors: list[object]) -> int:
         if flat.numel():
             total += int(flat[::4096].sum())
     return total
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]

@@ -1,25 +1,20 @@
-"""Checkpoint loading benchmark (issue 2): the sllm loader against the disk's limit, safetensors,
-torch.load(mmap=True) and transformers' from_pretrained, cold and warm, in one run.
+"""Checkpoint loading benchmark (issues 2 and 15): sllm's SSD -> DRAM load, the code that serves,
+against the disk's limit measured by fio and against its peers (safetensors, fastsafetensors,
+Run:ai model streamer, tensorizer), cold and warm, in one run.
 
-    .venv/bin/python bench/load.py --size-gb 2 --json bench/.data/load.json
+    .venv/bin/python bench/load.py --size-gb 2 --runs 4 --json bench/.data/load.json
 
 Builds (once, under bench/.data/) a random Llama-shaped bf16 checkpoint of about N GB as HF
-safetensors, as pytorch_model.bin and in the sllm format. Every figure is the median of
-``--runs`` runs (>= 3) with the loaders alternating order between runs. "Cold" = page cache
-dropped before each measurement (/proc/sys/vm/drop_caches as root, else posix_fadvise
-DONTNEED; the JSON's ``cold_method`` says which); "warm" = the files were read just before.
-
-- ``limit``: the same partition bytes read with the loader's I/O pattern (O_DIRECT, 16 MiB,
-  4 in flight) into small reused buffers: what the disk gives.
-- ``sllm``: ``read_image`` into a pre-touched image (the node's buffer pool) + tensor views;
-  ``sllm_fresh``: ``load_checkpoint`` allocating its image during the load.
-- ``safetensors``: ``safetensors.torch.load_file`` then one byte of every page read;
-  ``torch_mmap``: ``torch.load(mmap=True)`` then every page read.
-- ``ready_sllm``: ``load_model`` into the pool image: reads, with the meta skeleton built on a
-  side thread meanwhile, then views + assign;
-  ``ready_from_pretrained``: ``from_pretrained`` + every parameter page read (it maps lazily).
-- ``peak_rss_bytes``: in a fresh process, peak RSS during ``load_checkpoint`` + ``build_model``
-  minus the RSS before it (imports excluded); ``peak_rss_process_bytes`` is the absolute peak.
+safetensors, pytorch_model.bin, tensorizer and sllm files (the last also as an SSD-tier entry).
+Every measurement runs in a fresh process (bench/_load_peers.py says what each contender does);
+the parent drops the page cache (``echo 3 > /proc/sys/vm/drop_caches`` as root, else
+posix_fadvise DONTNEED: ``cold_method``) or reads the contender's files just before ("warm"),
+then lets it go. Contenders run in ABBA order: rounds alternate forward, backward, backward,
+forward, so each follows each other equally often. ``fio`` (installed with apt-get when
+missing) reads the sllm partitions with O_DIRECT and libaio in two job shapes; the limit of a
+round is the faster. ``memcpy`` (512 MiB between touched buffers) is the warm limit. Figures are
+medians over rounds; ratios are per round, then the median (``paired_ratios``), and targets are
+judged on those. The load average is recorded beside every sample.
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,68 +36,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _load_data import (
     drop_caches,
     ensure_checkpoint,
-    files_of,
+    ensure_fio,
+    fio_read,
+    load_average,
     memcpy_gbps,
-    raw_read,
-    touch_pages,
+    tensorizer_file,
 )
 
+PEERS = ("safetensors", "fastsafetensors", "runai", "tensorizer")
+COLD = ("fio", "sllm", *PEERS, "torch_mmap", "sllm_fresh")
+WARM = ("sllm", *PEERS)
+READY = ("sllm_ready", "from_pretrained")
+# Issue 15's targets, on this machine, ratios within one run (paired per round).
 TARGETS = {
-    "sllm_vs_limit_cold": 0.9,
-    "sllm_vs_safetensors_cold": 1.3,
-    "sllm_warm_vs_memcpy": 0.8,
-    "ready_speedup_cold": 1.3,
-    "peak_rss_vs_checkpoint_max": 1.15,
+    "sllm_vs_limit_cold": 0.95,
+    "sllm_vs_best_peer_cold": 1.05,
+    "sllm_warm_vs_memcpy": 0.9,
+    "peak_rss_vs_checkpoint_max": 1.05,
 }
 
 
-def rss_probe(ckpt: Path) -> None:
-    """Child mode: print peak RSS figures of load_checkpoint + build_model as JSON."""
-    import psutil
+class Run:
+    def __init__(self, size_gb: float) -> None:
+        from runtime.ckpt.index import read_index
 
-    from runtime.loader.cpu import load_checkpoint
-    from runtime.loader.model import build_model, load_config
-
-    load_config(ckpt)  # imports and model-class set-up happen before the baseline
-    before = psutil.Process().memory_info().rss
-    loaded = load_checkpoint(ckpt)
-    model = build_model(ckpt, loaded.tensors)
-    # VmHWM (peak RSS of this address space), not ru_maxrss: the latter survives exec and can
-    # report the parent's RSS from before the fork.
-    peak = _vm_hwm()
-    print(
-        json.dumps(
-            {"before": before, "peak": peak, "params": sum(p.numel() for p in model.parameters())}
-        )
-    )
-
-
-def _vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-class Bench:
-    def __init__(self, hf: Path, pt: Path, ckpt: Path) -> None:
-        from runtime.ckpt.index import image_layout, read_index
-        from runtime.loader.cpu import allocate_image
-
-        self.hf, self.pt, self.ckpt = hf, pt, ckpt
-        self.index = read_index(ckpt)
-        self.parts = [ckpt / p.file for p in self.index.partitions]
-        self.all_files = [*self.parts, *files_of(hf, (".safetensors",)), *files_of(pt, (".bin",))]
-        self.pool = allocate_image(image_layout(self.index)[1])  # touched once, like a node's pool
-        self.samples: dict[str, list[float]] = {}
+        self.size_gb = size_gb
+        self.fio = ensure_fio()
+        self.hf, self.pt, self.ckpt = ensure_checkpoint(size_gb)
+        self.index = read_index(self.ckpt)
+        self.parts = [self.ckpt / p.file for p in self.index.partitions]
+        st = self.hf / "model.safetensors"
+        self.files = {
+            "sllm": self.parts,
+            "sllm_fresh": self.parts,
+            "sllm_ready": self.parts,
+            "safetensors": [st],
+            "fastsafetensors": [st],
+            "runai": [st],
+            "tensorizer": [tensorizer_file(self.ckpt)],
+            "torch_mmap": [self.pt / "pytorch_model.bin"],
+            "from_pretrained": [st],
+        }
+        self.nbytes = {k: sum(p.stat().st_size for p in v) for k, v in self.files.items()}
+        self.all_files = sorted({p for v in self.files.values() for p in v})
+        self.samples: dict[str, list[Any]] = {}
         self.cold_method = ""
 
-    def record(self, key: str, value: float) -> None:
+    def record(self, key: str, value: Any) -> None:
         self.samples.setdefault(key, []).append(value)
-
-    def cold(self) -> None:
-        self.cold_method = drop_caches(self.all_files)
 
     def warm(self, paths: list[Path]) -> None:
         for p in paths:
@@ -111,101 +91,62 @@ class Bench:
                 while f.read(64 << 20):
                     pass
 
-    # ---- loaders: each returns seconds ------------------------------------------------
-    def limit(self) -> float:
-        return raw_read(self.parts)
+    def child(self, name: str, cold: bool) -> dict[str, Any]:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", name, "--size-gb", str(self.size_gb)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            line = proc.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"{name}: child said {line!r} instead of ready")
+            if cold:
+                self.cold_method = drop_caches(self.all_files)
+            else:
+                self.warm(self.files[name])
+                self.record(f"{name}_warm_resident_fraction", resident(self.files[name]))
+            self.record(f"{name}_{'cold' if cold else 'warm'}_load_average", load_average())
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            result: dict[str, Any] = json.loads(proc.stdout.readline())
+        finally:
+            proc.stdin.close()
+            if proc.wait(timeout=300) != 0:
+                raise RuntimeError(f"{name}: child exited with {proc.returncode}")
+        return result
 
-    def sllm(self) -> float:
-        from runtime.loader.cpu import read_image, tensor_views
+    def measure(self, name: str, cold: bool) -> None:
+        mode = "cold" if cold else "warm"
+        if name == "fio":
+            self.cold_method = drop_caches(self.all_files)
+            self.record("fio_cold_load_average", load_average())
+            shapes = fio_read(self.fio, self.parts)
+            for k, v in shapes.items():
+                self.record(f"{k}_cold_s", v)
+            self.record("limit_cold_s", min(shapes.values()))
+            return
+        result = self.child(name, cold)
+        self.record(f"{name}_{mode}_s", result.pop("seconds"))
+        for key, value in result.items():
+            self.record(f"{name}_{mode}_{key}", value)
 
-        began = time.perf_counter()
-        read_image(self.ckpt, self.index, self.pool)
-        tensor_views(self.index, self.pool)
-        return time.perf_counter() - began
+    def round(self, r: int, runs: int) -> None:
+        flip = r % 4 in (1, 2)  # ABBA: forward, backward, backward, forward, ...
 
-    def sllm_fresh(self) -> float:
-        from runtime.loader.cpu import load_checkpoint
+        def order(names: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(reversed(names)) if flip else names
 
-        began = time.perf_counter()
-        loaded = load_checkpoint(self.ckpt)
-        seconds = time.perf_counter() - began
-        del loaded
-        return seconds
-
-    def safetensors(self) -> float:
-        from safetensors.torch import load_file
-
-        began = time.perf_counter()
-        state = load_file(str(self.hf / "model.safetensors"))
-        touch_pages(list(state.values()))
-        seconds = time.perf_counter() - began
-        del state
-        return seconds
-
-    def torch_mmap(self) -> float:
-        import torch
-
-        began = time.perf_counter()
-        state = torch.load(self.pt / "pytorch_model.bin", mmap=True, weights_only=True)
-        touch_pages(list(state.values()))
-        seconds = time.perf_counter() - began
-        del state
-        return seconds
-
-    def ready_sllm(self) -> float:
-        from runtime.loader.model import load_model
-
-        t0 = time.perf_counter()
-        loaded, model = load_model(self.ckpt, image=self.pool)
-        touch_pages(list(model.parameters()))
-        seconds = time.perf_counter() - t0
-        # the meta skeleton is built on a side thread during the reads
-        self.record("ready_sllm_read_s", loaded.stats.seconds)
-        self.record("ready_sllm_after_read_s", seconds - loaded.stats.seconds)
-        del model, loaded
-        return seconds
-
-    def ready_from_pretrained(self) -> float:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(self.hf, dtype=torch.bfloat16)
-        t1 = time.perf_counter()
-        touch_pages(list(model.parameters()))
-        t2 = time.perf_counter()
-        self.record("ready_from_pretrained_load_s", t1 - t0)
-        self.record("ready_from_pretrained_touch_s", t2 - t1)
-        del model
-        return t2 - t0
-
-
-def cuda_figures(bench: Bench, runs: int) -> dict[str, Any]:
-    """Directory -> device (cold) and pinned DRAM image -> device, when CUDA exists."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"available": False, "note": "no CUDA on this machine: CUDA loader not measured"}
-    from runtime.loader.cuda import image_to_cuda, load_to_cuda, pin_image, unpin_image
-
-    nbytes = bench.index.total_bytes
-    cold, pinned = [], []
-    pinned_ok = pin_image(bench.pool)
-    for _ in range(runs):
-        bench.cold()
-        cold.append(load_to_cuda(bench.ckpt).stats.seconds)
-        torch.cuda.empty_cache()
-        pinned.append(image_to_cuda(bench.index, bench.pool).stats.seconds)
-        torch.cuda.empty_cache()
-    if pinned_ok:
-        unpin_image(bench.pool)
-    return {
-        "available": True,
-        "device": torch.cuda.get_device_name(),
-        "dir_to_device_cold_gbps": nbytes / median(cold) / 1e9,
-        "dram_to_device_gbps": nbytes / median(pinned) / 1e9,
-        "dram_image_pinned": pinned_ok,
-    }
+        print(f"round {r + 1}/{runs} ({'B' if flip else 'A'})", file=sys.stderr)
+        for name in order(COLD):
+            self.measure(name, cold=True)
+        for name in order(READY):
+            self.measure(name, cold=True)
+        for name in order(WARM):
+            self.measure(name, cold=False)
+        self.record("memcpy_gbps", memcpy_gbps())
 
 
 def resident(paths: list[Path]) -> float:
@@ -224,160 +165,178 @@ def resident(paths: list[Path]) -> float:
     return cached / total if total else 0.0
 
 
-def paired(samples: dict[str, list[float]], nbytes: int) -> dict[str, float]:
-    """Ratios computed within each run, then the median: robust to drifts between runs."""
-
-    def per_run(f: Callable[[int], float]) -> float:
-        return median([f(i) for i in range(len(samples["sllm_cold_s"]))])
-
-    return {
-        "sllm_vs_limit_cold": per_run(
-            lambda i: samples["limit_cold_s"][i] / samples["sllm_cold_s"][i]
-        ),
-        "sllm_warm_vs_memcpy": per_run(
-            lambda i: nbytes / samples["sllm_warm_s"][i] / 1e9 / samples["memcpy_gbps"][i]
-        ),
-        "ready_speedup_cold": per_run(
-            lambda i: samples["ready_from_pretrained_cold_s"][i] / samples["ready_sllm_cold_s"][i]
-        ),
-    }
-
-
-def model_steps(bench: Bench) -> dict[str, float]:
-    """Seconds of each CPU step after the reads, measured one by one (warm, image loaded)."""
-    from runtime.loader.cpu import tensor_views
-    from runtime.loader.model import assign_tensors, build_skeleton
-
-    t0 = time.perf_counter()
-    views = tensor_views(bench.index, bench.pool)
-    t1 = time.perf_counter()
-    skeleton = build_skeleton(bench.ckpt)
-    t2 = time.perf_counter()
-    assign_tensors(skeleton, bench.ckpt, views)
-    t3 = time.perf_counter()
-    return {"views_s": t1 - t0, "meta_skeleton_s": t2 - t1, "assign_s": t3 - t2}
-
-
-def run_round(bench: Bench, cold: list[tuple[str, Callable[[], float]]], flip: bool) -> None:
-    for key, fn in reversed(cold) if flip else cold:
-        bench.cold()
-        bench.record(key, fn())
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def summarize(run: Run, runs: int) -> dict[str, Any]:
+    s, nb = run.samples, run.nbytes
+    m = {k: median(v) for k, v in s.items() if v and isinstance(v[0], int | float)}
+    ckpt_bytes = run.index.total_bytes
+
+    def gbps(name: str, mode: str) -> float:
+        return float(nb[name] / m[f"{name}_{mode}_s"] / 1e9)
+
+    def per_round(name: str, mode: str) -> list[float]:
+        return [nb[name] / t / 1e9 for t in s[f"{name}_{mode}_s"]]
+
+    limit = [ckpt_bytes / t / 1e9 for t in s["limit_cold_s"]]
+    sllm = per_round("sllm", "cold")
+    touched = [
+        nb["sllm"] / (t + v) / 1e9
+        for t, v in zip(s["sllm_cold_s"], s["sllm_cold_views_touched_s"], strict=True)
+    ]
+    best_peer = [max(per_round(p, "cold")[i] for p in PEERS) for i in range(runs)]
+    paired = {
+        "sllm_vs_limit_cold": median([a / b for a, b in zip(sllm, limit, strict=True)]),
+        "sllm_vs_best_peer_cold": median([a / b for a, b in zip(sllm, best_peer, strict=True)]),
+        "sllm_touched_vs_best_peer_cold": median(
+            [a / b for a, b in zip(touched, best_peer, strict=True)]
+        ),
+        "sllm_warm_vs_memcpy": median(
+            [a / b for a, b in zip(per_round("sllm", "warm"), s["memcpy_gbps"], strict=True)]
+        ),
+        "ready_speedup_cold": median(
+            [
+                a / b
+                for a, b in zip(s["from_pretrained_cold_s"], s["sllm_ready_cold_s"], strict=True)
+            ]
+        ),
+        "peak_rss_vs_checkpoint_max": m["sllm_cold_peak_rss_bytes"] / ckpt_bytes,
+    }
+    peers = {
+        p: {
+            "cold_gbps": gbps(p, "cold"),
+            "warm_gbps": gbps(p, "warm"),
+            "peak_rss_bytes": int(m[f"{p}_cold_peak_rss_bytes"]),
+            "vs_limit_cold": gbps(p, "cold") / (ckpt_bytes / m["limit_cold_s"] / 1e9),
+            "sllm_vs_it_cold": median(
+                [a / b for a, b in zip(sllm, per_round(p, "cold"), strict=True)]
+            ),
+        }
+        for p in PEERS
+    }
+    result: dict[str, Any] = {
+        "checkpoint_bytes": ckpt_bytes,
+        "limit_tool": "fio",
+        "limit_cold_gbps": ckpt_bytes / m["limit_cold_s"] / 1e9,
+        "limit_shapes_cold_gbps": {
+            k[: -len("_cold_s")]: ckpt_bytes / v / 1e9
+            for k, v in m.items()
+            if k.startswith("fio_") and k.endswith("_cold_s")
+        },
+        "sllm_cold_gbps": gbps("sllm", "cold"),
+        "sllm_touched_cold_gbps": median(touched),
+        "sllm_fresh_cold_gbps": gbps("sllm_fresh", "cold"),
+        "sllm_warm_gbps": gbps("sllm", "warm"),
+        "memcpy_gbps": m["memcpy_gbps"],
+        "safetensors_cold_gbps": peers["safetensors"]["cold_gbps"],
+        "safetensors_warm_gbps": peers["safetensors"]["warm_gbps"],
+        "torch_mmap_cold_gbps": gbps("torch_mmap", "cold"),
+        "peers": peers,
+        "best_peer_cold_gbps": max(p["cold_gbps"] for p in peers.values()),
+        "ready_sllm_cold_s": m["sllm_ready_cold_s"],
+        "ready_from_pretrained_cold_s": m["from_pretrained_cold_s"],
+        "ready_breakdown_s": {
+            k: v
+            for k, v in m.items()
+            if k.startswith(("sllm_ready_cold_", "from_pretrained_cold_")) and k.endswith("_s")
+        },
+        "model_steps_s": {
+            "views_touched_s": m["sllm_cold_views_touched_s"],
+            "build_s": m["sllm_ready_cold_build_s"],
+        },
+        "peak_rss_bytes": int(m["sllm_cold_peak_rss_bytes"]),
+        "peak_rss_process_bytes": int(m["sllm_cold_peak_rss_process_bytes"]),
+        "cold_method": run.cold_method,
+        "runs": runs,
+        "paired_ratios": paired,
+        "samples": s,
+    }
+    result["ratios"] = {
+        "sllm_vs_limit_cold": result["sllm_cold_gbps"] / result["limit_cold_gbps"],
+        "sllm_vs_best_peer_cold": result["sllm_cold_gbps"] / result["best_peer_cold_gbps"],
+        "sllm_warm_vs_memcpy": result["sllm_warm_gbps"] / result["memcpy_gbps"],
+        "ready_speedup_cold": result["ready_from_pretrained_cold_s"] / result["ready_sllm_cold_s"],
+        "peak_rss_vs_checkpoint_max": result["peak_rss_bytes"] / ckpt_bytes,
+    }
+    result["targets"] = {
+        k: {
+            "target": t,
+            "value": round(paired[k], 3),
+            "met": paired[k] <= t if k.endswith("_max") else paired[k] >= t,
+        }
+        for k, t in TARGETS.items()
+    }
+    return result
+
+
+def cuda_figures(run: Run, runs: int) -> dict[str, Any]:
+    """DRAM entry -> device through the instance's pipelined copy, where CUDA exists."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"available": False, "note": "no CUDA on this machine: the CUDA path not measured"}
+    from runtime.loader.cuda import image_to_device
+    from tests.loaded import dram_entry
+
+    shm = Path("/dev/shm") / f"sllm-bench-cuda-{os.getpid()}"
+    try:
+        from runtime.loader.cpu import entry_tensors
+
+        entry = entry_tensors(dram_entry(run.ckpt, shm))
+        seconds, modes = [], set()
+        for _ in range(runs):
+            placed = image_to_device(entry.index, entry.image, "cuda:0")
+            seconds.append(placed.stats.seconds)
+            modes.add(placed.stats.mode)
+            del placed
+            torch.cuda.empty_cache()
+        entry.close()
+    finally:
+        import shutil
+
+        shutil.rmtree(shm, ignore_errors=True)
+    return {
+        "available": True,
+        "device": torch.cuda.get_device_name(0),
+        "dram_to_device_gbps": run.index.total_bytes / median(seconds) / 1e9,
+        "modes": sorted(modes),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    ap.add_argument("--runs", type=int, default=3, help="runs per figure (>= 3)")
-    ap.add_argument("--rss-probe", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, default=4, help="rounds (>= 4, a multiple of 2: ABBA)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.rss_probe:
-        rss_probe(args.rss_probe)
-        return 0
-    if args.runs < 3:
-        ap.error("--runs must be at least 3 (figures are medians)")
+    if args.child:
+        from _load_peers import child_main
+
+        hf, pt, ckpt = ensure_checkpoint(args.size_gb)
+        return child_main(args.child, hf, pt, ckpt)
+    if args.runs < 4 or args.runs % 2:
+        ap.error("--runs must be an even number >= 4 (ABBA order, medians)")
 
     import torch
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf, pt, ckpt = ensure_checkpoint(args.size_gb)
-    bench = Bench(hf, pt, ckpt)
-    nbytes = bench.index.total_bytes
-    st_bytes = (hf / "model.safetensors").stat().st_size
-    pt_bytes = (pt / "pytorch_model.bin").stat().st_size
-    print(f"checkpoint: {nbytes / 1e9:.2f} GB in {len(bench.parts)} partitions", file=sys.stderr)
-
-    # untimed warm-up of both ready paths (first use of the model classes costs ~2 s here)
-    bench.ready_sllm()
-    bench.ready_from_pretrained()
-    bench.samples.clear()
-
-    loaders = [
-        ("limit_cold_s", bench.limit),
-        ("sllm_cold_s", bench.sllm),
-        ("safetensors_cold_s", bench.safetensors),
-        ("torch_mmap_cold_s", bench.torch_mmap),
-        ("sllm_fresh_cold_s", bench.sllm_fresh),
-    ]
-    ready = [
-        ("ready_sllm_cold_s", bench.ready_sllm),
-        ("ready_from_pretrained_cold_s", bench.ready_from_pretrained),
-    ]
+    run = Run(args.size_gb)
+    print(f"checkpoint: {run.index.total_bytes / 1e9:.2f} GB", file=sys.stderr)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_before = load_average()
     for r in range(args.runs):
-        print(f"run {r + 1}/{args.runs}", file=sys.stderr)
-        run_round(bench, loaders, flip=bool(r % 2))
-        run_round(bench, ready, flip=bool(r % 2))
-        # warm: files read just before; residency recorded because other processes dropping
-        # the page cache (shared machine) would turn a "warm" read cold
-        bench.warm(bench.parts)
-        bench.record("warm_resident_fraction", resident(bench.parts))
-        bench.record("sllm_warm_s", bench.sllm())
-        bench.record("memcpy_gbps", memcpy_gbps())
-        bench.warm([hf / "model.safetensors"])
-        bench.record("safetensors_warm_s", bench.safetensors())
-
-    steps = [model_steps(bench) for _ in range(args.runs)]
-    cuda = cuda_figures(bench, args.runs)
-    probe = subprocess.run(
-        [sys.executable, __file__, "--rss-probe", str(ckpt)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    rss = json.loads(probe.stdout.strip().splitlines()[-1])
-
-    m = {k: median(v) for k, v in bench.samples.items()}
-    result: dict[str, Any] = {
-        "checkpoint_bytes": nbytes,
-        "limit_cold_gbps": nbytes / m["limit_cold_s"] / 1e9,
-        "sllm_cold_gbps": nbytes / m["sllm_cold_s"] / 1e9,
-        "sllm_fresh_cold_gbps": nbytes / m["sllm_fresh_cold_s"] / 1e9,
-        "safetensors_cold_gbps": st_bytes / m["safetensors_cold_s"] / 1e9,
-        "torch_mmap_cold_gbps": pt_bytes / m["torch_mmap_cold_s"] / 1e9,
-        "memcpy_gbps": m["memcpy_gbps"],
-        "sllm_warm_gbps": nbytes / m["sllm_warm_s"] / 1e9,
-        "safetensors_warm_gbps": st_bytes / m["safetensors_warm_s"] / 1e9,
-        "ready_sllm_cold_s": m["ready_sllm_cold_s"],
-        "ready_from_pretrained_cold_s": m["ready_from_pretrained_cold_s"],
-        "ready_breakdown_s": {
-            k: v for k, v in m.items() if k.startswith("ready_") and k.count("_") > 3
-        },
-        "model_steps_s": {k: median([s[k] for s in steps]) for k in steps[0]},
-        "cuda": cuda,
-        "peak_rss_bytes": rss["peak"] - rss["before"],
-        "peak_rss_process_bytes": rss["peak"],
-        "cold_method": bench.cold_method,
-        "runs": args.runs,
-        "samples": bench.samples,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        run.round(r, args.runs)
+    result = summarize(run, args.runs)
+    result["cuda"] = cuda_figures(run, args.runs)
+    result["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average_start_end": [load_before, load_average()],
     }
-    ratios = {
-        "sllm_vs_limit_cold": result["sllm_cold_gbps"] / result["limit_cold_gbps"],
-        "sllm_vs_safetensors_cold": result["sllm_cold_gbps"] / result["safetensors_cold_gbps"],
-        "sllm_warm_vs_memcpy": result["sllm_warm_gbps"] / result["memcpy_gbps"],
-        "ready_speedup_cold": result["ready_from_pretrained_cold_s"] / result["ready_sllm_cold_s"],
-        "peak_rss_vs_checkpoint_max": result["peak_rss_bytes"] / nbytes,
-    }
-    result["ratios"] = ratios
-    result["paired_ratios"] = paired(bench.samples, nbytes)
-    result["targets"] = {
-        k: {
-            "target": t,
-            "value": round(ratios[k], 3),
-            "met": ratios[k] <= t if k.endswith("_max") else ratios[k] >= t,
-        }
-        for k, t in TARGETS.items()
-    }
+    result["timestamp"] = started
     text = json.dumps(result, indent=1, sort_keys=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
