@@ -12,9 +12,13 @@ repetition, one greedy stream (``ignore_eos``, N + 400 tokens) runs on instance 
   (``follow_moves`` + ``StreamResumer``). Measured: the command's time (``total_s``), the
   protocol's rounds and switch, and the largest gap between two tokens at the client
   (``pause_s``; ``gap_s`` is the median gap, i.e. one decoding step).
-- ``restart``: the request, preempted at N tokens, restarts from its prompt on D: the pause is
-  the time from the resubmission until token N + 1 arrives (its N tokens are decoded again
-  first; the preemption itself is not counted). Loading the model on D is not included (``load_s`` is reported apart:
+- ``restart``: the request, preempted at N tokens, restarts on D with its prompt and the N
+  tokens it had as one prompt (the client holds their text): the pause is the time from the
+  resubmission until the next token arrives, i.e. one prefill of prompt + N tokens and one
+  step (the preemption itself is not counted). ``redecode``, for reference, restarts from the
+  prompt alone and decodes the N tokens again one step at a time (its stream is also the
+  reference the migrated output is compared with). Loading the model on D is not included
+  (``load_s`` is reported apart:
   command to ready of an instance, pre-started process, checkpoint in DRAM) and would add to
   the restart's pause where no instance of the model runs on D yet; migration needs a loaded
   target too, so the comparison of pauses is fair without it.
@@ -139,8 +143,9 @@ async def stream_tokens(
 
 
 class Bench:
-    def __init__(self, bus: NatsBus, node: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, bus: NatsBus, node: str, http: httpx.AsyncClient, tokenizer: Any) -> None:
         self.bus, self.node, self.http = bus, node, http
+        self.tokenizer = tokenizer
         self.events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
         self.secrets: dict[str, str] = {}  # instance address -> its secret
 
@@ -192,12 +197,22 @@ class Bench:
             "ids": tokens,
         }
 
-    async def restart_run(self, n: int, target: tuple[str, str]) -> dict[str, Any]:
-        """The request preempted at N tokens restarts from its prompt on ``target``: the pause
-        runs from the resubmission to token N + 1 (the source's side costs nothing here)."""
+    async def redecode_run(self, n: int, target: tuple[str, str]) -> dict[str, Any]:
+        """The request preempted at N tokens restarts from its prompt alone on ``target``: the
+        pause runs from the resubmission to token N + 1 (the N tokens are decoded again)."""
         started = time.perf_counter()
         ids, times = await stream_tokens(self.http, target[1], self.body(n), 0, None, self.secrets)
         return {"pause_s": times[n] - started, "ids": ids}
+
+    async def restart_run(self, n: int, ids: list[int], target: tuple[str, str]) -> dict[str, Any]:
+        """The request preempted at N tokens restarts on ``target`` with prompt + its N tokens
+        as one prompt: the pause is one prefill and a step, to the first new token."""
+        text = PROMPT + self.tokenizer.decode(ids[:n])
+        body = {**self.body(0), "prompt": text, "max_tokens": 1}
+        started = time.perf_counter()
+        _, times = await stream_tokens(self.http, target[1], body, 0, None)
+        prompt_tokens = len(self.tokenizer(text).input_ids)
+        return {"pause_s": times[0] - started, "prompt_tokens": prompt_tokens}
 
     @staticmethod
     def body(n: int) -> dict[str, Any]:
@@ -260,7 +275,9 @@ async def run(args: argparse.Namespace, env: dict[str, str], nbytes: int) -> dic
     )
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=5)) as http:
-            bench = Bench(bus, node_id, http)
+            from transformers import AutoTokenizer
+
+            bench = Bench(bus, node_id, http, AutoTokenizer.from_pretrained(args.ckpt))
 
             async def on_event(msg: Any) -> None:
                 await bench.events.put(decode_as(msg.data, InstanceEvent))
@@ -282,9 +299,17 @@ async def run(args: argparse.Namespace, env: dict[str, str], nbytes: int) -> dic
                 for rep in range(args.repeat):
                     source, target = pair[rep % 2], pair[1 - rep % 2]
                     moved = await bench.migrate_run(n, source, target)
-                    restarted = await bench.restart_run(n, target)
-                    same = moved.pop("ids") == restarted.pop("ids")
-                    row = {"n": n, "rep": rep, **moved, "restart_pause_s": restarted["pause_s"]}
+                    redecoded = await bench.redecode_run(n, target)
+                    restarted = await bench.restart_run(n, redecoded["ids"], target)
+                    same = moved.pop("ids") == redecoded.pop("ids")
+                    row = {
+                        "n": n,
+                        "rep": rep,
+                        **moved,
+                        "restart_pause_s": restarted["pause_s"],
+                        "restart_prompt_tokens": restarted["prompt_tokens"],
+                        "redecode_pause_s": redecoded["pause_s"],
+                    }
                     row["identical_output"] = same
                     rows.append(row)
                     if moved["moved"]:
@@ -307,6 +332,7 @@ async def run(args: argparse.Namespace, env: dict[str, str], nbytes: int) -> dic
                         "restart_pause_s": median(mine, "restart_pause_s"),
                         "restart_pause_with_load_s": median(mine, "restart_pause_s")
                         + statistics.median([load_a, load_b]),
+                        "redecode_pause_s": median(mine, "redecode_pause_s"),
                         "identical_output": all(r["identical_output"] for r in mine),
                     }
                 )
@@ -318,6 +344,7 @@ async def run(args: argparse.Namespace, env: dict[str, str], nbytes: int) -> dic
                 "fit": {"a_s_per_token": ab.a, "b_s": ab.b},
                 "rows": rows,
                 "machine": "2 cores, no GPU; shared with other developers' work",
+                "load_average_end": os.getloadavg()[0],
             }
     finally:
         await bus.close()
@@ -336,6 +363,7 @@ def main() -> int:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="sllm-bench-migration-"))
     nats, node, env, nbytes = start_node(root)
+    args.ckpt = root / "ckpt"
     try:
         result = asyncio.run(run(args, {**env, "BENCH_GATEWAY_SEED": gateway_seed(nats)}, nbytes))
     finally:

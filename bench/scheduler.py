@@ -16,6 +16,11 @@ asks for it (``PolicyScheduler.place``: snapshot, then decide) with 1% of the no
 between decisions and the instances with requests in flight protected: the full build of
 every decision that the gateway did before (protected instances marked in copied heartbeats,
 then ``snapshot_from_heartbeats``) against today's ``SnapshotCache``; both decide the same.
+
+The target (every decision under 10 ms) is judged on the true worst case (``worst_case``):
+the largest single sample of what the gateway runs per decision, the snapshot update included
+(``gateway_path.*.snapshot_cache``), beside the largest sample of ``place()`` alone; no
+fastest-of-passes filtering. The load average is recorded with it.
 """
 
 from __future__ import annotations
@@ -292,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     figures["gateway_path"] = bench_gateway_path(args)
     _print_gateway(figures["gateway_path"])
+    figures["worst_case"] = worst_case(figures)
+    print(json.dumps(figures["worst_case"]))
     if not args.skip_sim:
         figures["sim_hour"] = bench_sim_hour(args.sim_config)
         h = figures["sim_hour"]
@@ -304,9 +311,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+TARGET_MS = 10.0
+
+
+def worst_case(figures: dict[str, Any]) -> dict[str, Any]:
+    """The largest single sample of a whole decision (snapshot update + place, as the gateway
+    runs it) and of place() alone, over every state and policy, against the 10 ms target."""
+    import os
+
+    gateway = max(g["snapshot_cache"]["max_ms"] for g in figures["gateway_path"].values())
+    out: dict[str, Any] = {
+        "decision_with_snapshot_max_ms": gateway,
+        "target_ms": TARGET_MS,
+        "met": gateway < TARGET_MS,
+        "load_average": os.getloadavg()[0],
+    }
+    if "decisions" in figures:
+        out["place_alone_max_ms"] = max(
+            f["all_samples"]["max_ms"]
+            for d in figures["decisions"].values()
+            for f in d["place"].values()
+        )
+    return out
+
+
 def _gateway_only(args: argparse.Namespace) -> int:
     figures = {"gateway_path": bench_gateway_path(args)}
     _print_gateway(figures["gateway_path"])
+    figures["worst_case"] = worst_case(figures)
+    print(json.dumps(figures["worst_case"]))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
     return 0
