@@ -41,62 +41,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).resolve().parent / ".data" / "coldstart"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _coldstart_baselines import (
+    DATA,
+    drop_caches,
+    process_start,
+    run_baseline,
+    run_warm_baseline,
+)
+
 KEY = "checkpoints/bench/2gb"
 S3_KEY_ID, S3_SECRET = "bench", "bench-secret"
-
-BASELINE = r"""
-import json, sys, time
-t0 = time.monotonic()
-import torch, transformers
-from transformers import AutoModelForCausalLM
-t1 = time.monotonic()
-src = sys.argv[1]
-download_s = 0.0
-if src.startswith("s3://"):
-    import boto3, os, tempfile
-    from concurrent.futures import ThreadPoolExecutor
-    bucket, prefix = src[5:].split("/", 1)
-    s3 = boto3.client("s3", endpoint_url=os.environ["SLLM_S3_ENDPOINT"], region_name="us-east-1")
-    dst = tempfile.mkdtemp(dir=sys.argv[2])
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda k: s3.download_file(bucket, k, os.path.join(dst, k.rsplit("/", 1)[1])), keys))
-    download_s = time.monotonic() - t1
-    src = dst
-t2 = time.monotonic()
-model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-with torch.inference_mode():
-    model(input_ids=torch.tensor([[1]]))
-t3 = time.monotonic()
-print(json.dumps({"import_s": t1 - t0, "download_s": download_s, "load_s": t3 - t2}))
-"""
-
-
-BASELINE_WARM = r"""
-import json, os, sys, time
-import torch
-from transformers import AutoModelForCausalLM
-src = sys.argv[1]
-def ready():
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([[1]]))
-    return model
-ready()  # the model class's first build and the first read of the files: not timed
-for name in os.listdir(src):  # the files read just before: warm
-    with open(os.path.join(src, name), "rb", buffering=0) as f:
-        while f.read(64 << 20):
-            pass
-t0 = time.monotonic()
-ready()
-print(json.dumps({"load_s": time.monotonic() - t0}))
-"""
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def build_model_dir(hf_dir: Path) -> None:
@@ -305,55 +261,6 @@ def run_node_scenarios(
         shutil.rmtree(node.dram_root(), ignore_errors=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
     return out
-
-
-def run_baseline(source: str, env: dict[str, str]) -> dict[str, float]:
-    scratch = DATA / "download"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    drop_caches()
-    start = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", BASELINE, source, str(scratch)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    result["process_total_s"] = time.monotonic() - start
-    shutil.rmtree(scratch, ignore_errors=True)
-    return result
-
-
-def run_warm_baseline(hf_dir: Path, env: dict[str, str]) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", BASELINE_WARM, str(hf_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    result["load_average"] = os.getloadavg()[0]
-    return result
-
-
-def process_start() -> float:
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.instance.worker"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None and proc.stdin is not None
-    line = proc.stdout.readline()
-    elapsed = time.monotonic() - start
-    assert json.loads(line)["event"] == "idle"
-    proc.stdin.close()
-    proc.wait(timeout=30)
-    return elapsed
 
 
 def median(values: list[float]) -> float:
