@@ -241,12 +241,12 @@ def image_to_device(
     *,
     chunk_bytes: int = CHUNK_BYTES,
     slots: int = SLOTS,
-    mode: Mode | None = None,
+    staging: bool = False,
 ) -> DeviceImage:
     """Copy a host image (the DRAM tier's read-only mapping) onto ``device`` through
-    ``copy_pipeline``; tensors are views of the device image. ``mode`` None registers the
-    mapping chunk by chunk and falls back to pinned staging buffers where the driver refuses
-    the registration; "staging" forces the fallback (tests, benchmarks)."""
+    ``copy_pipeline``; tensors are views of the device image. The mapping is registered chunk
+    by chunk, falling back to pinned staging buffers where the driver refuses the first
+    registration; ``staging`` forces the fallback (tests, benchmarks)."""
     import torch
 
     target = select_device(device)
@@ -259,16 +259,18 @@ def image_to_device(
     registration = HostRegistration()
     pinned: list[int] = []  # appended from the preparation threads (list.append is atomic)
     began = time.perf_counter()
+    mode: Mode = "staging" if staging else "registered"
     try:
-        if mode is None:
-            first = chunks[0] if chunks else None
-            ok = first is None or registration.register(
-                host_image[first.at :].data_ptr(), first.length
-            )
-            mode = "registered" if ok else "staging"
-            if not ok:
-                log.info("DRAM image not registrable on %s: copying through staging", target)
-        staging = (
+        # the first chunk is registered here: a refusal (no read-only registration on this
+        # driver) switches the whole copy to staging before any copy is issued
+        if (
+            mode == "registered"
+            and chunks
+            and not registration.register(host_image.data_ptr(), chunks[0].length)
+        ):
+            log.info("DRAM image not registrable on %s: copying through staging", target)
+            mode = "staging"
+        buffers = (
             [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
             if mode == "staging"
             else []
@@ -277,7 +279,7 @@ def image_to_device(
         def prepare(chunk: Chunk, slot: int) -> torch.Tensor:
             src = host_image[chunk.at : chunk.at + chunk.length]
             if mode == "staging":
-                src = staging[slot][: chunk.length]
+                src = buffers[slot][: chunk.length]
                 src.copy_(host_image[chunk.at : chunk.at + chunk.length])
             elif chunk.at != 0 and not registration.register(src.data_ptr(), chunk.length):
                 raise Unavailable(f"cudaHostRegister refused the DRAM image at byte {chunk.at}")
