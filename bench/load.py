@@ -282,8 +282,12 @@ def cuda_figures(run: Run, runs: int) -> dict[str, Any]:
 
     shm = Path("/dev/shm") / f"sllm-bench-cuda-{os.getpid()}"
     try:
+        from _load_peers import claim_shm
+
         from runtime.loader.cpu import entry_tensors
 
+        shm.mkdir()
+        claim_shm(shm, run.ckpt)
         entry = entry_tensors(dram_entry(run.ckpt, shm))
         seconds, modes = [], set()
         for _ in range(runs):
