@@ -154,7 +154,8 @@ def files_of(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def drop_caches(paths: list[Path]) -> str:
-    """Evict the page cache; returns how ("drop_caches" as root, else "fadvise")."""
+    """Evict the page cache; returns how ("drop_caches" as root, else "fadvise" on the files
+    of ``paths``, directories included)."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -162,9 +163,11 @@ def drop_caches(paths: list[Path]) -> str:
         return "drop_caches"
     except OSError:
         for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+            for file in [path] if path.is_file() else path.rglob("*"):
+                if file.is_file():
+                    fd = os.open(file, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
         return "fadvise"
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _load_data import ensure_fio, fio_read
+from _load_data import drop_caches, ensure_fio, fio_read
 from _load_peers import claim_shm
 
 from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
@@ -56,21 +56,6 @@ from sllm.servers import start_seaweedfs
 MiB = 1 << 20
 KEY = "checkpoints/bench/0000000000000001"
 DATA = Path(__file__).resolve().parent / ".data"
-
-
-def drop_caches(paths: list[Path]) -> None:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return
-    except OSError:
-        pass
-    for path in paths:
-        for f in [path] if path.is_file() else path.rglob("*"):
-            if f.is_file():
-                fd = os.open(f, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.close(fd)
 
 
 def build_checkpoint(directory: Path, size_gb: float, partition_bytes: int) -> CheckpointIndex:
