@@ -35,16 +35,6 @@ from typing import Any
 from _load_data import SSD_KEY, ssd_root, tensorizer_file, touch_pages
 
 
-def claim_shm(root: Path, owner: Path) -> None:
-    """Name the owner of a shared-memory directory as a node does (runtime/node/main.py
-    OWNER_FILE): a test session running beside the bench removes every new /dev/shm entry
-    without one as its own leftover (tests/leaks.py), which pulled a DRAM slab from under a
-    load here."""
-    from runtime.node.main import OWNER_FILE
-
-    (root / OWNER_FILE).write_text(str(owner.resolve()), encoding="utf-8")
-
-
 def _rss() -> int:
     return _status("VmRSS")
 
@@ -82,7 +72,6 @@ class Child:
             size = image_layout(read_index(self.ckpt))[1]
             self.dram_root = Path("/dev/shm") / f"sllm-bench-load-{os.getpid()}"
             dram = DramCache(self.dram_root, 2 * size + (64 << 20))
-            claim_shm(self.dram_root, self.ckpt)
             if self.name != "sllm_fresh":
                 dram.preallocate(size)  # a node's start-up: one slab, faulted in once
             ssd = SsdCache(ssd_root(self.ckpt), 4 * size)

@@ -43,7 +43,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _load_data import drop_caches, ensure_fio, fio_read
-from _load_peers import claim_shm
 
 from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
 from runtime.cache.pull import plan_chunks
@@ -186,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
             DramCache(Path("/dev/shm") / f"sllm-bench-{os.getpid()}", 2 * image + 64 * MiB),
             BandwidthEstimator(),
         )
-        claim_shm(cache.dram.root, work)
         cache.dram.preallocate(image)  # as a node does at start-up
         tc = cache
 
