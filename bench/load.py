@@ -277,17 +277,12 @@ def cuda_figures(run: Run, runs: int) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         return {"available": False, "note": "no CUDA on this machine: the CUDA path not measured"}
+    from runtime.loader.cpu import entry_tensors
     from runtime.loader.cuda import image_to_device
     from tests.loaded import dram_entry
 
     shm = Path("/dev/shm") / f"sllm-bench-cuda-{os.getpid()}"
     try:
-        from _load_peers import claim_shm
-
-        from runtime.loader.cpu import entry_tensors
-
-        shm.mkdir()
-        claim_shm(shm, run.ckpt)
         entry = entry_tensors(dram_entry(run.ckpt, shm))
         seconds, modes = [], set()
         for _ in range(runs):
