@@ -65,11 +65,11 @@ def test_upload_to_a_local_store_once(converted: Path, tmp_path: Path) -> None:
         totals.append(total)
         return sent.append
 
-    key, size, pushed = deploy.upread_into_memory(converted, "tiny", str(store), {}, factory)
+    key, size, pushed = deploy.upload_checkpoint(converted, "tiny", str(store), {}, factory)
     assert pushed and key.startswith("checkpoints/tiny/") and len(key.rsplit("/", 1)[1]) == 16
     assert (store / key / "index.json").is_file()
     assert sum(sent) == totals[0] > size > 0
-    key2, size2, pushed2 = deploy.upread_into_memory(converted, "tiny", str(store), {}, factory)
+    key2, size2, pushed2 = deploy.upload_checkpoint(converted, "tiny", str(store), {}, factory)
     assert (key2, size2, pushed2) == (key, size, False)
     assert len(totals) == 1
 
@@ -82,9 +82,9 @@ def test_upload_to_s3(
         monkeypatch.setenv(name, value)
     bucket = s3_server.make_bucket("deploy-cli")
     url = f"s3://{bucket}/platform"
-    key, _, pushed = deploy.upread_into_memory(converted, "tiny", url)
+    key, _, pushed = deploy.upload_checkpoint(converted, "tiny", url)
     assert pushed
     listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"platform/{key}/")
     names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
     assert {"index.json", "data-00000.bin", "config.json"} <= names
-    assert deploy.upread_into_memory(converted, "tiny", url)[2] is False
+    assert deploy.upload_checkpoint(converted, "tiny", url)[2] is False
