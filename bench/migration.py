@@ -210,7 +210,7 @@ class Bench:
         text = PROMPT + self.tokenizer.decode(ids[:n])
         body = {**self.body(0), "prompt": text, "max_tokens": 1}
         started = time.perf_counter()
-        _, times = await stream_tokens(self.http, target[1], body, 0, None)
+        _, times = await stream_tokens(self.http, target[1], body, 0, None, self.secrets)
         prompt_tokens = len(self.tokenizer(text).input_ids)
         return {"pause_s": times[0] - started, "prompt_tokens": prompt_tokens}
 
