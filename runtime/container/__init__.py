@@ -1,0 +1,1 @@
+"""Function instances in OCI containers (podman): images, mounts and the container backend."""
