@@ -71,6 +71,7 @@ class Registry:
         updated = replace(
             current.bump(record.spec, record.checkpoint, record.checkpoint_bytes),
             handler_source=dict(record.handler_source),
+            requirements=record.requirements,
         )
         await self._put(updated)
         return updated

@@ -209,8 +209,27 @@ def handler_sources(folder: FunctionFolder) -> dict[str, str]:
     return sources
 
 
+def requirements_text(folder: FunctionFolder) -> str:
+    """The function folder's requirements.txt ("" without one): packages its handler imports,
+    installed into the function's image by nodes that run instances in containers."""
+    path = folder.root / "requirements.txt"
+    if not path.is_file():
+        return ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{path}: cannot read ({exc})") from None
+    if len(text.encode()) > MAX_HANDLER_SOURCE_BYTES // 8:
+        raise ValidationFailed(f"{path}: larger than {MAX_HANDLER_SOURCE_BYTES // 8 // 1024} KiB")
+    return text
+
+
 def deploy_body(
-    spec: FunctionSpec, key: str, checkpoint_bytes: int, sources: dict[str, str]
+    spec: FunctionSpec,
+    key: str,
+    checkpoint_bytes: int,
+    sources: dict[str, str],
+    requirements: str = "",
 ) -> dict[str, Any]:
     """The body of POST/PUT /system/functions (shared contract; spec in its internal form)."""
     return {
@@ -218,6 +237,7 @@ def deploy_body(
         "checkpoint": key,
         "checkpoint_bytes": checkpoint_bytes,
         "handler_source": sources,
+        "requirements": requirements,
     }
 
 

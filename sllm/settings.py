@@ -41,7 +41,16 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_SSD_CAPACITY": ("20Gi", "SSD cache capacity in bytes"),
     "SLLM_DRAM_CAPACITY": ("8Gi", "DRAM cache capacity in bytes"),
     "SLLM_CPU_SLOTS": ("2", "instances a node without CUDA runs at once"),
-    "SLLM_POOL_SIZE": ("1", "pre-started instance processes waiting for a model"),
+    "SLLM_POOL_SIZE": ("1", "pre-started instance processes waiting for a model (per image)"),
+    "SLLM_INSTANCES": (
+        "process",
+        "how a node runs instances: process (children of the node), container (one podman "
+        "container each; root), auto (container when podman is usable; `sllm up`'s default)",
+    ),
+    "SLLM_INSTANCE_IMAGE": (
+        "",
+        "runtime image of container instances (empty: build this checkout's, cached by digest)",
+    ),
     "SLLM_HEARTBEAT_INTERVAL": ("2s", "node heartbeat period"),
     "SLLM_STORE_BANDWIDTH": (
         "",
@@ -150,6 +159,9 @@ class StoreSettings:
         )
 
 
+INSTANCE_MODES = ("process", "container", "auto")
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     node_id: str
@@ -167,6 +179,8 @@ class NodeSettings:
     # needs a key), so an operator who knows the link says it here.
     store_bandwidth: float = 0.0
     nats_seed_file: str = ""
+    instances: str = "process"  # process | container | auto
+    instance_image: str = ""
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -179,6 +193,11 @@ class NodeSettings:
         except ValidationFailed as exc:
             raise ValidationFailed(f"SLLM_NODE_ID={node_id!r}: {exc.message}") from None
         cache_dir = _get(env, "SLLM_CACHE_DIR")
+        instances = _get(env, "SLLM_INSTANCES")
+        if instances not in INSTANCE_MODES:
+            raise ValidationFailed(
+                f"SLLM_INSTANCES={instances!r}: must be one of {', '.join(INSTANCE_MODES)}"
+            )
         return NodeSettings(
             node_id=node_id,
             nats_url=_get(env, "SLLM_NATS_URL"),
@@ -192,6 +211,8 @@ class NodeSettings:
             store=StoreSettings.from_env(env),
             store_bandwidth=float(_parse(env, "SLLM_STORE_BANDWIDTH", _optional_bytes)),
             nats_seed_file=_get(env, "SLLM_NATS_SEED_FILE"),
+            instances=instances,
+            instance_image=_get(env, "SLLM_INSTANCE_IMAGE"),
         )
 
 

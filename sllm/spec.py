@@ -127,6 +127,8 @@ class FunctionRecord:
 
     ``checkpoint`` is the key of the converted checkpoint in the platform's store (nodes pull it
     by that key); ``checkpoint_bytes`` its total size; ``revision`` increases on every update.
+    ``requirements``: the function folder's requirements.txt (Python packages its handler
+    imports); a node running instances in containers builds the function's image with them.
     """
 
     spec: FunctionSpec
@@ -134,6 +136,7 @@ class FunctionRecord:
     checkpoint_bytes: int
     revision: int = 1
     handler_source: dict[str, str] = field(default_factory=dict)
+    requirements: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +145,7 @@ class FunctionRecord:
             "checkpoint_bytes": self.checkpoint_bytes,
             "revision": self.revision,
             "handler_source": dict(self.handler_source),
+            "requirements": self.requirements,
         }
 
     @staticmethod
@@ -158,6 +162,7 @@ class FunctionRecord:
                     _typed(k, str, "handler_source"): _typed(v, str, f"handler_source.{k}")
                     for k, v in dict(data.get("handler_source") or {}).items()
                 },
+                requirements=_typed(data.get("requirements", ""), str, "requirements"),
             )
         except KeyError as exc:
             raise ValidationFailed(f"record: missing key {exc.args[0]!r}") from None

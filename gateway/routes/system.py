@@ -25,9 +25,10 @@ def record_from_body(data: object) -> FunctionRecord:
     if not isinstance(data, dict):
         raise ValidationFailed("body: expected an object with spec, checkpoint, checkpoint_bytes")
     for key in data:
-        if key not in ("spec", "checkpoint", "checkpoint_bytes", "handler_source"):
+        if key not in ("spec", "checkpoint", "checkpoint_bytes", "handler_source", "requirements"):
             raise ValidationFailed(
-                f"{key}: unknown key (allowed: checkpoint, checkpoint_bytes, handler_source, spec)"
+                f"{key}: unknown key (allowed: checkpoint, checkpoint_bytes, handler_source, "
+                "requirements, spec)"
             )
     spec_data = data.get("spec")
     if not isinstance(spec_data, dict):
@@ -54,7 +55,12 @@ def record_from_body(data: object) -> FunctionRecord:
     for filename in sources:
         if filename.startswith("/") or ".." in filename.split("/") or not filename:
             raise ValidationFailed(f"handler_source.{filename}: must be a relative path")
-    return FunctionRecord(spec, checkpoint.strip(), size, handler_source=dict(sources))
+    requirements = data.get("requirements") or ""
+    if not isinstance(requirements, str):
+        raise ValidationFailed("requirements: expected the text of requirements.txt")
+    return FunctionRecord(
+        spec, checkpoint.strip(), size, handler_source=dict(sources), requirements=requirements
+    )
 
 
 def summary(request: Request, record: FunctionRecord) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import httpx
 from runtime.migration.node import run_migrate_command
 from runtime.node.devices import Device, DeviceTable, threads_per_slot
 from runtime.node.supervisor import CheckpointCache, Supervisor
-from runtime.node.worker_process import WorkerPool
+from runtime.node.worker_process import InstanceBackend, ProcessBackend
 from sllm.bus import Bus, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError, SllmError, Unavailable
@@ -53,6 +53,12 @@ class NodeCache(CheckpointCache, Protocol):
     def contents(self) -> dict[str, list[tuple[str, int, bool]]]: ...
 
 
+def instance_env(devices: list[Device]) -> dict[str, str]:
+    """Environment of every instance process: torch's threads per CPU slot."""
+    slots = sum(1 for d in devices if d.kind == "cpu")
+    return {"SLLM_INSTANCE_THREADS": str(threads_per_slot(slots))} if slots else {}
+
+
 class NodeAgent:
     def __init__(
         self,
@@ -63,6 +69,7 @@ class NodeAgent:
         clock: Clock,
         bandwidths: Any = None,
         dram_entry: Callable[[str], Path] | None = None,
+        backend: InstanceBackend | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
@@ -77,13 +84,12 @@ class NodeAgent:
         self.dram_entry = dram_entry if cpu_only else None
         self.devices = DeviceTable(devices)
         slots = sum(1 for d in devices if d.kind == "cpu")
-        env = {"SLLM_INSTANCE_THREADS": str(threads_per_slot(slots))} if slots else {}
-        self.pool = WorkerPool(settings.pool_size, env)
+        self.backend = backend or ProcessBackend(settings.pool_size, instance_env(devices))
         self.supervisor = Supervisor(
             node_id=self.node_id,
             host=settings.host,
             cache=cache,
-            pool=self.pool,
+            backend=self.backend,
             devices=self.devices,
             publish_event=self._publish_event,
             publish_log=self._publish_log,
@@ -98,12 +104,13 @@ class NodeAgent:
         self._background: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        self.pool.replenish()
+        await self.backend.start()
         self._sub = await self.bus.subscribe(node_cmd_subject(self.node_id), self.handle)
         self._heartbeats = asyncio.create_task(self._heartbeat_loop())
         log.info(
-            "node %s up devices=%s pool=%d",
-            self.node_id, ",".join(self.devices.devices), self.settings.pool_size,
+            "node %s up devices=%s instances=%s pool=%d",
+            self.node_id, ",".join(self.devices.devices), self.backend.kind,
+            self.settings.pool_size,
         )  # fmt: skip
 
     async def stop(self, drain_s: float = 30.0) -> None:
@@ -111,7 +118,7 @@ class NodeAgent:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
         await self.supervisor.drain_all(drain_s)
-        await self.pool.close()
+        await self.backend.close()
         if self._heartbeats is not None:
             self._heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -190,7 +197,7 @@ class NodeAgent:
         if self.dram_entry is not None and not self.supervisor.loading():
             # not while a load runs: populating a premap competes with it for the cores
             keys = sorted(key for key, _, _ in contents.get("dram", []))
-            await self.pool.set_premap([str(self.dram_entry(key)) for key in keys])
+            await self.backend.set_premap({key: str(self.dram_entry(key)) for key in keys})
         self.seq += 1
         heartbeat = NodeHeartbeat(
             node_id=self.node_id,
@@ -207,7 +214,7 @@ class NodeAgent:
                 "ssd": self.settings.ssd_capacity,
                 "dram": self.settings.dram_capacity,
             },
-            pool_idle=self.pool.idle,
+            pool_idle=self.backend.idle,
         )
         await self.bus.publish(heartbeat_subject(self.node_id), encode(heartbeat))
         return heartbeat

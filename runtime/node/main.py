@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from runtime.node.agent import NodeAgent
+from runtime.node.agent import NodeAgent, instance_env
 from runtime.node.devices import Device, cpu_devices, cuda_devices
+from runtime.node.worker_process import InstanceBackend, ProcessBackend
 from sllm.clock import SystemClock
+from sllm.errors import ValidationFailed
 from sllm.nats_bus import NatsBus
 from sllm.settings import NodeSettings
 
@@ -83,15 +85,53 @@ def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator
     return TieredCache(store, ssd, dram, bandwidths), bandwidths
 
 
+def image_cache_dir() -> Path:
+    """Where the base image's root file system is kept between runs (XDG cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sllm"
+
+
+def build_backend(
+    settings: NodeSettings, devices: list[Device], dram_root: Path
+) -> InstanceBackend:
+    """The instance backend ``settings.instances`` asks for (blocking: may build the runtime
+    image, minutes the first time). ``auto``: containers when podman is usable here."""
+    from runtime.container.podman import engine_problem, find_podman
+
+    env = instance_env(devices)
+    mode = settings.instances
+    problem = engine_problem() if mode != "process" else None
+    if mode == "container" and problem is not None:
+        raise ValidationFailed(f"SLLM_INSTANCES=container: {problem}")
+    if mode == "process" or problem is not None:
+        if problem is not None:
+            log.info("instances run as processes: %s", problem)
+        return ProcessBackend(settings.pool_size, env)
+    from runtime.container.backend import ContainerBackend
+    from runtime.container.images import ensure_runtime_image
+
+    podman = find_podman()
+    assert podman is not None
+    image = settings.instance_image
+    if not image:
+        log.info("preparing the runtime image (the first time: minutes)")
+        image = ensure_runtime_image(podman, image_cache_dir())
+    log.info("instances run in containers of %s", image)
+    return ContainerBackend(
+        podman, image, settings.node_id, settings.cache_dir, dram_root, settings.pool_size, env
+    )
+
+
 async def run_node(settings: NodeSettings, stop: asyncio.Event, drain_s: float = 30.0) -> None:
     cache, bandwidths = await asyncio.to_thread(build_cache, settings)
     devices = await asyncio.to_thread(node_devices, settings)
+    backend = await asyncio.to_thread(build_backend, settings, devices, cache.dram.root)
     bus = await NatsBus.connect(
         settings.nats_url, name=f"sllm-node-{settings.node_id}", seed_file=settings.nats_seed_file
     )
     agent = NodeAgent(
-        settings, bus, cache, devices, SystemClock(), bandwidths, cache.dram.entries.path
-    )
+        settings, bus, cache, devices, SystemClock(), bandwidths, cache.dram.entries.path,
+        backend,
+    )  # fmt: skip
     await agent.start()
     try:
         await stop.wait()

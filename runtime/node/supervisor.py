@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.node.devices import DeviceTable, threads_per_slot
-from runtime.node.worker_process import WorkerPool, WorkerProcess
+from runtime.node.worker_process import InstanceBackend, WorkerProcess
 from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
 from sllm.instance_auth import new_secret
 from sllm.messages import InstanceEvent, InstanceState, LoadCmd, LogLine
@@ -94,7 +94,7 @@ class Supervisor:
         node_id: str,
         host: str,
         cache: CheckpointCache,
-        pool: WorkerPool,
+        backend: InstanceBackend,
         devices: DeviceTable,
         publish_event: Publish,
         publish_log: Publish,
@@ -104,7 +104,7 @@ class Supervisor:
         self.node_id = node_id
         self.host = host
         self.cache = cache
-        self.pool = pool
+        self.backend = backend
         self.devices = devices
         self.publish_event = publish_event
         self.publish_log = publish_log
@@ -216,10 +216,14 @@ class Supervisor:
                 await self._take_device(inst)
             if inst.stopping:  # unloaded while the checkpoint was being fetched
                 raise asyncio.CancelledError
-            worker, inst.pre_started = await self.pool.take()
+            worker, inst.pre_started = await self.backend.take(inst.record)
             inst.worker = worker
+            if inst.stopping:  # unloaded while an image was built or a process started
+                raise asyncio.CancelledError
             worker.on_log = lambda line: self._log(inst, line)
-            await worker.send(self._load_spec(inst, str(fetched.directory)))
+            threads = self._threads(inst)
+            entry_dir = await worker.attach(Path(fetched.directory), inst.record, threads)
+            await worker.send(self._load_spec(inst, entry_dir, threads))
             message = await worker.next_event(READY_TIMEOUT_S)
             if message.get("event") != "ready":
                 raise SllmError(str(message.get("error") or message), code="load_failed")
@@ -234,13 +238,14 @@ class Supervisor:
                 json.dumps({k: round(v, 3) for k, v in inst.timings.items()}),
             )  # fmt: skip
             await self._event(inst, "ready")
-            self.pool.replenish()
+            self.backend.replenish()
             await self._follow(inst, worker)
             code = await worker.wait()
             if inst.stopping:
                 await self._ended(inst, "stopped", "")
             else:
-                await self._ended(inst, "failed", f"instance process exited with code {code}")
+                error = f"instance process exited with code {code}{worker.exit_detail}"
+                await self._ended(inst, "failed", error)
         except asyncio.CancelledError:
             await self._ended(inst, "stopped", "")
         except Exception as exc:
@@ -250,7 +255,7 @@ class Supervisor:
             else:
                 await self._ended(inst, "failed", error)
         finally:
-            self.pool.replenish()
+            self.backend.replenish()
 
     async def _follow(self, inst: Instance, worker: WorkerProcess) -> None:
         """Read the ready instance's control lines until it exits (``draining`` acks an
@@ -263,8 +268,12 @@ class Supervisor:
             if message.get("event") == "draining":
                 inst.drain_started.set()
 
-    def _load_spec(self, inst: Instance, entry_dir: str) -> dict[str, Any]:
+    def _threads(self, inst: Instance) -> int:
+        return threads_per_slot(self.cpu_slots) if inst.device.startswith("cpu") else 0
+
+    def _load_spec(self, inst: Instance, entry_dir: str, threads: int) -> dict[str, Any]:
         spec = inst.record.spec
+        assert inst.worker is not None
         return {
             "cmd": "load",
             "instance_id": inst.instance_id,
@@ -280,8 +289,8 @@ class Supervisor:
                 "top_p": spec.generation.top_p,
             },
             "handler_source": dict(inst.record.handler_source),
-            "handler_dir": str(self.handler_root / inst.instance_id),
-            "threads": threads_per_slot(self.cpu_slots) if inst.device.startswith("cpu") else 0,
+            "handler_dir": inst.worker.handler_dir(self.handler_root / inst.instance_id),
+            "threads": threads,
             "secret": inst.secret,
         }
 

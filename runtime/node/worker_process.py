@@ -1,9 +1,16 @@
-"""One instance process as the node sees it, and the pool of pre-started ones.
+"""One instance process as the node sees it, the pool of pre-started ones, and the process
+backend (instances as plain child processes of the node).
 
 The process (``runtime.instance.worker``) speaks JSON lines: the node writes commands to its
 stdin, it answers on stdout (idle, ready, failed, stopped); its stderr is forwarded line by line
 to ``on_log``. A pre-started process has already imported and warmed torch and transformers
 (~2.5-4 s here), so taking one from the pool removes that from the cold-start path.
+
+The seam between the supervisor and how an instance is started and reached is
+``InstanceBackend``: this module's ``ProcessBackend``, or ``runtime.container.backend``'s
+``ContainerBackend`` (each instance in its own container, a pool per image). Both hand out
+``WorkerProcess`` objects; a container's worker overrides the hooks (``attach``, ``premap``,
+``kill``) that differ.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from sllm.errors import Unavailable
+from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +49,25 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    @staticmethod
-    async def spawn(env: dict[str, str]) -> WorkerProcess:
-        started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "runtime.instance.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **env},
-            limit=_LINE_LIMIT,
-            start_new_session=True,  # a Ctrl-C to the node does not hit instances first
-        )
-        return WorkerProcess(proc, started)
+    # -- hooks a container worker overrides ---------------------------------------------------
+    async def attach(self, entry: Path, record: FunctionRecord, threads: int) -> str:
+        """Give the process its DRAM entry (and limits) before the load line; returns the
+        entry directory as the process sees it. A child process sees the node's files."""
+        return str(entry)
+
+    def handler_dir(self, default: Path) -> str:
+        """Where the process writes a custom handler's files ("": a scratch directory of
+        its own)."""
+        return str(default)
+
+    async def premap(self, entries: list[str]) -> None:
+        """Tell an idle process which DRAM entries (node paths) to keep mapped."""
+        await self.send({"cmd": "premap", "entries": entries})
+
+    @property
+    def exit_detail(self) -> str:
+        """Why the process ended, when more is known than its exit code ("" otherwise)."""
+        return ""
 
     async def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -90,7 +103,7 @@ class WorkerProcess:
             raise Unavailable(f"instance process {self.pid} sent a garbled line") from None
         return message
 
-    async def wait_idle(self, timeout_s: float = 120.0) -> None:
+    async def wait_idle(self, timeout_s: float = 180.0) -> None:
         message = await self.next_event(timeout_s)
         if message.get("event") != "idle":
             raise Unavailable(f"instance process {self.pid} did not start: {message}")
@@ -118,6 +131,35 @@ class WorkerProcess:
         return code
 
 
+class Launcher(Protocol):
+    """Starts one instance process (it still has to say ``idle``)."""
+
+    async def spawn(self) -> WorkerProcess: ...
+
+
+class ProcessLauncher:
+    """``python -m runtime.instance.worker`` as a child of the node, in the node's
+    environment plus ``env``."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    async def spawn(self) -> WorkerProcess:
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "runtime.instance.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.env},
+            limit=_LINE_LIMIT,
+            start_new_session=True,  # a Ctrl-C to the node does not hit instances first
+        )
+        return WorkerProcess(proc, started)
+
+
 class WorkerPool:
     """Keeps ``size`` idle pre-started processes. ``take`` hands one out (starting a fresh one
     when the pool is empty or ``size`` is 0); ``replenish`` refills in the background. The
@@ -125,9 +167,9 @@ class WorkerPool:
     would compete for the same cores (2 here) and slow the cold start it is meant to speed.
     """
 
-    def __init__(self, size: int, env: dict[str, str]) -> None:
+    def __init__(self, size: int, launcher: Launcher) -> None:
         self.size = size
-        self.env = env
+        self.launcher = launcher
         self._idle: list[WorkerProcess] = []
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -143,8 +185,12 @@ class WorkerPool:
             await self._send_premap(worker)
 
     async def _send_premap(self, worker: WorkerProcess) -> None:
-        with contextlib.suppress(Unavailable):
-            await worker.send({"cmd": "premap", "entries": self.premap})
+        try:
+            await worker.premap(self.premap)
+        except Unavailable:
+            pass
+        except OSError as exc:  # a container's mounts: the load maps what it needs itself
+            log.warning("premap of worker %s failed: %s", worker.pid, exc)
 
     def replenish(self) -> None:
         while not self._closed and len(self._idle) + len(self._starting) < self.size:
@@ -154,7 +200,7 @@ class WorkerPool:
 
     async def _add(self) -> None:
         try:
-            worker = await WorkerProcess.spawn(self.env)
+            worker = await self.launcher.spawn()
         except Exception as exc:
             log.warning("pre-starting an instance process failed: %s", exc)
             return
@@ -188,7 +234,7 @@ class WorkerPool:
             if not self._starting:
                 break
             await asyncio.wait(set(self._starting), return_when=asyncio.FIRST_COMPLETED)
-        worker = await WorkerProcess.spawn(self.env)
+        worker = await self.launcher.spawn()
         try:
             await worker.wait_idle()
         except BaseException:
@@ -207,3 +253,55 @@ class WorkerPool:
         for worker in self._idle:
             await worker.wait()
         self._idle.clear()
+
+
+class InstanceBackend(Protocol):
+    """How the node starts instances and keeps pre-started ones: the supervisor's port."""
+
+    kind: str  # "process" | "container"
+
+    async def start(self) -> None: ...
+
+    async def take(self, record: FunctionRecord) -> tuple[WorkerProcess, bool]:
+        """A process ready for ``record``'s load line, and whether it was pre-started."""
+        ...
+
+    def replenish(self) -> None: ...
+
+    async def set_premap(self, dram: dict[str, str]) -> None:
+        """The DRAM tier's entries (checkpoint key -> node path) idle processes may map."""
+        ...
+
+    @property
+    def idle(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class ProcessBackend:
+    """Instances as child processes of the node, sharing its environment and files (for
+    development and tests). One pool; idle processes premap every DRAM entry."""
+
+    kind = "process"
+
+    def __init__(self, pool_size: int, env: dict[str, str]) -> None:
+        self.pool = WorkerPool(pool_size, ProcessLauncher(env))
+
+    async def start(self) -> None:
+        self.pool.replenish()
+
+    async def take(self, record: FunctionRecord) -> tuple[WorkerProcess, bool]:
+        return await self.pool.take()
+
+    def replenish(self) -> None:
+        self.pool.replenish()
+
+    async def set_premap(self, dram: dict[str, str]) -> None:
+        await self.pool.set_premap([dram[key] for key in sorted(dram)])
+
+    @property
+    def idle(self) -> int:
+        return self.pool.idle
+
+    async def close(self) -> None:
+        await self.pool.close()

@@ -79,6 +79,7 @@ def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
     name = folder.spec.name
     source = deploy.resolve_model(folder)
     sources = deploy.handler_sources(folder)
+    requirements = deploy.requirements_text(folder)
     store_url = client.info().get("store_url")
     if not isinstance(store_url, str) or not store_url:
         raise InvalidInput("the gateway did not say where its store is (/system/info)")
@@ -91,7 +92,9 @@ def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
     )
     where = "uploaded to" if pushed else "already in"
     print(f"checkpoint {key} ({human_bytes(size)}) {where} {store_url}", file=sys.stderr)
-    return _register(client, name, deploy.deploy_body(folder.spec, key, size, sources))
+    return _register(
+        client, name, deploy.deploy_body(folder.spec, key, size, sources, requirements)
+    )
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

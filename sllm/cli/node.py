@@ -35,6 +35,12 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("--pool-size", type=int, help="pre-started instance processes")
     p.add_argument("--heartbeat", help="heartbeat period, e.g. 2s")
     p.add_argument(
+        "--instances",
+        choices=("process", "container", "auto"),
+        help="instances as child processes or one container each (SLLM_INSTANCES)",
+    )
+    p.add_argument("--instance-image", help="runtime image of containers (SLLM_INSTANCE_IMAGE)")
+    p.add_argument(
         "--store-bandwidth",
         help="store link bytes/s reported until a pull is measured, e.g. 125M",
     )
@@ -59,6 +65,8 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
         "SLLM_POOL_SIZE": None if args.pool_size is None else str(args.pool_size),
         "SLLM_HEARTBEAT_INTERVAL": args.heartbeat,
         "SLLM_STORE_BANDWIDTH": args.store_bandwidth,
+        "SLLM_INSTANCES": args.instances,
+        "SLLM_INSTANCE_IMAGE": args.instance_image,
     }
     env.update({k: v for k, v in flags.items() if v is not None})
     settings = NodeSettings.from_env(env)

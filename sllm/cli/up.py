@@ -99,6 +99,7 @@ def child_env(
     port: int,
     token: str,
     cpu_slots: int | None,
+    instances: str = "auto",
 ) -> dict[str, str]:
     """The environment of the gateway and the node (sllm.settings reads it)."""
     env = dict(base)
@@ -114,6 +115,7 @@ def child_env(
         env["SLLM_STORE_URL"] = str(sllm_home / "store")
     if cpu_slots is not None:
         env["SLLM_CPU_SLOTS"] = str(cpu_slots)
+    env["SLLM_INSTANCES"] = instances
     env.pop("SLLM_GATEWAY_URL", None)
     return env
 
@@ -191,6 +193,7 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
         port,
         platform.token,
         args.cpu_slots,
+        args.instances,
     )
     logs = sllm_home / "logs"
     gateway_env = {**env, "SLLM_NATS_SEED_FILE": str(gateway_seed)}
@@ -309,4 +312,11 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("--home", help="data directory (default: $SLLM_HOME or ~/.local/share/sllm)")
     p.add_argument("--port", type=int, default=default_port, help="gateway port (default 8080)")
     p.add_argument("--cpu-slots", type=int, help="instances the node runs at once without CUDA")
+    p.add_argument(
+        "--instances",
+        choices=("auto", "process", "container"),
+        default=os.environ.get("SLLM_INSTANCES") or "auto",
+        help="auto (default): each instance in its own container when podman is usable here "
+        "(root), else child processes of the node",
+    )
     p.set_defaults(func=cmd_up)

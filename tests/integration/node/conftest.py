@@ -4,6 +4,7 @@ model converted and pushed into a local-directory store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,11 +50,24 @@ class NodeProcess:
 def node(
     tmp_path_factory: pytest.TempPathFactory, nats_server: ManagedServer, tiny_model_dir: Path
 ) -> Iterator[NodeProcess]:
+    with node_process(tmp_path_factory.mktemp("node"), nats_server, tiny_model_dir) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def node_process(
+    root: Path,
+    nats_server: ManagedServer,
+    tiny_model_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[NodeProcess]:
+    """`sllm node start` on the tiny model pushed into a local-directory store under ``root``;
+    stopped (SIGTERM) and its DRAM tier removed on exit."""
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.store.local import LocalStore
     from runtime.store.push import push_checkpoint
 
-    root = tmp_path_factory.mktemp("node")
     index = convert_checkpoint(tiny_model_dir, root / "ckpt")
     store_dir = root / "store"
     store_dir.mkdir()
@@ -70,6 +84,7 @@ def node(
         "SLLM_CPU_SLOTS": "2",
         "SLLM_POOL_SIZE": "1",
         "SLLM_HEARTBEAT_INTERVAL": "0.3s",
+        **(extra_env or {}),
     }
     log_path = root / "node.log"
     with open(log_path, "wb") as log:
@@ -79,10 +94,16 @@ def node(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    yield NodeProcess(node_id, proc, log_path, index.total_bytes)
+    try:
+        yield NodeProcess(node_id, proc, log_path, index.total_bytes)
+    finally:
+        _stop(proc, env, stop_timeout_s)
+
+
+def _stop(proc: subprocess.Popen[bytes], env: dict[str, str], timeout_s: float) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -162,6 +183,15 @@ class NodeClient:
 
 @pytest.fixture
 async def client(node: NodeProcess, nats_url: str, nats_seed: str) -> AsyncIterator[NodeClient]:
+    async with node_client(node, nats_url, nats_seed) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def node_client(
+    node: NodeProcess, nats_url: str, nats_seed: str, up_timeout_s: float = 90.0
+) -> AsyncIterator[NodeClient]:
+    """A gateway-role client of ``node``; on exit it unloads what a test left on the node."""
     bus = await NatsBus.connect(nats_url, name="node-test", seed_file=nats_seed)
     c = NodeClient(bus, node)
 
@@ -179,8 +209,8 @@ async def client(node: NodeProcess, nats_url: str, nats_seed: str) -> AsyncItera
     await bus.subscribe(EVENTS, on_event)
     await bus.subscribe(LOGS, on_log)
     await bus.subscribe(HEARTBEATS, on_heartbeat)
-    await c.heartbeat(timeout_s=90.0)  # the node is up
     try:
+        await c.heartbeat(timeout_s=up_timeout_s)  # the node is up
         yield c
     finally:
         try:
