@@ -42,6 +42,9 @@ FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
 # 120 s: a cold node imports torch and transformers (~2.5 s here) and probes its tiers; on a
 # loaded 2-core machine that has taken tens of seconds, so allow ample headroom.
 START_TIMEOUT_S = 120.0
+# 30 min: a node running instances in containers prepares the runtime image before its first
+# heartbeat; the first time on a machine that is a debootstrap and an image build (minutes).
+IMAGE_TIMEOUT_S = 1800.0
 
 # 40 s: the node drains its instances for up to 30 s (in-flight requests finish) before it
 # exits; SIGKILL only after that and a margin.
@@ -212,7 +215,14 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
             except Unavailable:
                 return False
 
-        wait_until("a node heartbeat", node_reported, platform.servers, START_TIMEOUT_S)
+        if args.instances != "process":
+            print(
+                "the node prepares its runtime image when it runs instances in containers "
+                f"(the first time: minutes; see {logs / 'node.log'})",
+                flush=True,
+            )
+        timeout = START_TIMEOUT_S if args.instances == "process" else IMAGE_TIMEOUT_S
+        wait_until("a node heartbeat", node_reported, platform.servers, timeout)
 
 
 def run_demo(platform: Platform) -> None:

@@ -36,6 +36,7 @@ class Up:
 
     env: dict[str, str]
     port: int
+    instances: str = "process"  # tests run instances as processes unless they say otherwise
     process: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
@@ -47,7 +48,17 @@ class Up:
     def start(self, *extra: str) -> None:
         self.output = []
         self.process = subprocess.Popen(
-            [SLLM, "up", "--port", str(self.port), "--cpu-slots", "3", *extra],
+            [
+                SLLM,
+                "up",
+                "--port",
+                str(self.port),
+                "--cpu-slots",
+                "3",
+                "--instances",
+                self.instances,
+                *extra,
+            ],
             env=self.env,
             cwd=REPO,
             stdout=subprocess.PIPE,
