@@ -1,5 +1,6 @@
-"""Node cold-start benchmark (issue 4): command-to-ready of a ~2 GB checkpoint from DRAM, SSD
-and the store, with and without the pre-started pool, against two baselines.
+"""Node cold-start benchmark (issues 4, 19): command-to-ready of a ~2 GB checkpoint from DRAM,
+SSD and the store, with and without the pre-started pool, with instances as processes and in
+containers (``--modes``, run in ABBA order across repetitions), against two baselines.
 
     .venv/bin/python bench/coldstart_node.py --json bench/.data/coldstart_node.json
 
@@ -143,7 +144,7 @@ async def load_once(nats_url: str, node: Node, instance_id: str) -> dict[str, An
         node_cmd_subject,
     )
     from sllm.nats_bus import NatsBus
-    from sllm.spec import FunctionRecord, FunctionSpec
+    from sllm.spec import FunctionRecord, FunctionSpec, Resources
 
     bus = await NatsBus.connect(nats_url, name="bench")
     events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
@@ -154,7 +155,9 @@ async def load_once(nats_url: str, node: Node, instance_id: str) -> dict[str, An
             await events.put(event)
 
     await bus.subscribe(EVENTS, on_event)
-    spec = FunctionSpec(name="bench", model="bench")
+    # 4 GiB: a container's memory limit holds the instance (torch, activations), not the image
+    # it maps (the DRAM tier's pages are charged to the node)
+    spec = FunctionSpec(name="bench", model="bench", resources=Resources(1, 4 << 30))
     record = FunctionRecord(spec=spec, checkpoint=KEY, checkpoint_bytes=0).to_dict()
     subject = node_cmd_subject(node.node_id)
     start = time.monotonic()
@@ -232,12 +235,16 @@ def wait_for_premap(node: Node, timeout_s: float = 60.0) -> None:
 
 
 def run_node_scenarios(
-    nats_url: str, s3_env: dict[str, str], pool: int, rep: int
+    nats_url: str, s3_env: dict[str, str], pool: int, rep: int, mode: str, image: str
 ) -> dict[str, Any]:
-    env = {**os.environ, **s3_env, "SLLM_NATS_URL": nats_url, "SLLM_STORE_URL": "s3://models/sllm"}
-    cache_dir = DATA / f"cache-p{pool}-r{rep}"
+    env = {
+        **os.environ, **s3_env, "SLLM_NATS_URL": nats_url, "SLLM_STORE_URL": "s3://models/sllm",
+        "SLLM_INSTANCES": mode, "SLLM_INSTANCE_IMAGE": image,
+    }  # fmt: skip
+    tag = f"{mode[0]}{pool}-r{rep}"  # p: process, c: container
+    cache_dir = DATA / f"cache-{tag}"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    node = Node(env, cache_dir, pool, f"bench-p{pool}-r{rep}")
+    node = Node(env, cache_dir, pool, f"bench-{tag}")
     (DATA / f"{node.node_id}.log").unlink(missing_ok=True)
     shutil.rmtree(node.dram_root(), ignore_errors=True)
     out: dict[str, Any] = {}
@@ -245,22 +252,34 @@ def run_node_scenarios(
         node.start()
         wait_node_idle(nats_url, node, pool)
         drop_caches()
-        out["store"] = asyncio.run(load_once(nats_url, node, f"s-{pool}-{rep}"))
+        out["store"] = asyncio.run(load_once(nats_url, node, f"s-{tag}"))
         wait_node_idle(nats_url, node, pool)  # the pool refills after a load
         if pool:
             wait_for_premap(node)
-        out["dram"] = asyncio.run(load_once(nats_url, node, f"d-{pool}-{rep}"))
+        out["dram"] = asyncio.run(load_once(nats_url, node, f"d-{tag}"))
         node.stop()
         shutil.rmtree(node.dram_root(), ignore_errors=True)
         node.start()
         wait_node_idle(nats_url, node, pool)
         drop_caches()
-        out["ssd"] = asyncio.run(load_once(nats_url, node, f"f-{pool}-{rep}"))
+        out["ssd"] = asyncio.run(load_once(nats_url, node, f"f-{tag}"))
     finally:
         node.stop()
         shutil.rmtree(node.dram_root(), ignore_errors=True)
         shutil.rmtree(cache_dir, ignore_errors=True)
     return out
+
+
+def runtime_image() -> str:
+    """This checkout's runtime image for container mode (built now if needed)."""
+    from runtime.container.images import ensure_runtime_image
+    from runtime.container.podman import engine_problem, find_podman
+    from runtime.node.main import image_cache_dir
+
+    podman = find_podman()
+    if podman is None:
+        raise SystemExit(f"--modes container: {engine_problem()}")
+    return ensure_runtime_image(podman, image_cache_dir())
 
 
 def median(values: list[float]) -> float:
@@ -271,7 +290,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True, help="write results here")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modes", default="process,container", help="instance backends")
+    parser.add_argument("--skip-baselines", action="store_true", help="node scenarios only")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    image = runtime_image() if "container" in modes else ""
     logging.getLogger("sllm.nats_bus").setLevel(logging.ERROR)  # bench clients disconnecting
     from sllm.servers import start_nats, start_seaweedfs
 
@@ -299,15 +322,20 @@ def main() -> int:
                 time.sleep(0.3)
         hf_dir, nbytes = prepare(s3_env)
         nats_url = f"nats://127.0.0.1:{nats.ports['client']}"
-        runs: dict[str, list[dict[str, Any]]] = {"pool": [], "no_pool": []}
+        runs: dict[str, list[dict[str, Any]]] = {}
         baselines: dict[str, list[dict[str, float]]] = {"hf_local": [], "hf_s3": [], "hf_warm": []}
         starts: list[float] = []
         loads: list[float] = []
         env = {**os.environ, **s3_env}
         for rep in range(args.repeat):
             loads.append(os.getloadavg()[0])
-            runs["pool"].append(run_node_scenarios(nats_url, s3_env, 1, rep))
-            runs["no_pool"].append(run_node_scenarios(nats_url, s3_env, 0, rep))
+            for mode in modes if rep % 2 == 0 else modes[::-1]:  # ABBA
+                prefix = "" if mode == "process" else f"{mode}."
+                for pool, name in ((1, "pool"), (0, "no_pool")):
+                    result = run_node_scenarios(nats_url, s3_env, pool, rep, mode, image)
+                    runs.setdefault(prefix + name, []).append(result)
+            if args.skip_baselines:
+                continue
             baselines["hf_local"].append(run_baseline(str(hf_dir), env))
             baselines["hf_s3"].append(run_baseline("s3://models/hf/bench", env))
             baselines["hf_warm"].append(run_warm_baseline(hf_dir, env))
@@ -326,6 +354,15 @@ def main() -> int:
             summary[f"{mode}.{tier}.command_to_ready_s"] = median(
                 [r[tier]["command_to_ready_s"] for r in reps]
             )
+    if {"process", "container"} <= set(modes):
+        for name in ("pool", "no_pool"):
+            for tier in ("dram", "ssd", "store"):
+                summary[f"ratio.container_vs_process.{name}.{tier}"] = (
+                    summary[f"container.{name}.{tier}.command_to_ready_s"]
+                    / summary[f"{name}.{tier}.command_to_ready_s"]
+                )
+    if args.skip_baselines or "process" not in modes:
+        return finish(args.json, summary, runs, baselines, starts)
     for name, reps in baselines.items():
         for key in ("import_s", "download_s", "load_s", "process_total_s"):
             if all(key in r for r in reps):
@@ -346,9 +383,14 @@ def main() -> int:
     summary["speedup.store_vs_hf_s3_after_start"] = (
         summary["hf_s3.after_start_s"] / summary["pool.store.command_to_ready_s"]
     )
+    return finish(args.json, summary, runs, baselines, starts)
+
+
+def finish(path: Path, summary: dict[str, Any], *parts: Any) -> int:
+    runs, baselines, starts = parts
     result = {"summary": summary, "runs": runs, "baselines": baselines, "process_start": starts}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
 

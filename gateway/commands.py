@@ -4,9 +4,22 @@
 
 from __future__ import annotations
 
+import logging
+
 from sllm.bus import Bus
 from sllm.errors import ProtocolError, SllmError
-from sllm.messages import CmdReply, LoadCmd, UnloadCmd, decode_as, encode, node_cmd_subject
+from sllm.messages import (
+    CmdReply,
+    LoadCmd,
+    PrepareCmd,
+    UnloadCmd,
+    decode_as,
+    encode,
+    node_cmd_subject,
+)
+from sllm.spec import FunctionRecord
+
+log = logging.getLogger(__name__)
 
 
 class CommandFailed(SllmError):
@@ -33,3 +46,17 @@ class NodeCommands:
         if not reply.ok:
             raise CommandFailed(f"{kind} to node {node} refused: {reply.code}: {reply.message}")
         return reply
+
+    async def announce(self, record: FunctionRecord, nodes: list[str]) -> None:
+        """Tell ``nodes`` a function with Python requirements was deployed, so nodes running
+        instances in containers build its image now: a PrepareCmd published on each node's
+        command subject, no reply awaited. Best effort: a node that misses it builds the image
+        at the function's first load."""
+        if not record.requirements.strip():
+            return
+        payload = encode(PrepareCmd(record.spec.name, record.to_dict()))
+        for node in nodes:
+            try:
+                await self._bus.publish(node_cmd_subject(node), payload)
+            except Exception as exc:
+                log.warning("could not announce %s to node %s: %s", record.spec.name, node, exc)

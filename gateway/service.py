@@ -77,11 +77,12 @@ class GatewayService:
         )
         if self.scheduler is None:  # made here so the Migrator can feed it what it learns
             self.scheduler = PolicyScheduler(self.settings.policy)
+        self.commands = NodeCommands(self.bus, COMMAND_TIMEOUT_S)
         self.controller = Controller(
             self.registry,
             self.table,
             self.dispatcher,
-            NodeCommands(self.bus, COMMAND_TIMEOUT_S),
+            self.commands,
             self.scheduler or PolicyScheduler(self.settings.policy),
             self.clock,
             self.metrics,

@@ -109,6 +109,17 @@ class MigrateCmd:
 
 
 @dataclass(frozen=True)
+class PrepareCmd:
+    """A function was deployed or updated: a node that runs instances in containers builds its
+    image now (cached by content), so its first cold start does not wait for the build.
+    Published to each node's command subject without a reply (a node may receive nothing
+    else, sllm.nats_auth)."""
+
+    function: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class CmdReply:
     ok: bool
     code: str = ""
@@ -209,6 +220,7 @@ MESSAGE_TYPES: dict[str, type] = {
     "unload": UnloadCmd,
     "drain": DrainCmd,
     "migrate": MigrateCmd,
+    "prepare": PrepareCmd,
     "reply": CmdReply,
     "heartbeat": NodeHeartbeat,
     "instance_event": InstanceEvent,

@@ -97,6 +97,7 @@ async def deploy(request: Request) -> Response:
     gw = service(request)
     record = record_from_body(parse_json(await read_body(request, gw.settings.max_body_bytes)))
     created = await gw.registry.create(record)
+    await gw.commands.announce(created, sorted(gw.table.nodes))
     gw.controller.poke(created.spec.name)
     return JSONResponse(summary(request, created), status_code=201)
 
@@ -107,6 +108,7 @@ async def update(request: Request) -> Response:
     name = request.path_params["name"]
     record = record_from_body(parse_json(await read_body(request, gw.settings.max_body_bytes)))
     updated = await gw.registry.update(name, record)
+    await gw.commands.announce(updated, sorted(gw.table.nodes))
     gw.controller.poke(name)
     return JSONResponse(summary(request, updated))
 

@@ -178,10 +178,9 @@ def requirement_lines(text: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def ensure_function_image(podman: Podman, runtime_image: str, requirements: str) -> str:
-    """The image a function's instances run: ``runtime_image`` itself when the function needs
-    no packages, else ``runtime/container/function.Dockerfile`` built FROM it with the
-    requirements, tagged by the digest of (runtime image id, requirement lines)."""
+def function_image_name(podman: Podman, runtime_image: str, requirements: str) -> str:
+    """The name of a function's image: ``runtime_image`` itself when the function needs no
+    packages, else a tag of the digest of (runtime image id, requirement lines, recipe)."""
     lines = requirement_lines(requirements)
     if not lines:
         return runtime_image
@@ -191,9 +190,17 @@ def ensure_function_image(podman: Podman, runtime_image: str, requirements: str)
     h = xxhash.xxh3_64(runtime_id.encode())
     h.update("\n".join(lines).encode())
     h.update(FUNCTION_DOCKERFILE.read_bytes())
-    tag = f"localhost/sllm-fn:{h.hexdigest()}"
-    if podman.image_id(tag) is not None:
+    return f"localhost/sllm-fn:{h.hexdigest()}"
+
+
+def ensure_function_image(podman: Podman, runtime_image: str, requirements: str) -> str:
+    """The image a function's instances run (``function_image_name``), built now from
+    ``runtime/container/function.Dockerfile`` FROM the runtime image when it does not exist."""
+    tag = function_image_name(podman, runtime_image, requirements)
+    if tag == runtime_image or podman.image_id(tag) is not None:
         return tag
+    lines = requirement_lines(requirements)
+    runtime_id = podman.image_id(runtime_image) or runtime_image
     with tempfile.TemporaryDirectory(prefix="sllm-fn-build-") as tmp:
         context = Path(tmp)
         (context / "requirements.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

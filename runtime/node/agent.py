@@ -34,6 +34,7 @@ from sllm.messages import (
     LogLine,
     MigrateCmd,
     NodeHeartbeat,
+    PrepareCmd,
     UnloadCmd,
     decode,
     encode,
@@ -43,6 +44,7 @@ from sllm.messages import (
     node_cmd_subject,
 )
 from sllm.settings import NodeSettings
+from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +172,28 @@ class NodeAgent:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return {"instances": len(self.supervisor.instances)}
+        if isinstance(command, PrepareCmd):
+            return self._prepare(FunctionRecord.from_dict(command.record))
         if isinstance(command, MigrateCmd):
             return await run_migrate_command(self.supervisor.instances, command, self.bus.publish)
         raise ProtocolError(f"{type(command).__name__} is not a node command")
+
+    def _prepare(self, record: FunctionRecord) -> dict[str, Any]:
+        """A function was deployed: let the backend get ready for it in the background (an
+        image build takes seconds to minutes; its errors are logged, and a load of the function
+        builds again and reports them)."""
+
+        async def prepare() -> None:
+            try:
+                await self.backend.prepare(record)
+            except Exception as exc:
+                message = exc.message if isinstance(exc, SllmError) else repr(exc)
+                log.warning("preparing %s failed: %s", record.spec.name, message)
+
+        task = asyncio.create_task(prepare())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return {"preparing": record.spec.name}
 
     # -- publishing ---------------------------------------------------------------------------
     async def _publish_event(self, event: object) -> None:

@@ -268,6 +268,10 @@ class InstanceBackend(Protocol):
 
     def replenish(self) -> None: ...
 
+    async def prepare(self, record: FunctionRecord) -> None:
+        """Get ready for ``record`` ahead of its loads (a container backend builds its image)."""
+        ...
+
     async def set_premap(self, dram: dict[str, str]) -> None:
         """The DRAM tier's entries (checkpoint key -> node path) idle processes may map."""
         ...
@@ -295,6 +299,9 @@ class ProcessBackend:
 
     def replenish(self) -> None:
         self.pool.replenish()
+
+    async def prepare(self, record: FunctionRecord) -> None:
+        """Nothing: child processes share the node's environment (its packages)."""
 
     async def set_premap(self, dram: dict[str, str]) -> None:
         await self.pool.set_premap([dram[key] for key in sorted(dram)])

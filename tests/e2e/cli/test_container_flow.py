@@ -4,6 +4,7 @@ the function's image; the function answers (issue 19's acceptance path)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container.podman import Podman
+from runtime.container.images import function_image_name
+from runtime.container.podman import ContainerError, Podman
 from sllm.servers import free_port
 
 from .conftest import Cli, Up, user_env
@@ -41,7 +43,11 @@ def container_platform(
 
 
 def test_deploy_with_an_extra_requirement_builds_its_image_and_answers(
-    container_platform: Up, tiny_model_dir: Path, tmp_path: Path, podman: Podman
+    container_platform: Up,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    podman: Podman,
+    runtime_image: str,
 ) -> None:
     cli = Cli(container_platform.env, tmp_path)
     node_log = Path(container_platform.env["SLLM_HOME"]) / "logs" / "node.log"
@@ -59,10 +65,17 @@ def test_deploy_with_an_extra_requirement_builds_its_image_and_answers(
     (tmp_path / "counted" / "handler.py").write_text(HANDLER)
     with open(tmp_path / "counted" / "requirements.txt", "a") as f:
         f.write("humanize==4.12.3\n")  # not in the lock, the node's venv or the runtime image
+    requirements = (tmp_path / "counted" / "requirements.txt").read_text()
+    image = function_image_name(podman, runtime_image, requirements)
+    with contextlib.suppress(ContainerError):  # built by an earlier run: build it again
+        podman.run("rmi", "-f", image)
     deployed = cli("fn", "deploy", "-f", "counted")
     assert deployed.returncode == 0, deployed.stderr
+    # the deploy (not a request) makes the node build the function's image
+    deadline = time.monotonic() + 240
+    while podman.image_id(image) is None:
+        assert time.monotonic() < deadline, "the deploy did not build the function's image"
+        time.sleep(0.5)
     answer = cli("fn", "invoke", "counted", "--json", "--no-stream", input='{"prompt": "hi"}')
     assert answer.returncode == 0, answer.stderr + node_log.read_text()[-3000:]
     assert json.loads(answer.stdout) == {"tokens": "three"}
-    images = podman.run("images", "--format", "{{.Repository}}").stdout.decode()
-    assert "localhost/sllm-fn" in images

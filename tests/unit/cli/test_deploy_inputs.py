@@ -139,6 +139,19 @@ def test_key_and_body() -> None:
     assert FunctionSpec.from_dict(body["spec"]) == spec
 
 
+def test_requirements_travel_with_the_function(tmp_path: Path) -> None:
+    folder = deploy.load_function(write_function(tmp_path, "name: fmt\nmodel: ./m\n"))
+    assert deploy.requirements_text(folder) == ""
+    (tmp_path / "requirements.txt").write_text("# formatting\nhumanize==4.12.3\n")
+    text = deploy.requirements_text(folder)
+    assert text == "# formatting\nhumanize==4.12.3\n"
+    body = deploy.deploy_body(folder.spec, "checkpoints/fmt/0123456789abcdef", 1, {}, text)
+    assert body["requirements"] == text
+    (tmp_path / "requirements.txt").write_text("x" * (1 << 20))
+    with pytest.raises(ValidationFailed, match="requirements.txt: larger than"):
+        deploy.requirements_text(folder)
+
+
 def test_local_store_of_a_remote_gateway_is_refused(tmp_path: Path) -> None:
     deploy.check_store_reachable("s3://bucket/p", "http://gw.example:8080")
     deploy.check_store_reachable("/nonexistent/store", "http://127.0.0.1:8080")

@@ -16,6 +16,7 @@ from sllm.messages import (
     LogLine,
     MigrateCmd,
     NodeHeartbeat,
+    PrepareCmd,
     UnloadCmd,
     decode,
     decode_as,
@@ -38,6 +39,7 @@ SAMPLES: list[object] = [
     ),
     InstanceEvent("ready", "i-1", "node-0", "chat", "http://h:1", tier="dram", load_s=0.2),
     LogLine("chat", "i-1", "node-0", "hello"),
+    PrepareCmd("chat", {"spec": {"name": "chat"}, "requirements": "humanize\n"}),
 ]
 
 

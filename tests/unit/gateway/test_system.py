@@ -8,7 +8,9 @@ import asyncio
 import httpx
 
 from gateway.app import create_app
-from sllm.messages import LogLine, encode, log_subject
+from sllm.bus import Message
+from sllm.messages import PREPARE_SUBJECT, LogLine, PrepareCmd, decode_as, encode, log_subject
+from sllm.spec import FunctionRecord
 from tests.unit.gateway.conftest import AUTH, Harness, harness, settings
 
 
@@ -137,3 +139,31 @@ async def test_a_restarted_gateway_adopts_running_instances_instead_of_draining_
                 info = (await client.get("/system/functions/chat", headers=AUTH)).json()
                 assert info["replicas"] == {"ready": 1, "starting": 0, "desired": 1}
                 assert [x[1] for x in instances.seen] == ["/v1/invoke", "/v1/invoke"]
+
+
+async def test_deploy_and_update_with_requirements_tell_the_nodes(h: Harness) -> None:
+    """Nodes that run instances in containers build a function's image at its deploy."""
+    announced: list[PrepareCmd] = []
+
+    async def on_prepare(msg: Message) -> None:
+        announced.append(decode_as(msg.data, PrepareCmd))
+
+    await h.bus.subscribe(PREPARE_SUBJECT, on_prepare)
+    body = {"spec": {"name": "fmt", "model": "m"}, "checkpoint": "k", "checkpoint_bytes": 1}
+    assert (await h.client.post("/system/functions", json=body, headers=AUTH)).status_code == 201
+    assert announced == []  # nothing to build for a function without requirements
+    body["requirements"] = "humanize==4.12.3\n"
+    r = await h.client.put("/system/functions/fmt", json=body, headers=AUTH)
+    assert r.status_code == 200
+    for _ in range(50):
+        if announced:
+            break
+        await asyncio.sleep(0.01)
+    (prepare,) = announced
+    assert prepare.function == "fmt"
+    record = FunctionRecord.from_dict(prepare.record)
+    assert (record.requirements, record.revision) == ("humanize==4.12.3\n", 2)
+    bad = await h.client.put(
+        "/system/functions/fmt", json=body | {"requirements": ["humanize"]}, headers=AUTH
+    )
+    assert bad.status_code == 422 and "requirements" in bad.json()["error"]["message"]
