@@ -222,13 +222,16 @@ class Supervisor:
                 raise asyncio.CancelledError
             worker.on_log = lambda line: self._log(inst, line)
             threads = self._threads(inst)
+            attach_started = time.monotonic()
             entry_dir = await worker.attach(Path(fetched.directory), inst.record, threads)
+            attach_s = time.monotonic() - attach_started  # a container's mounts and limits
             await worker.send(self._load_spec(inst, entry_dir, threads))
             message = await worker.next_event(READY_TIMEOUT_S)
             if message.get("event") != "ready":
                 raise SllmError(str(message.get("error") or message), code="load_failed")
             inst.address = f"http://{self.host}:{int(message['port'])}"
             inst.timings = {k: float(v) for k, v in dict(message.get("timings", {})).items()}
+            inst.timings["attach_s"] = attach_s
             inst.load_s = time.monotonic() - started
             self._remember_load(inst.load_s)
             inst.state = "draining" if inst.stopping else "ready"
