@@ -18,7 +18,8 @@ from sllm.servers import free_port
 
 from .conftest import Cli, Up, user_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.containers]
+# 1200 s: the first test also waits for the session's images (a fresh machine: minutes)
+pytestmark = [pytest.mark.e2e, pytest.mark.containers, pytest.mark.timeout(1200)]
 
 HANDLER = """
 import humanize

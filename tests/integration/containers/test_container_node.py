@@ -29,7 +29,8 @@ from tests.integration.node.conftest import (
     node_process,
 )
 
-pytestmark = [pytest.mark.containers, pytest.mark.integration]
+# 1200 s: the first test also waits for the session's images (a fresh machine: minutes)
+pytestmark = [pytest.mark.containers, pytest.mark.integration, pytest.mark.timeout(1200)]
 
 OTHER_KEY = "checkpoints/other/1111111111111111"
 SECRET = uuid.uuid4().hex  # in the node's credentials: never inside a container

@@ -19,7 +19,9 @@ from runtime.container.images import REPO, STANDINS, ensure_gateway_image
 from runtime.container.podman import Podman
 from sllm.servers import free_port
 
-pytestmark = pytest.mark.containers
+# 1200 s: the first test also waits for the session's images (a fresh machine: apt, debootstrap
+# and the runtime image, minutes)
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(1200)]
 
 
 def locked_versions() -> dict[str, str]:
