@@ -148,7 +148,7 @@ def test_requirements_travel_with_the_function(tmp_path: Path) -> None:
     body = deploy.deploy_body(folder.spec, "checkpoints/fmt/0123456789abcdef", 1, {}, text)
     assert body["requirements"] == text
     (tmp_path / "requirements.txt").write_text("x" * (1 << 20))
-    with pytest.raises(ValidationFailed, match="requirements.txt: larger than"):
+    with pytest.raises(ValidationFailed, match=r"requirements\.txt: larger than"):
         deploy.requirements_text(folder)
 
 
