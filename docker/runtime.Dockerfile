@@ -3,15 +3,17 @@
 # it, runtime/container/function.Dockerfile). Python packages come from a lock made by
 # `make lock`, at its pinned versions: only the extras asked for (EXTRAS), not the whole lock.
 #
-# GPU nodes (the defaults: a CUDA base image, requirements-cuda.lock, torch from PyPI):
+# GPU nodes (the defaults: requirements-cuda.lock, whose torch comes from PyPI with the CUDA
+# runtime libraries as nvidia-* wheels, so the base needs no CUDA; the host's driver comes in
+# through the NVIDIA container toolkit):
 #   podman build -f docker/runtime.Dockerfile -t sllm-runtime .
 # CPU nodes (requirements.lock; its torch==2.13.0+cpu is not on PyPI, so the directory holding
 # the wheel is given as the "wheels" build context and bind-mounted for the install only):
 #   podman build -f docker/runtime.Dockerfile -t sllm-runtime \
-#     --build-arg BASE_IMAGE=python:3.11-slim --build-arg LOCK=requirements.lock \
-#     --build-context wheels=/opt/wheels .
-# (docker buildx takes the same --build-context flag.)
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+#     --build-arg LOCK=requirements.lock --build-context wheels=/opt/wheels .
+# (docker buildx takes the same --build-context flag.) Both locks are resolved for Python 3.11:
+# the base must have it (Debian bookworm's python3 is 3.11).
+ARG BASE_IMAGE=python:3.11-slim
 
 # Empty unless --build-context wheels=DIR replaces it.
 FROM scratch AS wheels
@@ -34,7 +36,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     SLLM_CACHE_DIR=/var/cache/sllm
 
-# python3 with venv: already in Debian-based Python images; installed on the CUDA base.
+# python3 with venv: already in Debian-based Python images; installed on a Debian base without.
 RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
         apt-get update \
         && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \

@@ -151,7 +151,7 @@ def ensure_runtime_image(podman: Podman, cache_dir: Path, repo: Path = REPO) -> 
             "configuration): the CPU runtime image cannot install torch"
         )
     base = ensure_base(podman, cache_dir)
-    args = {"BASE_IMAGE": STANDINS[0], "LOCK": "requirements.lock"}
+    args = {"LOCK": "requirements.lock"}
     digest = digest_files(
         repo,
         (*RUNTIME_INPUTS, "requirements.lock"),

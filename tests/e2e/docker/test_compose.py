@@ -84,9 +84,13 @@ def test_gateway_image_has_no_torch_and_runtime_image_is_cuda() -> None:
     assert "-c requirements.lock" in gateway and "--extra server" in gateway
     assert "--extra runtime" not in gateway
     runtime = (REPO / "docker" / "runtime.Dockerfile").read_text()
-    # GPU nodes by default: a CUDA base and the CUDA lock (CPU builds pass build args)
-    assert "ARG BASE_IMAGE=nvidia/cuda:" in runtime
+    # GPU nodes by default: the CUDA lock (torch's CUDA libraries are wheels in it), on a base
+    # with the Python both locks are resolved for; CPU builds pass build args
+    assert "ARG BASE_IMAGE=python:3.11-slim" in runtime
     assert "ARG LOCK=requirements-cuda.lock" in runtime and "ARG EXTRAS=runtime" in runtime
+    cuda_lock = (REPO / "requirements-cuda.lock").read_text()
+    assert "--python-version 3.11" in (REPO / "Makefile").read_text()
+    assert "\nnvidia-cuda-runtime==" in cuda_lock and "\ntorch==" in cuda_lock
     # The base extra of pyproject.toml (what the gateway image installs) must not pull torch.
     pyproject = (REPO / "pyproject.toml").read_text()
     base = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
