@@ -99,10 +99,12 @@ def build_backend(
 
     env = instance_env(devices)
     mode = settings.instances
-    problem = engine_problem() if mode != "process" else None
-    if problem is None and mode != "process" and any(d.kind == "cuda" for d in devices):
+    problem = None
+    if mode != "process":
         # GPUs would have to be passed into each container (CDI devices); not built yet
-        problem = "instance containers do not get GPUs yet (CPU nodes only)"
+        gpus = any(d.kind == "cuda" for d in devices)
+        problem = "instance containers do not get GPUs yet (CPU nodes only)" if gpus else None
+        problem = problem or engine_problem()
     if mode == "container" and problem is not None:
         raise ValidationFailed(f"SLLM_INSTANCES=container: {problem}")
     if mode == "process" or problem is not None:

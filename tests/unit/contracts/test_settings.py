@@ -52,6 +52,9 @@ def test_node_settings_errors() -> None:
         NodeSettings.from_env({"SLLM_NODE_ID": "Node 1"})
     with pytest.raises(ValidationFailed, match="SLLM_DRAM_CAPACITY='many'"):
         NodeSettings.from_env({"SLLM_DRAM_CAPACITY": "many"})
+    with pytest.raises(ValidationFailed, match="SLLM_INSTANCES='docker': must be one of"):
+        NodeSettings.from_env({"SLLM_INSTANCES": "docker"})
+    assert NodeSettings.from_env({}).instances == "process"  # containers only when asked
 
 
 def test_every_variable_is_documented() -> None:
