@@ -160,6 +160,7 @@ def handle(request, ctx):
         "dram": sorted(os.listdir("/sllm/dram/entries")),
         "processes": "\\n".join(visible),
         "environ": dict(os.environ),
+        "answer": ctx.generate(prompt="hi", max_tokens=2, temperature=0)["usage"],
     }
 """
 
@@ -170,6 +171,9 @@ async def test_sandbox_facts_from_inside_a_handler(
     from runtime.node.main import dram_root
     from sllm.settings import NodeSettings
 
+    # another function's checkpoint in the node's DRAM tier (the first test left it there)
+    if not any(e.checkpoint == OTHER_KEY for e in (await client.heartbeat()).cache.get("dram", [])):
+        await stop(client, await start(client, make_record("other", checkpoint=OTHER_KEY)))
     await asyncio.sleep(1.0)  # heartbeats: the pool's idle container premaps what it may
     root = container_node.log_path.parent
     tier = dram_root(NodeSettings.from_env({"SLLM_NODE_ID": container_node.node_id,
