@@ -11,6 +11,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,7 +20,9 @@ import httpx
 import pytest
 
 from runtime.container.podman import Podman
+from sllm.instance_auth import auth_header
 from sllm.messages import LoadCmd, encode
+from sllm.servers import ManagedServer, nats_client_env
 from sllm.spec import FunctionRecord, FunctionSpec, Resources
 from tests.integration.node.conftest import (
     CHECKPOINT_KEY,
@@ -39,7 +42,7 @@ SECRET = uuid.uuid4().hex  # in the node's credentials: never inside a container
 @pytest.fixture(scope="module")
 def container_node(
     tmp_path_factory: pytest.TempPathFactory,
-    nats_url: str,
+    nats_server: ManagedServer,
     tiny_model_dir: Path,
     runtime_image: str,
     podman: Podman,
@@ -48,26 +51,25 @@ def container_node(
     from runtime.store.push import push_checkpoint
 
     root = tmp_path_factory.mktemp("cnode")
-    host, port = nats_url.removeprefix("nats://").split(":")
     env = {
         "SLLM_INSTANCES": "container",
         "SLLM_INSTANCE_IMAGE": runtime_image,
-        # credentials the node holds: the store's and NATS's (the server ignores them: it has
-        # no authentication configured)
-        "SLLM_NATS_URL": f"nats://node:nats-{SECRET}@{host}:{port}",
+        # credentials the node holds beside its NATS seed: the store's
         "AWS_ACCESS_KEY_ID": f"key-{SECRET}",
         "AWS_SECRET_ACCESS_KEY": f"secret-{SECRET}",
         "SLLM_DRAM_CAPACITY": "512Mi",
     }
-    with node_process(root, nats_url, tiny_model_dir, env, stop_timeout_s=60) as node:
+    with node_process(root, nats_server, tiny_model_dir, env, stop_timeout_s=60) as node:
         push_checkpoint(root / "ckpt", LocalStore(root / "store"), OTHER_KEY)
         yield node
     assert not podman.run("ps", "-aq", "--filter", f"name=^sllm-{node.node_id}-").stdout
 
 
 @pytest.fixture
-async def client(container_node: NodeProcess, nats_url: str) -> AsyncIterator[NodeClient]:
-    async with node_client(container_node, nats_url, up_timeout_s=300) as c:
+async def client(
+    container_node: NodeProcess, nats_url: str, nats_seed: str
+) -> AsyncIterator[NodeClient]:
+    async with node_client(container_node, nats_url, nats_seed, up_timeout_s=300) as c:
         yield c
 
 
@@ -85,7 +87,13 @@ def make_record(
     ).to_dict()
 
 
-async def start(client: NodeClient, record: dict[str, Any], timeout_s: float = 300) -> str:
+@dataclass(frozen=True)
+class Started:
+    address: str
+    secret: str  # the instance answers nothing without it (sllm.instance_auth)
+
+
+async def start(client: NodeClient, record: dict[str, Any], timeout_s: float = 300) -> Started:
     instance_id = f"{record['spec']['name']}-{uuid.uuid4().hex[:6]}"
     cmd = LoadCmd(instance_id, record["spec"]["name"], record, "")
     reply = await client.command(encode(cmd))
@@ -93,19 +101,19 @@ async def start(client: NodeClient, record: dict[str, Any], timeout_s: float = 3
     event = await client.event(instance_id, timeout_s)
     assert event.kind == "ready", event.error
     assert event.address
-    return event.address
+    return Started(event.address, event.secret)
 
 
-async def stop(client: NodeClient, address: str) -> None:
+async def stop(client: NodeClient, started: Started) -> None:
     for state in (await client.heartbeat()).instances:
-        if state.address == address:
+        if state.address == started.address:
             await client.unload(state.instance_id, drain_s=1.0)
             assert (await client.event(state.instance_id)).kind == "stopped"
 
 
-async def invoke(address: str, body: dict[str, Any]) -> Any:
-    async with httpx.AsyncClient(timeout=120) as http:
-        response = await http.post(f"{address}/v1/invoke", json=body)
+async def invoke(started: Started, body: dict[str, Any]) -> Any:
+    async with httpx.AsyncClient(timeout=120, headers=auth_header(started.secret)) as http:
+        response = await http.post(f"{started.address}/v1/invoke", json=body)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -115,14 +123,14 @@ async def test_instance_runs_in_a_container_and_answers(
 ) -> None:
     # another function's checkpoint: it stays in the node's DRAM tier after this instance stops
     # (the sandbox test below must not see it)
-    address = await start(client, make_record("other", checkpoint=OTHER_KEY))
-    answer = await invoke(address, {"prompt": "hello", "max_tokens": 4, "temperature": 0})
+    other = await start(client, make_record("other", checkpoint=OTHER_KEY))
+    answer = await invoke(other, {"prompt": "hello", "max_tokens": 4, "temperature": 0})
     assert answer["usage"]["completion_tokens"] == 4
     running = podman.run(
         "ps", "--format", "{{.Image}}", "--filter", f"name=^sllm-{container_node.node_id}-"
     ).stdout.decode()
     assert "sllm-runtime" in running  # the instance and the refilled pool's container
-    await stop(client, address)
+    await stop(client, other)
 
 
 PROBE_HANDLER = """
@@ -166,7 +174,7 @@ def handle(request, ctx):
 
 
 async def test_sandbox_facts_from_inside_a_handler(
-    client: NodeClient, container_node: NodeProcess
+    client: NodeClient, container_node: NodeProcess, nats_server: ManagedServer
 ) -> None:
     from runtime.node.main import dram_root
     from sllm.settings import NodeSettings
@@ -180,19 +188,23 @@ async def test_sandbox_facts_from_inside_a_handler(
                                             "SLLM_CACHE_DIR": str(root / "cache")}))  # fmt: skip
     own = f"/sllm/dram/entries/{quote(CHECKPOINT_KEY, safe='')}"
     other_entry = quote(OTHER_KEY, safe="")
-    address = await start(client, make_record("probe", "probe:handle", {"probe.py": PROBE_HANDLER}))
-    facts = await invoke(address, {
+    # the node's NATS credentials: its NKey seed file
+    seed_file = Path(nats_client_env(nats_server, container_node.node_id)["SLLM_NATS_SEED_FILE"])
+    seed = (await asyncio.to_thread(seed_file.read_text)).strip()
+    probe = await start(client, make_record("probe", "probe:handle", {"probe.py": PROBE_HANDLER}))
+    facts = await invoke(probe, {
         "read": [f"{own}/index.json", f"/sllm/dram/entries/{other_entry}/index.json",
-                 str(tier / "entries" / other_entry / "index.json")],
-        "exists": [str(root / "cache"), str(root / "store"), str(tier), "/dev/shm/" + tier.name],
+                 str(tier / "entries" / other_entry / "index.json"), str(seed_file)],
+        "exists": [str(root / "cache"), str(root / "store"), str(tier), "/dev/shm/" + tier.name,
+                   str(seed_file.parent)],
         "write": ["/tmp/scratch", "/opt/venv/x", "/x", "/sllm/x", f"{own}/x"],
     })  # fmt: skip
-    await stop(client, address)
+    await stop(client, probe)
     assert facts["answer"]["completion_tokens"] == 2  # the model answers from inside
     # its own checkpoint, read-only; no other function's, by either path
     assert facts["dram"] == [quote(CHECKPOINT_KEY, safe="")]
-    assert list(facts["read"].values()) == [True, False, False]
-    # not the node's cache directory, store or DRAM tier
+    assert list(facts["read"].values()) == [True, False, False, False]
+    # not the node's cache directory, store, DRAM tier or NATS credentials
     assert not any(facts["exists"].values()), facts["exists"]
     # scratch space only
     assert facts["write"] == {
@@ -200,7 +212,8 @@ async def test_sandbox_facts_from_inside_a_handler(
         f"{own}/x": False,
     }  # fmt: skip
     # no credentials of the node: not in its environment, not in any process it can see
-    assert SECRET not in json.dumps(facts["environ"]) and SECRET not in facts["processes"]
+    for secret in (SECRET, seed):
+        assert secret not in json.dumps(facts["environ"]) and secret not in facts["processes"]
     assert not any(k.startswith(("AWS_", "SLLM_NATS", "SLLM_TOKEN")) for k in facts["environ"])
 
 
@@ -221,7 +234,7 @@ async def test_memory_limit_kills_the_instance_and_the_node_goes_on(
     ready = await client.event(instance_id, 300)
     assert ready.kind == "ready", ready.error
     assert ready.address
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=120, headers=auth_header(ready.secret)) as http:
         small = await http.post(f"{ready.address}/v1/invoke", json={"mib": 64})
         assert small.json() == {"len": 64 << 20}  # under the limit: fine
         with pytest.raises(httpx.HTTPError):
@@ -230,7 +243,7 @@ async def test_memory_limit_kills_the_instance_and_the_node_goes_on(
     assert failed.kind == "failed"
     assert "code 137" in failed.error and "out of memory" in failed.error, failed.error
     # the node goes on: another instance starts and answers
-    address = await start(client, make_record("after-oom"))
-    answer = await invoke(address, {"prompt": "hi", "max_tokens": 2, "temperature": 0})
+    after = await start(client, make_record("after-oom"))
+    answer = await invoke(after, {"prompt": "hi", "max_tokens": 2, "temperature": 0})
     assert answer["usage"]["completion_tokens"] == 2
-    await stop(client, address)
+    await stop(client, after)

@@ -9,7 +9,7 @@ import httpx
 
 from gateway.app import create_app
 from sllm.bus import Message
-from sllm.messages import PREPARE_SUBJECT, LogLine, PrepareCmd, decode_as, encode, log_subject
+from sllm.messages import LogLine, PrepareCmd, decode, encode, log_subject, node_cmd_subject
 from sllm.spec import FunctionRecord
 from tests.unit.gateway.conftest import AUTH, Harness, harness, settings
 
@@ -145,10 +145,14 @@ async def test_deploy_and_update_with_requirements_tell_the_nodes(h: Harness) ->
     """Nodes that run instances in containers build a function's image at its deploy."""
     announced: list[PrepareCmd] = []
 
-    async def on_prepare(msg: Message) -> None:
-        announced.append(decode_as(msg.data, PrepareCmd))
+    async def on_command(msg: Message) -> None:
+        command = decode(msg.data)
+        if isinstance(command, PrepareCmd):
+            assert msg.reply_to is None  # published: nothing waits for the build
+            announced.append(command)
 
-    await h.bus.subscribe(PREPARE_SUBJECT, on_prepare)
+    # on the node's own command subject, the only one NATS lets a node receive
+    await h.bus.subscribe(node_cmd_subject(h.node.node_id), on_command)
     body = {"spec": {"name": "fmt", "model": "m"}, "checkpoint": "k", "checkpoint_bytes": 1}
     assert (await h.client.post("/system/functions", json=body, headers=AUTH)).status_code == 201
     assert announced == []  # nothing to build for a function without requirements
