@@ -8,6 +8,7 @@ system made by debootstrap, and builds run with ``--pull=never``.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -60,7 +61,7 @@ def test_runtime_image_holds_the_locked_packages(podman: Podman, runtime_image: 
 
 
 def test_gateway_image_serves_without_torch(
-    podman: Podman, image_cache: Path, nats_url: str, tmp_path: Path
+    podman: Podman, image_cache: Path, nats_url: str, nats_seed: str, tmp_path: Path
 ) -> None:
     image = ensure_gateway_image(podman, image_cache)
     probe = podman.run(
@@ -70,8 +71,14 @@ def test_gateway_image_serves_without_torch(
     assert probe.startswith("None ") and "None" not in probe.split(" ", 1)[1]
     port = free_port()
     name = f"sllm-test-gateway-{uuid.uuid4().hex[:8]}"
+    # the gateway role's NKey seed, readable by the image's unprivileged user
+    seed = tmp_path / "gateway.nk"
+    shutil.copy(nats_seed, seed)
+    seed.chmod(0o644)
     podman.run(
         "run", "-d", "--name", name, "--network", "host",
+        "--volume", f"{seed}:/run/sllm/gateway.nk:ro",
+        "--env", "SLLM_NATS_SEED_FILE=/run/sllm/gateway.nk",
         "--env", f"SLLM_NATS_URL={nats_url}", "--env", "SLLM_GATEWAY_HOST=127.0.0.1",
         "--env", f"SLLM_GATEWAY_PORT={port}", "--env", "SLLM_TOKEN=test-token",
         "--env", "SLLM_STORE_URL=/tmp/store", image,
