@@ -66,6 +66,9 @@ def test_leaks_fail_the_session_are_named_and_removed(tmp_path: Path) -> None:
             subprocess.run(["sh", "-c", "sleep {second} &"], check=True)
             s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); KEEP.append(s)
             shm = Path("{shm}"); shm.mkdir()
+            # the cache directory exists: a node started meanwhile by another session would
+            # sweep a tier whose directory is gone as an orphan
+            (tmp_path / "cache").mkdir()
             (shm / "cache-dir").write_text(str(tmp_path / "cache"))
         """,
     )
