@@ -6,6 +6,12 @@ the node's DRAM tier holds (``premap`` lines) and maps and populates each one wh
 so a load of any of them starts from a ready mapping. The pages are shared with the DRAM tier
 (no copy, no extra memory but page tables); an image the tier dropped is unmapped at the next
 update, and all the others are unmapped once the process has loaded its model.
+
+A mapping is of a file, not of a path: the DRAM tier recycles an evicted image's file as a
+free slab for the next entry, and an entry fetched again gets a new file at the same path. So
+each mapping remembers the file it maps (device and inode) and is used only while that file
+is still the entry's image; otherwise it would hand over another checkpoint's bytes (or
+SIGBUS, when the slab is shorter now).
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.ckpt.index import CheckpointIndex
+from sllm.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +46,11 @@ class MappedImage:
     mapping: mmap.mmap
     image: torch.Tensor
     populated: bool
+    file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the image file mapped
+
+    def current(self) -> bool:
+        """Whether the entry's image is still the file this maps (see the module doc)."""
+        return self.file_id is not None and _file_id(self.entry) == self.file_id
 
     def close(self) -> None:
         del self.image
@@ -55,14 +68,30 @@ def populate(mapping: mmap.mmap) -> bool:
     return True
 
 
+def _file_id(entry: Path) -> tuple[int, int] | None:
+    from runtime.cache.dram import IMAGE_FILE
+
+    try:
+        st = os.stat(entry / IMAGE_FILE)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def map_entry(entry: Path, *, fill: bool) -> MappedImage:
     """Map ``entry``'s image (``runtime.cache.dram.map_image``), populated when ``fill``."""
     from runtime.cache.dram import map_image
     from runtime.ckpt.index import read_index
 
+    before = _file_id(entry)
     index = read_index(entry)
     mapping, image = map_image(entry, index)
-    return MappedImage(entry, index, mapping, image, fill and populate(mapping))
+    mapped = MappedImage(entry, index, mapping, image, False, before)
+    if before is None or not mapped.current():
+        mapped.close()
+        raise CheckpointError(f"{entry}: the image was replaced while it was being mapped")
+    mapped.populated = fill and populate(mapping)
+    return mapped
 
 
 class Premapper:
@@ -74,7 +103,7 @@ class Premapper:
     def update(self, entries: list[str]) -> None:
         """Map (and populate) the listed entries not mapped yet; unmap the ones not listed."""
         wanted = set(entries)
-        for entry in [e for e in self.images if e not in wanted]:
+        for entry in [e for e, m in self.images.items() if e not in wanted or not m.current()]:
             self.images.pop(entry).close()
         for entry in entries:
             if entry in self.images:
@@ -88,9 +117,14 @@ class Premapper:
             log.info("premapped %s in %.3fs", entry, time.monotonic() - started)
 
     def take(self, entry: str) -> MappedImage | None:
-        """The mapping of ``entry`` (handed over), after unmapping every other one."""
+        """The mapping of ``entry`` (handed over) if it still maps the entry's image, after
+        unmapping every other one."""
         found = self.images.pop(entry, None)
         for other in self.images.values():
             other.close()
         self.images.clear()
+        if found is not None and not found.current():
+            log.info("premapped %s is stale (the image was recycled): mapping it anew", entry)
+            found.close()
+            return None
         return found

@@ -36,3 +36,44 @@ def test_premapper_maps_hands_over_and_unmaps(tmp_path: Path) -> None:
     taken = premapper.take(b)
     assert taken is not None and taken.populated and not premapper.images
     assert premapper.take(a) is None
+
+
+def test_a_recycled_image_is_never_handed_over_as_another_entrys(tmp_path: Path) -> None:
+    """Issue 14, bug 3: an idle process maps entry A; A is evicted, its image file (the same
+    inode) becomes a free slab and the next entry B is written into it; A is fetched again
+    into a new file at the same path. The old mapping now holds B's bytes: it must not be
+    handed over (nor kept by ``update``) as A's."""
+    from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
+    from runtime.store import LocalStore
+    from runtime.store.push import push_checkpoint
+
+    store = LocalStore(tmp_path / "store")
+    for key, seed in (("a", 1), ("b", 2)):
+        write_random_checkpoint(tmp_path / key, (8192, 4096), seed=seed)
+        push_checkpoint(tmp_path / key, store, key)
+    dram = DramCache(tmp_path / "dram", 1 << 20)
+    cache = TieredCache(store, SsdCache(tmp_path / "ssd", 1 << 20), dram, BandwidthEstimator())
+    try:
+        a = cache.fetch("a")
+        cache.release("a")
+        cache.flush()  # the SSD write-behind holds the DRAM image until it is done
+        a_bytes = (a.directory / "image.bin").read_bytes()
+        untold, told = Premapper(), Premapper()
+        untold.update([str(a.directory)])
+        told.update([str(a.directory)])
+        assert dram.entries.remove("a")  # evicted: its image becomes a free slab
+        cache.fetch("b")  # ... which b is written into
+        cache.release("b")
+        cache.flush()
+        again = cache.fetch("a")  # a again, at the same path, in a new file
+        assert again.directory == a.directory
+        assert (again.directory / "image.bin").read_bytes() == a_bytes
+        # a load with no premap update since (the node sends none while a load runs)
+        taken = untold.take(str(a.directory))
+        assert taken is None or bytes(taken.image.tolist()) == a_bytes
+        told.update([str(a.directory)])  # the node's next premap: a is listed again
+        taken = told.take(str(a.directory))
+        assert taken is not None and bytes(taken.image.tolist()) == a_bytes
+        cache.release("a")
+    finally:
+        cache.close()
