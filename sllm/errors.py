@@ -105,6 +105,13 @@ class CacheFull(SllmError):
     status = 507
 
 
+class UnsupportedModel(SllmError):
+    """A model the serving engine cannot run (names what it lacks support for)."""
+
+    code = "unsupported_model"
+    status = 422
+
+
 class ProtocolError(SllmError):
     """A wire message was malformed, of an unknown type or of an unsupported version."""
 

@@ -29,7 +29,7 @@ import torch
 
 from runtime.engine.detokenize import TextStream
 from runtime.engine.forward import forward, new_cache
-from runtime.engine.kv_batch import KVBatch
+from runtime.engine.kv_batch import KVBatch, check_batchable
 from runtime.engine.request import (
     ErrorEvent,
     Event,
@@ -87,6 +87,7 @@ class Engine:
                 f"prefill_chunk must be >= 0 (0 disables chunking), not {prefill_chunk}"
             )
         self.model = model
+        check_batchable(new_cache(model), str(getattr(model.config, "model_type", "?")))
         self.device = next(model.parameters()).device
         self._decode = decode
         self.eos_ids = frozenset(eos_ids)
@@ -200,16 +201,15 @@ class Engine:
                 for a in admitted:
                     self._active[a.state.request_id] = a
             self._apply_cancels(cancels)
-            try:
-                for a in admitted:
-                    if a.state.request_id in self._active:
-                        self._admit(a)
-                self._prefill_chunks()
-                if len(self._batch):
+            for a in admitted:
+                if a.state.request_id in self._active:
+                    self._guarded(a, self._admit)
+            self._prefill_chunks()
+            if len(self._batch):
+                try:
                     self._decode_step()
-            except Exception as exc:  # a failed forward fails the running requests, not the loop
-                log.exception("engine step failed")
-                self._fail_all("engine_error", f"generation failed: {type(exc).__name__}: {exc}")
+                except Exception as exc:
+                    self._recover_batch(exc)
 
     def _apply_cancels(self, cancels: set[str]) -> None:
         if not cancels:
@@ -233,6 +233,33 @@ class Engine:
         else:
             self._prefill(a, ids, len(ids))
 
+    def _guarded(self, a: _Active, step: Callable[[_Active], None]) -> None:
+        """Run one request's own step (its prefill); an exception there (out of memory, a
+        prompt the model cannot take) ends that request alone with an error."""
+        try:
+            step(a)
+        except Exception as exc:
+            log.warning("request %s failed: %s: %s", a.state.request_id, type(exc).__name__, exc)
+            self._fail_one(a, exc)
+
+    def _recover_batch(self, exc: Exception) -> None:
+        """A batched decoding step failed: its cache may be half-grown, and the step alone
+        does not say which row was at fault. Every row leaves the batch and is prefilled
+        again from its tokens so far, alone (as a migrated request is resumed: the same
+        tokens follow); a row that fails alone ends with the error, the others continue."""
+        log.warning("decoding step of %d rows failed (%s: %s); prefilling each again alone",
+                    len(self._batch), type(exc).__name__, exc)  # fmt: skip
+        rows = [self._active[rid] for rid in self._batch.ids if rid in self._active]
+        self._batch = KVBatch()
+        for a in rows:
+            a.cache, a.prefilled = None, 0
+            self._guarded(a, self._readmit)
+
+    def _readmit(self, a: _Active) -> None:
+        ids = a.state.prompt_ids + a.state.output_ids
+        a.cache = new_cache(self.model)
+        self._prefill(a, ids, len(ids))
+
     def _prefill_chunks(self) -> None:
         """Advance the prefilling requests by ``prefill_chunk`` tokens in all, oldest first."""
         budget = self.prefill_chunk
@@ -243,7 +270,14 @@ class Engine:
             budget -= end - a.prefilled
             if end == len(ids):
                 self._prefilling.pop(0)
-            self._prefill(a, ids, end)
+            try:
+                self._prefill(a, ids, end)
+            except Exception as exc:
+                if a in self._prefilling:
+                    self._prefilling.remove(a)
+                log.warning("request %s failed: %s: %s",
+                            a.state.request_id, type(exc).__name__, exc)  # fmt: skip
+                self._fail_one(a, exc)
 
     def _prefill(self, a: _Active, ids: list[int], end: int) -> None:
         """Compute ``ids[a.prefilled:end]`` into ``a.cache``; at the end of ``ids``, sample the
@@ -320,6 +354,15 @@ class Engine:
             self._cancelled += reason == "cancelled"
         _deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
 
+    def _fail_one(self, a: _Active, exc: Exception) -> None:
+        """End one request with ``engine_error`` (the others are untouched)."""
+        a.cache = None
+        with self._cv:
+            self._active.pop(a.state.request_id, None)
+            self._known.discard(a.state.request_id)
+        a.state.finish_reason = "error"
+        _deliver(a.sink, ErrorEvent("engine_error", _failure(exc)))
+
     def _fail_all(self, code: str, message: str) -> None:
         with self._cv:
             victims = [*self._pending, *self._active.values()]
@@ -329,6 +372,12 @@ class Engine:
         for a in victims:
             a.state.finish_reason = "error"
             _deliver(a.sink, ErrorEvent(code, message))
+
+
+def _failure(exc: Exception) -> str:
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "generation failed: out of memory for this request (try a shorter prompt)"
+    return f"generation failed: {type(exc).__name__}: {exc}"
 
 
 def _deliver(sink: Sink, event: Event) -> None:

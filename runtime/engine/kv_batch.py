@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from sllm.errors import UnsupportedModel
+
 
 def _layers(cache: Any) -> list[Any]:
     layers: list[Any] = cache.layers
@@ -20,6 +22,25 @@ def _layers(cache: Any) -> list[Any]:
         if not hasattr(layer, "keys") or getattr(layer, "is_sliding", False):
             raise TypeError(f"unsupported cache layer {type(layer).__name__} for batching")
     return layers
+
+
+def check_batchable(cache: Any, model_type: str) -> None:
+    """Refuse a model whose cache this batch cannot hold: only full-attention layers
+    (``DynamicLayer``: keys and values grow one column a step) can be left-padded and
+    concatenated. Sliding-window layers drop old columns and linear-attention (hybrid)
+    layers keep a state instead; such a model would load, report ready, and fail every
+    request, so the load fails here with the reason."""
+    from transformers.cache_utils import DynamicLayer
+
+    odd = sorted(
+        {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    )
+    if odd:
+        raise UnsupportedModel(
+            f"model type {model_type!r} uses {', '.join(odd)} cache layers (sliding-window or "
+            "hybrid attention), which this engine cannot batch; serve it with a backend that "
+            "supports them"
+        )
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
