@@ -176,8 +176,13 @@ class InstanceProxy:
             async for chunk in upstream.rest:
                 parts.append(chunk)
         except UpstreamError as exc:
+            log.warning(
+                "answer broke function=%s instance=%s error=%r",
+                upstream.instance.function, upstream.instance.instance_id, exc,
+            )  # fmt: skip
             raise Unavailable(
-                f"instance {upstream.instance.instance_id} failed mid-answer: {exc}"
+                f"instance {upstream.instance.instance_id} stopped before the answer was "
+                "complete (the instance or its node failed); retry the request"
             ) from None
         finally:
             await self.finish(upstream)
@@ -216,23 +221,29 @@ class InstanceProxy:
 
 
 def broken_stream_error(upstream: Upstream, exc: Exception) -> dict[str, object]:
+    """The last event of a stream the instance broke off. The transport's own words
+    (``IncompleteReadError: 0 bytes read ...``) go to the log, not to the client."""
     return {
         "error": {
             "code": "instance_failed",
-            "message": f"instance {upstream.instance.instance_id} failed mid-stream: {exc}",
+            "message": f"instance {upstream.instance.instance_id} stopped before the answer "
+            "was complete (the instance or its node failed); retry the request",
         }
     }
 
 
 def error_from_upstream(status: int, body: bytes) -> SllmError:
-    """An instance's 4xx/5xx JSON error as a typed error with the same status and code."""
-    code, message = "instance_error", body.decode("utf-8", errors="replace")[:500]
+    """An instance's 4xx/5xx error as a typed error with the same code and status, except a
+    500: the instance failed, which to the client is a 502 (bad gateway), never a bare 500.
+    A body that is not our JSON error (a server's own "Internal Server Error") is quoted."""
+    text = body.decode("utf-8", errors="replace")[:500]
+    code, message = "instance_error", f"the instance answered {status}: {text}"
     try:
         parsed = json.loads(body)
         err = parsed.get("error") if isinstance(parsed, dict) else None
         if isinstance(err, dict):
             code = str(err.get("code", code))
             message = str(err.get("message", message))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         pass
-    return SllmError(message, code=code, status=status)
+    return SllmError(message, code=code, status=502 if status == 500 else status)

@@ -29,6 +29,21 @@ def parse_json(body: bytes) -> Any:
         raise InvalidInput(
             f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:  # the parser recurses per level: ~1000 levels exhaust the stack
+        raise InvalidInput("invalid JSON: nested too deeply") from None
+
+
+def text_field(value: str, where: str) -> str:
+    """``value`` if it is valid Unicode text: JSON can carry a lone surrogate (``"\\ud800"``),
+    which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+        raise InvalidInput(
+            f"{where}: not valid Unicode text (a lone surrogate {bad} at position {exc.start})"
+        ) from None
+    return value
 
 
 def _object(data: object) -> dict[str, Any]:
@@ -85,7 +100,7 @@ def stop_field(data: dict[str, Any]) -> list[str] | None:
         raise InvalidInput("stop: expected a non-empty string or a list of non-empty strings")
     if len(value) > MAX_STOP:
         raise InvalidInput(f"stop: at most {MAX_STOP} sequences, got {len(value)}")
-    return list(value)
+    return [text_field(s, f"stop[{i}]") for i, s in enumerate(value)]
 
 
 def messages_field(data: dict[str, Any]) -> list[dict[str, str]]:
@@ -109,7 +124,7 @@ def messages_field(data: dict[str, Any]) -> list[dict[str, str]]:
 def _content(value: object, where: str) -> str:
     """A string, or the OpenAI list-of-parts form with text parts only."""
     if isinstance(value, str):
-        return value
+        return text_field(value, where)
     if isinstance(value, list):
         parts: list[str] = []
         for j, part in enumerate(value):
@@ -118,7 +133,7 @@ def _content(value: object, where: str) -> str:
             text = part.get("text")
             if not isinstance(text, str):
                 raise InvalidInput(f"{where}[{j}].text: expected a string")
-            parts.append(text)
+            parts.append(text_field(text, f"{where}[{j}].text"))
         return "".join(parts)
     raise InvalidInput(f"{where}: expected a string, got {_kind(value)}")
 
@@ -154,7 +169,7 @@ def native_generate(data: object, defaults: Generation) -> dict[str, Any]:
     if "messages" in body:
         out["messages"] = messages_field(body)
     elif isinstance(body.get("prompt"), str):
-        out["prompt"] = body["prompt"]
+        out["prompt"] = text_field(body["prompt"], "prompt")
     else:
         raise InvalidInput(
             f"prompt: expected a string (or give messages), got {_kind(body.get('prompt'))}"
@@ -195,7 +210,7 @@ def openai_completion(body: dict[str, Any], defaults: Generation) -> dict[str, A
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise InvalidInput(f"prompt: expected a string, got {_kind(prompt)}")
-    out["prompt"] = prompt
+    out["prompt"] = text_field(prompt, "prompt")
     out["stream"] = bool_field(body, "stream")
     return out
 

@@ -46,6 +46,17 @@ def validate_name(name: object, key: str = "name") -> str:
     return name
 
 
+def checkpoint_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot name an object prefix in a store (None when it can): it must be a
+    relative '/'-separated name without empty, '.' or '..' segments, backslashes or NUL, so
+    that no node can be sent outside its store's root."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        return "must be a relative '/'-separated name"
+    if any(s in ("", ".", "..") for s in key.split("/")):
+        return "must not have empty, '.' or '..' segments"
+    return None
+
+
 def parse_memory(value: object, key: str) -> int:
     """'2Gi', '512Mi', '1G' or a plain number of bytes -> bytes."""
     if isinstance(value, bool):
@@ -155,7 +166,7 @@ class FunctionRecord:
         try:
             return FunctionRecord(
                 spec=FunctionSpec.from_dict(data["spec"]),
-                checkpoint=_typed(data["checkpoint"], str, "checkpoint"),
+                checkpoint=_checkpoint_key(_typed(data["checkpoint"], str, "checkpoint")),
                 checkpoint_bytes=_typed(data["checkpoint_bytes"], int, "checkpoint_bytes"),
                 revision=_typed(data.get("revision", 1), int, "revision"),
                 handler_source={
@@ -213,6 +224,13 @@ def _collect_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
 
 def _where(key: str, lines: dict[str, int]) -> str:
     return f"{key} (line {lines[key]})" if key in lines else key
+
+
+def _checkpoint_key(key: str) -> str:
+    problem = checkpoint_key_problem(key)
+    if problem is not None:
+        raise ValidationFailed(f"checkpoint: {key!r} {problem}")
+    return key
 
 
 def _typed(value: object, kind: type, key: str) -> Any:

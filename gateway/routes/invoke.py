@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from gateway.proxy import error_from_upstream
 from gateway.routes.common import read_body, require_key, service
 from gateway.service import GatewayService
 from gateway.validation import native_generate, parse_json
@@ -35,6 +36,8 @@ async def invoke(request: Request) -> Response:
         if record.spec.handler in BUILTIN_HANDLERS:
             body = json.dumps(native_generate(data, record.spec.generation)).encode()
         upstream = await gw.proxy.open(record, "/v1/invoke", body, started, request.receive)
+        if upstream.status >= 500:
+            raise error_from_upstream(upstream.status, await gw.proxy.read_all(upstream))
     except SllmError as exc:
         count(gw, name, "function", exc.status)
         raise

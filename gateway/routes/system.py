@@ -14,7 +14,7 @@ from gateway.routes.common import read_body, require_token, service
 from gateway.validation import parse_json
 from sllm import __version__
 from sllm.errors import InvalidInput, ValidationFailed
-from sllm.spec import FunctionRecord, FunctionSpec, parse_spec_dict
+from sllm.spec import FunctionRecord, FunctionSpec, checkpoint_key_problem, parse_spec_dict
 
 # Keys only the internal spec form has (bytes and seconds instead of "2Gi" and "60s").
 _INTERNAL_KEYS = {("resources", "memory_bytes"), ("scale", "keep_alive_s")}
@@ -44,6 +44,9 @@ def record_from_body(data: object) -> FunctionRecord:
     checkpoint = data.get("checkpoint")
     if not isinstance(checkpoint, str) or not checkpoint.strip():
         raise ValidationFailed("checkpoint: expected the checkpoint's key in the store")
+    problem = checkpoint_key_problem(checkpoint.strip())
+    if problem is not None:
+        raise ValidationFailed(f"checkpoint: {checkpoint!r} {problem}")
     size = data.get("checkpoint_bytes")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValidationFailed(f"checkpoint_bytes: expected an integer >= 0, got {size!r}")

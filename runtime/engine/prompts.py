@@ -31,6 +31,12 @@ class Tokenizing:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def encode(self, text: str, *, special: bool) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON can carry a lone surrogate ("\ud800")
+            raise InvalidInput(
+                f"prompt: not valid Unicode text (a lone surrogate at position {exc.start})"
+            ) from None
         ids: list[int] = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         return list(ids)
 

@@ -84,6 +84,8 @@ async def _json_body(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"body: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidInput("body: not valid JSON (nested too deeply)") from None
 
 
 def _check_ready(service: InstanceService) -> None:

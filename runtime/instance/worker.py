@@ -3,7 +3,9 @@
 Started by the node ahead of need (the pre-started pool): it imports torch and transformers
 and warms them up, says ``idle`` and waits for one ``load`` line on stdin. Then it loads the
 model (``load_instance``), serves the Instance HTTP API on a free port of ``spec.host`` and
-says ``ready``; a later ``drain`` line (or stdin closing: the node is gone) drains and exits.
+says ``ready``; a later ``drain`` line drains and exits. stdin closing means the node died:
+the requests in flight may still finish (up to ``ORPHAN_DRAIN_S``, new ones get 503), then
+it exits; control lines it can no longer send are dropped.
 
 Control messages to the node are JSON lines on the process's original stdout; everything the
 process or a custom handler prints goes to stderr, which the node forwards as log lines.
@@ -23,12 +25,22 @@ import traceback
 from typing import IO, Any
 
 _control: IO[str] | None = None
+# The node died (our stdin closed): in-flight requests may finish for this long, new ones are
+# refused (503), then the process exits; an orphan must not hold its device much longer.
+ORPHAN_DRAIN_S = 10.0
 
 
 def send(message: dict[str, Any]) -> None:
-    assert _control is not None
-    _control.write(json.dumps(message) + "\n")
-    _control.flush()
+    """A control line to the node. When the node is gone (its end of the pipe is closed)
+    there is nobody to tell: the line is dropped, and the requests in flight go on."""
+    global _control
+    if _control is None:
+        return
+    try:
+        _control.write(json.dumps(message) + "\n")
+        _control.flush()
+    except (BrokenPipeError, OSError):
+        _control = None
 
 
 def _take_stdout() -> IO[str]:
@@ -74,8 +86,9 @@ async def _serve(loaded: Any, host: str, secret: str) -> int:
 
 
 async def _wait_for_drain(serving: asyncio.Task[None]) -> float:
-    """Wait for a ``drain`` line on stdin (its deadline) or the server ending (0 s). stdin is
-    read on a daemon thread: a blocked read must not keep the process from exiting."""
+    """Wait for a ``drain`` line on stdin (its deadline), stdin closing (the node died:
+    ``ORPHAN_DRAIN_S``) or the server ending (0 s). stdin is read on a daemon thread: a
+    blocked read must not keep the process from exiting."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
 
@@ -92,8 +105,8 @@ async def _wait_for_drain(serving: asyncio.Task[None]) -> float:
             getter.cancel()
             return 0.0
         line = getter.result()
-        if not line:  # the node closed our stdin: it is gone, stop now
-            return 0.0
+        if not line:  # the node is gone: finish what runs, then stop
+            return ORPHAN_DRAIN_S
         try:
             command = json.loads(line)
         except json.JSONDecodeError:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sllm.errors import StoreError
+from sllm.spec import checkpoint_key_problem
 
 # Called with the number of bytes just transferred (not a running total).
 Progress = Callable[[int], None]
@@ -34,11 +35,9 @@ def join_key(*parts: str) -> str:
 
 def validate_key(key: str) -> str:
     """Refuse keys that could escape the store root (``..``, absolute, backslashes, NUL)."""
-    segments = key.split("/")
-    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
-        raise StoreError(f"invalid store key {key!r}: must be a relative '/'-separated name")
-    if any(s in ("", ".", "..") for s in segments):
-        raise StoreError(f"invalid store key {key!r}: empty, '.' or '..' segment")
+    problem = checkpoint_key_problem(key)
+    if problem is not None:
+        raise StoreError(f"invalid store key {key!r}: {problem}")
     return key
 
 

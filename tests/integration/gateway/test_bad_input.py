@@ -41,6 +41,16 @@ CASES = [
     ),
     ("/v1/completions", {"model": "never", "prompt": "x", "top_p": 7}, 400, "top_p"),
     ("/function/never", b'{"prompt": "' + b"x" * 70_000 + b'"}', 413, "limit"),
+    # issue 14: these reached the instance (TypeError in its tokenizer) or failed with 500
+    ("/function/never", b'{"prompt": "a\\ud800b"}', 400, "prompt: not valid Unicode"),
+    (
+        "/v1/chat/completions",
+        b'{"model": "never", "messages": [{"role": "user", "content": "a\\udc00"}]}',
+        400,
+        "messages[0].content: not valid Unicode",
+    ),
+    ("/function/never", b"[" * 20_000 + b"]" * 20_000, 400, "nested too deeply"),
+    ("/v1/completions", b'{"a":' * 10_000 + b"1" + b"}" * 10_000, 400, "nested too deeply"),
 ]
 
 
@@ -87,3 +97,13 @@ def test_none_of_it_reached_the_node(cluster: Cluster, never: str) -> None:
     assert not [i for n in nodes for i in n["instances"] if i["function"] == "never"]
     text = httpx.get(f"{cluster.url}/metrics").text
     assert 'sllm_wakes_total{function="never"}' not in text
+
+
+def test_a_checkpoint_key_that_escapes_the_store_is_422(cluster: Cluster) -> None:
+    for key in ("../../../../tmp/x", "/etc/passwd", "a//b", "ok/./x"):
+        body = {"spec": {"name": "escape", "model": "m"}, "checkpoint": key, "checkpoint_bytes": 1}
+        r = httpx.post(f"{cluster.url}/system/functions", json=body, headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["message"].startswith("checkpoint: ")
+    r = httpx.get(f"{cluster.url}/system/functions/escape", headers=AUTH)
+    assert r.status_code == 404

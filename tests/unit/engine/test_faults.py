@@ -121,5 +121,5 @@ def test_a_sliding_window_model_fails_at_load_with_the_reason() -> None:
         sliding_window=8,
     )
     model: Any = MistralForCausalLM(config).eval()
-    with pytest.raises(UnsupportedModel, match="DynamicSlidingWindowLayer.*cannot batch"):
+    with pytest.raises(UnsupportedModel, match=r"DynamicSlidingWindowLayer.*cannot batch"):
         Engine(model, lambda ids: "")
