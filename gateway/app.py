@@ -29,8 +29,9 @@ CONNECT_TIMEOUT_S = 5.0
 async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
     from sllm.nats_bus import NatsBus
 
+    # buffer=False: a command or registry write the gateway gave up on must not be sent late
     bus = await NatsBus.connect(
-        settings.nats_url, name="sllm-gateway", seed_file=settings.nats_seed_file
+        settings.nats_url, name="sllm-gateway", seed_file=settings.nats_seed_file, buffer=False
     )
     return bus, await bus.key_value(BUCKET)
 

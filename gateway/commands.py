@@ -1,13 +1,18 @@
 """Commands to nodes over the bus (request-reply on ``sllm.node.<id>.cmd``), acked by a
 ``CmdReply``. A reply with ``ok=False``, a malformed reply or no reply in time raises
-``CommandFailed`` naming the node and the reason."""
+``CommandFailed`` naming the node and the reason.
+
+``CommandFailed.transient`` says whether trying again later (or elsewhere) can succeed: no
+reply, nobody listening (``node_gone``: the node's process is not running), NATS down, or a
+refusal for a passing reason (no free device, the node draining, a device still in use). A
+malformed command or record is not transient: it would be refused again."""
 
 from __future__ import annotations
 
 import logging
 
-from sllm.bus import Bus
-from sllm.errors import ProtocolError, SllmError
+from sllm.bus import Bus, NoResponder
+from sllm.errors import ProtocolError, SllmError, Unavailable
 from sllm.messages import (
     CmdReply,
     LoadCmd,
@@ -21,10 +26,18 @@ from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
+# Refusals that say nothing against trying again (sllm/messages.py, docs/runtime.md).
+_DEFINITIVE = frozenset({"protocol_error", "validation_failed"})
+
 
 class CommandFailed(SllmError):
     code = "command_failed"
     status = 502
+
+    def __init__(self, message: str, *, transient: bool, node_gone: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.node_gone = node_gone
 
 
 class NodeCommands:
@@ -37,14 +50,27 @@ class NodeCommands:
         try:
             raw = await self._bus.request(node_cmd_subject(node), encode(command), self._timeout_s)
             reply = decode_as(raw, CmdReply)
+        except NoResponder:
+            raise CommandFailed(
+                f"{kind} to node {node}: the node is not running (nobody listens)",
+                transient=True,
+                node_gone=True,
+            ) from None
         except TimeoutError:
             raise CommandFailed(
-                f"{kind} to node {node}: no reply within {self._timeout_s:g}s"
+                f"{kind} to node {node}: no reply within {self._timeout_s:g}s", transient=True
             ) from None
+        except Unavailable as exc:
+            raise CommandFailed(f"{kind} to node {node}: {exc.message}", transient=True) from None
         except ProtocolError as exc:
-            raise CommandFailed(f"{kind} to node {node}: bad reply: {exc.message}") from None
+            raise CommandFailed(
+                f"{kind} to node {node}: bad reply: {exc.message}", transient=False
+            ) from None
         if not reply.ok:
-            raise CommandFailed(f"{kind} to node {node} refused: {reply.code}: {reply.message}")
+            raise CommandFailed(
+                f"{kind} to node {node} refused: {reply.code}: {reply.message}",
+                transient=reply.code not in _DEFINITIVE,
+            )
         return reply
 
     async def announce(self, record: FunctionRecord, nodes: list[str]) -> None:

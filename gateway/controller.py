@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +36,15 @@ from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
+Probe = Callable[[str], Awaitable[bool]]
+"""Whether the instance at an address serves (its /healthz answers 200)."""
+# Seconds between health checks of a silent node's instances.
+PROBE_EVERY_S = 1.0
+
+
+async def _never_answers(address: str) -> bool:
+    return False
+
 
 class Controller:
     def __init__(
@@ -52,6 +61,7 @@ class Controller:
         drain_s: float,
         tick_s: float = 0.5,
         settle_s: float = 0.0,
+        probe: Probe | None = None,
     ) -> None:
         self._registry = registry
         self._table = table
@@ -64,6 +74,8 @@ class Controller:
         self._drain_s = drain_s
         self._tick_s = tick_s
         self._settle_until = clock.now() + settle_s
+        self._probe = probe or _never_answers
+        self._probing: dict[str, float] = {}  # silent node -> when its last probe started
         self._scalers: dict[str, ScalerState] = {}
         # Functions with an instance moving between nodes (gateway.migration): their replicas
         # are in flux (a draining source, a loading target), so no scale decision meanwhile.
@@ -74,7 +86,9 @@ class Controller:
         self.launcher = Launcher(
             registry, table, commands, scheduler, clock, metrics,
             evict=self._evict,
-            lost=lambda function, reason: self._lost(function, reason, wake_failed=True),
+            lost=lambda function, reason, transient: self._lost(
+                function, reason, wake_failed=not transient
+            ),
             spawn=self._spawn,
         )  # fmt: skip
 
@@ -140,21 +154,23 @@ class Controller:
             record = self._registry.find(inst.function)
             if record is not None:
                 self._dispatcher.release_waiters(inst.function, record.revision)
-        for inst, error in change.failed:
+        for inst, error, definitive in change.failed:
             log.warning(
                 "instance failed function=%s instance=%s node=%s error=%s",
                 inst.function, inst.instance_id, inst.node, error,
             )  # fmt: skip
             reason = f"instance {inst.instance_id} on {inst.node} failed: {error}"
-            self._lost(inst.function, reason, wake_failed=inst.state == "starting")
+            self._lost(inst.function, reason, wake_failed=definitive and inst.state == "starting")
         for inst in change.removed:
             log.info("instance stopped function=%s instance=%s", inst.function, inst.instance_id)
             self._lost(inst.function, f"instance {inst.instance_id} stopped", wake_failed=False)
 
     def _lost(self, function: str, reason: str, *, wake_failed: bool) -> None:
-        """An instance went away (or never came): re-base the scaler on what is left. When a
-        wake failed and nothing else is starting, queued requests get 503 now rather than at
-        the wake deadline."""
+        """An instance went away (or never came): re-base the scaler on what is left, so the
+        next tick places a new one. When a wake failed for good (the node reported the load
+        itself failed: a broken checkpoint) and nothing else is starting, queued requests get
+        503 now rather than at the wake deadline; otherwise (a node died, NATS is down, no
+        room yet) they keep waiting for the instance a later tick starts."""
         left = [i for i in self._table.of(function) if i.state in ("ready", "starting")]
         state = self._scalers.get(function)
         if state is not None:
@@ -163,7 +179,20 @@ class Controller:
             self._dispatcher.fail_waiters(
                 function, Unavailable(f"function {function!r}: wake failed: {reason}")
             )
+        elif not left:
+            self._dispatcher.note_failure(function, reason)
         self.poke(function)
+
+    def expected_start(self, function: str) -> float | None:
+        """Seconds until the soonest starting instance of ``function`` should be ready (its
+        placement's estimate; at least 1 s once that is overdue), None when none starts."""
+        now = self._clock.now()
+        ready_at = [
+            self.launcher.expected_ready[i.instance_id]
+            for i in self._table.of(function)
+            if i.state == "starting" and i.instance_id in self.launcher.expected_ready
+        ]
+        return max(1.0, min(ready_at) - now) if ready_at else None
 
     # --- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -188,7 +217,7 @@ class Controller:
 
     def tick(self) -> None:
         now = self._clock.now()
-        self._after(self._table.expire(now))
+        self._check_silent(now)
         records = {r.spec.name: r for r in self._registry.all()}
         if now < self._settle_until:
             # Just started: wait one heartbeat round to learn what already runs before loading
@@ -263,6 +292,39 @@ class Controller:
                 if inst.revision != record.revision and inst.state != "draining":
                     self._drain(inst, f"revision {record.revision} replaces {inst.revision}")
 
+    # --- silent nodes ------------------------------------------------------------------------
+    def _check_silent(self, now: float) -> None:
+        """Ask the instances of nodes that stopped beating whether they still serve (at most
+        every ``PROBE_EVERY_S`` per node): a NATS outage silences every node while they and
+        their instances run on, and must not become a serving outage (issue 14)."""
+        silent = self._table.silent_nodes(now)
+        for node_id in [n for n in self._probing if n not in silent]:
+            del self._probing[node_id]
+        for node_id in silent:
+            if now - self._probing.get(node_id, -PROBE_EVERY_S) >= PROBE_EVERY_S:
+                self._probing[node_id] = now
+                self._spawn(self._probe_node(node_id))
+
+    async def _probe_node(self, node_id: str) -> None:
+        targets = [
+            (i.instance_id, i.address)
+            for i in self._table.instances.values()
+            if i.node == node_id and i.address and i.state in ("ready", "unreachable")
+        ]
+        results = await asyncio.gather(*(self._probe(address) for _, address in targets))
+        answered = {instance_id: ok for (instance_id, _), ok in zip(targets, results, strict=True)}
+        now = self._clock.now()
+        silent_s = now - self._table.nodes[node_id].seen if node_id in self._table.nodes else 0.0
+        reason = (
+            f"node {node_id} sent no heartbeat for {silent_s:.0f}s and the instance does not "
+            "answer its health check"
+        )
+        change = self._table.on_probe(node_id, answered, now, reason)
+        if node_id not in self._table.nodes:
+            self._probing.pop(node_id, None)
+            log.warning("node gone node=%s silent_s=%.1f", node_id, silent_s)
+        self._after(change)
+
     # --- apply -----------------------------------------------------------------------------
     def _evict(self, victim: Instance) -> None:
         """Stop an idle instance of another function to free its device; its function's scaler
@@ -276,14 +338,19 @@ class Controller:
         if inst.state == "draining":
             return
         log.info("drain function=%s instance=%s reason=%s", inst.function, inst.instance_id, reason)
-        inst.state = "draining"
-        self._spawn(self._send_unload(inst))
+        was, inst.state = inst.state, "draining"
+        self._spawn(self._send_unload(inst, was))
 
-    async def _send_unload(self, inst: Instance) -> None:
+    async def _send_unload(self, inst: Instance, was: str) -> None:
         try:
             await self._commands.send(inst.node, UnloadCmd(inst.instance_id, self._drain_s))
         except CommandFailed as exc:
             log.warning("unload failed instance=%s error=%s", inst.instance_id, exc)
+            # The node did not get it (NATS down, the node silent): the instance still runs
+            # there, so it goes back to what it was and a later tick decides again.
+            current = self._table.instances.get(inst.instance_id)
+            if exc.transient and current is inst and inst.state == "draining":
+                inst.state = was
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

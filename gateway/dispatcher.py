@@ -2,9 +2,10 @@
 in the function's bounded cold-start queue until one is ready.
 
 - ``pick`` is the pure routing rule.
-- A full queue raises ``Overloaded`` (429 + Retry-After); a wait past the wake deadline raises
-  ``Unavailable`` (503). The wake deadline is separate from the request timeout: it bounds only
-  the wait for an instance, not the generation that follows.
+- A full queue raises ``Overloaded`` (429 + Retry-After: the expected wait, see
+  ``retry_after``); a wait past the wake deadline raises ``Unavailable`` (503, naming the last
+  reason a start failed, if one did). The wake deadline is separate from the request timeout:
+  it bounds only the wait for an instance, not the generation that follows.
 - ``release_waiters`` hands queued requests out in arrival order when an instance is ready.
 - The first request that has to wait pokes the controller (``on_wait``); the controller decides
   how many instances to start (one per burst, see ``autoscaler``).
@@ -54,13 +55,32 @@ class Dispatcher:
         queue_size: int,
         wake_timeout_s: float,
         on_wait: Callable[[str], None],
+        expected_start: Callable[[str], float | None] = lambda function: None,
     ) -> None:
+        """``expected_start(function)``: seconds until a starting instance of it should be
+        ready (the placement's estimate), None when none is starting."""
         self._table = table
         self._clock = clock
         self._queue_size = queue_size
         self._wake_timeout_s = wake_timeout_s
         self._on_wait = on_wait
+        self._expected_start = expected_start
         self._queues: dict[str, deque[_Waiter]] = {}
+        self._waited: dict[str, float] = {}  # moving average of queue waits, seconds
+        self._last_failure: dict[str, str] = {}
+
+    def note_failure(self, function: str, reason: str) -> None:
+        """A start of ``function`` failed in a way worth retrying; queued requests keep
+        waiting, and one that reaches the wake deadline is told this reason."""
+        self._last_failure[function] = reason
+
+    def retry_after(self, function: str) -> float:
+        """Seconds a refused request had best wait: the longer of how long queued requests
+        waited lately (a moving average) and the time until the instance being started
+        should be ready, within [1 s, the wake deadline]; 1 s when nothing is known yet."""
+        start = self._expected_start(function) or 0.0
+        wait = max(start, self._waited.get(function, 0.0))
+        return max(1.0, min(self._wake_timeout_s, wait))
 
     def queued(self, function: str) -> int:
         queue = self._queues.get(function)
@@ -91,10 +111,11 @@ class Dispatcher:
             return inst, 0.0
         queue = self._queues.setdefault(function, deque())
         if len(queue) >= self._queue_size:
+            retry = self.retry_after(function)
             raise Overloaded(
                 f"function {function!r}: cold-start queue is full ({self._queue_size} waiting); "
-                "retry later",
-                retry_after_s=max(1.0, min(30.0, self._wake_timeout_s / 10)),
+                f"retry in {retry:.0f}s",
+                retry_after_s=retry,
             )
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), frozenset(exclude), self._clock.now())
@@ -113,9 +134,11 @@ class Dispatcher:
             deadline.cancel()
         if not waiter.future.done():
             self._abandon(function, waiter)
+            last = self._last_failure.get(function)
             raise Unavailable(
                 f"function {function!r}: no instance became ready within "
                 f"{self._wake_timeout_s:g}s (wake deadline)"
+                + (f"; the last start failed: {last}" if last else "")
             )
         return waiter.future.result(), self._clock.now() - waiter.enqueued
 
@@ -144,6 +167,12 @@ class Dispatcher:
             inst.in_flight += 1
             waiter.future.set_result(inst)
             handed += 1
+            waited = self._clock.now() - waiter.enqueued
+            before = self._waited.get(function)
+            # 0.2: the average follows a change of regime within ~10 requests
+            self._waited[function] = waited if before is None else 0.8 * before + 0.2 * waited
+        if handed:
+            self._last_failure.pop(function, None)
         queue.extend(kept)
         return handed
 
@@ -160,6 +189,8 @@ class Dispatcher:
 
     def forget(self, function: str) -> None:
         self.fail_waiters(function, NotFound(f"function {function!r} was deleted"))
+        self._waited.pop(function, None)
+        self._last_failure.pop(function, None)
 
     def _abandon(self, function: str, waiter: _Waiter) -> None:
         queue = self._queues.get(function)

@@ -12,12 +12,18 @@ from dataclasses import dataclass, field
 
 from sllm.messages import InstanceEvent, InstanceState, NodeHeartbeat
 
-# A node whose last heartbeat is older than this is gone, with its instances (a node beats
-# every 2 s by default: 5 missed beats).
+# A node whose last heartbeat is older than this is *silent* (a node beats every 2 s by
+# default: 5 missed beats): no longer offered to placements, and its instances are asked
+# directly (their /healthz) whether they still serve. Silence alone is no proof of death: NATS
+# may be down while the node and its instances run (issue 14). SLLM_NODE_TIMEOUT sets it.
 NODE_STALE_S = 10.0
 # An instance the gateway launched may be missing from heartbeats sent before the load command
 # arrived; only after this long is its absence taken as "it is gone".
 LAUNCH_GRACE_S = 10.0
+
+# Failed loads worth trying again (elsewhere, or later): the node's DRAM tier had no room
+# beside the instances running there, or it had no free device or was draining.
+TRANSIENT_LOAD_FAILURES = frozenset({"cache_full", "unavailable"})
 
 _NODE_STATE = {
     "starting": "starting",
@@ -61,24 +67,31 @@ class Instance:
 
 @dataclass
 class NodeInfo:
+    """``reachable`` False: a command found nobody listening on the node's subject (its
+    process is gone); no placement goes there until it beats again."""
+
     heartbeat: NodeHeartbeat
     seen: float
+    reachable: bool = True
 
 
 @dataclass
 class ReadyChange:
     """What an event or heartbeat changed, for the caller to act on (release queued requests,
     count a cold start, fail waiters). ``adopted``: instances the gateway did not launch (it
-    restarted, or another gateway launched them)."""
+    restarted, or another gateway launched them). ``failed``: (instance, error, definitive):
+    definitive when trying again would fail the same way (a broken checkpoint), not when the
+    node or its room went away."""
 
     became_ready: list[Instance] = field(default_factory=list)
     adopted: list[Instance] = field(default_factory=list)
-    failed: list[tuple[Instance, str]] = field(default_factory=list)
+    failed: list[tuple[Instance, str, bool]] = field(default_factory=list)
     removed: list[Instance] = field(default_factory=list)
 
 
 class InstanceTable:
-    def __init__(self) -> None:
+    def __init__(self, node_timeout_s: float = NODE_STALE_S) -> None:
+        self.node_timeout_s = node_timeout_s
         self.instances: dict[str, Instance] = {}
         self.nodes: dict[str, NodeInfo] = {}
 
@@ -90,7 +103,21 @@ class InstanceTable:
         return [i for i in self.instances.values() if i.function == function and i.state == "ready"]
 
     def live_nodes(self, now: float) -> list[NodeHeartbeat]:
-        return [n.heartbeat for n in self.nodes.values() if now - n.seen <= NODE_STALE_S]
+        """Nodes placements may use: beating, and answering commands."""
+        return [
+            n.heartbeat
+            for n in self.nodes.values()
+            if now - n.seen <= self.node_timeout_s and n.reachable
+        ]
+
+    def silent_nodes(self, now: float) -> list[str]:
+        """Nodes whose heartbeats stopped ``node_timeout_s`` ago (dead, or cut off from NATS)."""
+        return [n for n, info in self.nodes.items() if now - info.seen > self.node_timeout_s]
+
+    def mark_unreachable(self, node_id: str) -> None:
+        info = self.nodes.get(node_id)
+        if info is not None:
+            info.reachable = False
 
     def booked_devices(self) -> set[tuple[str, str]]:
         """(node, device) pairs held by instances the latest heartbeats do not show yet: loads
@@ -152,7 +179,8 @@ class InstanceTable:
         elif event.kind in ("failed", "stopped") and inst is not None:
             del self.instances[event.instance_id]
             if event.kind == "failed":
-                change.failed.append((inst, event.error or "instance failed"))
+                definitive = event.code not in TRANSIENT_LOAD_FAILURES
+                change.failed.append((inst, event.error or "instance failed", definitive))
             else:
                 change.removed.append(inst)
         return change
@@ -178,14 +206,33 @@ class InstanceTable:
                 change.removed.append(inst)
         return change
 
-    def expire(self, now: float) -> ReadyChange:
-        """Drop nodes that stopped beating, with their instances."""
+    def on_probe(
+        self, node_id: str, answered: dict[str, bool], now: float, reason: str
+    ) -> ReadyChange:
+        """Apply what a silent node's instances answered to their health checks
+        (``answered``: instance id -> True when it serves). Instances that do not serve are
+        dropped; if none serves (or it has none), the node is taken for dead and dropped with
+        every instance it had, starting ones too. Answering instances stay routable, also
+        those a failed request had marked unreachable (no heartbeat will restore them)."""
         change = ReadyChange()
-        for node_id in [n for n, info in self.nodes.items() if now - info.seen > NODE_STALE_S]:
+        info = self.nodes.get(node_id)
+        if info is None or now - info.seen <= self.node_timeout_s:
+            return change  # it beat again meanwhile: the heartbeat is the better news
+        alive = any(answered.values())
+        for inst in [i for i in self.instances.values() if i.node == node_id]:
+            ok = answered.get(inst.instance_id)
+            if ok:
+                if inst.state == "unreachable":
+                    inst.state = "ready"
+                    inst.since = now
+                    change.became_ready.append(inst)
+                continue
+            if ok is None and alive:
+                continue  # starting (no address yet) on a node that is alive
+            del self.instances[inst.instance_id]
+            change.failed.append((inst, reason, False))
+        if not alive:
             del self.nodes[node_id]
-            for inst in [i for i in self.instances.values() if i.node == node_id]:
-                del self.instances[inst.instance_id]
-                change.failed.append((inst, f"node {node_id} stopped sending heartbeats"))
         return change
 
     def _apply_reported(

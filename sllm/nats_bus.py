@@ -5,17 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 
-from sllm.bus import Handler, Message, Subscription
-from sllm.errors import Unavailable
+from sllm.bus import Handler, KvEntry, Message, NoResponder, Subscription
+from sllm.errors import Conflict, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +35,48 @@ class _NatsSubscription:
         await self._sub.unsubscribe()
 
 
-class NatsBus:
-    """Reconnects forever after an outage (nats-py's own reconnect loop)."""
+NOT_CONNECTED = "NATS is not connected (the server is down or unreachable)"
 
-    def __init__(self, nc: Client) -> None:
+
+class _Link:
+    """What the connection's callbacks record: how many times it came back."""
+
+    def __init__(self) -> None:
+        self.reconnects = 0
+
+
+class NatsBus:
+    """Reconnects forever after an outage (nats-py's own reconnect loop).
+
+    ``buffer``: whether messages published while disconnected are kept and sent on reconnect
+    (nats-py's default, 2 MiB). The gateway turns it off: a command or a registry write it
+    gave up on must not arrive late (a delete answered 503 and applied when NATS came back
+    was issue 14's registry drift); publishing then fails at once instead."""
+
+    def __init__(self, nc: Client, link: _Link | None = None) -> None:
         self.nc = nc
+        self.link = link or _Link()
 
     @staticmethod
     async def connect(
-        url: str, name: str, connect_timeout_s: float = 5.0, seed_file: str | Path = ""
+        url: str,
+        name: str,
+        connect_timeout_s: float = 5.0,
+        seed_file: str | Path = "",
+        *,
+        buffer: bool = True,
     ) -> NatsBus:
         """Connect as the identity whose NKey seed is in ``seed_file`` (``sllm.nats_auth``;
         "" connects without credentials, which a server with authorization refuses)."""
         _check_seed_file(seed_file)
         refused = asyncio.Event()
+        link = _Link()
 
         async def on_disconnect() -> None:
             log.warning("nats disconnected url=%s", url)
 
         async def on_reconnect() -> None:
+            link.reconnects += 1
             log.info("nats reconnected url=%s", url)
 
         async def on_error(exc: Exception) -> None:
@@ -69,6 +99,8 @@ class NatsBus:
             "reconnected_cb": on_reconnect,
             "error_cb": on_error,
         }
+        if not buffer:
+            options["pending_size"] = 0
         if seed_file:
             options["nkeys_seed"] = str(seed_file)
         connecting = asyncio.ensure_future(nc.connect(**options))
@@ -78,7 +110,7 @@ class NatsBus:
         )
         refusal.cancel()
         if connecting.done() and connecting.exception() is None:
-            return NatsBus(nc)
+            return NatsBus(nc, link)
         connecting.cancel()
         reason = (
             "the server refused the credentials (Authorization Violation): check "
@@ -94,7 +126,10 @@ class NatsBus:
         raise Unavailable(f"cannot connect to NATS at {url}: {reason}")
 
     async def publish(self, subject: str, payload: bytes) -> None:
-        await self.nc.publish(subject, payload)
+        try:
+            await self.nc.publish(subject, payload)
+        except (OutboundBufferLimitError, ConnectionClosedError):
+            raise Unavailable(f"cannot publish on {subject}: {NOT_CONNECTED}") from None
 
     async def subscribe(self, subject: str, handler: Handler) -> Subscription:
         async def callback(msg: Msg) -> None:
@@ -110,10 +145,16 @@ class NatsBus:
         return _NatsSubscription(sub)
 
     async def request(self, subject: str, payload: bytes, timeout_s: float) -> bytes:
+        """Raises ``TimeoutError`` when no reply comes in time, ``NoResponder`` at once when
+        nobody listens on ``subject`` and ``Unavailable`` when NATS is not connected."""
         try:
             msg = await self.nc.request(subject, payload, timeout=timeout_s)
-        except (TimeoutError, NatsTimeout, NoRespondersError) as exc:
+        except NoRespondersError:
+            raise NoResponder(f"nobody listens on {subject}") from None
+        except (TimeoutError, NatsTimeout) as exc:
             raise TimeoutError(f"no reply on {subject} within {timeout_s}s ({exc!r})") from None
+        except (OutboundBufferLimitError, ConnectionClosedError):
+            raise Unavailable(f"cannot send on {subject}: {NOT_CONNECTED}") from None
         data: bytes = msg.data
         return data
 
@@ -127,7 +168,7 @@ class NatsBus:
             kv = await js.key_value(bucket)
         except BucketNotFoundError:
             kv = await js.create_key_value(bucket=bucket, history=5)
-        return NatsKeyValue(kv)
+        return NatsKeyValue(kv, self)
 
 
 def _check_seed_file(seed_file: str | Path) -> None:
@@ -139,10 +180,18 @@ def _check_seed_file(seed_file: str | Path) -> None:
 
 
 class NatsKeyValue:
-    """JetStream KV bucket: survives gateway restarts (file storage on the server)."""
+    """JetStream KV bucket: survives gateway restarts (file storage on the server).
 
-    def __init__(self, kv: Any) -> None:
+    Writes are refused with ``Unavailable`` while the connection is down (never queued for
+    later); a write whose answer does not come is ``Unavailable`` too, saying its outcome is
+    unknown (a watch then shows whether it was made)."""
+
+    # 1 s: how often a watch looks whether the connection came back meanwhile
+    WATCH_POLL_S = 1.0
+
+    def __init__(self, kv: Any, bus: NatsBus) -> None:
         self._kv = kv
+        self._bus = bus
 
     async def get(self, key: str) -> bytes | None:
         try:
@@ -152,14 +201,35 @@ class NatsKeyValue:
         value: bytes | None = entry.value
         return value
 
-    async def put(self, key: str, value: bytes) -> None:
-        await self._kv.put(key, value)
+    async def _write(self, key: str, write: Callable[[], Awaitable[Any]]) -> Any:
+        if not self._bus.nc.is_connected:
+            raise Unavailable(f"{NOT_CONNECTED}: {key} was not changed")
+        try:
+            return await write()
+        except KeyWrongLastSequenceError:
+            raise Conflict(f"{key} was changed meanwhile (by another writer)") from None
+        except (TimeoutError, NatsTimeout):
+            raise Unavailable(
+                f"JetStream did not answer in time: the change of {key} may or may not have "
+                "been made"
+            ) from None
+        except NatsError as exc:
+            raise Unavailable(f"{key} was not changed: {exc!r}") from None
+
+    async def put(self, key: str, value: bytes) -> int:
+        revision: int = await self._write(key, lambda: self._kv.put(key, value))
+        return revision
+
+    async def create(self, key: str, value: bytes) -> int:
+        revision: int = await self._write(key, lambda: self._kv.create(key, value))
+        return revision
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        revision: int = await self._write(key, lambda: self._kv.update(key, value, last=last))
+        return revision
 
     async def delete(self, key: str) -> None:
-        try:
-            await self._kv.purge(key)
-        except KeyNotFoundError:
-            return
+        await self._write(key, lambda: self._kv.purge(key))
 
     async def keys(self) -> list[str]:
         try:
@@ -167,3 +237,23 @@ class NatsKeyValue:
         except NoKeysError:
             return []
         return sorted(found)
+
+    async def watch(self) -> AsyncIterator[KvEntry | None]:
+        """See ``KeyValue.watch``. nats-py's watcher does not resume after the server
+        restarted (measured: silent from then on), so this one ends at a reconnect."""
+        generation = self._bus.link.reconnects
+        watcher = await self._kv.watchall()
+        try:
+            while self._bus.link.reconnects == generation:
+                try:
+                    entry = await watcher.updates(timeout=self.WATCH_POLL_S)
+                except (TimeoutError, NatsTimeout):
+                    continue
+                if entry is None:
+                    yield None
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                yield KvEntry(entry.key, None if deleted else entry.value, entry.revision)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()

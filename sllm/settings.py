@@ -66,6 +66,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_REQUEST_TIMEOUT": ("600s", "upper bound on one proxied request"),
     "SLLM_POLICY": ("locality+migration", "placement policy"),
     "SLLM_SCALE_DOWN_WINDOW": ("30s", "how long load must stay lower before scaling down"),
+    "SLLM_NODE_TIMEOUT": (
+        "10s",
+        "heartbeat silence after which the gateway stops placing on a node and asks its "
+        "instances directly whether they still serve",
+    ),
     "SLLM_GATEWAY_URL": ("http://127.0.0.1:8080", "gateway URL the CLI talks to"),
     "SLLM_KEY": ("", "invocation key the CLI sends to private functions (default: the token)"),
 }
@@ -230,6 +235,7 @@ class GatewaySettings:
     store: StoreSettings
     stable_window_s: float = 30.0
     nats_seed_file: str = ""
+    node_timeout_s: float = 10.0
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -251,4 +257,5 @@ class GatewaySettings:
             store=StoreSettings.from_env(env),
             stable_window_s=_parse(env, "SLLM_SCALE_DOWN_WINDOW", as_seconds),
             nats_seed_file=_get(env, "SLLM_NATS_SEED_FILE"),
+            node_timeout_s=_parse(env, "SLLM_NODE_TIMEOUT", as_seconds),
         )

@@ -101,7 +101,6 @@ async def deploy(request: Request) -> Response:
     record = record_from_body(parse_json(await read_body(request, gw.settings.max_body_bytes)))
     created = await gw.registry.create(record)
     await gw.commands.announce(created, sorted(gw.table.nodes))
-    gw.controller.poke(created.spec.name)
     return JSONResponse(summary(request, created), status_code=201)
 
 
@@ -112,7 +111,6 @@ async def update(request: Request) -> Response:
     record = record_from_body(parse_json(await read_body(request, gw.settings.max_body_bytes)))
     updated = await gw.registry.update(name, record)
     await gw.commands.announce(updated, sorted(gw.table.nodes))
-    gw.controller.poke(name)
     return JSONResponse(summary(request, updated))
 
 
@@ -139,11 +137,8 @@ async def describe(request: Request) -> Response:
 async def remove(request: Request) -> Response:
     require_token(request)
     gw = service(request)
-    name = request.path_params["name"]
-    await gw.registry.delete(name)
-    gw.dispatcher.forget(name)
-    gw.logs.forget(name)
-    gw.controller.poke(name)
+    # the registry tells the service, which fails the queued requests and drains instances
+    await gw.registry.delete(request.path_params["name"])
     return Response(status_code=204)
 
 

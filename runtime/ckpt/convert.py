@@ -1,7 +1,9 @@
 """Convert a Hugging Face directory or GGUF file into the sllm checkpoint format.
 
 ``convert_checkpoint(src, dst)`` lays tensors out at 4096-aligned offsets in partitions of about
-``partition_bytes``, streams their bytes into ``data-NNNNN.bin`` while hashing them (xxh3_64),
+``partition_bytes``, streams their bytes into ``data-NNNNN.bin`` while hashing them (xxh3_64)
+and checking that every floating-point value is finite (``finite.FiniteCheck``: NaN weights
+are refused, naming the tensor),
 copies the non-tensor files (config, tokenizer, chat template, generation config) and writes
 ``index.json`` last. Everything goes into a hidden temporary directory beside ``dst`` that is
 renamed to ``dst`` only when complete: an interrupted conversion leaves at most a
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from runtime.ckpt.finite import FiniteCheck
 from runtime.ckpt.index import (
     ALIGNMENT,
     INDEX_FILE,
@@ -123,7 +126,9 @@ def _write_checkpoint(
             for t in tensors:
                 writer.pad(entries[t.name].offset - writer.pos)
                 written = 0
+                finite = FiniteCheck(t.name, t.dtype)
                 for chunk in t.chunks():
+                    finite.feed(chunk)
                     writer.put(chunk)
                     written += len(chunk)
                     done += len(chunk)
@@ -133,6 +138,7 @@ def _write_checkpoint(
                     raise CheckpointError(
                         f"{where}: tensor {t.name!r} gave {written} bytes, expected {t.nbytes}"
                     )
+                finite.done(where)
             writer.pad(sizes[i] - writer.pos)
             f.flush()
             os.fsync(f.fileno())

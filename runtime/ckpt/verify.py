@@ -29,6 +29,24 @@ def partition_checksum(path: Path) -> str:
     return digest
 
 
+def content_digest(directory: Path, index: CheckpointIndex) -> str:
+    """The checkpoint's identity: its tensors (``index.digest()``, from the partition
+    checksums) and the bytes of every other file an instance reads (config, tokenizer, chat
+    template, generation config). A changed config.json or tokenizer is a new checkpoint, so
+    it reaches the nodes instead of being "already in the store"."""
+    hasher = new_hasher()
+    hasher.update(f"tensors:{index.digest()};".encode())
+    for name in sorted(index.files):
+        path = Path(directory) / name
+        try:
+            checksum = partition_checksum(path)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: listed in the index but unreadable ({exc})") from None
+        hasher.update(f"{name}:{checksum};".encode())
+    digest: str = hasher.hexdigest()
+    return digest
+
+
 def verify_checkpoint(directory: Path) -> CheckpointIndex:
     """Read the index, check that listed files exist and that every partition has the
     recorded size and checksum; raise ``CheckpointError`` naming the first bad file."""

@@ -62,6 +62,7 @@ class Instance:
     fetched: bool = False
     stopping: bool = False
     error: str = ""
+    error_code: str = ""
     in_flight: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
@@ -228,7 +229,8 @@ class Supervisor:
             await worker.send(self._load_spec(inst, entry_dir, threads))
             message = await worker.next_event(READY_TIMEOUT_S)
             if message.get("event") != "ready":
-                raise SllmError(str(message.get("error") or message), code="load_failed")
+                failure = str(message.get("code") or "load_failed")
+                raise SllmError(str(message.get("error") or message), code=failure)
             inst.address = f"http://{self.host}:{int(message['port'])}"
             inst.timings = {k: float(v) for k, v in dict(message.get("timings", {})).items()}
             inst.timings["attach_s"] = attach_s
@@ -253,6 +255,7 @@ class Supervisor:
             await self._ended(inst, "stopped", "")
         except Exception as exc:
             error = exc.message if isinstance(exc, SllmError) else f"{type(exc).__name__}: {exc}"
+            inst.error_code = exc.code if isinstance(exc, SllmError) else "load_failed"
             if inst.stopping:
                 await self._ended(inst, "stopped", "")
             else:
@@ -339,6 +342,7 @@ class Supervisor:
             load_s=inst.load_s,
             revision=inst.record.revision,
             secret=inst.secret if kind == "ready" else "",
+            code=inst.error_code if kind == "failed" else "",
         )
         try:
             await self.publish_event(event)

@@ -21,6 +21,7 @@ from typing import Any
 
 from sllm import __version__
 from sllm.errors import SllmError
+from sllm.log_repeats import limit_repeats
 
 COMMAND_MODULES: tuple[str, ...] = (
     "sllm.cli.ckpt",
@@ -75,6 +76,7 @@ def run(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    limit_repeats()  # a fault repeating every loop turn costs one line per 10 s, not thousands
     try:
         code: int = args.func(args)
         return code

@@ -87,6 +87,7 @@ def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
     ckpt = deploy.prepare_checkpoint(
         source, deploy.conversion_cache_dir(), progress=_conversion_bar(source.path)
     )
+    deploy.check_checkpoint(ckpt)
     key, size, pushed = deploy.upload_checkpoint(
         ckpt, name, store_url, progress_factory=_progress_bar("upload")
     )

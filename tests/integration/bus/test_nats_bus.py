@@ -34,7 +34,7 @@ async def test_request_reply_and_publish(
     await node.subscribe("sllm.node.bus-n1.cmd", handler)
     await node.nc.flush()
     assert await gateway.request("sllm.node.bus-n1.cmd", b"load", 2.0) == b"ack:load"
-    with pytest.raises(TimeoutError, match=r"no reply on sllm\.node\.nobody\.cmd"):
+    with pytest.raises(TimeoutError, match=r"nobody listens on sllm\.node\.nobody\.cmd"):
         await gateway.request("sllm.node.nobody.cmd", b"x", 0.3)
     await gateway.close()
     await node.close()

@@ -68,8 +68,15 @@ class ScriptedInstances:
     seen: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     break_stream: set[str] = field(default_factory=set)
     delay_s: float = 0.0
+    not_serving: set[str] = field(default_factory=set)  # their /healthz answers 503
 
     def app(self) -> Starlette:
+        async def healthz(request: Request) -> Response:
+            iid = request.path_params["iid"]
+            serving = iid not in self.not_serving
+            state = "ready" if serving else "draining"
+            return JSONResponse({"state": state}, status_code=200 if serving else 503)
+
         async def generate(request: Request) -> Response:
             iid = request.path_params["iid"]
             if request.headers.get("authorization") != f"Bearer {secret_of(iid)}":
@@ -99,6 +106,7 @@ class ScriptedInstances:
             routes=[
                 Route("/i/{iid}/v1/generate", generate, methods=["POST"]),
                 Route("/i/{iid}/v1/invoke", generate, methods=["POST"]),
+                Route("/i/{iid}/healthz", healthz, methods=["GET"]),
             ]
         )
 
@@ -172,6 +180,7 @@ class ScriptedNode:
     slots: int = 2
     load_s: float = 0.05
     refuse: bool = False
+    refuse_code: str = "busy"
     fail_ready: str = ""
     loads: list[LoadCmd] = field(default_factory=list)
     unloads: list[UnloadCmd] = field(default_factory=list)
@@ -197,7 +206,9 @@ class ScriptedNode:
         if isinstance(cmd, LoadCmd):
             self.loads.append(cmd)
             if self.refuse:
-                return encode(CmdReply(ok=False, code="busy", message="refused by script"))
+                return encode(
+                    CmdReply(ok=False, code=self.refuse_code, message="refused by script")
+                )
             holders = {s.device: s.instance_id for s in self.instances.values()}
             if holders.get(cmd.device, cmd.instance_id) != cmd.instance_id:
                 message = f"device {cmd.device} is in use by instance {holders[cmd.device]}"

@@ -125,3 +125,28 @@ async def test_a_retry_waiting_for_another_instance_does_not_block_new_requests(
     assert d.release_waiters("f", 1) == 1
     served, _ = await retry
     assert served.instance_id == "b"
+
+
+async def test_retry_after_is_the_expected_wait_not_a_constant() -> None:
+    # issue 14: Retry-After was max(1, min(30, wake_timeout / 10)) whatever the state
+    table, clock = InstanceTable(), ManualClock()
+    starting: dict[str, float | None] = {"f": 7.4}
+    d = Dispatcher(table, clock, 1, 300.0, lambda f: None, expected_start=starting.get)
+    first = asyncio.create_task(d.acquire("f", 1))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await d.acquire("f", 1)
+    assert info.value.retry_after_s == pytest.approx(7.4)  # until the starting one is ready
+    clock.advance(3.0)
+    table.instances["a"] = inst("a")
+    d.release_waiters("f", 1)
+    await first
+    starting["f"] = None
+    second = asyncio.create_task(d.acquire("f", 1, exclude={"a"}))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await d.acquire("f", 1, exclude={"a"})
+    assert info.value.retry_after_s == pytest.approx(3.0)  # what the queue waited lately
+    d.fail_waiters("f", Unavailable("x"))
+    with pytest.raises(Unavailable):
+        await second

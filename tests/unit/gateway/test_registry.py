@@ -45,3 +45,65 @@ async def test_an_unreadable_record_is_skipped_not_fatal() -> None:
     reg = Registry(kv)
     await reg.load()
     assert [r.spec.name for r in reg.all()] == ["good"]
+
+
+async def wait_until(predicate, timeout_s: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_copy_follows_the_bucket_whoever_writes() -> None:
+    # issue 14: the in-memory copy follows the bucket (another gateway's writes, late ones)
+    kv = MemoryKeyValue()
+    ours, theirs = Registry(kv), Registry(kv)
+    await ours.load()
+    await theirs.load()
+    changes: list[tuple[str, int | None]] = []
+    ours.on_change(lambda name, rec: changes.append((name, rec.revision if rec else None)))
+    await theirs.create(record())
+    await wait_until(lambda: ours.find("chat") is not None)
+    await theirs.update("chat", record(checkpoint="k2"))
+    await wait_until(lambda: ours.get("chat").revision == 2)
+    assert ours.get("chat").checkpoint == "k2"
+    await theirs.delete("chat")
+    await wait_until(lambda: ours.find("chat") is None)
+    assert changes == [("chat", 1), ("chat", 2), ("chat", None)]
+    await ours.stop()
+    await theirs.stop()
+
+
+async def test_a_write_while_the_bucket_is_down_fails_and_changes_nothing() -> None:
+    from sllm.errors import Unavailable
+
+    kv = MemoryKeyValue()
+    reg = Registry(kv)
+    await reg.load()
+    await reg.create(record())
+    kv.down = True
+    with pytest.raises(Unavailable):
+        await reg.delete("chat")
+    with pytest.raises(Unavailable):
+        await reg.create(record("other"))
+    assert reg.find("chat") is not None and reg.find("other") is None  # the copy serves on
+    kv.down = False
+    assert await kv.keys() == ["fn.chat"]
+    await reg.stop()
+
+
+async def test_two_concurrent_updates_cannot_both_win() -> None:
+    kv = MemoryKeyValue()
+    a, b = Registry(kv), Registry(kv)
+    await a.load()
+    await a.create(record())
+    await b.load()
+    await a.update("chat", record(checkpoint="from-a"))
+    # b has not seen a's update yet only if its watch lags; force the race by hand:
+    b._revisions["fn.chat"] = 1
+    with pytest.raises(Conflict, match="changed meanwhile"):
+        await b.update("chat", record(checkpoint="from-b"))
+    await a.stop()
+    await b.stop()
