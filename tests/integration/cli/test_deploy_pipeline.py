@@ -88,3 +88,79 @@ def test_upload_to_s3(
     names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
     assert {"index.json", "data-00000.bin", "config.json"} <= names
     assert deploy.upload_checkpoint(converted, "tiny", url)[2] is False
+
+
+# --- issue 14, bugs 2 and 4: what an instance reads is the checkpoint's identity, checked ----
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_changed_config_tokenizer_or_template_is_a_new_checkpoint(
+    converted: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    first, _, _ = deploy.upload_checkpoint(converted, "tiny", str(store))
+    keys = {first}
+    for name, edit in (
+        ("chat_template.jinja", lambda t: t.replace("<|assistant|>", "<|assistant|> ")),
+        ("generation_config.json", lambda t: t.replace("{", '{"top_k": 5, ', 1)),
+        ("tokenizer_config.json", lambda t: t.replace("{", '{"model_max_length": 77, ', 1)),
+    ):
+        changed = _copy(converted, tmp_path / name)
+        (changed / name).write_text(edit((changed / name).read_text()))
+        deploy.check_checkpoint(changed)
+        key, _, pushed = deploy.upload_checkpoint(changed, "tiny", str(store))
+        assert pushed and key not in keys, name  # it reaches the store, under a new key
+        assert (store / key / name).read_text() == (changed / name).read_text()
+        keys.add(key)
+
+
+def test_a_broken_config_fails_the_deploy_and_the_fixed_one_deploys(
+    converted: Path, tmp_path: Path
+) -> None:
+    from sllm.errors import CheckpointError
+
+    broken = _copy(converted, tmp_path / "broken")
+    good_config = (broken / "config.json").read_text()
+    (broken / "config.json").write_text(
+        good_config.replace('"num_attention_heads": 4', '"num_attention_heads": 3')
+    )
+    with pytest.raises(CheckpointError, match=r"config\.json: the model config does not build"):
+        deploy.check_checkpoint(broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        deploy.check_checkpoint(broken)
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    (broken / "config.json").write_text(good_config)
+    with pytest.raises(CheckpointError, match="chat template"):
+        deploy.check_checkpoint(broken)
+    (broken / "chat_template.jinja").write_text((converted / "chat_template.jinja").read_text())
+    deploy.check_checkpoint(broken)  # fixed: it deploys
+    store = tmp_path / "store"
+    assert (
+        deploy.upload_checkpoint(broken, "tiny", str(store))[0]
+        == (deploy.upload_checkpoint(converted, "tiny", str(store))[0])
+    )
+
+
+def test_nan_weights_are_refused_at_conversion(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.tiny_model import build_tiny_llama
+    from sllm.errors import CheckpointError
+
+    src = build_tiny_llama(tmp_path / "hf", seed=3)
+    weights = load_file(src / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' \(float32\) has NaN .*\(all\)"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
