@@ -78,6 +78,9 @@ class DramCache(EntryTier):
             shutil.rmtree(self._free_dir)
         self._free_dir.mkdir(parents=True)
         self.entries = EntryDirectory(root, capacity, "dram", _validate, on_drop=self._recycle)
+        # Entries a smaller capacity evicted at start became slabs: free those above it now
+        # (issue 14), rather than holding the memory until the next load trims the pool.
+        self._trim_pool()
 
     def _recycle(self, entry: Path) -> None:
         image = entry / IMAGE_FILE

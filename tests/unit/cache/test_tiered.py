@@ -347,3 +347,24 @@ def test_lru_order_survives_a_restart(
     assert cache.ssd.acquire(a) is not None  # a is now the most recently used
     cache.ssd.release(a)
     assert [k for k, _, _ in SsdCache(tmp_path / "ssd", 64 * MiB).contents()] == [a, b]
+
+
+def test_a_restart_with_a_smaller_dram_capacity_frees_what_is_above_it(
+    make_tiered: TieredFactory,
+    store: CountingStore,
+    ckpt: tuple[Path, CheckpointIndex],
+    tmp_path: Path,
+) -> None:
+    # issue 14: old DRAM slabs above the configured capacity are freed at node start
+    cache = make_tiered(dram_capacity=32 * MiB)
+    for i in range(3):
+        key = f"checkpoints/fn/{i:016d}"
+        push_checkpoint(ckpt[0], store, key)
+        cache.fetch(key)
+        cache.release(key)
+    cache.flush()
+    restarted = DramCache(tmp_path / "dram", 9 * MiB)
+    held = sum(f.stat().st_size for f in (tmp_path / "dram").rglob("*") if f.is_file())
+    assert restarted.entries.used_bytes() + restarted.pool_bytes() <= 9 * MiB
+    assert held <= 9 * MiB, f"{held} bytes of shared memory held above a 9 MiB capacity"
+    assert len(restarted.contents()) == 2  # the most recently used entries that fit stay
