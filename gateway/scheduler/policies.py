@@ -73,22 +73,28 @@ def place(
     raise InvalidInput(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-def room(node: NodeView, n: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """(devices, idle instances to stop) giving ``n`` devices on ``node``, or None.
+def room(
+    node: NodeView, n: int, checkpoint: str = "", nbytes: int = 0
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(devices, idle instances to stop) giving ``n`` devices on ``node``, and DRAM for
+    ``checkpoint`` (``nbytes``) beside the entries running instances pin, or None.
 
-    Free devices come first; idle instances are stopped in the order the node lists them.
+    Free devices come first; idle instances are stopped in the order the node lists them,
+    those whose stopping frees DRAM the checkpoint needs first when DRAM is short.
     """
     free = node.free_devices
-    if len(free) >= n:
+    if len(free) >= n and node.dram_short(checkpoint, nbytes) <= 0:
         return free[:n], ()
     devices = list(free)
     evict: list[str] = []
-    for inst in node.instances:
-        if inst.idle:
-            devices.extend(inst.devices)
-            evict.append(inst.instance_id)
-            if len(devices) >= n:
-                return tuple(devices[:n]), tuple(evict)
+    idle = [i for i in node.instances if i.idle]
+    if node.dram_short(checkpoint, nbytes) > 0:
+        idle.sort(key=lambda i: i.checkpoint not in node.dram_pinned)  # stable: DRAM first
+    for inst in idle:
+        devices.extend(inst.devices)
+        evict.append(inst.instance_id)
+        if len(devices) >= n and node.dram_short(checkpoint, nbytes, evict) <= 0:
+            return tuple(devices[:n]), tuple(evict)
     return None
 
 
@@ -141,7 +147,11 @@ def best_load(
         if node_id == exclude:
             continue
         node = nodes[node_id]
-        r = room(node, n) if allow_evict else _free_only(node, n)
+        r = (
+            room(node, n, checkpoint, nbytes)
+            if allow_evict
+            else _free_only(node, n, checkpoint, nbytes)
+        )
         if r is None:
             continue
         tier, t = node.load_seconds(checkpoint, nbytes, now)
@@ -162,7 +172,11 @@ def best_load(
         q = node.wait(now)
         if q >= best_t:
             continue
-        r = room(node, n) if allow_evict else _free_only(node, n)
+        r = (
+            room(node, n, checkpoint, nbytes)
+            if allow_evict
+            else _free_only(node, n, checkpoint, nbytes)
+        )
         if r is None:
             continue
         t = q + nbytes / node.bandwidth("store") + EVICT_S * len(r[1])
@@ -175,9 +189,13 @@ def best_load(
     return found
 
 
-def _free_only(node: NodeView, n: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+def _free_only(
+    node: NodeView, n: int, checkpoint: str = "", nbytes: int = 0
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     free = node.free_devices
-    return (free[:n], ()) if len(free) >= n else None
+    if len(free) < n or node.dram_short(checkpoint, nbytes) > 0:
+        return None
+    return free[:n], ()
 
 
 def _locality(
@@ -240,7 +258,7 @@ def _best_migration(
     sources: list[tuple[float, str]] = []
     for node_id in snapshot.holders.get(request.checkpoint, ()):
         node = nodes[node_id]
-        if node_id in free and room(node, n) is not None:
+        if node_id in free and room(node, n, request.checkpoint, request.checkpoint_bytes):
             continue  # it has room: best_load already weighed it
         _, load = node.load_seconds(request.checkpoint, request.checkpoint_bytes, snapshot.now)
         if load < limit:
@@ -257,6 +275,11 @@ def _best_migration(
                 continue
             if spare + len(inst.devices) < n:
                 continue
+            short = node.dram_short(
+                request.checkpoint, request.checkpoint_bytes, [inst.instance_id]
+            )
+            if short > 0:
+                continue  # even with the victim gone the checkpoint would not fit in DRAM
             lower = load + snapshot.migration_fit(inst.checkpoint).seconds(inst.tokens)
             if lower < limit:
                 bounds.append((lower, node_id, inst.instance_id, inst))
@@ -322,12 +345,12 @@ def _search_target(
 
 
 def _feasible(
-    snapshot: ClusterSnapshot, n: int
+    snapshot: ClusterSnapshot, request: PlacementRequest
 ) -> list[tuple[NodeView, tuple[str, ...], tuple[str, ...]]]:
     out = []
     for node_id in snapshot.free:
         node = snapshot.nodes[node_id]
-        r = room(node, n)
+        r = room(node, request.accelerators, request.checkpoint, request.checkpoint_bytes)
         if r is not None:
             out.append((node, r[0], r[1]))
     return out
@@ -336,7 +359,7 @@ def _feasible(
 def _random(
     snapshot: ClusterSnapshot, request: PlacementRequest, rng_seed: int | None
 ) -> Placement | NoCapacity:
-    options = _feasible(snapshot, request.accelerators)
+    options = _feasible(snapshot, request)
     if not options:
         return _no_room(snapshot, request)
     node, devices, evict = random.Random(rng_seed).choice(options)
@@ -351,7 +374,7 @@ def _least_loaded(
     now = snapshot.now
     best: tuple[int, float] | None = None
     chosen: tuple[NodeView, tuple[str, ...], tuple[str, ...]] | None = None
-    for node, devices, evict in _feasible(snapshot, request.accelerators):
+    for node, devices, evict in _feasible(snapshot, request):
         score = (-(len(node.free_devices) + _idle_devices(node.instances)), node.wait(now))
         if best is None or score < best:
             best, chosen = score, (node, devices, evict)

@@ -121,6 +121,8 @@ def node_view(
         bandwidths=bw,
         load_queue_s=max(0.0, hb.load_queue_s),
         instances=tuple(instances),
+        dram_capacity=max(0, hb.cache_capacity.get("dram", 0)),
+        dram_pinned={e.checkpoint: e.nbytes for e in hb.cache.get("dram", []) if e.in_use},
     )
 
 

@@ -76,6 +76,11 @@ class NodeView:
     ``queue_until`` (optional) is when the loads already queued end, on the snapshot's clock
     (``ClusterSnapshot.now``): the simulator sets it so a view stays true while a load runs.
     The wait is ``load_queue_s + max(0, queue_until - now)``.
+
+    ``dram_capacity`` (bytes; 0: not known, not checked) and ``dram_pinned`` (checkpoint ->
+    bytes of DRAM entries running instances hold, which the node cannot evict): a checkpoint
+    not in DRAM yet needs its size free beside the pinned ones, or the load fails with
+    ``cache_full`` on the node (issue 14: one function starved while another stayed warm).
     """
 
     node_id: str
@@ -86,6 +91,18 @@ class NodeView:
     load_queue_s: float = 0.0
     instances: tuple[RunningInstance, ...] = ()
     queue_until: float = 0.0
+    dram_capacity: int = 0
+    dram_pinned: Mapping[str, int] = field(default_factory=dict)
+
+    def dram_short(self, checkpoint: str, nbytes: int, freed: Collection[str] = ()) -> int:
+        """Bytes of DRAM missing to load ``checkpoint`` here (<= 0: it fits), once the
+        instances ``freed`` (ids) have stopped and unpinned their entries."""
+        if self.dram_capacity <= 0 or nbytes <= 0 or checkpoint in self.cache.get("dram", {}):
+            return 0
+        gone = {i.checkpoint for i in self.instances if i.instance_id in freed}
+        still = {i.checkpoint for i in self.instances if i.instance_id not in freed}
+        pinned = sum(n for key, n in self.dram_pinned.items() if key not in gone or key in still)
+        return nbytes - (self.dram_capacity - pinned)
 
     def bandwidth(self, tier: SourceTier) -> float:
         bw = self.bandwidths.get(tier, 0.0)

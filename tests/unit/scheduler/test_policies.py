@@ -264,3 +264,42 @@ def test_migration_target_is_never_the_source_node() -> None:
     assert m is not None and m.target_node == "t" and m.target_tier == "store"
     assert result.node == "s" and sorted(result.devices) == ["gpu0", "gpu1"]
     assert not set(m.target_devices) & set(result.devices) or m.target_node != result.node
+
+
+# --- issue 14: placement counts DRAM space -------------------------------------------------
+
+
+def dram_node(node_id: str, *instances: RunningInstance, free: int = 1) -> NodeView:
+    """A node whose DRAM tier holds 3 GB, its instances' checkpoints pinned in it."""
+    from dataclasses import replace
+
+    pinned = {i.checkpoint: i.checkpoint_bytes for i in instances}
+    base = node(node_id, free, dram=dict(pinned), instances=instances)
+    return replace(base, dram_capacity=3 * GB, dram_pinned=pinned)
+
+
+@pytest.mark.parametrize("policy", ["locality", "least-loaded", "random"])
+def test_a_checkpoint_that_does_not_fit_beside_pinned_ones_goes_elsewhere(policy: str) -> None:
+    busy = running("b-1", "B", 2 * GB)  # 2 of 3 GB pinned: A (2 GB) cannot fit beside it
+    full = dram_node("full", busy, free=1)
+    roomy = dram_node("roomy", free=1)
+    request = PlacementRequest("a", "A", 2 * GB)
+    result = place(ClusterSnapshot.build([full, roomy]), request, policy, rng_seed=1)
+    assert isinstance(result, Placement) and result.node == "roomy"
+    alone = place(ClusterSnapshot.build([full]), request, policy, rng_seed=1)
+    assert isinstance(alone, NoCapacity)  # a free device alone is not room: the load would fail
+    small = place(ClusterSnapshot.build([full]), PlacementRequest("s", "S", GB // 2), policy)
+    assert isinstance(small, Placement) and small.node == "full"  # 0.5 GB fits beside B
+
+
+def test_an_idle_instance_is_evicted_to_free_dram_not_just_devices() -> None:
+    other = running("c-1", "C", 200, devices=("gpu1",), idle=True)  # frees no DRAM worth it
+    warm = running("b-1", "B", 2 * GB, idle=True)
+    full = dram_node("full", warm, other, free=1)
+    result = place(ClusterSnapshot.build([full]), PlacementRequest("a", "A", 2 * GB), "locality")
+    assert isinstance(result, Placement) and result.evict == ("b-1",)
+    busy = dram_node("busy", running("b-1", "B", 2 * GB), other, free=1)
+    assert isinstance(
+        place(ClusterSnapshot.build([busy]), PlacementRequest("a", "A", 2 * GB), "locality"),
+        NoCapacity,
+    )
