@@ -8,8 +8,15 @@ them at it, at a local-directory store (``$SLLM_HOME/store``) and at the node ca
 second `sllm up` with the same home finds its registry, store, caches and token again. The
 gateway URL and token go to ``~/.config/sllm/config.yaml`` for the other CLI verbs.
 
-Ctrl-C or SIGTERM stops the node (its instances drain), the gateway, then NATS. A child that
-dies on its own stops the rest and makes `sllm up` exit 1 with the tail of its log.
+Ctrl-C or SIGTERM stops the node (its instances drain), the gateway, then NATS.
+
+`sllm up` supervises its children (issue 14): one that dies on its own (crashed, killed) is
+restarted, with the same environment and ports, after a backoff (0.5 s, then doubling up to
+30 s while it keeps dying within 60 s of its start), each restart logged on stderr. The
+platform keeps its state across a restart: the registry is in JetStream on disk, the caches
+in the node's cache directory and DRAM tier, the token in the home. Only a child that keeps
+crashing right after starting (6 times in a row) stops the rest and makes `sllm up` exit 1
+with the tail of its log.
 """
 
 from __future__ import annotations
@@ -49,6 +56,21 @@ IMAGE_TIMEOUT_S = 1800.0
 # 40 s: the node drains its instances for up to 30 s (in-flight requests finish) before it
 # exits; SIGKILL only after that and a margin.
 NODE_STOP_TIMEOUT_S = 40.0
+# Restarts: the first after 0.5 s (a crashed node should be back at once), doubling up to
+# 30 s while the child keeps dying within STABLE_S of its start; a child that stayed up that
+# long starts again from 0.5 s. CRASH_LOOP quick deaths in a row give up.
+FIRST_RESTART_S = 0.5
+MAX_RESTART_S = 30.0
+STABLE_S = 60.0
+CRASH_LOOP = 6
+
+
+def restart_delay(quick_deaths: int) -> float | None:
+    """Seconds before restarting a child that died for the ``quick_deaths``-th time in a row
+    within ``STABLE_S`` of its start (1: the first), or None: it is crash-looping, give up."""
+    if quick_deaths >= CRASH_LOOP:
+        return None
+    return float(min(MAX_RESTART_S, FIRST_RESTART_S * 2 ** max(0, quick_deaths - 1)))
 
 
 class _Stop(Exception):
@@ -161,10 +183,13 @@ def wait_until(
 
 @dataclass
 class Platform:
+    """``starters``: how to start each child again (by name), for the supervisor."""
+
     url: str
     token: str
     home: Path
     servers: list[ManagedServer] = field(default_factory=list)
+    starters: dict[str, Callable[[], ManagedServer]] = field(default_factory=dict)
 
     def stop(self, out: IO[str]) -> None:
         """Node first (instances drain), then gateway, then NATS."""
@@ -189,10 +214,11 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
     gateway_seed, node_seed = creds.gateway(), creds.node(node_id)
     nats = start_nats(sllm_home / "nats", credentials=creds)
     platform.servers.append(nats)
+    nats_port = nats.ports["client"]  # a restarted nats-server takes the same port
     env = child_env(
         dict(os.environ),
         sllm_home,
-        f"nats://127.0.0.1:{nats.ports['client']}",
+        f"nats://127.0.0.1:{nats_port}",
         port,
         platform.token,
         args.cpu_slots,
@@ -200,11 +226,14 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
     )
     logs = sllm_home / "logs"
     gateway_env = {**env, "SLLM_NATS_SEED_FILE": str(gateway_seed)}
-    gateway = start_child("gateway", ["gateway", "start"], gateway_env, logs)
-    platform.servers.append(gateway)
     node_env = {**env, "SLLM_NATS_SEED_FILE": str(node_seed), "SLLM_NODE_ID": node_id}
-    node = start_child("node", ["node", "start"], node_env, logs)
-    platform.servers.append(node)
+    platform.starters = {
+        "nats-server": lambda: start_nats(sllm_home / "nats", port=nats_port, credentials=creds),
+        "gateway": lambda: start_child("gateway", ["gateway", "start"], gateway_env, logs),
+        "node": lambda: start_child("node", ["node", "start"], node_env, logs),
+    }
+    platform.servers.append(platform.starters["gateway"]())
+    platform.servers.append(platform.starters["node"]())
     client = GatewayClient(ClientConfig(platform.url, platform.token), timeout_s=5.0)
     with client:
         wait_until("the gateway's /healthz", client.healthy, platform.servers, START_TIMEOUT_S)
@@ -296,19 +325,71 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
-def supervise(platform: Platform) -> int:
-    """Block until a signal (raised out of the sleep) or a child's unexpected exit (-> 1)."""
+@dataclass
+class _Watch:
+    """A supervised child: when it started, its quick deaths in a row, when to restart it."""
+
+    started: float
+    quick_deaths: int = 0
+    restart_at: float | None = None
+
+
+def supervise(
+    platform: Platform,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Restart children that die on their own, with backoff (``restart_delay``), until a
+    signal (raised out of the sleep) or a crash loop (-> 1)."""
+    watches = {server.name: _Watch(clock()) for server in platform.servers}
     while True:
-        for server in platform.servers:
+        now = clock()
+        for i, server in enumerate(platform.servers):
+            watch = watches[server.name]
+            if watch.restart_at is not None:
+                if now >= watch.restart_at:
+                    watch.restart_at, watch.started = None, now
+                    try:
+                        platform.servers[i] = platform.starters[server.name]()
+                    except Exception as exc:  # could not even start: counts as a quick death
+                        _log(f"{server.name} did not start again: {exc}")
+                        code = _died(watch, server, now, "did not start")
+                        if code is not None:
+                            return code
+                        continue
+                    _log(f"{server.name} restarted (pid {platform.servers[i].process.pid})")
+                continue
             if not server.alive():
-                print(
-                    f"sllm: error: {server.name} exited (code {server.process.returncode}); log "
-                    f"{server.log_path}:\n{server.log_tail()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
-        time.sleep(0.5)
+                code = _died(watch, server, now, f"exited (code {server.process.returncode})")
+                if code is not None:
+                    return code
+        sleep(0.2)
+
+
+def _died(watch: _Watch, server: ManagedServer, now: float, how: str) -> int | None:
+    """Schedule the restart of a dead child (None), or give up on a crash loop (1)."""
+    up_s = now - watch.started
+    watch.quick_deaths = watch.quick_deaths + 1 if up_s < STABLE_S else 1
+    delay = restart_delay(watch.quick_deaths)
+    if delay is None:
+        print(
+            f"sllm: error: {server.name} {how} and keeps crashing ({watch.quick_deaths} times "
+            f"in a row within {STABLE_S:.0f}s of starting); log {server.log_path}:\n"
+            f"{server.log_tail()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    _log(
+        f"{server.name} {how} after {up_s:.1f}s; restarting it in {delay:g}s (log {server.log_path})"
+    )
+    watch.restart_at = now + delay
+    return None
+
+
+def _log(line: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    print(f"{stamp} sllm up: {line}", file=sys.stderr, flush=True)
 
 
 def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: Groups) -> None:

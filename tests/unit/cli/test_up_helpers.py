@@ -68,18 +68,39 @@ def test_waiting_times_out_with_what_it_waited_for() -> None:
         up.wait_until("a node heartbeat", lambda: False, [], timeout_s=0.3)
 
 
-def test_supervise_returns_1_when_a_child_dies(
+def test_restart_backoff_doubles_and_gives_up_on_a_crash_loop() -> None:
+    assert [up.restart_delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert up.restart_delay(up.CRASH_LOOP) is None
+
+
+def test_supervise_restarts_a_dead_child_and_gives_up_on_a_crash_loop(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # issue 14: one crashed child stopped the whole platform; now it is restarted with
+    # backoff, and only a child that keeps dying right after its start ends `sllm up`
     import subprocess
 
     from sllm.servers import ManagedServer
 
     log = tmp_path / "node.log"
     log.write_text("node: out of memory\n")
-    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
-    proc.wait()
-    platform = up.Platform("http://127.0.0.1:1", "t", tmp_path, [ManagedServer("node", proc, log)])
-    assert up.supervise(platform) == 1
+    started: list[int] = []
+
+    def crashing() -> ManagedServer:
+        proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
+        proc.wait()
+        started.append(proc.pid)
+        return ManagedServer("node", proc, log)
+
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    platform = up.Platform("http://127.0.0.1:1", "t", tmp_path, [crashing()], {"node": crashing})
+    assert up.supervise(platform, clock=lambda: now[0], sleep=sleep) == 1
     err = capsys.readouterr().err
-    assert "node exited (code 9)" in err and "out of memory" in err
+    assert len(started) == up.CRASH_LOOP  # the first start and 5 restarts
+    assert err.count("restarting it in") == up.CRASH_LOOP - 1
+    assert "node exited (code 9) after 0.0s; restarting it in 0.5s" in err
+    assert "restarting it in 8s" in err and "keeps crashing" in err and "out of memory" in err
