@@ -40,6 +40,10 @@ Probe = Callable[[str], Awaitable[bool]]
 """Whether the instance at an address serves (its /healthz answers 200)."""
 # Seconds between health checks of a silent node's instances.
 PROBE_EVERY_S = 1.0
+# After a failed start, the next one waits 0.25 s, doubling up to 4 s while starts keep
+# failing (each retry of a node that refuses costs it and the gateway a round trip).
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 4.0
 
 
 async def _never_answers(address: str) -> bool:
@@ -75,6 +79,8 @@ class Controller:
         self._tick_s = tick_s
         self._settle_until = clock.now() + settle_s
         self._probe = probe or _never_answers
+        self._start_failures: dict[str, int] = {}  # failed starts in a row, per function
+        self._retry_at: dict[str, float] = {}  # no new start of the function before this
         self._probing: dict[str, float] = {}  # silent node -> when its last probe started
         self._scalers: dict[str, ScalerState] = {}
         # Functions with an instance moving between nodes (gateway.migration): their replicas
@@ -87,7 +93,7 @@ class Controller:
             registry, table, commands, scheduler, clock, metrics,
             evict=self._evict,
             lost=lambda function, reason, transient: self._lost(
-                function, reason, wake_failed=not transient
+                function, reason, wake_failed=not transient, start_failed=True
             ),
             spawn=self._spawn,
         )  # fmt: skip
@@ -151,6 +157,8 @@ class Controller:
                 inst.function, inst.instance_id, inst.node, inst.state,
             )  # fmt: skip
         for inst in change.became_ready:
+            self._start_failures.pop(inst.function, None)
+            self._retry_at.pop(inst.function, None)
             record = self._registry.find(inst.function)
             if record is not None:
                 self._dispatcher.release_waiters(inst.function, record.revision)
@@ -160,12 +168,17 @@ class Controller:
                 inst.function, inst.instance_id, inst.node, error,
             )  # fmt: skip
             reason = f"instance {inst.instance_id} on {inst.node} failed: {error}"
-            self._lost(inst.function, reason, wake_failed=definitive and inst.state == "starting")
+            starting = inst.state == "starting"
+            self._lost(
+                inst.function, reason, wake_failed=definitive and starting, start_failed=starting
+            )
         for inst in change.removed:
             log.info("instance stopped function=%s instance=%s", inst.function, inst.instance_id)
             self._lost(inst.function, f"instance {inst.instance_id} stopped", wake_failed=False)
 
-    def _lost(self, function: str, reason: str, *, wake_failed: bool) -> None:
+    def _lost(
+        self, function: str, reason: str, *, wake_failed: bool, start_failed: bool = False
+    ) -> None:
         """An instance went away (or never came): re-base the scaler on what is left, so the
         next tick places a new one. When a wake failed for good (the node reported the load
         itself failed: a broken checkpoint) and nothing else is starting, queued requests get
@@ -181,6 +194,13 @@ class Controller:
             )
         elif not left:
             self._dispatcher.note_failure(function, reason)
+        if start_failed:
+            # the next start waits a little, doubling while starts keep failing: a cause that
+            # passes (a node restarting, DRAM held a moment longer) is not hammered meanwhile
+            failures = self._start_failures.get(function, 0) + 1
+            self._start_failures[function] = failures
+            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (failures - 1))
+            self._retry_at[function] = self._clock.now() + delay
         self.poke(function)
 
     def expected_start(self, function: str) -> float | None:
@@ -259,11 +279,14 @@ class Controller:
             record.spec.scale, obs, state, now, stable_window_s=self._stable_window_s
         )
         self._scalers[name] = state
-        if decision.wake:
+        held = now < self._retry_at.get(name, 0.0)  # its last start failed a moment ago
+        if decision.wake and not held:
             self._metrics.wakes.labels(name).inc()
             log.info("wake function=%s queued=%d", name, obs.queued)
         have = len(ready) + len(starting)
-        if decision.desired > have:
+        if decision.desired > have and held:
+            pass  # wait (see _lost), then start again
+        elif decision.desired > have:
             log.info(
                 "scale function=%s from=%d to=%d reason=%s",
                 name,

@@ -97,9 +97,8 @@ class Launcher:
         if isinstance(placement, NoCapacity):
             self._metrics.placements.labels(self._scheduler.policy, "no_capacity", "").inc()
             log.warning("no capacity function=%s reason=%s", spec.name, placement.reason)
-            if not [n for n in nodes if n.node_id not in exclude]:
-                reason = f"{why}; no other node can take it" if why else "no node is connected"
-                self._lost(spec.name, reason, True)
+            if not why and not nodes:  # (a retry elsewhere is reported by _place_elsewhere)
+                self._lost(spec.name, "no node is connected", True)
             return False
         self._metrics.placements.labels(self._scheduler.policy, "placed", placement.tier).inc()
         moved = placement.migration
@@ -167,7 +166,7 @@ class Launcher:
         self._table.forget(instance_id)
         if len(tried) < LOAD_ATTEMPTS and self.launch(record, tried, reason):
             return
-        self._lost(record.spec.name, reason, transient)
+        self._lost(record.spec.name, f"{reason}; no other node can take it", transient)
 
     async def _send_load(
         self,

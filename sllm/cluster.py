@@ -1,0 +1,207 @@
+"""A platform on this machine made of real processes that can each be killed and restarted:
+nats-server (JetStream in a data directory), `sllm gateway start` and any number of
+`sllm node start`, all on loopback, with a local-directory store. For fault tests
+(``tests/integration/faults``) and ``bench/chaos.py``; `sllm up` is the user's form of it.
+
+Faults are injected by pid (``kill_*``: SIGKILL by default, or SIGSTOP/SIGCONT), never by
+racing a timer. A restarted part keeps its identity: nats-server its port and data directory
+(so the registry survives), a node its id and cache directory (so its caches survive), the
+gateway its port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sllm.errors import Unavailable
+from sllm.servers import ManagedServer, free_port, start_nats, stop_process
+
+TOKEN = "cluster-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class LocalCluster:
+    """``env`` applies to every gateway and node (SLLM_* settings); ``node_env`` adds to a
+    node's by node id."""
+
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    nats_port: int = field(default_factory=free_port)
+    gateway_port: int = field(default_factory=free_port)
+    nats: ManagedServer | None = None
+    gateway: ManagedServer | None = None
+    nodes: dict[str, ManagedServer] = field(default_factory=dict)
+    orphans: list[int] = field(default_factory=list)  # instance pids of SIGKILLed nodes
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    def _env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "SLLM_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
+            "SLLM_STORE_URL": str(self.store),
+            "SLLM_TOKEN": TOKEN,
+            "SLLM_GATEWAY_PORT": str(self.gateway_port),
+            **self.env,
+        }
+
+    # --- parts -------------------------------------------------------------------------------
+    def start_nats(self) -> None:
+        self.nats = start_nats(self.root / "nats", port=self.nats_port)
+
+    def start_gateway(self, timeout_s: float = 60.0) -> None:
+        self.gateway = self._spawn("gateway", ["gateway", "start"], self._env())
+        self._until(lambda: self._healthz() is not None, timeout_s, "the gateway's /healthz")
+
+    def start_node(self, node_id: str, *, wait: bool = True, timeout_s: float = 120.0) -> None:
+        env = {
+            **self._env(),
+            "SLLM_NODE_ID": node_id,
+            "SLLM_CACHE_DIR": str(self.root / "cache" / node_id),
+            **self.node_env.get(node_id, {}),
+        }
+        args = ["-v", "node", "start", "--drain", "2s"]
+        self.nodes[node_id] = self._spawn(f"node-{node_id}", args, env)
+        if wait:
+            self.wait_node(node_id, timeout_s)
+
+    def kill(self, part: ManagedServer | None, sig: int = signal.SIGKILL) -> int:
+        """Send ``sig`` to a part by pid; for SIGKILL, also reap it. Returns the pid."""
+        assert part is not None, "that part is not running"
+        part.process.send_signal(sig)
+        if sig == signal.SIGKILL:
+            part.process.wait(timeout=10)
+        return part.process.pid
+
+    def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> int:
+        """Signal the node; its instance processes, orphaned by a SIGKILL, finish what they
+        serve and exit on their own (``stop`` makes sure of it)."""
+        if sig == signal.SIGKILL:
+            self.orphans.extend(self.instance_pids(node_id))
+        return self.kill(self.nodes[node_id], sig)
+
+    def instance_pids(self, node_id: str) -> list[int]:
+        """The node's instance processes (pre-started ones included)."""
+        import psutil
+
+        node = psutil.Process(self.nodes[node_id].process.pid)
+        return [
+            p.pid for p in node.children() if "runtime.instance.worker" in " ".join(p.cmdline())
+        ]
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            stop_process(node.process, 30.0)
+        if self.gateway is not None:
+            stop_process(self.gateway.process, 30.0)
+        if self.nats is not None:
+            self.nats.stop()
+        self._reap_orphans()
+
+    def _reap_orphans(self, grace_s: float = 20.0) -> None:
+        """Instance processes of SIGKILLed nodes still alive after ``grace_s`` (one still
+        importing torch reads its closed stdin only after that) are killed, by pid."""
+        import psutil
+
+        procs = []
+        for pid in self.orphans:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        self.orphans.clear()
+
+    # --- waiting -------------------------------------------------------------------------------
+    def wait_node(self, node_id: str, timeout_s: float = 120.0) -> None:
+        """Until the gateway lists ``node_id`` as live (it has heard a heartbeat)."""
+
+        def live() -> bool:
+            node = self.nodes.get(node_id)
+            if node is not None and not node.alive():
+                raise Unavailable(f"node {node_id} exited:\n{node.log_tail()}")
+            try:
+                nodes = httpx.get(f"{self.url}/system/nodes", headers=AUTH, timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            return any(n["node_id"] == node_id and n["live"] for n in nodes)
+
+        self._until(live, timeout_s, f"node {node_id}'s heartbeat at the gateway")
+
+    def _healthz(self) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"{self.url}/healthz", timeout=2)
+        except httpx.TransportError:
+            return None
+        body: dict[str, Any] = r.json()
+        return body if r.status_code == 200 else None
+
+    @staticmethod
+    def _until(ready: Any, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                raise Unavailable(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            time.sleep(0.1)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> ManagedServer:
+        log_path = self.root / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sllm.cli.main", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return ManagedServer(name, proc, log_path)
+
+    # --- functions -------------------------------------------------------------------------------
+    def add_checkpoint(self, hf_dir: Path, key: str) -> int:
+        """Convert a Hugging Face directory and push it into the store; its tensor bytes."""
+        from runtime.ckpt.convert import convert_checkpoint
+        from runtime.store.local import LocalStore
+        from runtime.store.push import push_checkpoint
+
+        converted = self.root / "converted" / key.replace("/", "_")
+        index = convert_checkpoint(hf_dir, converted)
+        self.store.mkdir(parents=True, exist_ok=True)
+        push_checkpoint(converted, LocalStore(self.store), key)
+        return index.total_bytes
+
+    def deploy(self, name: str, checkpoint: str, nbytes: int, **scale: Any) -> dict[str, Any]:
+        spec = {
+            "name": name,
+            "model": "tiny",
+            "handler": "chat",
+            "scale": scale,
+            "generation": {"max_tokens": 8, "temperature": 0.0},
+        }
+        body = {"spec": spec, "checkpoint": checkpoint, "checkpoint_bytes": nbytes}
+        r = httpx.post(f"{self.url}/system/functions", json=body, headers=AUTH, timeout=10)
+        if r.status_code != 201:
+            raise Unavailable(f"deploy of {name} failed: {r.status_code} {r.text}")
+        result: dict[str, Any] = r.json()
+        return result
