@@ -251,7 +251,8 @@ async def up_node_killed(root: Path, args: argparse.Namespace) -> dict[str, Any]
 
         # `sllm up`'s store is the local directory $SLLM_HOME/store
         push_checkpoint(CONVERTED, LocalStore(root / "up-home" / "store"), KEY)
-        spec = {"name": "ck-up", "model": "tiny", "handler": "chat", "scale": {"keep_alive": "10m"}}
+        spec = {"name": "ck-up", "model": "tiny", "handler": "chat", "auth": "public",
+                "scale": {"keep_alive": "10m"}}  # fmt: skip
         async with httpx.AsyncClient(headers=auth, timeout=10) as admin:
             r = await admin.post(
                 f"{url}/system/functions",

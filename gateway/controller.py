@@ -36,8 +36,8 @@ from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
-Probe = Callable[[str], Awaitable[bool]]
-"""Whether the instance at an address serves (its /healthz answers 200)."""
+Probe = Callable[[str, str], Awaitable[bool]]
+"""Whether the instance at an address (called with its secret) serves: /healthz says 200."""
 # Seconds between health checks of a silent node's instances.
 PROBE_EVERY_S = 1.0
 # After a failed start, the next one waits 0.25 s, doubling up to 4 s while starts keep
@@ -46,7 +46,7 @@ RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 4.0
 
 
-async def _never_answers(address: str) -> bool:
+async def _never_answers(address: str, secret: str) -> bool:
     return False
 
 
@@ -330,12 +330,12 @@ class Controller:
 
     async def _probe_node(self, node_id: str) -> None:
         targets = [
-            (i.instance_id, i.address)
+            (i.instance_id, i.address, i.secret)
             for i in self._table.instances.values()
             if i.node == node_id and i.address and i.state in ("ready", "unreachable")
         ]
-        results = await asyncio.gather(*(self._probe(address) for _, address in targets))
-        answered = {instance_id: ok for (instance_id, _), ok in zip(targets, results, strict=True)}
+        results = await asyncio.gather(*(self._probe(a, secret) for _, a, secret in targets))
+        answered = {target[0]: ok for target, ok in zip(targets, results, strict=True)}
         now = self._clock.now()
         silent_s = now - self._table.nodes[node_id].seen if node_id in self._table.nodes else 0.0
         reason = (

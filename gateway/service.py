@@ -30,6 +30,7 @@ from gateway.scheduler.estimators import MigrationModels
 from sllm.bus import Bus, KeyValue, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError
+from sllm.instance_auth import auth_header
 from sllm.messages import (
     EVENTS,
     HEARTBEATS,
@@ -152,10 +153,10 @@ class GatewayService:
             self.logs.forget(name)
         self.controller.poke(name)
 
-    async def _probe(self, address: str) -> bool:
+    async def _probe(self, address: str, secret: str) -> bool:
         """Whether the instance at ``address`` serves: its /healthz answers 200 (ready)."""
         try:
-            response = await self.probe_http.get(f"{address}/healthz")
+            response = await self.probe_http.get(f"{address}/healthz", headers=auth_header(secret))
         except httpx.HTTPError:
             return False
         return response.status_code == 200

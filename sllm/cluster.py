@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 
 from sllm.errors import Unavailable
-from sllm.servers import ManagedServer, free_port, start_nats, stop_process
+from sllm.nats_auth import NatsCredentials
+from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
 
 TOKEN = "cluster-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -53,10 +54,13 @@ class LocalCluster:
     def store(self) -> Path:
         return self.root / "store"
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, node_id: str | None = None) -> dict[str, str]:
+        """A gateway's environment (``node_id`` None) or node ``node_id``'s, with its NATS
+        credentials (an identity nats-server does not know yet is added, sllm.nats_auth)."""
+        assert self.nats is not None, "start nats-server first"
         return {
             **os.environ,
-            "SLLM_NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
+            **nats_client_env(self.nats, node_id),
             "SLLM_STORE_URL": str(self.store),
             "SLLM_TOKEN": TOKEN,
             "SLLM_GATEWAY_PORT": str(self.gateway_port),
@@ -65,7 +69,9 @@ class LocalCluster:
 
     # --- parts -------------------------------------------------------------------------------
     def start_nats(self) -> None:
-        self.nats = start_nats(self.root / "nats", port=self.nats_port)
+        """nats-server with authorization: every part connects with its own NKey seed."""
+        creds = NatsCredentials(self.root / "nats-creds")
+        self.nats = start_nats(self.root / "nats", port=self.nats_port, credentials=creds)
 
     def start_gateway(self, timeout_s: float = 60.0) -> None:
         self.gateway = self._spawn("gateway", ["gateway", "start"], self._env())
@@ -73,7 +79,7 @@ class LocalCluster:
 
     def start_node(self, node_id: str, *, wait: bool = True, timeout_s: float = 120.0) -> None:
         env = {
-            **self._env(),
+            **self._env(node_id),
             "SLLM_NODE_ID": node_id,
             "SLLM_CACHE_DIR": str(self.root / "cache" / node_id),
             **self.node_env.get(node_id, {}),
@@ -196,6 +202,7 @@ class LocalCluster:
             "name": name,
             "model": "tiny",
             "handler": "chat",
+            "auth": "public",  # the fault runs' clients send no invocation key
             "scale": scale,
             "generation": {"max_tokens": 8, "temperature": 0.0},
         }

@@ -52,10 +52,3 @@ class RepeatFilter(logging.Filter):
         while len(self._seen) > _MAX_KINDS:
             del self._seen[next(iter(self._seen))]
         return True
-
-
-def limit_repeats(logger: logging.Logger | None = None) -> None:
-    """Put a ``RepeatFilter`` on every handler of ``logger`` (default: the root logger)."""
-    for handler in (logger or logging.getLogger()).handlers:
-        if not any(isinstance(f, RepeatFilter) for f in handler.filters):
-            handler.addFilter(RepeatFilter())

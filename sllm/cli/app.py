@@ -21,7 +21,7 @@ from typing import Any
 
 from sllm import __version__
 from sllm.errors import SllmError
-from sllm.log_repeats import limit_repeats
+from sllm.log_repeats import RepeatFilter
 
 COMMAND_MODULES: tuple[str, ...] = (
     "sllm.cli.ckpt",
@@ -71,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # a fault repeating every loop turn costs one line per 10 s, not thousands (the handler is
+    # only installed when the process has none yet: a test runner keeps its own)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.addFilter(RepeatFilter())
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
+        handlers=[stderr],
     )
-    limit_repeats()  # a fault repeating every loop turn costs one line per 10 s, not thousands
     try:
         code: int = args.func(args)
         return code
