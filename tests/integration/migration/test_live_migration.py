@@ -16,20 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
-from .conftest import FUNCTION, MAX_TOKENS, Stage
+from .conftest import FUNCTION, MAX_TOKENS, Stage, pid_on
 
 pytestmark = pytest.mark.integration
-
-
-def pid_on(address: str) -> int:
-    port = int(address.rsplit(":", 1)[1])
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN" and conn.pid:
-            return conn.pid
-    raise AssertionError(f"nothing listens on {address}")
 
 
 class Run:

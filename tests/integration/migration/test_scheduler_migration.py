@@ -34,7 +34,7 @@ import pytest
 from sllm.nats_auth import NatsCredentials
 from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
 
-from .conftest import AUTH, _start, stage_env
+from .conftest import AUTH, _start, pid_on, stage_env
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +42,7 @@ A, B = "sched-a", "sched-b"
 KEYS = {A: "checkpoints/tiny/sched-a", B: "checkpoints/tiny/sched-b"}
 # Node 2's store link as it reports it before any pull (bytes/s).
 SLOW_STORE = 1_000_000
-# A greedy prompt that runs to MAX_TOKENS with A's model (the one of test_live_migration):
-# ~6-10 s of stream here, and the migration (A loaded on node 2, rounds, switch) takes a few.
+# A greedy prompt that runs to MAX_TOKENS with A's model (the one of test_live_migration).
 PROMPT = "The capital of France"
 MAX_TOKENS = 900
 
@@ -243,10 +242,26 @@ async def test_request_for_a_dram_hot_function_migrates_the_busy_instance(
         held = {d["instance_id"] for d in hb["devices"]}
         return len(busy) == 1 and busy[0]["in_flight"] >= 1 and busy[0]["instance_id"] in held
 
+    def migration_started() -> bool:
+        return re.search(rf"migration \S+ start function={A} ", c.log("gateway.log")) is not None
+
     async def request_b(http: httpx.AsyncClient) -> httpx.Response:
         await go.wait()  # A streams on node 1 (its only slot) now
         await asyncio.to_thread(c.wait, "A busy on node 1", a_busy_in_node_1s_heartbeat, 30)
-        return await http.post(f"/function/{B}", json={"prompt": "hello", "max_tokens": 8})
+        # A's stream must still run when the migration starts, however long A's load on node 2
+        # takes on a busy machine: A's instance is stopped until then (its node keeps the
+        # in-flight count it last saw), and continued with most of its tokens still to come.
+        (source,) = [i for i in c.node(c.fast)["instances"] if i["function"] == A]
+        pid = pid_on(source["address"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            b_task = asyncio.create_task(
+                http.post(f"/function/{B}", json={"prompt": "hello", "max_tokens": 8})
+            )
+            await asyncio.to_thread(c.wait, "the migration of A", migration_started, 120)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return await b_task
 
     def at(n: int) -> None:
         if n >= 10:
