@@ -31,9 +31,12 @@ async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
 
     # buffer=False: a command or registry write the gateway gave up on must not be sent late
     bus = await NatsBus.connect(
-        settings.nats_url, name="sllm-gateway", seed_file=settings.nats_seed_file, buffer=False
+        settings.nats_urls,
+        name="sllm-gateway",
+        seed_file=settings.nats_seed_file,
+        buffer=False,
     )
-    return bus, await bus.key_value(BUCKET)
+    return bus, await bus.key_value(BUCKET, replicas=settings.nats_replicas)
 
 
 def instance_client(settings: GatewaySettings) -> InstanceHttpClient:

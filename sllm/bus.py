@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sllm.errors import Conflict, Unavailable
+from sllm.errors import StaleRevision, Unavailable
 
 
 @dataclass
@@ -50,6 +50,15 @@ class Bus(Protocol):
 
 
 @dataclass(frozen=True)
+class Entry:
+    """A key's value and its revision (JetStream: the stream sequence of the write; it only
+    grows, across every key of a bucket)."""
+
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True)
 class KvEntry:
     """One key's state as a watch reports it: ``value`` None means deleted. ``revision``
     increases with every write to the bucket (JetStream's stream sequence)."""
@@ -61,7 +70,8 @@ class KvEntry:
 
 class KeyValue(Protocol):
     """A bucket of keys. Writes raise ``Unavailable`` when the bucket cannot be reached (and
-    are then not made, not even later) and ``Conflict`` when a condition fails."""
+    are then not made, not even later) and ``StaleRevision`` (a ``Conflict``) when a condition
+    fails."""
 
     async def get(self, key: str) -> bytes | None: ...
 
@@ -69,12 +79,18 @@ class KeyValue(Protocol):
         """Write ``value``; returns the new revision."""
         ...
 
+    async def entry(self, key: str) -> Entry | None:
+        """The value with its revision (None when the key has none)."""
+        ...
+
     async def create(self, key: str, value: bytes) -> int:
-        """Write ``value`` only if ``key`` does not exist (``Conflict`` otherwise)."""
+        """Write ``value`` only if ``key`` has no value; the new revision (``StaleRevision``
+        otherwise)."""
         ...
 
     async def update(self, key: str, value: bytes, last: int) -> int:
-        """Write ``value`` only if ``key``'s revision is still ``last`` (``Conflict``)."""
+        """Write ``value`` only if ``key``'s revision is still ``last``; the new revision
+        (``StaleRevision`` otherwise)."""
         ...
 
     async def delete(self, key: str) -> None: ...
@@ -157,6 +173,10 @@ class MemoryKeyValue:
         found = self._data.get(key)
         return found[1] if found else 0
 
+    async def entry(self, key: str) -> Entry | None:
+        found = self._data.get(key)
+        return Entry(*found) if found else None
+
     def _write(self, key: str, value: bytes | None) -> int:
         if self.down:
             raise Unavailable("the bucket is unreachable: the change was not made")
@@ -174,12 +194,12 @@ class MemoryKeyValue:
 
     async def create(self, key: str, value: bytes) -> int:
         if key in self._data:
-            raise Conflict(f"key {key!r} already exists")
+            raise StaleRevision(f"key {key!r} already exists (revision {self.revision_of(key)})")
         return self._write(key, value)
 
     async def update(self, key: str, value: bytes, last: int) -> int:
         if self.revision_of(key) != last:
-            raise Conflict(f"key {key!r} changed since revision {last}")
+            raise StaleRevision(f"key {key!r} changed since revision {last}")
         return self._write(key, value)
 
     async def delete(self, key: str) -> None:

@@ -49,6 +49,13 @@ class Conflict(SllmError):
     status = 409
 
 
+class StaleRevision(Conflict):
+    """A revision-checked KV write lost: the key changed (or came into being) since the revision
+    the writer read. The writer reads again and decides again."""
+
+    code = "stale_revision"
+
+
 class Unauthorized(SllmError):
     code = "unauthorized"
     status = 401

@@ -10,6 +10,9 @@ Identities (files in one directory, mode 0600, a directory of mode 0700):
 - ``gateway.nk``: the gateway role, shared by every gateway (they are interchangeable).
 - ``node-<id>.nk``: one per node; its permissions name its id, so a node can publish only its
   own heartbeats, events and logs and receive only its own commands.
+- ``route.secret``: the password the servers of a cluster give each other on their routes.
+  nats-server authenticates routes by user and password (or TLS certificates), not NKeys;
+  without it anything that reaches a cluster port could join the cluster and see every message.
 
 A client with no credentials, or unknown ones, is refused by the server.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from sllm.spec import validate_name
 
 GATEWAY_FILE = "gateway.nk"
 CONFIG_FILE = "auth.conf"
+ROUTE_FILE = "route.secret"
 
 # The gateway: commands to any node, JetStream (the registry and keys bucket), every node's
 # heartbeats, events and logs; request replies come back on its inbox.
@@ -91,6 +96,14 @@ class NatsCredentials:
     def node(self, node_id: str) -> Path:
         """Node ``node_id``'s seed file, made on first use."""
         return self._ensure(node_file(node_id))
+
+    def route_password(self) -> str:
+        """The cluster's route password (256 random bits), made on first use."""
+        path = self.directory / ROUTE_FILE
+        if not path.is_file():
+            self._make_directory()
+            _write_private(path, secrets.token_urlsafe(32) + "\n")
+        return path.read_text(encoding="utf-8").strip()
 
     def _ensure(self, name: str) -> Path:
         path = self.directory / name

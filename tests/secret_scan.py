@@ -7,8 +7,9 @@ INFO). When the session ends, every ``*.log`` file there is searched for
 
 - secrets by their shape: invocation keys (``sllm_<id>_<secret>``), instance secrets
   (``sllmi_...``) and NATS NKey seeds (``SU...``), whatever their value;
-- secrets by their value: every seed file (``*.nk``) and `sllm up` token file under the base
-  directory, plus the values registered with ``register`` (admin tokens, S3 secret keys).
+- secrets by their value: every seed file (``*.nk``), NATS route password (``*.secret``) and
+  `sllm up` token file under the base directory, plus the values registered with ``register``
+  (admin tokens, S3 secret keys).
 
 A hit names the file, the line number and the kind of secret (never the secret), and fails the
 run. ``SLLM_SECRET_SCAN=0`` turns the check off.
@@ -38,9 +39,11 @@ def register(*values: str) -> None:
 
 
 def known_secrets(basetemp: Path) -> set[str]:
-    """The registered values, every NKey seed and every `sllm up` token under ``basetemp``."""
+    """The registered values, every NKey seed, route password and `sllm up` token under
+    ``basetemp``."""
     found = set(_REGISTERED)
-    for path in [*basetemp.rglob("*.nk"), *basetemp.rglob("token")]:
+    paths = [*basetemp.rglob("*.nk"), *basetemp.rglob("*.secret"), *basetemp.rglob("token")]
+    for path in paths:
         if path.is_file():
             value = path.read_text(encoding="utf-8", errors="replace").strip()
             if len(value) >= 16:

@@ -131,7 +131,7 @@ async def run_node(settings: NodeSettings, stop: asyncio.Event, drain_s: float =
     devices = await asyncio.to_thread(node_devices, settings)
     backend = await asyncio.to_thread(build_backend, settings, devices, cache.dram.root)
     bus = await NatsBus.connect(
-        settings.nats_url, name=f"sllm-node-{settings.node_id}", seed_file=settings.nats_seed_file
+        settings.nats_urls, name=f"sllm-node-{settings.node_id}", seed_file=settings.nats_seed_file
     )
     agent = NodeAgent(
         settings, bus, cache, devices, SystemClock(), bandwidths, cache.dram.entries.path,

@@ -10,7 +10,7 @@ import dataclasses
 
 from sllm.cli.app import Groups, group
 from sllm.errors import Unavailable, ValidationFailed
-from sllm.settings import GatewaySettings
+from sllm.settings import GatewaySettings, as_nats_urls
 
 
 def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: Groups) -> None:
@@ -23,7 +23,7 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     )
     start.add_argument("--host", help="bind address (SLLM_GATEWAY_HOST)")
     start.add_argument("--port", type=int, help="port (SLLM_GATEWAY_PORT)")
-    start.add_argument("--nats-url", help="NATS server URL (SLLM_NATS_URL)")
+    start.add_argument("--nats-url", help="NATS server URLs, comma-separated (SLLM_NATS_URL)")
     start.add_argument("--nats-seed-file", help="NKey seed file (SLLM_NATS_SEED_FILE)")
     start.add_argument("--token", help="bearer token for /system (SLLM_TOKEN)")
     start.add_argument("--policy", help="placement policy (SLLM_POLICY)")
@@ -31,12 +31,19 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     start.set_defaults(func=start_gateway)
 
 
+def _nats_urls(raw: str) -> tuple[str, ...]:
+    try:
+        return as_nats_urls(raw)
+    except ValueError as exc:
+        raise ValidationFailed(f"--nats-url {raw!r}: {exc}") from None
+
+
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     settings = GatewaySettings.from_env()
     overrides = {
         "host": args.host,
         "port": args.port,
-        "nats_url": args.nats_url,
+        "nats_urls": None if args.nats_url is None else _nats_urls(args.nats_url),
         "nats_seed_file": args.nats_seed_file,
         "token": args.token,
         "policy": args.policy,

@@ -24,7 +24,7 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
         "command. Every flag defaults to its SLLM_* environment variable (`sllm env`).",
     )
     p.add_argument("--node-id", help="this node's id (SLLM_NODE_ID)")
-    p.add_argument("--nats-url", help="NATS server URL (SLLM_NATS_URL)")
+    p.add_argument("--nats-url", help="NATS server URLs, comma-separated (SLLM_NATS_URL)")
     p.add_argument("--nats-seed-file", help="NKey seed file (SLLM_NATS_SEED_FILE)")
     p.add_argument("--store-url", help="model store: directory or s3://bucket/prefix")
     p.add_argument("--host", help="address instances listen on (SLLM_NODE_HOST)")

@@ -38,7 +38,7 @@ def test_children_read_their_settings_from_the_env(tmp_path: Path) -> None:
     assert "SLLM_GATEWAY_URL" not in env and env["PATH"] == "/bin"
     gateway = GatewaySettings.from_env(env)
     assert (gateway.port, gateway.token, gateway.host) == (18080, "tok", "127.0.0.1")
-    assert gateway.nats_url == "nats://127.0.0.1:4333"
+    assert gateway.nats_urls == ("nats://127.0.0.1:4333",)
     assert gateway.store.url == str(tmp_path / "store")
     node = NodeSettings.from_env(env)
     assert node.cpu_slots == 3 and node.cache_dir == tmp_path / "cache" / "node-0"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sllm.bus import MemoryBus, MemoryKeyValue, Message, subject_matches
+from sllm.bus import Entry, MemoryBus, MemoryKeyValue, Message, subject_matches
+from sllm.errors import StaleRevision
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,17 @@ async def test_memory_key_value() -> None:
     assert await kv.get("a") == b"1"
     await kv.delete("a")
     assert await kv.get("a") is None
+
+
+async def test_memory_key_value_revisions() -> None:
+    kv = MemoryKeyValue()
+    first = await kv.create("lease", b"a")
+    with pytest.raises(StaleRevision):
+        await kv.create("lease", b"b")
+    with pytest.raises(StaleRevision):
+        await kv.update("lease", b"b", first + 1)
+    second = await kv.update("lease", b"b", first)
+    assert second > first
+    assert await kv.entry("lease") == Entry(b"b", second)
+    with pytest.raises(StaleRevision):
+        await kv.update("missing", b"x", 1)

@@ -39,6 +39,11 @@ def test_s3_settings_fall_back_to_aws_variables() -> None:
         ({"SLLM_POLICY": "fastest"}, "SLLM_POLICY='fastest': must be one of"),
         ({"SLLM_WAKE_TIMEOUT": "soon"}, "SLLM_WAKE_TIMEOUT='soon'"),
         ({"SLLM_S3_PATH_STYLE": "maybe"}, "must be true or false"),
+        ({"SLLM_NATS_URL": "127.0.0.1:4222"}, "'127.0.0.1:4222' is not a NATS server URL"),
+        ({"SLLM_NATS_URL": "nats://a:1,http://b:2"}, "'http://b:2' is not a NATS server URL"),
+        ({"SLLM_NATS_URL": "nats://a:port"}, "'nats://a:port' is not a NATS server URL"),
+        ({"SLLM_NATS_URL": " , "}, "must name at least one NATS server"),
+        ({"SLLM_NATS_REPLICAS": "7"}, "SLLM_NATS_REPLICAS='7': must be an integer in [1, 5]"),
     ],
 )
 def test_gateway_settings_errors(env: dict[str, str], expected: str) -> None:
@@ -66,3 +71,15 @@ def test_node_store_bandwidth_prior() -> None:
     assert NodeSettings.from_env({"SLLM_STORE_BANDWIDTH": "125M"}).store_bandwidth == 125e6
     with pytest.raises(ValidationFailed, match="SLLM_STORE_BANDWIDTH='fast'"):
         NodeSettings.from_env({"SLLM_STORE_BANDWIDTH": "fast"})
+
+
+def test_nats_urls_are_a_list() -> None:
+    assert GatewaySettings.from_env({}).nats_urls == ("nats://127.0.0.1:4222",)
+    three = "nats://10.0.0.1:4222, nats://10.0.0.2:4222,nats://nats-2.nats:4222"
+    node = NodeSettings.from_env({"SLLM_NATS_URL": three})
+    assert node.nats_urls == (
+        "nats://10.0.0.1:4222",
+        "nats://10.0.0.2:4222",
+        "nats://nats-2.nats:4222",
+    )
+    assert GatewaySettings.from_env({"SLLM_NATS_REPLICAS": "3"}).nats_replicas == 3

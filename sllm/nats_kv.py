@@ -1,0 +1,218 @@
+"""The ``KeyValue`` port on JetStream KV (nats-py): a bucket that survives gateway restarts
+(file storage on the server) and, replicated on a cluster, the loss of a server.
+
+When an operation is retried, and when not:
+- NATS not connected (the server is down, or this client is moving to another server of the
+  cluster): waited for up to ``RECONNECT_GRACE_S`` (a move takes under a second), then
+  ``Unavailable`` at once, and nothing is sent later (the gateway's connection buffers nothing:
+  a write it gave up on must not land late, issue 14).
+- Connected, and JetStream says it cannot take it yet (503, no stream leader: a replicated
+  bucket answers nothing for 4-9 s after the server that led it is lost, while Raft elects
+  another): retried up to the bucket's ``retry_s`` (``KV_RETRY_S``); the write was not made.
+- No answer within ``KV_ATTEMPT_S``: reads, ``put`` and ``delete`` are retried (doing them
+  twice changes nothing); ``create`` and ``update`` are not, and raise ``Unavailable`` saying
+  the change may or may not have been made (a watch or a read then tells).
+- A revision condition that fails is ``StaleRevision`` (a ``Conflict``), never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+)
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import (
+    APIError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
+
+from sllm.bus import Entry, KvEntry
+from sllm.errors import StaleRevision, Unavailable
+
+if TYPE_CHECKING:
+    from sllm.nats_bus import NatsBus
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NOT_CONNECTED = "NATS is not connected (the server is down or unreachable)"
+# 15 s: a replicated stream whose leader's server is SIGKILLed takes writes again after 4.6 s
+# here (nats-server's Raft election timeout is 4-9 s); the worst case with margin.
+KV_RETRY_S = 15.0
+# One attempt's deadline: a request in flight on a connection that drops is never answered
+# (nats-py does not fail it on reconnect), so a short attempt retried beats its default 5 s.
+KV_ATTEMPT_S = 1.0
+# 2 s: a client whose server died is on another one of the cluster within a second (the socket
+# closes at once; nats-py tries the next server); longer is an outage, answered at once.
+RECONNECT_GRACE_S = 2.0
+# JetStream's "temporarily unavailable" answers: 503, and error 10008 (no leader yet).
+_RETRY_STATUS = (503,)
+_RETRY_ERR_CODES = (10008,)
+# Not sent at all (no connection, nobody to take it): retrying cannot make it happen twice.
+_NOT_SENT = (
+    NoRespondersError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    ConnectionReconnectingError,
+    OutboundBufferLimitError,
+    ConnectionClosedError,
+)
+
+
+def _not_taken(exc: Exception) -> bool:
+    """JetStream (or the connection) did not take the operation: safe to try again."""
+    if isinstance(exc, _NOT_SENT):
+        return True
+    return isinstance(exc, APIError) and (
+        exc.code in _RETRY_STATUS or exc.err_code in _RETRY_ERR_CODES
+    )
+
+
+async def retrying(
+    what: str,
+    op: Callable[[], Awaitable[T]],
+    bus: NatsBus,
+    retry_s: float,
+    *,
+    idempotent: bool = True,
+) -> T:
+    """Run ``op`` under the rules of the module docstring."""
+    deadline = time.monotonic() + retry_s
+    delay = 0.05
+    away_since: float | None = None
+    while True:
+        now = time.monotonic()
+        if not bus.nc.is_connected:
+            away_since = now if away_since is None else away_since
+            if now - away_since >= RECONNECT_GRACE_S:
+                raise Unavailable(f"{what}: {NOT_CONNECTED}")
+            await asyncio.sleep(0.05)
+            continue
+        away_since = None
+        try:
+            return await op()
+        except KeyWrongLastSequenceError as exc:
+            raise StaleRevision(f"{what}: the key moved on ({exc.description})") from None
+        except (TimeoutError, NatsTimeout):
+            if not idempotent:
+                raise Unavailable(
+                    f"{what}: JetStream did not answer in time; the change may or may not "
+                    "have been made"
+                ) from None
+            reason = "no answer in time"
+        except NatsError as exc:
+            if not _not_taken(exc):
+                raise Unavailable(f"{what}: {exc!r}") from None
+            reason = repr(exc)
+        if time.monotonic() + delay > deadline:
+            raise Unavailable(f"{what}: NATS did not take it for {retry_s:.0f}s ({reason})")
+        log.info("%s: retrying (%s)", what, reason)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+class NatsKeyValue:
+    # 1 s: how often a watch looks whether the connection came back meanwhile
+    WATCH_POLL_S = 1.0
+
+    def __init__(self, kv: Any, bucket: str, bus: NatsBus, retry_s: float = KV_RETRY_S) -> None:
+        self._kv = kv
+        self._bucket = bucket
+        self._bus = bus
+        self._retry_s = retry_s
+
+    async def _do(
+        self, what: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = True
+    ) -> T:
+        return await retrying(
+            f"kv {self._bucket}: {what}", op, self._bus, self._retry_s, idempotent=idempotent
+        )
+
+    async def entry(self, key: str) -> Entry | None:
+        async def op() -> Entry | None:
+            try:
+                found = await self._kv.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                return None
+            if found.value is None:
+                return None
+            return Entry(found.value, int(found.revision))
+
+        return await self._do(f"get {key}", op)
+
+    async def get(self, key: str) -> bytes | None:
+        found = await self.entry(key)
+        return None if found is None else found.value
+
+    async def put(self, key: str, value: bytes) -> int:
+        revision: int = await self._do(f"put {key}", lambda: self._kv.put(key, value))
+        return revision
+
+    async def create(self, key: str, value: bytes) -> int:
+        revision: int = await self._do(
+            f"create {key}", lambda: self._kv.create(key, value), idempotent=False
+        )
+        return revision
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        revision: int = await self._do(
+            f"update {key}", lambda: self._kv.update(key, value, last=last), idempotent=False
+        )
+        return revision
+
+    async def delete(self, key: str) -> None:
+        async def op() -> None:
+            try:
+                await self._kv.purge(key)
+            except KeyNotFoundError:
+                return
+
+        await self._do(f"delete {key}", op)
+
+    async def keys(self) -> list[str]:
+        async def op() -> list[str]:
+            try:
+                found: list[str] = await self._kv.keys()
+            except NoKeysError:
+                return []
+            return sorted(found)
+
+        return await self._do("keys", op)
+
+    async def watch(self) -> AsyncIterator[KvEntry | None]:
+        """See ``KeyValue.watch``. nats-py's watcher does not resume after the server
+        restarted (measured: silent from then on), so this one ends at a reconnect (to the
+        same server, or another of the cluster)."""
+        generation = self._bus.link.reconnects
+        watcher = await self._kv.watchall()
+        try:
+            while self._bus.link.reconnects == generation:
+                try:
+                    entry = await watcher.updates(timeout=self.WATCH_POLL_S)
+                except (TimeoutError, NatsTimeout):
+                    continue
+                if entry is None:
+                    yield None
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                yield KvEntry(entry.key, None if deleted else entry.value, entry.revision)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()

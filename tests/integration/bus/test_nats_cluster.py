@@ -1,0 +1,143 @@
+"""Three nats-servers in a cluster, JetStream replicas 3: a client given every URL does not see
+the loss of any one server. Each server is SIGKILLed in turn (the leader of the replicated
+bucket, the server the requesting client is on, the server the responding client is on), and
+started again, while KV writes and reads, request-reply and publish-subscribe run: no
+operation fails."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sllm.bus import Message
+from sllm.errors import StaleRevision
+from sllm.nats_bus import NatsBus, NatsKeyValue
+from sllm.servers import NatsCluster, nats_members, start_nats_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    cluster = start_nats_cluster(nats_members(tmp_path_factory.mktemp("cluster"), 3))
+    yield cluster
+    cluster.stop()
+
+
+@dataclass
+class Traffic:
+    """KV put+get, a request and a publish per round, each checked; failures recorded."""
+
+    requester: NatsBus
+    kv: NatsKeyValue
+    rounds: int = 0
+    failures: list[str] = field(default_factory=list)
+    received: int = 0
+    slowest_s: float = 0.0
+
+
+async def _run(traffic: Traffic, stop: asyncio.Event) -> None:
+    kv = traffic.kv
+    n = 0
+    while not stop.is_set():
+        n += 1
+        started = time.monotonic()
+        try:
+            await kv.put(f"fn.{n % 7}", str(n).encode())
+            assert await kv.get(f"fn.{n % 7}") == str(n).encode()
+            assert await traffic.requester.request("echo", b"%d" % n, 10.0) == b"%d" % n
+            await traffic.requester.publish("beat", b"%d" % n)
+        except Exception as exc:
+            traffic.failures.append(f"round {n}: {exc!r}")
+        traffic.slowest_s = max(traffic.slowest_s, time.monotonic() - started)
+        traffic.rounds += 1
+        await asyncio.sleep(0.02)
+
+
+async def _rounds_after(traffic: Traffic, count: int, timeout_s: float = 30.0) -> None:
+    target = traffic.rounds + count
+    deadline = time.monotonic() + timeout_s
+    while traffic.rounds < target:
+        assert time.monotonic() < deadline, f"traffic stalled: {traffic.failures[-3:]}"
+        await asyncio.sleep(0.05)
+
+
+def _index_of_port(cluster: NatsCluster, bus: NatsBus) -> int:
+    url = bus.nc.connected_url
+    assert url is not None
+    return [m.client_port for m in cluster.members].index(url.port)
+
+
+async def test_losing_any_one_server_is_invisible(cluster: NatsCluster, tmp_path: Path) -> None:
+    requester = await NatsBus.connect(cluster.urls, "requester")
+    responder = await NatsBus.connect(cluster.url, "responder")  # the comma-separated form
+    beats: list[bytes] = []
+
+    async def echo(msg: Message) -> bytes:
+        return msg.data
+
+    async def on_beat(msg: Message) -> None:
+        beats.append(msg.data)
+
+    await responder.subscribe("echo", echo)
+    await responder.subscribe("beat", on_beat)
+    kv = await requester.key_value("cluster_test", replicas=3)
+    js = requester.nc.jetstream()
+    info = await js.stream_info("KV_cluster_test")
+    assert info.config.num_replicas == 3
+    traffic = Traffic(requester, kv)
+    stop = asyncio.Event()
+    task = asyncio.create_task(_run(traffic, stop))
+    try:
+        await _rounds_after(traffic, 10)
+        names = [m.name for m in cluster.members]
+        for victim_of in ("bucket leader", "requester", "responder"):
+            if victim_of == "bucket leader":
+                leader = (await js.stream_info("KV_cluster_test")).cluster
+                assert leader is not None and leader.leader is not None
+                victim = names.index(leader.leader)
+            else:
+                victim = _index_of_port(
+                    cluster, requester if victim_of == "requester" else responder
+                )
+            cluster.servers[victim].process.send_signal(signal.SIGKILL)
+            cluster.servers[victim].process.wait()
+            before = len(beats)
+            await _rounds_after(traffic, 20)
+            assert len(beats) > before, f"no publish got through after killing {victim_of}'s server"
+            await asyncio.to_thread(cluster.restart, victim)
+            await _rounds_after(traffic, 10)
+    finally:
+        stop.set()
+        await task
+        await requester.close()
+        await responder.close()
+    assert traffic.failures == []
+    # A write waits out the bucket's Raft election (4-9 s) but never fails.
+    assert traffic.slowest_s < 15.0
+
+
+async def test_a_single_replica_bucket_follows_onto_the_cluster(cluster: NatsCluster) -> None:
+    """A registry made on one server (replicas 1) is moved to 3 replicas when opened so."""
+    bus = await NatsBus.connect(cluster.urls, "upgrade")
+    try:
+        kv = await bus.key_value("upgrade_test", replicas=1)
+        await kv.put("fn.chat", b"v1")
+        kv = await bus.key_value("upgrade_test", replicas=3)
+        info = await bus.nc.jetstream().stream_info("KV_upgrade_test")
+        assert info.config.num_replicas == 3
+        assert await kv.get("fn.chat") == b"v1"
+        revision = await kv.create("lease", b"a")
+        with pytest.raises(StaleRevision):
+            await kv.create("lease", b"b")
+        with pytest.raises(StaleRevision):
+            await kv.update("lease", b"b", revision - 1)
+        assert await kv.update("lease", b"b", revision) > revision
+    finally:
+        await bus.close()
