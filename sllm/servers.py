@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -221,11 +221,17 @@ def start_nats(
     port: int | None = None,
     timeout_s: float = 15.0,
     credentials: NatsCredentials | None = None,
+    *,
+    host: str = "127.0.0.1",
+    wrap: Sequence[str] = (),
 ) -> ManagedServer:
-    """nats-server with JetStream storing under ``data_dir`` (the registry survives restarts).
-    With ``credentials``, only their identities may connect, each limited to its role's
-    subjects (``sllm.nats_auth``); ``reload_nats`` applies identities added later."""
-    member = NatsMember("nats-server", data_dir, client_port=port or free_port())
+    """nats-server with JetStream storing under ``data_dir`` (the registry survives restarts),
+    on loopback or on ``host`` (``wrap``: see ``NatsMember``). With ``credentials``, only their
+    identities may connect, each limited to its role's subjects (``sllm.nats_auth``);
+    ``reload_nats`` applies identities added later."""
+    member = NatsMember(
+        "nats-server", data_dir, host, client_port=port or free_port(), wrap=tuple(wrap)
+    )
     server = _launch_nats(member, (), credentials)
     _wait_for_port(server, member.client_port, timeout_s)
     _wait_healthy(server, timeout_s)
@@ -341,12 +347,19 @@ RELOADED = "Reloaded server configuration"
 
 
 def start_seaweedfs(
-    data_dir: Path, s3_port: int | None = None, timeout_s: float = 60.0
+    data_dir: Path,
+    s3_port: int | None = None,
+    timeout_s: float = 60.0,
+    *,
+    host: str = "127.0.0.1",
+    wrap: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> ManagedServer:
-    """``weed mini``: master, volume, filer and S3 gateway in one process on loopback.
+    """``weed mini``: master, volume, filer and S3 gateway in one process, on loopback or on
+    ``host`` (with ``wrap`` running it on a host of a ``sllm.netns`` topology).
 
-    Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of the environment (the server
-    enforces them when both are set)."""
+    Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of ``env`` (default: this process's
+    environment); the server enforces them when both are set."""
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = {
         "s3": s3_port or free_port(),
@@ -356,11 +369,12 @@ def start_seaweedfs(
     }
     log_path = data_dir / "weed.log"
     cmd = [
+        *wrap,
         find_binary("weed"),
         "mini",
         f"-dir={data_dir}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip={host}",
+        f"-ip.bind={host}",
         "-master.telemetry=false",
         "-webdav=false",
         "-admin.ui=false",
@@ -373,8 +387,12 @@ def start_seaweedfs(
     ]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ)
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ if env is None else env),
         )
-    server = ManagedServer("seaweedfs", proc, log_path, ports)
+    server = ManagedServer("seaweedfs", proc, log_path, ports, host)
     _wait_for_port(server, ports["s3"], timeout_s)
     return server

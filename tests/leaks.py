@@ -9,7 +9,8 @@ down, it looks for what the tests added and did not remove:
   at the start and belong to this session: a tier names its cache directory, and this
   session's lie under its temporary directory. Other programs' entries, and tiers of another
   test session running at the same time (a second checkout), are not this session's;
-- open sockets of the test process.
+- open sockets of the test process;
+- network namespaces (``sllm.netns`` topologies) the test process made and did not remove.
 
 Each leak is named in the report, removed (processes killed, entries deleted) so nothing
 outlives the run, and the run fails. ``SLLM_LEAK_CHECK=0`` turns the check off (for a run that
@@ -115,6 +116,11 @@ def finish(baseline: Baseline, basetemp: Path) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+    from sllm import netns
+
+    for tag in netns.tags_of(os.getpid()):
+        problems.append(f"network topology left: {tag} ({', '.join(netns.namespaces(tag))})")
+        netns.remove(tag)
     gc.collect()  # sockets held only by garbage are closed by collecting it
     for conn in psutil.Process().net_connections(kind="all"):
         if conn.fd >= 0 and conn.fd not in baseline.sockets:
