@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sllm.settings import as_nats_urls
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[3]
@@ -45,29 +47,40 @@ def test_compose_config_validates() -> None:
     )
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)
-    assert {"nats", "s3", "gateway", "runtime"} <= set(rendered["services"])
+    expected = {"nats-0", "nats-1", "nats-2", "s3", "gateway-0", "gateway-1", "runtime"}
+    assert expected <= set(rendered["services"])
 
 
 def test_services_are_wired_together() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    for role in ("gateway", "runtime"):
+    nats = ["nats-0", "nats-1", "nats-2"]
+    for role in ("gateway-0", "gateway-1", "runtime"):
         service = services[role]
         dockerfile = REPO / "docker" / Path(service["build"]["dockerfile"]).name
         assert dockerfile.is_file(), dockerfile
         assert (REPO / "docker" / service["build"]["context"]).resolve() == REPO
         env = service["environment"]
-        assert env["SLLM_NATS_URL"] == "nats://nats:4222"
+        assert as_nats_urls(env["SLLM_NATS_URL"]) == tuple(f"nats://{n}:4222" for n in nats)
+        assert env["SLLM_NATS_REPLICAS"] == "3"
         assert env["SLLM_STORE_URL"].startswith("s3://")
         assert env["SLLM_S3_ENDPOINT"] == "http://s3:9000"
-        assert set(service["depends_on"]) == {"nats", "s3-init"}
-    assert "-js" in services["nats"]["command"]
+        assert set(service["depends_on"]) == {*nats, "s3-init"}
+    # both gateways published, on different host ports
+    ports = {services[g]["ports"][0] for g in ("gateway-0", "gateway-1")}
+    assert len(ports) == 2
+    routes = "nats://nats-0:6222,nats://nats-1:6222,nats://nats-2:6222"
+    for i, name in enumerate(nats):
+        command = services[name]["command"]
+        assert "-js" in command and command[command.index("--name") + 1] == f"nats-{i}"
+        assert command[command.index("--routes") + 1] == routes
     # NATS credentials come from secrets, each service only its own (docs/security.md)
-    nats = services["nats"]
-    assert nats["command"][-2:] == ["-c", "/run/secrets/nats-auth"]
-    assert nats["secrets"] == ["nats-auth"]
+    for name in nats:
+        assert services[name]["command"][-2:] == ["-c", "/run/secrets/nats-auth"]
+        assert services[name]["secrets"] == ["nats-auth"]
     assert compose["secrets"]["nats-auth"]["file"] == "./secrets/auth.conf"
-    for role, secret in (("gateway", "nats-gateway"), ("runtime", "nats-node-0")):
+    roles = (("gateway-0", "nats-gateway"), ("gateway-1", "nats-gateway"))
+    for role, secret in (*roles, ("runtime", "nats-node-0")):
         service = services[role]
         assert service["secrets"] == [secret]
         assert service["environment"]["SLLM_NATS_SEED_FILE"] == f"/run/secrets/{secret}"
