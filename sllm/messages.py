@@ -12,6 +12,8 @@ Subjects (DESIGN.md, "Wire contract"). Everything a node publishes is under its 
 - ``sllm.node.<node>.event``: InstanceEvent
 - ``sllm.node.<node>.logs.<function>``: LogLine
 - ``sllm.migration.<id>.*``: migration progress
+- ``sllm.gateway.load``: GatewayLoad (each gateway's in-flight counts, for the leader)
+- KV bucket ``sllm-lease``, key ``leader``: LeaseRecord (gateway.lease)
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ VERSION = 1
 HEARTBEATS = "sllm.node.*.heartbeat"
 EVENTS = "sllm.node.*.event"
 LOGS = "sllm.node.*.logs.*"
+# Gateways publish their in-flight counts here, for the leader (gateway.load_reports)
+GATEWAY_LOAD_SUBJECT = "sllm.gateway.load"
 
 
 def node_cmd_subject(node_id: str) -> str:
@@ -217,6 +221,32 @@ class LogLine:
     stream: str = "stderr"
 
 
+@dataclass(frozen=True)
+class FunctionLoad:
+    """Requests of one function at one gateway: proxied now, and waiting in its queue."""
+
+    in_flight: int
+    queued: int
+
+
+@dataclass(frozen=True)
+class GatewayLoad:
+    """A gateway's report to the leader (every ``report_s``, as Knative's activators report to
+    its autoscaler): ``functions`` with any request in flight or queued; ``seq`` grows by one per
+    report of this gateway, so the leader keeps only the newest."""
+
+    gateway_id: str
+    seq: int
+    functions: dict[str, FunctionLoad]
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The value of the leader lease: who holds it. Its revision in the bucket is the term."""
+
+    holder: str
+
+
 MESSAGE_TYPES: dict[str, type] = {
     "load": LoadCmd,
     "unload": UnloadCmd,
@@ -228,6 +258,8 @@ MESSAGE_TYPES: dict[str, type] = {
     "instance_event": InstanceEvent,
     "migration_progress": MigrationProgress,
     "log": LogLine,
+    "gateway_load": GatewayLoad,
+    "lease": LeaseRecord,
 }
 _NAMES = {cls: name for name, cls in MESSAGE_TYPES.items()}
 

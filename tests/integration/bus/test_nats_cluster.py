@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,16 +17,9 @@ import pytest
 from sllm.bus import Message
 from sllm.errors import StaleRevision
 from sllm.nats_bus import NatsBus, NatsKeyValue
-from sllm.servers import NatsCluster, nats_members, start_nats_cluster
+from sllm.servers import NatsCluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    cluster = start_nats_cluster(nats_members(tmp_path_factory.mktemp("cluster"), 3))
-    yield cluster
-    cluster.stop()
 
 
 @dataclass

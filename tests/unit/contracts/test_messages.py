@@ -10,8 +10,11 @@ from sllm.messages import (
     CacheEntryState,
     CmdReply,
     DeviceState,
+    FunctionLoad,
+    GatewayLoad,
     InstanceEvent,
     InstanceState,
+    LeaseRecord,
     LoadCmd,
     LogLine,
     MigrateCmd,
@@ -40,6 +43,8 @@ SAMPLES: list[object] = [
     InstanceEvent("ready", "i-1", "node-0", "chat", "http://h:1", tier="dram", load_s=0.2),
     LogLine("chat", "i-1", "node-0", "hello"),
     PrepareCmd("chat", {"spec": {"name": "chat"}, "requirements": "humanize\n"}),
+    GatewayLoad("gw-a", 7, {"chat": FunctionLoad(3, 1)}),
+    LeaseRecord("gw-a"),
 ]
 
 
