@@ -138,9 +138,7 @@ class NatsKeyValue:
         self._bus = bus
         self._retry_s = retry_s
 
-    async def _do(
-        self, what: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = True
-    ) -> T:
+    async def _do(self, what: str, op: Callable[[], Awaitable[T]], *, idempotent: bool = True) -> T:
         return await retrying(
             f"kv {self._bucket}: {what}", op, self._bus, self._retry_s, idempotent=idempotent
         )

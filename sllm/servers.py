@@ -261,11 +261,13 @@ class NatsCluster:
     def routes(self) -> list[str]:
         return [m.route for m in self.members]
 
-    def restart(self, i: int) -> None:
+    def restart(self, i: int) -> ManagedServer:
+        """Member ``i`` again (stopped first if it still runs), once it is healthy."""
         self.servers[i].stop()
         self.servers[i] = _launch_nats(self.members[i], self.routes(), self.credentials)
         _wait_for_port(self.servers[i], self.members[i].client_port, self.timeout_s)
         _wait_healthy(self.servers[i], self.timeout_s)
+        return self.servers[i]
 
     def reload(self) -> None:
         """Every running member re-reads its configuration (identities added since)."""

@@ -17,12 +17,18 @@ platform keeps its state across a restart: the registry is in JetStream on disk,
 in the node's cache directory and DRAM tier, the token in the home. Only a child that keeps
 crashing right after starting (6 times in a row) stops the rest and makes `sllm up` exit 1
 with the tail of its log.
+
+With ``--ha``, NATS is a cluster of three nats-servers (``$SLLM_HOME/nats-cluster/nats-<i>``)
+with JetStream replicas 3 for the gateway's buckets, their routes authenticated with a password
+kept beside the seeds; each member is supervised like the other children (losing one of three
+is invisible to the gateway and the node, which are given all three).
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import os
 import secrets
 import signal
@@ -40,7 +46,14 @@ from sllm.cli.app import Groups
 from sllm.client import ClientConfig, GatewayClient, config_path, write_config_file
 from sllm.errors import Conflict, Unavailable
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import ManagedServer, port_open, start_nats
+from sllm.servers import (
+    ManagedServer,
+    NatsCluster,
+    nats_members,
+    port_open,
+    start_nats,
+    start_nats_cluster,
+)
 from sllm.settings import ENVIRONMENT, home
 
 DEMO_FUNCTION = "smollm2-chat"
@@ -125,12 +138,15 @@ def child_env(
     token: str,
     cpu_slots: int | None,
     instances: str = "auto",
+    nats_replicas: int = 1,
 ) -> dict[str, str]:
-    """The environment of the gateway and the node (sllm.settings reads it)."""
+    """The environment of the gateway and the node (sllm.settings reads it). ``nats_url``: one
+    URL or several, comma-separated."""
     env = dict(base)
     env.update(
         SLLM_HOME=str(sllm_home),
         SLLM_NATS_URL=nats_url,
+        SLLM_NATS_REPLICAS=str(nats_replicas),
         SLLM_GATEWAY_HOST="127.0.0.1",
         SLLM_GATEWAY_PORT=str(port),
         SLLM_TOKEN=token,
@@ -190,6 +206,8 @@ class Platform:
     home: Path
     servers: list[ManagedServer] = field(default_factory=list)
     starters: dict[str, Callable[[], ManagedServer]] = field(default_factory=dict)
+    # --ha: the NATS cluster, whose members are also in ``servers``
+    cluster: NatsCluster | None = None
 
     def stop(self, out: IO[str]) -> None:
         """Node first (instances drain), then gateway, then NATS."""
@@ -197,6 +215,8 @@ class Platform:
             if server.alive():
                 print(f"stopping {server.name} ...", file=out, flush=True)
             server.stop(timeout_s=NODE_STOP_TIMEOUT_S if server.name == "node" else 10.0)
+        if self.cluster is not None:  # a member restarted while a signal came is stopped too
+            self.cluster.stop()
 
 
 def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform) -> None:
@@ -208,30 +228,44 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
             "--port"
         )
     # NATS refuses connections without credentials: the gateway and the node get their own
-    # NKeys, made on the first start and kept under the home (sllm.nats_auth)
+    # NKeys, made on the first start and kept under the home (sllm.nats_auth); with --ha the
+    # cluster's members also authenticate each other's routes (route.secret beside them)
     creds = NatsCredentials(sllm_home / "secrets" / "nats")
     node_id = os.environ.get("SLLM_NODE_ID") or ENVIRONMENT["SLLM_NODE_ID"][0]
     gateway_seed, node_seed = creds.gateway(), creds.node(node_id)
-    nats = start_nats(sllm_home / "nats", credentials=creds)
-    platform.servers.append(nats)
-    nats_port = nats.ports["client"]  # a restarted nats-server takes the same port
+    if args.ha:
+        cluster = start_nats_cluster(nats_members(sllm_home / "nats-cluster", 3), credentials=creds)
+        platform.cluster = cluster
+        platform.servers.extend(cluster.servers)
+        for i, member in enumerate(cluster.members):
+            # a member starts again with its name, ports and store, as a restarted pod would
+            platform.starters[member.name] = functools.partial(cluster.restart, i)
+        nats_url, replicas = cluster.url, 3
+    else:
+        nats = start_nats(sllm_home / "nats", credentials=creds)
+        platform.servers.append(nats)
+        nats_port = nats.ports["client"]  # a restarted nats-server takes the same port
+        platform.starters["nats-server"] = lambda: start_nats(
+            sllm_home / "nats", port=nats_port, credentials=creds
+        )
+        nats_url, replicas = f"nats://127.0.0.1:{nats_port}", 1
     env = child_env(
         dict(os.environ),
         sllm_home,
-        f"nats://127.0.0.1:{nats_port}",
+        nats_url,
         port,
         platform.token,
         args.cpu_slots,
         args.instances,
+        replicas,
     )
     logs = sllm_home / "logs"
     gateway_env = {**env, "SLLM_NATS_SEED_FILE": str(gateway_seed)}
     node_env = {**env, "SLLM_NATS_SEED_FILE": str(node_seed), "SLLM_NODE_ID": node_id}
-    platform.starters = {
-        "nats-server": lambda: start_nats(sllm_home / "nats", port=nats_port, credentials=creds),
-        "gateway": lambda: start_child("gateway", ["gateway", "start"], gateway_env, logs),
-        "node": lambda: start_child("node", ["node", "start"], node_env, logs),
-    }
+    platform.starters.update(
+        gateway=lambda: start_child("gateway", ["gateway", "start"], gateway_env, logs),
+        node=lambda: start_child("node", ["node", "start"], node_env, logs),
+    )
     platform.servers.append(platform.starters["gateway"]())
     platform.servers.append(platform.starters["node"]())
     client = GatewayClient(ClientConfig(platform.url, platform.token), timeout_s=5.0)
@@ -409,5 +443,10 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
         default=os.environ.get("SLLM_INSTANCES") or "auto",
         help="auto (default): each instance in its own container when podman is usable here "
         "(root), else child processes of the node",
+    )
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="NATS as a cluster of three (JetStream replicas 3; a dead member is restarted)",
     )
     p.set_defaults(func=cmd_up)

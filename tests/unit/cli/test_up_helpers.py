@@ -46,6 +46,15 @@ def test_children_read_their_settings_from_the_env(tmp_path: Path) -> None:
     # An explicit store (e.g. S3) is kept.
     s3 = up.child_env({"SLLM_STORE_URL": "s3://b/p"}, tmp_path, "nats://x:1", 1, "t", None)
     assert s3["SLLM_STORE_URL"] == "s3://b/p" and "SLLM_CPU_SLOTS" not in s3
+    assert gateway.nats_replicas == 1
+
+
+def test_ha_children_get_every_nats_server_and_three_replicas(tmp_path: Path) -> None:
+    urls = "nats://127.0.0.1:1,nats://127.0.0.1:2,nats://127.0.0.1:3"
+    env = up.child_env({}, tmp_path, urls, 18080, "tok", None, nats_replicas=3)
+    gateway = GatewaySettings.from_env(env)
+    assert len(gateway.nats_urls) == 3 and gateway.nats_replicas == 3
+    assert NodeSettings.from_env(env).nats_urls == gateway.nats_urls
 
 
 def test_a_child_dying_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
