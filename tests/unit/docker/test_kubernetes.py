@@ -1,4 +1,4 @@
-"""The Kubernetes manifests (deploy/kubernetes/) hold together, offline: every resource passes
+"""The Kubernetes manifests (docker/kubernetes/) hold together, offline: every resource passes
 the Kubernetes API's JSON schema (the ``kubernetes-validate`` package ships them; strict, so a
 misspelt field fails), and what the manifests say agrees with the code: probes on routes the
 gateway serves, variables the settings know, the NATS URLs a client accepts, a /dev/shm big
@@ -16,7 +16,7 @@ import yaml
 from sllm.settings import ENVIRONMENT, as_nats_urls
 from sllm.spec import parse_duration, parse_memory
 
-DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "kubernetes"
+DEPLOY = Path(__file__).resolve().parents[3] / "docker" / "kubernetes"
 MANIFESTS = ["config.yaml", "secrets.yaml", "gateway.yaml", "node.yaml"]
 # The oldest Kubernetes still widely run, and the newest the package knows.
 VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
