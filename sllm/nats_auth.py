@@ -33,12 +33,23 @@ GATEWAY_FILE = "gateway.nk"
 CONFIG_FILE = "auth.conf"
 ROUTE_FILE = "route.secret"
 
-# The gateway: commands to any node, JetStream (the registry and keys bucket), every node's
-# heartbeats, events and logs; request replies come back on its inbox.
+# The gateway: commands to any node, JetStream (the registry, keys and lease buckets), every
+# node's heartbeats, events and logs, the gateways' load reports to their leader
+# (gateway.load_reports); request replies come back on its inbox.
 GATEWAY_PERMISSIONS: dict[str, object] = {
-    "publish": {"allow": ["sllm.node.*.cmd", "$JS.API.>", "$JS.ACK.>", "$JS.FC.>", "$KV.>"]},
+    "publish": {
+        "allow": [
+            "sllm.node.*.cmd",
+            "sllm.gateway.load",
+            "$JS.API.>",
+            "$JS.ACK.>",
+            "$JS.FC.>",
+            "$KV.>",
+        ]
+    },
     "subscribe": {
         "allow": [
+            "sllm.gateway.load",
             "sllm.node.*.heartbeat",
             "sllm.node.*.event",
             "sllm.node.*.logs.>",

@@ -48,8 +48,8 @@ def _members(sllm_home: Path) -> dict[str, tuple[int, str]]:
     return found
 
 
-async def _replicas(urls: list[str]) -> int:
-    bus = await NatsBus.connect(urls, "ha-test")
+async def _replicas(urls: list[str], seed_file: Path) -> int:
+    bus = await NatsBus.connect(urls, "ha-test", seed_file=seed_file)
     try:
         info = await bus.nc.jetstream().stream_info("KV_sllm-functions")
         return int(info.config.num_replicas)
@@ -62,7 +62,11 @@ def test_up_ha_runs_a_nats_cluster_and_restarts_a_dead_member(ha: tuple[Up, Path
     members = _members(sllm_home)
     assert sorted(members) == ["nats-0", "nats-1", "nats-2"]
     urls = [url for _, url in members.values()]
-    assert asyncio.run(_replicas(urls)) == 3
+    # the cluster takes only the identities `sllm up` made (the gateway's here), and its
+    # members' routes authenticate with the route password beside them
+    creds = sllm_home / "secrets" / "nats"
+    assert asyncio.run(_replicas(urls, creds / "gateway.nk")) == 3
+    assert (creds / "route.secret").is_file()
     token = (sllm_home / "token").read_text().strip()
     auth = {"authorization": f"Bearer {token}"}
 

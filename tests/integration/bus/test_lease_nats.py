@@ -17,9 +17,15 @@ from gateway.leadership import LEASE_BUCKET, Leadership, open_lease_bucket
 from gateway.lease import LeaseConfig
 from sllm.clock import SystemClock
 from sllm.nats_bus import NatsBus
-from sllm.servers import NatsCluster
+from sllm.servers import NatsCluster, nats_client_env
 
 pytestmark = pytest.mark.integration
+
+
+def seed(cluster: NatsCluster, node_id: str | None = None) -> str:
+    """The gateway role's seed file (``node_id`` None), or node ``node_id``'s (added)."""
+    return nats_client_env(cluster, node_id)["SLLM_NATS_SEED_FILE"]
+
 
 CONFIG = LeaseConfig()  # the gateway's: ttl 3 s, renew 1 s, poll 0.5 s
 
@@ -73,8 +79,8 @@ class Watch:
             await asyncio.sleep(0.02)
 
 
-async def _gateway(urls: list[str] | str, name: str, replicas: int) -> Gw:
-    bus = await NatsBus.connect(urls, name)
+async def _gateway(cluster: NatsCluster, name: str, replicas: int) -> Gw:
+    bus = await NatsBus.connect(cluster.urls, name, seed_file=seed(cluster))
     kv = await open_lease_bucket(bus, replicas, CONFIG)
     return Gw(bus, Leadership(kv, name, SystemClock(), CONFIG))
 
@@ -82,9 +88,9 @@ async def _gateway(urls: list[str] | str, name: str, replicas: int) -> Gw:
 async def test_one_leader_takeover_after_a_silent_death_and_a_clean_handover(
     cluster: NatsCluster,
 ) -> None:
-    a = await _gateway(cluster.urls, "gw-a", 3)
-    b = await _gateway(cluster.urls, "gw-b", 3)
-    c = await _gateway(cluster.urls, "gw-c", 3)
+    a = await _gateway(cluster, "gw-a", 3)
+    b = await _gateway(cluster, "gw-b", 3)
+    c = await _gateway(cluster, "gw-c", 3)
     info = await a.bus.nc.jetstream().stream_info(f"KV_{LEASE_BUCKET}")
     assert info.config.num_replicas == 3 and info.config.max_age == CONFIG.ttl_s
     watch = Watch([a, b, c])
@@ -123,8 +129,8 @@ async def test_one_leader_takeover_after_a_silent_death_and_a_clean_handover(
 
 
 async def test_losing_the_server_that_leads_the_lease_bucket(cluster: NatsCluster) -> None:
-    a = await _gateway(cluster.urls, "gw-x", 3)
-    b = await _gateway(cluster.urls, "gw-y", 3)
+    a = await _gateway(cluster, "gw-x", 3)
+    b = await _gateway(cluster, "gw-y", 3)
     watch = Watch([a, b])
     watcher = asyncio.create_task(watch.run())
     a.start()

@@ -11,6 +11,7 @@ import pytest
 
 from sllm.bus import Message
 from sllm.errors import Unavailable
+from sllm.messages import GATEWAY_LOAD_SUBJECT
 from sllm.nats_auth import new_seed
 from sllm.nats_bus import NatsBus
 from sllm.servers import ManagedServer, nats_client_env
@@ -123,4 +124,31 @@ async def test_a_node_cannot_act_as_another(
         assert await asyncio.wait_for(at_a.get(), 5) == "sllm.node.bus-a.cmd"
     finally:
         for bus in (gateway, node_a, node_b):
+            await bus.close()
+
+
+async def test_gateways_share_load_reports_and_a_node_cannot_forge_one(
+    nats_server: ManagedServer, nats_url: str, nats_seed: str
+) -> None:
+    """The leader sums every gateway's in-flight counts (gateway.load_reports): gateways may
+    publish and read them; a node's identity may not publish one (it would steer scaling)."""
+    leader = await NatsBus.connect(nats_url, "gw-leader", seed_file=nats_seed)
+    other = await NatsBus.connect(nats_url, "gw-other", seed_file=nats_seed)
+    node = await NatsBus.connect(nats_url, "n", seed_file=node_seed(nats_server, "bus-load"))
+    seen: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def record(msg: Message) -> None:
+        await seen.put(msg.data)
+
+    try:
+        await leader.subscribe(GATEWAY_LOAD_SUBJECT, record)
+        await leader.nc.flush()
+        await node.publish(GATEWAY_LOAD_SUBJECT, b"forged")
+        # the flush's PONG means the server has handled the forged one (delivered or dropped),
+        # so if it let it through, the leader would receive it before the report sent next
+        await node.nc.flush()
+        await other.publish(GATEWAY_LOAD_SUBJECT, b"report")
+        assert await asyncio.wait_for(seen.get(), 5) == b"report"
+    finally:
+        for bus in (leader, other, node):
             await bus.close()

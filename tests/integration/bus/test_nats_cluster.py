@@ -1,14 +1,18 @@
-"""Three nats-servers in a cluster, JetStream replicas 3: a client given every URL does not see
-the loss of any one server. Each server is SIGKILLed in turn (the leader of the replicated
-bucket, the server the requesting client is on, the server the responding client is on), and
-started again, while KV writes and reads, request-reply and publish-subscribe run: no
-operation fails."""
+"""Three nats-servers in a cluster, JetStream replicas 3, with the platform's credentials: a
+client given every URL does not see the loss of any one server. Each server is SIGKILLed in
+turn (the leader of the replicated bucket, the server the gateway is on, the server the node
+is on), and started again, while KV writes and reads, request-reply (gateway to node) and
+publish-subscribe (node heartbeats) run: no operation fails. A server without the cluster's
+route password cannot join it."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +21,18 @@ import pytest
 from sllm.bus import Message
 from sllm.errors import StaleRevision
 from sllm.nats_bus import NatsBus, NatsKeyValue
-from sllm.servers import NatsCluster
+from sllm.servers import NatsCluster, find_binary, free_port, nats_client_env, stop_process
 
 pytestmark = pytest.mark.integration
+
+NODE = "cluster-n1"
+CMD = f"sllm.node.{NODE}.cmd"
+BEAT = f"sllm.node.{NODE}.heartbeat"
+
+
+def seed(cluster: NatsCluster, node_id: str | None = None) -> str:
+    """The gateway role's seed file (``node_id`` None), or node ``node_id``'s (added)."""
+    return nats_client_env(cluster, node_id)["SLLM_NATS_SEED_FILE"]
 
 
 @dataclass
@@ -27,6 +40,7 @@ class Traffic:
     """KV put+get, a request and a publish per round, each checked; failures recorded."""
 
     requester: NatsBus
+    publisher: NatsBus
     kv: NatsKeyValue
     rounds: int = 0
     failures: list[str] = field(default_factory=list)
@@ -43,8 +57,8 @@ async def _run(traffic: Traffic, stop: asyncio.Event) -> None:
         try:
             await kv.put(f"fn.{n % 7}", str(n).encode())
             assert await kv.get(f"fn.{n % 7}") == str(n).encode()
-            assert await traffic.requester.request("echo", b"%d" % n, 10.0) == b"%d" % n
-            await traffic.requester.publish("beat", b"%d" % n)
+            assert await traffic.requester.request(CMD, b"%d" % n, 10.0) == b"%d" % n
+            await traffic.publisher.publish(BEAT, b"%d" % n)
         except Exception as exc:
             traffic.failures.append(f"round {n}: {exc!r}")
         traffic.slowest_s = max(traffic.slowest_s, time.monotonic() - started)
@@ -67,8 +81,9 @@ def _index_of_port(cluster: NatsCluster, bus: NatsBus) -> int:
 
 
 async def test_losing_any_one_server_is_invisible(cluster: NatsCluster, tmp_path: Path) -> None:
-    requester = await NatsBus.connect(cluster.urls, "requester")
-    responder = await NatsBus.connect(cluster.url, "responder")  # the comma-separated form
+    requester = await NatsBus.connect(cluster.urls, "requester", seed_file=seed(cluster))
+    # the comma-separated form
+    responder = await NatsBus.connect(cluster.url, "responder", seed_file=seed(cluster, NODE))
     beats: list[bytes] = []
 
     async def echo(msg: Message) -> bytes:
@@ -77,13 +92,13 @@ async def test_losing_any_one_server_is_invisible(cluster: NatsCluster, tmp_path
     async def on_beat(msg: Message) -> None:
         beats.append(msg.data)
 
-    await responder.subscribe("echo", echo)
-    await responder.subscribe("beat", on_beat)
+    await responder.subscribe(CMD, echo)
+    await requester.subscribe(BEAT, on_beat)
     kv = await requester.key_value("cluster_test", replicas=3)
     js = requester.nc.jetstream()
     info = await js.stream_info("KV_cluster_test")
     assert info.config.num_replicas == 3
-    traffic = Traffic(requester, kv)
+    traffic = Traffic(requester, responder, kv)
     stop = asyncio.Event()
     task = asyncio.create_task(_run(traffic, stop))
     try:
@@ -117,7 +132,7 @@ async def test_losing_any_one_server_is_invisible(cluster: NatsCluster, tmp_path
 
 async def test_a_single_replica_bucket_follows_onto_the_cluster(cluster: NatsCluster) -> None:
     """A registry made on one server (replicas 1) is moved to 3 replicas when opened so."""
-    bus = await NatsBus.connect(cluster.urls, "upgrade")
+    bus = await NatsBus.connect(cluster.urls, "upgrade", seed_file=seed(cluster))
     try:
         kv = await bus.key_value("upgrade_test", replicas=1)
         await kv.put("fn.chat", b"v1")
@@ -133,3 +148,41 @@ async def test_a_single_replica_bucket_follows_onto_the_cluster(cluster: NatsClu
         assert await kv.update("lease", b"b", revision) > revision
     finally:
         await bus.close()
+
+
+def _route_refusals(cluster: NatsCluster) -> int:
+    """Route connections the members refused (nats-server logs "rid:N - authentication error")."""
+    return sum(
+        1
+        for server in cluster.servers
+        for line in server.log_path.read_text(errors="replace").splitlines()
+        if " rid:" in line and "authentication error" in line
+    )
+
+
+def test_a_server_without_the_route_password_cannot_join(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """Routes carry everything (every message, JetStream's Raft traffic): a nats-server that
+    knows where the cluster is but not its route password is refused by every member."""
+    before = _route_refusals(cluster)
+    http_port = free_port()
+    cmd = [
+        find_binary("nats-server"),
+        "-a", "127.0.0.1", "-p", str(free_port()), "-m", str(http_port), "-n", "rogue",
+        "--cluster_name", "sllm", "--cluster", f"nats://127.0.0.1:{free_port()}",
+        "--routes", ",".join(cluster.routes()),
+    ]  # fmt: skip
+    log = tmp_path / "rogue.log"
+    with open(log, "wb") as out:
+        rogue = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15.0
+        while _route_refusals(cluster) < before + len(cluster.servers):
+            assert rogue.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the members never refused the rogue's routes"
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/routez", timeout=5) as resp:
+            assert json.load(resp)["num_routes"] == 0
+    finally:
+        stop_process(rogue)

@@ -21,9 +21,10 @@ import pytest
 
 from sllm import netns
 from sllm.bus import Message
+from sllm.instance_auth import auth_header
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
+    EVENTS,
+    HEARTBEATS,
     CmdReply,
     InstanceEvent,
     LoadCmd,
@@ -33,8 +34,15 @@ from sllm.messages import (
     encode,
     node_cmd_subject,
 )
+from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import ManagedServer, start_nats, start_seaweedfs, stop_process
+from sllm.servers import (
+    ManagedServer,
+    nats_client_env,
+    start_nats,
+    start_seaweedfs,
+    stop_process,
+)
 from sllm.spec import FunctionRecord, FunctionSpec
 from tests.integration.hosts.conftest import MakeTopology
 
@@ -50,7 +58,8 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "hosts-test", "AWS_SECRET_ACCESS_KEY": "hosts-sec
 @dataclass
 class World:
     topo: netns.Topology
-    nats_url: str
+    # the gateway role's SLLM_NATS_URL and SLLM_NATS_SEED_FILE: the test acts as the gateway
+    gateway_env: dict[str, str]
     checkpoint_bytes: int
     node: subprocess.Popen[bytes]
     node_log: Path
@@ -81,7 +90,13 @@ def world(make_topology: MakeTopology, tmp_path_factory: pytest.TempPathFactory)
             env={**os.environ, **S3_ENV},
         )
         servers.append(s3)
-        nats = start_nats(root / "nats", 4222, host=nats_host.address, wrap=nats_host.wrap)
+        nats = start_nats(
+            root / "nats",
+            4222,
+            credentials=NatsCredentials(root / "nats-creds"),
+            host=nats_host.address,
+            wrap=nats_host.wrap,
+        )
         servers.append(nats)
         # ~17 MB: 3.4 s at 5 MB/s, well apart from an unshaped pull (~0.1 s here)
         config = TinyConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
@@ -100,7 +115,7 @@ def world(make_topology: MakeTopology, tmp_path_factory: pytest.TempPathFactory)
             **store_env,
             "SLLM_NODE_ID": "node-a",
             "SLLM_NODE_HOST": node_host.address,
-            "SLLM_NATS_URL": f"nats://{nats_host.address}:4222",
+            **nats_client_env(nats, "node-a"),
             "SLLM_CACHE_DIR": str(root / "cache"),
             "SLLM_CPU_SLOTS": "1",
             "SLLM_POOL_SIZE": "1",
@@ -124,7 +139,7 @@ def world(make_topology: MakeTopology, tmp_path_factory: pytest.TempPathFactory)
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        yield World(topo, f"nats://{nats_host.address}:4222", index.total_bytes, node, log_path)
+        yield World(topo, nats_client_env(nats), index.total_bytes, node, log_path)
     finally:
         if node is not None:
             stop_process(node, 30)
@@ -163,7 +178,10 @@ def _make_bucket(env: dict[str, str], name: str) -> None:
 
 
 async def test_a_node_pulls_a_checkpoint_over_its_shaped_link(world: World) -> None:
-    bus = await NatsBus.connect(world.nats_url, "hosts-test")
+    env = world.gateway_env
+    bus = await NatsBus.connect(
+        env["SLLM_NATS_URL"], "hosts-test", seed_file=env["SLLM_NATS_SEED_FILE"]
+    )
     events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
     beats: asyncio.Queue[NodeHeartbeat] = asyncio.Queue()
 
@@ -173,8 +191,8 @@ async def test_a_node_pulls_a_checkpoint_over_its_shaped_link(world: World) -> N
     async def on_beat(msg: Message) -> None:
         await beats.put(decode_as(msg.data, NodeHeartbeat))
 
-    await bus.subscribe(EVENT_SUBJECT, on_event)
-    await bus.subscribe(HEARTBEAT_SUBJECT, on_beat)
+    await bus.subscribe(EVENTS, on_event)
+    await bus.subscribe(HEARTBEATS, on_beat)
     try:
         first = await asyncio.wait_for(beats.get(), 120)
         assert first.bandwidths["store"] == SEED_BW
@@ -198,7 +216,9 @@ async def test_a_node_pulls_a_checkpoint_over_its_shaped_link(world: World) -> N
         # The instance listens on the node host's address, reached over the bridge.
         assert event.address is not None and world.topo["node-a"].address in event.address
         async with httpx.AsyncClient() as client:
-            health = await client.get(f"{event.address}/healthz", timeout=10)
+            health = await client.get(
+                f"{event.address}/healthz", headers=auth_header(event.secret), timeout=10
+            )
         assert health.status_code == 200
         await bus.request(node_cmd_subject("node-a"), encode(UnloadCmd("hosts-i1", 1.0)), 10)
     finally:

@@ -20,8 +20,6 @@ DEPLOY = Path(__file__).resolve().parents[3] / "docker" / "kubernetes"
 MANIFESTS = ["config.yaml", "secrets.yaml", "gateway.yaml", "node.yaml"]
 # The oldest Kubernetes still widely run, and the newest the package knows.
 VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
-# Read by the NATS credentials of issue 18 (NKeys), not on this branch yet.
-PENDING_SETTINGS = {"SLLM_NATS_SEED_FILE"}
 
 
 def _docs(name: str) -> list[dict[str, Any]]:
@@ -92,7 +90,7 @@ def _env_names(container: dict[str, Any]) -> set[str]:
 )
 def test_every_variable_is_a_setting(kind: str, name: str) -> None:
     names = _env_names(_container(_one(kind, name)))
-    unknown = {n for n in names if n not in ENVIRONMENT} - PENDING_SETTINGS
+    unknown = {n for n in names if n not in ENVIRONMENT}
     assert unknown == set()
 
 
