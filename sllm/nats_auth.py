@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import nkeys
 
@@ -32,6 +34,7 @@ from sllm.spec import validate_name
 GATEWAY_FILE = "gateway.nk"
 CONFIG_FILE = "auth.conf"
 ROUTE_FILE = "route.secret"
+CLUSTER_FILE = "cluster.conf"
 
 # The gateway: commands to any node, JetStream (the registry, keys and lease buckets), every
 # node's heartbeats, events and logs, the gateways' load reports to their leader
@@ -71,6 +74,36 @@ def node_permissions(node_id: str) -> dict[str, object]:
         "subscribe": {"allow": [f"{own}.cmd"]},
         "allow_responses": True,
     }
+
+
+# the user name routes authenticate as (the password is the cluster's secret)
+ROUTE_USER = "sllm-route"
+
+
+def cluster_block(
+    name: str, listen: str, routes: Sequence[str], credentials: NatsCredentials | None
+) -> str:
+    """nats-server's ``cluster`` block: listen for routes on ``listen`` and solicit ``routes``
+    (every member's route URL, its own included: nats-server skips itself). With
+    ``credentials``, routes must give the cluster's route password, and these give it."""
+    auth = ""
+    if credentials is not None:
+        password = credentials.route_password()
+        auth = (
+            f"authorization {{ user: {json.dumps(ROUTE_USER)}, "
+            f"password: {json.dumps(password)} }}, "
+        )
+        routes = [_with_user(r, ROUTE_USER, password) for r in routes]
+    quoted = ", ".join(json.dumps(r) for r in routes)
+    return (
+        f"cluster {{ name: {json.dumps(name)}, listen: {json.dumps(listen)}, "
+        f"{auth}routes: [{quoted}] }}"
+    )
+
+
+def _with_user(url: str, user: str, password: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
 
 
 def new_seed() -> str:
@@ -147,6 +180,24 @@ class NatsCredentials:
     def _make_directory(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
+
+    def write_cluster_config(
+        self, routes: Sequence[str], listen: str = "0.0.0.0:6222", name: str = "sllm"
+    ) -> Path:
+        """``cluster.conf`` beside ``auth.conf``, for every member of a cluster run from one
+        config (compose, ``nats-server -c cluster.conf --name nats-<i>``): it includes the
+        authorization and holds the cluster block with the route password, so it is as secret
+        as a seed."""
+        self.write_config()
+        text = (
+            "# made by sllm (sllm/nats_auth.py): holds the route password, keep it secret\n"
+            f"include {json.dumps(CONFIG_FILE)}\n"
+            + cluster_block(name, listen, routes, self)
+            + "\n"
+        )
+        path = self.directory / CLUSTER_FILE
+        _write_private(path, text)
+        return path
 
     def write_config(self) -> Path:
         self._make_directory()

@@ -21,10 +21,9 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 from sllm.errors import Unavailable
-from sllm.nats_auth import GATEWAY_FILE, NatsCredentials, node_file
+from sllm.nats_auth import GATEWAY_FILE, NatsCredentials, cluster_block, node_file
 
 
 def free_port() -> int:
@@ -152,29 +151,9 @@ def nats_config(
         auth = os.path.relpath(credentials.write_config(), member.data_dir)
         lines.append(f"include {json.dumps(auth)}")
     if routes:
-        route_auth = ""
-        if credentials is not None:
-            password = credentials.route_password()
-            route_auth = (
-                f"authorization {{ user: {json.dumps(ROUTE_USER)}, "
-                f"password: {json.dumps(password)} }}, "
-            )
-            routes = [_with_user(r, ROUTE_USER, password) for r in routes]
-        quoted = ", ".join(json.dumps(r) for r in routes)
-        lines.append(
-            f'cluster {{ name: "{cluster}", listen: "{member.host}:{member.cluster_port}", '
-            f"{route_auth}routes: [{quoted}] }}"
-        )
+        listen = f"{member.host}:{member.cluster_port}"
+        lines.append(cluster_block(cluster, listen, routes, credentials))
     return "\n".join(lines) + "\n"
-
-
-# the user name routes authenticate as (the password is the cluster's secret)
-ROUTE_USER = "sllm-route"
-
-
-def _with_user(url: str, user: str, password: str) -> str:
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
 
 
 def _launch_nats(

@@ -69,16 +69,20 @@ def test_services_are_wired_together() -> None:
     # both gateways published, on different host ports
     ports = {services[g]["ports"][0] for g in ("gateway-0", "gateway-1")}
     assert len(ports) == 2
-    routes = "nats://nats-0:6222,nats://nats-1:6222,nats://nats-2:6222"
     for i, name in enumerate(nats):
         command = services[name]["command"]
         assert "-js" in command and command[command.index("--name") + 1] == f"nats-{i}"
-        assert command[command.index("--routes") + 1] == routes
-    # NATS credentials come from secrets, each service only its own (docs/security.md)
-    for name in nats:
-        assert services[name]["command"][-2:] == ["-c", "/run/secrets/nats-auth"]
-        assert services[name]["secrets"] == ["nats-auth"]
+        # the cluster (routes, their password) and the authorization come from secrets; a
+        # --cluster or --routes flag would override them (a --cluster URL without a user even
+        # clears the route password: nats-server's overrideCluster)
+        assert command[-2:] == ["-c", "/run/secrets/cluster.conf"]
+        assert not {"--cluster", "--routes"} & set(command)
+        assert services[name]["secrets"] == [
+            {"source": "nats-auth", "target": "auth.conf"},
+            {"source": "nats-cluster", "target": "cluster.conf"},
+        ]
     assert compose["secrets"]["nats-auth"]["file"] == "./secrets/auth.conf"
+    assert compose["secrets"]["nats-cluster"]["file"] == "./secrets/cluster.conf"
     roles = (("gateway-0", "nats-gateway"), ("gateway-1", "nats-gateway"))
     for role, secret in (*roles, ("runtime", "nats-node-0")):
         service = services[role]

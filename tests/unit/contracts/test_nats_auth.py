@@ -6,8 +6,10 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
+
 from sllm.cli.main import main
-from sllm.nats_auth import NatsCredentials, public_key
+from sllm.nats_auth import ROUTE_USER, NatsCredentials, public_key
 
 
 def test_seeds_are_private_and_the_config_holds_public_keys_only(tmp_path: Path) -> None:
@@ -32,3 +34,30 @@ def test_sllm_nats_creds_adds_nodes(tmp_path: Path, capsys: object) -> None:
     assert (tmp_path / "gateway.nk").read_text() == first
     assert {p.name for p in tmp_path.glob("*.nk")} == {"gateway.nk", "node-a.nk", "node-b.nk"}
     assert (tmp_path / "auth.conf").read_text().count("nkey:") == 3
+
+
+def test_sllm_nats_creds_routes_writes_a_secret_cluster_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    routes = "nats://nats-0:6222,nats://nats-1:6222"
+    assert main(["nats", "creds", str(tmp_path), "--routes", routes]) == 0
+    cluster = tmp_path / "cluster.conf"
+    text = cluster.read_text()
+    password = (tmp_path / "route.secret").read_text().strip()
+    assert len(password) >= 40 and stat.S_IMODE(cluster.stat().st_mode) == 0o600
+    assert 'include "auth.conf"' in text and '"0.0.0.0:6222"' in text
+    assert f'user: "{ROUTE_USER}", password: "{password}"' in text
+    for host in ("nats-0", "nats-1"):
+        assert f'"nats://{ROUTE_USER}:{password}@{host}:6222"' in text
+    assert password not in capsys.readouterr().out
+    # kept on a second run, so members configured before and after agree
+    assert main(["nats", "creds", str(tmp_path), "--routes", routes]) == 0
+    assert (tmp_path / "route.secret").read_text().strip() == password
+
+
+def test_sllm_nats_creds_refuses_bad_routes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["nats", "creds", str(tmp_path / "c"), "--routes", "nats-0:6222"]) != 0
+    assert "--routes" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

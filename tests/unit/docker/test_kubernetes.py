@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from sllm.nats_auth import ROUTE_USER
 from sllm.settings import ENVIRONMENT, as_nats_urls
 from sllm.spec import parse_duration, parse_memory
 
@@ -105,6 +106,8 @@ def test_nats_urls_name_the_three_servers_of_the_chart() -> None:
     store = values["config"]["jetstream"]["fileStore"]
     assert values["config"]["jetstream"]["enabled"] and store["enabled"] and store["pvc"]["enabled"]
     assert "auth.conf" in values["configMap"]["merge"]["data"]
+    # routes authenticate as the user sllm's own clusters use (sllm.nats_auth)
+    assert cluster["routeURLs"]["user"] == ROUTE_USER and cluster["routeURLs"]["password"]
 
 
 def test_nodes_own_their_gpus_and_caches() -> None:
