@@ -14,6 +14,7 @@ Subjects (DESIGN.md, "Wire contract"). Everything a node publishes is under its 
 - ``sllm.migration.<id>.*``: migration progress
 - ``sllm.gateway.load``: GatewayLoad (each gateway's in-flight counts, for the leader)
 - KV bucket ``sllm-lease``, key ``leader``: LeaseRecord (gateway.lease)
+- KV bucket ``sllm-scale``: ScaleRecord, StartRecord (gateway.scale_state)
 """
 
 from __future__ import annotations
@@ -247,6 +248,28 @@ class LeaseRecord:
     holder: str
 
 
+@dataclass(frozen=True)
+class ScaleRecord:
+    """A function's desired instance count as the leader last decided it (gateway.scale_state);
+    ``term``: the leader's lease term when it wrote it."""
+
+    desired: int
+    term: int
+
+
+@dataclass(frozen=True)
+class StartRecord:
+    """A load the leader is sending, kept until a heartbeat or event shows the instance, so a
+    gateway that takes over counts it instead of starting another (gateway.scale_state)."""
+
+    instance_id: str
+    function: str
+    node: str
+    device: str
+    revision: int
+    term: int
+
+
 MESSAGE_TYPES: dict[str, type] = {
     "load": LoadCmd,
     "unload": UnloadCmd,
@@ -260,6 +283,8 @@ MESSAGE_TYPES: dict[str, type] = {
     "log": LogLine,
     "gateway_load": GatewayLoad,
     "lease": LeaseRecord,
+    "scale": ScaleRecord,
+    "start": StartRecord,
 }
 _NAMES = {cls: name for name, cls in MESSAGE_TYPES.items()}
 
