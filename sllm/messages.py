@@ -13,6 +13,7 @@ Subjects (DESIGN.md, "Wire contract"). Everything a node publishes is under its 
 - ``sllm.node.<node>.logs.<function>``: LogLine
 - ``sllm.migration.<id>.*``: migration progress
 - ``sllm.gateway.load``: GatewayLoad (each gateway's in-flight counts, for the leader)
+- ``sllm.gateway.scale``: ScaleRequest -> CmdReply (a manual scale, to the leader)
 - KV bucket ``sllm-lease``, key ``leader``: LeaseRecord (gateway.lease)
 - KV bucket ``sllm-scale``: ScaleRecord, StartRecord (gateway.scale_state)
 """
@@ -37,6 +38,8 @@ EVENTS = "sllm.node.*.event"
 LOGS = "sllm.node.*.logs.*"
 # Gateways publish their in-flight counts here, for the leader (gateway.load_reports)
 GATEWAY_LOAD_SUBJECT = "sllm.gateway.load"
+# A gateway that does not lead hands a manual scale to the one that does (gateway.peers)
+GATEWAY_SCALE_SUBJECT = "sllm.gateway.scale"
 
 
 def node_cmd_subject(node_id: str) -> str:
@@ -249,6 +252,15 @@ class LeaseRecord:
 
 
 @dataclass(frozen=True)
+class ScaleRequest:
+    """``/system/scale`` received by a gateway that does not lead, for the leader to apply;
+    answered with a CmdReply."""
+
+    function: str
+    replicas: int
+
+
+@dataclass(frozen=True)
 class ScaleRecord:
     """A function's desired instance count as the leader last decided it (gateway.scale_state);
     ``term``: the leader's lease term when it wrote it."""
@@ -283,6 +295,7 @@ MESSAGE_TYPES: dict[str, type] = {
     "log": LogLine,
     "gateway_load": GatewayLoad,
     "lease": LeaseRecord,
+    "scale_request": ScaleRequest,
     "scale": ScaleRecord,
     "start": StartRecord,
 }

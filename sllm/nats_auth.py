@@ -37,13 +37,14 @@ ROUTE_FILE = "route.secret"
 CLUSTER_FILE = "cluster.conf"
 
 # The gateway: commands to any node, JetStream (the registry, keys and lease buckets), every
-# node's heartbeats, events and logs, the gateways' load reports to their leader
-# (gateway.load_reports); request replies come back on its inbox.
+# node's heartbeats, events and logs, what gateways tell each other (sllm.gateway.>: load
+# reports and manual scales for the leader, gateway.peers); request replies come back on its
+# inbox.
 GATEWAY_PERMISSIONS: dict[str, object] = {
     "publish": {
         "allow": [
             "sllm.node.*.cmd",
-            "sllm.gateway.load",
+            "sllm.gateway.>",
             "$JS.API.>",
             "$JS.ACK.>",
             "$JS.FC.>",
@@ -52,7 +53,7 @@ GATEWAY_PERMISSIONS: dict[str, object] = {
     },
     "subscribe": {
         "allow": [
-            "sllm.gateway.load",
+            "sllm.gateway.>",
             "sllm.node.*.heartbeat",
             "sllm.node.*.event",
             "sllm.node.*.logs.>",
