@@ -7,6 +7,9 @@ unbuffered.
   answer): an event stream ends with an ``error`` event, a JSON answer is cut short.
 - The in-flight count taken by the dispatcher is given back when the body is finished or the
   client goes away.
+- When the gateway is stopping (SIGTERM, ``streams_end`` set once its grace has passed), an
+  event stream still running ends with a ``gateway_stopping`` error event at its next chunk,
+  rather than being cut without a word when the process exits.
 - A client that disconnects while its answer is not ready yet (queued for a cold start, or
   waiting for a JSON answer, which comes back whole at the end of the generation) drops the
   exchange when the caller passes its ASGI ``receive``: the instance connection is closed, and
@@ -94,6 +97,8 @@ class InstanceProxy:
         self._dispatcher = dispatcher
         self._clock = clock
         self._metrics = metrics
+        # set when a stopping gateway's grace for streams is over (GatewayService.begin_stop)
+        self.streams_end = asyncio.Event()
 
     async def open(
         self,
@@ -197,6 +202,13 @@ class InstanceProxy:
             )
             async for chunk in follow_moves(upstream.first, upstream.rest, resume):
                 yield chunk
+                if self.streams_end.is_set() and upstream.is_stream:
+                    log.info(
+                        "stream ended: gateway stopping function=%s instance=%s",
+                        upstream.instance.function, upstream.instance.instance_id,
+                    )  # fmt: skip
+                    yield sse(STOPPING_ERROR)
+                    return
         except (UpstreamError, httpx.TransportError) as exc:
             log.warning(
                 "stream broke function=%s instance=%s error=%r",
@@ -218,6 +230,15 @@ class InstanceProxy:
                 self._clock.now() - upstream.started
             )
         await upstream.response.aclose()
+
+
+STOPPING_ERROR = {
+    "error": {
+        "code": "gateway_stopping",
+        "message": "this gateway is shutting down and its grace for streams is over: send the "
+        "request again (another gateway serves it)",
+    }
+}
 
 
 def broken_stream_error(upstream: Upstream, exc: Exception) -> dict[str, object]:

@@ -119,8 +119,10 @@ class GatewayService:
         )  # fmt: skip
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.registry.load()
         await self.fits.load()
         self._subs = [
@@ -132,6 +134,18 @@ class GatewayService:
         log.info(
             "gateway started functions=%d policy=%s", len(self.registry.all()), self.settings.policy
         )
+
+    def begin_stop(self, grace_s: float) -> None:
+        """SIGTERM: the server stops accepting connections and lets the requests in flight
+        finish; event streams still running after ``grace_s`` end with an error event
+        (InstanceProxy.streams_end), so their clients can tell them from a finished answer.
+        Safe to call from a signal handler (it only wakes the event loop)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping, grace_s)
+
+    def _stopping(self, grace_s: float) -> None:
+        log.info("gateway stopping: streams still running end in %.1fs", grace_s)
+        asyncio.get_running_loop().call_later(grace_s, self.proxy.streams_end.set)
 
     async def stop(self) -> None:
         if self._loop_task is not None:

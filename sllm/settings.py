@@ -73,6 +73,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_QUEUE_SIZE": ("64", "cold-start queue capacity per function"),
     "SLLM_WAKE_TIMEOUT": ("300s", "how long a cold start may take before queued requests get 503"),
     "SLLM_REQUEST_TIMEOUT": ("600s", "upper bound on one proxied request"),
+    "SLLM_SHUTDOWN_GRACE": (
+        "20s",
+        "on SIGTERM the gateway stops accepting connections and lets requests in flight finish; "
+        "streams still running after this long end with a gateway_stopping error event",
+    ),
     "SLLM_POLICY": ("locality+migration", "placement policy"),
     "SLLM_SCALE_DOWN_WINDOW": ("30s", "how long load must stay lower before scaling down"),
     "SLLM_NODE_TIMEOUT": (
@@ -269,6 +274,7 @@ class GatewaySettings:
     nats_seed_file: str = ""
     node_timeout_s: float = 10.0
     nats_replicas: int = 1
+    shutdown_grace_s: float = 20.0
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -293,4 +299,5 @@ class GatewaySettings:
             node_timeout_s=_parse(env, "SLLM_NODE_TIMEOUT", as_seconds),
             # 5: the most replicas JetStream keeps of a stream
             nats_replicas=_parse(env, "SLLM_NATS_REPLICAS", int_in(1, 5)),
+            shutdown_grace_s=_parse(env, "SLLM_SHUTDOWN_GRACE", as_seconds),
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from types import FrameType
 
 from sllm.cli.app import Groups, group
 from sllm.errors import Unavailable, ValidationFailed
@@ -62,6 +63,10 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return settings
 
 
+# seconds past the grace before uvicorn cancels what still runs after SIGTERM
+STOP_BACKSTOP_S = 5
+
+
 def start_gateway(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -87,15 +92,30 @@ async def _serve(settings: GatewaySettings, log_level: str) -> None:
     async def connected(_: GatewaySettings) -> tuple[Bus, KeyValue]:
         return bus, kv
 
+    app = create_app(settings, connect=connected)
     config = uvicorn.Config(
-        create_app(settings, connect=connected),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         access_log=False,
         lifespan="on",
+        # the backstop: what still runs this long after SIGTERM is cancelled (streams have
+        # ended with an error event at the grace already)
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + STOP_BACKSTOP_S,
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        """On SIGTERM/SIGINT uvicorn stops accepting connections and waits for the requests
+        in flight; the gateway is told too, so it can end long streams with an error event."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            gateway = getattr(app.state, "gateway", None)
+            if gateway is not None and not self.should_exit:
+                gateway.begin_stop(settings.shutdown_grace_s)
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     await server.serve()
     if not server.started:
         raise Unavailable(f"the gateway could not start on {settings.host}:{settings.port}")

@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from sllm.cli.gateway import STOP_BACKSTOP_S
 from sllm.nats_auth import ROUTE_USER
 from sllm.settings import ENVIRONMENT, as_nats_urls
 from sllm.spec import parse_duration, parse_memory
@@ -74,6 +75,12 @@ def test_gateways_are_replicated_behind_a_service_with_health_probes() -> None:
     assert container["ports"][0]["containerPort"] == 8080
     budget = _one("PodDisruptionBudget", "sllm-gateway")
     assert budget["spec"]["minAvailable"] >= 1
+    # a stopping gateway ends its streams with an error event before Kubernetes kills it
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    grace = parse_duration(env["SLLM_SHUTDOWN_GRACE"], "SLLM_SHUTDOWN_GRACE")
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    total = pre_stop + grace + STOP_BACKSTOP_S
+    assert total < gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
 
 
 def _env_names(container: dict[str, Any]) -> set[str]:

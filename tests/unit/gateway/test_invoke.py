@@ -166,6 +166,25 @@ async def test_a_stream_that_breaks_ends_with_an_error_event(h: Harness) -> None
     assert inst.in_flight == 0
 
 
+async def test_a_stopping_gateway_ends_streams_with_an_error_event_after_its_grace(
+    h: Harness,
+) -> None:
+    await h.deploy()
+    await h.client.post("/function/chat", json={"prompt": "warm"})
+    h.gateway.begin_stop(0.0)  # what SIGTERM does (sllm.cli.gateway), with no grace
+    await wait_for(h.gateway.proxy.streams_end.is_set)
+    # the non-streamed answer is whole; the stream ends at its next chunk, with a clear error
+    whole = await h.client.post("/function/chat", json={"prompt": "a b c"})
+    assert whole.status_code == 200 and whole.json()["text"] == "echo: a b c"
+    r = await h.client.post("/function/chat", json={"prompt": "a b c", "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[0]["delta"] == "echo: "
+    assert events[-1]["error"]["code"] == "gateway_stopping"
+    assert "[DONE]" not in r.text
+    (inst,) = h.gateway.table.routable("chat")
+    assert inst.in_flight == 0
+
+
 async def test_routing_prefers_the_instance_with_fewest_in_flight(h: Harness) -> None:
     await h.deploy()
     await h.client.post("/system/scale/chat", json={"replicas": 2},
