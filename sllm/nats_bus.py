@@ -175,7 +175,7 @@ class NatsBus:
                 msg = await self.nc.request(subject, payload, timeout=remaining)
             except NoRespondersError:
                 waited = time.monotonic() - started
-                if waited >= min(NO_RESPONDER_GRACE_S, timeout_s):
+                if waited + 0.1 >= min(NO_RESPONDER_GRACE_S, timeout_s):
                     raise NoResponder(f"nobody listens on {subject}") from None
                 await asyncio.sleep(0.1)
                 continue

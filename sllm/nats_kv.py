@@ -10,8 +10,9 @@ When an operation is retried, and when not:
   bucket answers nothing for 4-9 s after the server that led it is lost, while Raft elects
   another): retried up to the bucket's ``retry_s`` (``KV_RETRY_S``); the write was not made.
 - No answer within ``KV_ATTEMPT_S``: reads, ``put`` and ``delete`` are retried (doing them
-  twice changes nothing); ``create`` and ``update`` are not, and raise ``Unavailable`` saying
-  the change may or may not have been made (a watch or a read then tells).
+  twice changes nothing). ``create`` and ``update`` read the key first: it holds the value
+  written (at a newer revision): the write was made; it is as before: it was not, and is
+  tried again; anything else: another writer was first (``StaleRevision``).
 - A revision condition that fails is ``StaleRevision`` (a ``Conflict``), never retried.
 """
 
@@ -76,6 +77,10 @@ _NOT_SENT = (
 )
 
 
+class Unanswered(Unavailable):
+    """A conditional write got no answer in time: it may or may not have been made."""
+
+
 def _not_taken(exc: Exception) -> bool:
     """JetStream (or the connection) did not take the operation: safe to try again."""
     if isinstance(exc, _NOT_SENT):
@@ -112,10 +117,7 @@ async def retrying(
             raise StaleRevision(f"{what}: the key moved on ({exc.description})") from None
         except (TimeoutError, NatsTimeout):
             if not idempotent:
-                raise Unavailable(
-                    f"{what}: JetStream did not answer in time; the change may or may not "
-                    "have been made"
-                ) from None
+                raise Unanswered(f"{what}: JetStream did not answer in time") from None
             reason = "no answer in time"
         except NatsError as exc:
             if not _not_taken(exc):
@@ -164,16 +166,46 @@ class NatsKeyValue:
         return revision
 
     async def create(self, key: str, value: bytes) -> int:
-        revision: int = await self._do(
-            f"create {key}", lambda: self._kv.create(key, value), idempotent=False
+        return await self._conditional(
+            f"create {key}", key, value, None, lambda: self._kv.create(key, value)
         )
-        return revision
 
     async def update(self, key: str, value: bytes, last: int) -> int:
-        revision: int = await self._do(
-            f"update {key}", lambda: self._kv.update(key, value, last=last), idempotent=False
+        return await self._conditional(
+            f"update {key}", key, value, last, lambda: self._kv.update(key, value, last=last)
         )
-        return revision
+
+    async def _conditional(
+        self,
+        what: str,
+        key: str,
+        value: bytes,
+        last: int | None,
+        write: Callable[[], Awaitable[int]],
+    ) -> int:
+        """``write`` (a create when ``last`` is None, else an update at ``last``); when it gets
+        no answer, the key says whether it was made (see the module docstring)."""
+        deadline = time.monotonic() + self._retry_s
+        while True:
+            try:
+                revision: int = await self._do(what, write, idempotent=False)
+                return revision
+            except Unanswered:
+                pass
+            found = await self.entry(key)
+            if found is not None and found.value == value and found.revision > (last or 0):
+                return found.revision  # it was made; only the answer was lost
+            as_before = (
+                found is None if last is None else (found is not None and found.revision == last)
+            )
+            if not as_before:
+                raise StaleRevision(f"kv {self._bucket}: {what}: another writer was first")
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"kv {self._bucket}: {what}: JetStream did not answer for "
+                    f"{self._retry_s:.0f}s; not made"
+                )
+            log.info("kv %s: %s: not made, trying again", self._bucket, what)
 
     async def delete(self, key: str) -> None:
         async def op() -> None:

@@ -86,8 +86,10 @@ def restart_delay(quick_deaths: int) -> float | None:
     return float(min(MAX_RESTART_S, FIRST_RESTART_S * 2 ** max(0, quick_deaths - 1)))
 
 
-class _Stop(Exception):
-    """SIGTERM arrived: unwind to the clean shutdown."""
+class _Stop(BaseException):
+    """SIGTERM arrived: unwind to the clean shutdown. A BaseException, as KeyboardInterrupt
+    is: it may come while a child is being restarted, and the supervisor's ``except
+    Exception`` (a start that failed) must not take it for a failed start and go on."""
 
 
 def _die_with_parent() -> None:

@@ -29,7 +29,8 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, Path]]:
     up = Up(user_env(root / "home", root / "sllm-home"), free_port())
     up.start("--ha")
     yield up, root / "sllm-home"
-    assert up.stop() == 0
+    code = up.stop()
+    assert code == 0, up.text()[-3000:]
 
 
 def _members(sllm_home: Path) -> dict[str, tuple[int, str]]:

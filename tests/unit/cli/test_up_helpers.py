@@ -113,3 +113,30 @@ def test_supervise_restarts_a_dead_child_and_gives_up_on_a_crash_loop(
     assert err.count("restarting it in") == up.CRASH_LOOP - 1
     assert "node exited (code 9) after 0.0s; restarting it in 0.5s" in err
     assert "restarting it in 8s" in err and "keeps crashing" in err and "out of memory" in err
+
+
+def test_sigterm_during_a_restart_stops_the_platform(tmp_path: Path) -> None:
+    """A SIGTERM that arrives while a child is being started again (a NATS member waits until
+    it is healthy) ends `sllm up`; it was taken for a failed start, and `sllm up` went on."""
+    import subprocess
+
+    from sllm.servers import ManagedServer
+
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
+    dead.wait()
+
+    def interrupted() -> ManagedServer:
+        up._on_sigterm(15, None)  # the signal lands inside the start
+        raise AssertionError("unreachable")
+
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    log = tmp_path / "nats.log"
+    log.write_text("")
+    servers = [ManagedServer("nats-1", dead, log)]
+    platform = up.Platform("http://127.0.0.1:1", "t", tmp_path, servers, {"nats-1": interrupted})
+    with pytest.raises(up._Stop):
+        up.supervise(platform, clock=lambda: now[0], sleep=sleep)
