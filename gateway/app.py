@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 
@@ -16,17 +17,33 @@ from gateway.placement import Scheduler
 from gateway.registry import BUCKET
 from gateway.routes import invoke, keys, openai, ops, system
 from gateway.service import GatewayService
-from sllm.bus import Bus, KeyValue
+from sllm.bus import Bus, KeyValue, MemoryKeyValue
 from sllm.clock import Clock, SystemClock
 from sllm.settings import GatewaySettings
 
-Connect = Callable[[GatewaySettings], Awaitable[tuple[Bus, KeyValue]]]
+
+@dataclass(frozen=True)
+class Connection:
+    """The bus and the buckets the gateways share: the registry (functions, keys, migration
+    fits), the leader lease and the leader's scale state. Without the last two (unit tests)
+    the gateway gets buckets of its own and decides alone."""
+
+    bus: Bus
+    registry: KeyValue
+    lease: KeyValue | None = None
+    scale: KeyValue | None = None
+
+
+Connect = Callable[[GatewaySettings], Awaitable[Connection]]
 
 # 5 s to connect to an instance on the node's loopback or LAN: past that it is gone.
 CONNECT_TIMEOUT_S = 5.0
 
 
-async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
+async def connect_nats(settings: GatewaySettings) -> Connection:
+    from gateway.leadership import open_lease_bucket
+    from gateway.lease import LeaseConfig
+    from gateway.scale_state import SCALE_BUCKET
     from sllm.nats_bus import NatsBus
 
     # buffer=False: a command or registry write the gateway gave up on must not be sent late
@@ -36,7 +53,13 @@ async def connect_nats(settings: GatewaySettings) -> tuple[Bus, KeyValue]:
         seed_file=settings.nats_seed_file,
         buffer=False,
     )
-    return bus, await bus.key_value(BUCKET, replicas=settings.nats_replicas)
+    replicas = settings.nats_replicas
+    return Connection(
+        bus,
+        await bus.key_value(BUCKET, replicas=replicas),
+        await open_lease_bucket(bus, replicas, LeaseConfig()),
+        await bus.key_value(SCALE_BUCKET, replicas=replicas, history=1),
+    )
 
 
 def instance_client(settings: GatewaySettings) -> InstanceHttpClient:
@@ -57,17 +80,20 @@ def create_app(
 ) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        bus, kv = await connect(settings)
+        connection = await connect(settings)
+        bus = connection.bus
         client = http() if http is not None else instance_client(settings)
         gateway = GatewayService(
             settings,
             bus,
-            kv,
+            connection.registry,
             clock or SystemClock(),
             client,
             scheduler,
             tick_s=tick_s,
             settle_s=settle_s,
+            lease_kv=connection.lease or MemoryKeyValue(),
+            scale_kv=connection.scale or MemoryKeyValue(),
         )
         app.state.gateway = gateway
         await gateway.start()

@@ -9,13 +9,19 @@
 The loop runs every ``tick_s`` and at once when a request starts waiting (``poke``). Loads are
 applied in background tasks; an instance is booked as ``starting`` before its command is sent,
 so the next decision already counts it (one wake per burst).
+
+Among several gateways (``gateway.role``, ``gateway.peers``) only the one that decides runs the
+"decide" and "apply" steps, counting the requests the others have in flight and queued; the
+others keep their instance table and queues current and release their waiters. What it decides
+is kept for the next one (``resume``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +35,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.migration.orchestrator import Migrator
 from gateway.placement import Scheduler
 from gateway.registry import Registry
+from gateway.role import Alone, Role
+from gateway.scale_state import Resumed
+from gateway.silent_nodes import Probe, SilentNodes, never_answers
 from sllm.clock import Clock
 from sllm.errors import Unavailable
 from sllm.messages import InstanceEvent, NodeHeartbeat, UnloadCmd
@@ -36,18 +45,10 @@ from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
-Probe = Callable[[str, str], Awaitable[bool]]
-"""Whether the instance at an address (called with its secret) serves: /healthz says 200."""
-# Seconds between health checks of a silent node's instances.
-PROBE_EVERY_S = 1.0
 # After a failed start, the next one waits 0.25 s, doubling up to 4 s while starts keep
 # failing (each retry of a node that refuses costs it and the gateway a round trip).
 RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 4.0
-
-
-async def _never_answers(address: str, secret: str) -> bool:
-    return False
 
 
 class Controller:
@@ -66,6 +67,7 @@ class Controller:
         tick_s: float = 0.5,
         settle_s: float = 0.0,
         probe: Probe | None = None,
+        role: Role | None = None,
     ) -> None:
         self._registry = registry
         self._table = table
@@ -78,10 +80,9 @@ class Controller:
         self._drain_s = drain_s
         self._tick_s = tick_s
         self._settle_until = clock.now() + settle_s
-        self._probe = probe or _never_answers
+        self._role: Role = role or Alone()
         self._start_failures: dict[str, int] = {}  # failed starts in a row, per function
         self._retry_at: dict[str, float] = {}  # no new start of the function before this
-        self._probing: dict[str, float] = {}  # silent node -> when its last probe started
         self._scalers: dict[str, ScalerState] = {}
         # Functions with an instance moving between nodes (gateway.migration): their replicas
         # are in flux (a draining source, a loading target), so no scale decision meanwhile.
@@ -96,7 +97,9 @@ class Controller:
                 function, reason, wake_failed=not transient, start_failed=True
             ),
             spawn=self._spawn,
+            role=self._role,
         )  # fmt: skip
+        self.silent = SilentNodes(table, clock, probe or never_answers, self._spawn, self._after)
 
     @property
     def migrator(self) -> Migrator | None:
@@ -115,6 +118,24 @@ class Controller:
     def scale(self, function: str, replicas: int) -> None:
         self._manual[function] = replicas
         self.poke(function)
+
+    def resume(self, resumed: Resumed) -> None:
+        """This gateway now decides: go on from what the last one left. Its unconfirmed loads
+        are booked as starting (the launch grace drops those no heartbeat ever shows), and each
+        function's count is the one it decided; timers start from now."""
+        now = self._clock.now()
+        for s in [s for s in resumed.starting if s.instance_id not in self._table.instances]:
+            self._table.launched(s.instance_id, s.function, s.node, s.device, s.revision, now)
+        self._scalers = {
+            name: ScalerState(desired=desired, last_active=now)
+            for name, desired in resumed.desired.items()
+        }
+        self.poke()
+
+    def follow(self) -> None:
+        """This gateway no longer decides: what it had decided is the next leader's to resume."""
+        self._scalers.clear()
+        self._manual.clear()
 
     def on_event(self, event: InstanceEvent) -> None:
         change = self._table.on_event(event, self._clock.now())
@@ -143,6 +164,8 @@ class Controller:
 
     def _after(self, change: ReadyChange) -> None:
         now = self._clock.now()
+        for inst in [*change.became_ready, *(i for i, _, _ in change.failed), *change.removed]:
+            self._role.gone(inst.instance_id)
         for inst in change.adopted:
             # Running before this gateway knew it (a restart): count it as wanted, and let
             # keep_alive run from now, so it is not drained as surplus on the next tick.
@@ -217,10 +240,13 @@ class Controller:
     # --- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
         while True:
+            started = time.perf_counter()
             try:
                 self.tick()
             except Exception:
                 log.exception("control loop tick failed")
+            if self._role.deciding():
+                self._metrics.tick_seconds.observe(time.perf_counter() - started)
             sleeper = asyncio.ensure_future(self._clock.sleep(self._tick_s))
             waker = asyncio.ensure_future(self._wake.wait())
             try:
@@ -237,8 +263,13 @@ class Controller:
 
     def tick(self) -> None:
         now = self._clock.now()
-        self._check_silent(now)
+        self.silent.check(now)
         records = {r.spec.name: r for r in self._registry.all()}
+        if not self._role.deciding():
+            for record in records.values():
+                self._release_if_ready(record)
+            self._update_gauges(records)
+            return
         if now < self._settle_until:
             # Just started: wait one heartbeat round to learn what already runs before loading
             # or draining anything (queued requests wait; they are released when it is known).
@@ -251,6 +282,7 @@ class Controller:
                 self._drain(inst, "function deleted")
         for name in [n for n in self._scalers if n not in records]:
             del self._scalers[name]
+            self._role.forget(name)
             self._metrics.forget_function(name)
         self._update_gauges(records)
 
@@ -262,11 +294,11 @@ class Controller:
         current = [i for i in mine if i.revision == record.revision]
         ready = [i for i in current if i.state == "ready"]
         starting = [i for i in current if i.state == "starting"]
-        if ready and self._dispatcher.queued(name):
-            self._dispatcher.release_waiters(name, record.revision)  # should an event be missed
+        self._release_if_ready(record)
+        others = self._role.others_load().get(name)
         obs = Observation(
-            in_flight=sum(i.in_flight for i in mine),
-            queued=self._dispatcher.queued(name),
+            in_flight=sum(i.in_flight for i in mine) + (others.in_flight if others else 0),
+            queued=self._dispatcher.queued(name) + (others.queued if others else 0),
             ready=len(ready),
             starting=len(starting),
         )
@@ -278,33 +310,27 @@ class Controller:
         decision, state = decide(
             record.spec.scale, obs, state, now, stable_window_s=self._stable_window_s
         )
+        previous = self._scalers.get(name)
+        if previous is None or previous.desired != state.desired:
+            self._role.desired(name, state.desired)
         self._scalers[name] = state
         held = now < self._retry_at.get(name, 0.0)  # its last start failed a moment ago
         if decision.wake and not held:
             self._metrics.wakes.labels(name).inc()
             log.info("wake function=%s queued=%d", name, obs.queued)
         have = len(ready) + len(starting)
+        if decision.desired != have and not (decision.desired > have and held):
+            log.info(
+                "scale function=%s from=%d to=%d reason=%s",
+                name, have, decision.desired, decision.reason,
+            )  # fmt: skip
         if decision.desired > have and held:
             pass  # wait (see _lost), then start again
         elif decision.desired > have:
-            log.info(
-                "scale function=%s from=%d to=%d reason=%s",
-                name,
-                have,
-                decision.desired,
-                decision.reason,
-            )
             for _ in range(decision.desired - have):
                 if not self.launcher.launch(record):
                     break
         elif decision.desired < have:
-            log.info(
-                "scale function=%s from=%d to=%d reason=%s",
-                name,
-                have,
-                decision.desired,
-                decision.reason,
-            )
             # Drain the least busy first; starting ones last (they are about to serve).
             victims = sorted(ready, key=lambda i: (i.in_flight, -i.since)) + starting
             for inst in victims[: have - decision.desired]:
@@ -314,39 +340,6 @@ class Controller:
             for inst in mine:
                 if inst.revision != record.revision and inst.state != "draining":
                     self._drain(inst, f"revision {record.revision} replaces {inst.revision}")
-
-    # --- silent nodes ------------------------------------------------------------------------
-    def _check_silent(self, now: float) -> None:
-        """Ask the instances of nodes that stopped beating whether they still serve (at most
-        every ``PROBE_EVERY_S`` per node): a NATS outage silences every node while they and
-        their instances run on, and must not become a serving outage (issue 14)."""
-        silent = self._table.silent_nodes(now)
-        for node_id in [n for n in self._probing if n not in silent]:
-            del self._probing[node_id]
-        for node_id in silent:
-            if now - self._probing.get(node_id, -PROBE_EVERY_S) >= PROBE_EVERY_S:
-                self._probing[node_id] = now
-                self._spawn(self._probe_node(node_id))
-
-    async def _probe_node(self, node_id: str) -> None:
-        targets = [
-            (i.instance_id, i.address, i.secret)
-            for i in self._table.instances.values()
-            if i.node == node_id and i.address and i.state in ("ready", "unreachable")
-        ]
-        results = await asyncio.gather(*(self._probe(a, secret) for _, a, secret in targets))
-        answered = {target[0]: ok for target, ok in zip(targets, results, strict=True)}
-        now = self._clock.now()
-        silent_s = now - self._table.nodes[node_id].seen if node_id in self._table.nodes else 0.0
-        reason = (
-            f"node {node_id} sent no heartbeat for {silent_s:.0f}s and the instance does not "
-            "answer its health check"
-        )
-        change = self._table.on_probe(node_id, answered, now, reason)
-        if node_id not in self._table.nodes:
-            self._probing.pop(node_id, None)
-            log.warning("node gone node=%s silent_s=%.1f", node_id, silent_s)
-        self._after(change)
 
     # --- apply -----------------------------------------------------------------------------
     def _evict(self, victim: Instance) -> None:
@@ -379,6 +372,14 @@ class Controller:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _release_if_ready(self, record: FunctionRecord) -> None:
+        """Queued requests go to a ready instance (should its event have been missed)."""
+        name = record.spec.name
+        if self._dispatcher.queued(name) and any(
+            i.state == "ready" and i.revision == record.revision for i in self._table.of(name)
+        ):
+            self._dispatcher.release_waiters(name, record.revision)
 
     def _update_gauges(self, records: dict[str, FunctionRecord]) -> None:
         now = self._clock.now()

@@ -24,10 +24,11 @@ from gateway.metrics import GatewayMetrics
 from gateway.migration.orchestrator import Migrator
 from gateway.placement import Scheduler, protected_instances
 from gateway.registry import Registry
+from gateway.role import Alone, Role
 from gateway.scheduler.types import NoCapacity, Placement, PlacementRequest
 from sllm.clock import Clock
 from sllm.errors import SllmError, Unavailable
-from sllm.messages import LoadCmd
+from sllm.messages import LoadCmd, StartRecord
 from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Launcher:
         evict: Callable[[Instance], None],
         lost: Callable[[str, str, bool], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
+        role: Role | None = None,
     ) -> None:
         self._registry = registry
         self._table = table
@@ -64,6 +66,7 @@ class Launcher:
         self._evict = evict
         self._lost = lost
         self._spawn = spawn
+        self._role: Role = role or Alone()
         self.migrator: Migrator | None = None  # set by the gateway's wiring
         # Instances booked as starting whose load command has not gone out yet (it waits for a
         # migration or an eviction to free the device): a heartbeat that does not show them
@@ -164,6 +167,7 @@ class Launcher:
         not ``tried`` yet, up to ``LOAD_ATTEMPTS`` nodes; past that it is lost (its waiters
         fail only when the failure is not ``transient``)."""
         self._table.forget(instance_id)
+        self._role.gone(instance_id)
         if len(tried) < LOAD_ATTEMPTS and self.launch(record, tried, reason):
             return
         self._lost(record.spec.name, f"{reason}; no other node can take it", transient)
@@ -184,6 +188,12 @@ class Launcher:
         booked = self._table.instances.get(command.instance_id)
         if booked is None or booked.state != "starting":
             # Its node went away, or it was drained (function deleted) while it waited.
+            self._table.forget(command.instance_id)
+            return
+        start = StartRecord(
+            command.instance_id, command.function, node, command.device, record.revision, 0
+        )
+        if not await self._role.booked(start):  # this gateway stopped deciding meanwhile
             self._table.forget(command.instance_id)
             return
         booked.since = self._clock.now()

@@ -15,6 +15,11 @@ _BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 
+# 50 us .. 1 s: a control-loop round is pure bookkeeping, milliseconds at most
+_TICK_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -70,6 +75,16 @@ class GatewayMetrics:
             ["function"], registry=r,
         )  # fmt: skip
         self.nodes = Gauge("sllm_nodes", "Nodes with a recent heartbeat", registry=r)
+        self.deciding = Gauge(
+            "sllm_gateway_deciding", "1 while this gateway holds the lease and decides",
+            registry=r,
+        )  # fmt: skip
+        self.tick_seconds = Histogram(
+            "sllm_control_tick_seconds",
+            "One control-loop round at the deciding gateway: gather, decide and place for every "
+            "function (commands are sent in the background)",
+            buckets=_TICK_BUCKETS, registry=r,
+        )  # fmt: skip
         self.cache_bytes = Gauge(
             "sllm_node_cache_bytes", "Bytes cached per node and tier (from heartbeats)",
             ["node", "tier"], registry=r,

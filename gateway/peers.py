@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.leadership import Leadership
 from gateway.lease import LeaseConfig
-from gateway.load_reports import LoadReports
+from gateway.load_reports import LoadReports, total
 from gateway.scale_state import Resumed, ScaleState
 from sllm.bus import Bus, KeyValue, Message, Subscription
 from sllm.clock import Clock
@@ -32,6 +32,7 @@ from sllm.messages import (
     CmdReply,
     FunctionLoad,
     ScaleRequest,
+    StartRecord,
     decode_as,
     encode,
 )
@@ -79,9 +80,9 @@ class Peers:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self._transition: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Future[None] | None = None
 
-    # --- queries ---------------------------------------------------------------------------
-    @property
+    # --- the control loop's questions (gateway.role.Role) -----------------------------------
     def deciding(self) -> bool:
         """Whether this gateway may decide now: it holds the lease and has taken over."""
         return self.leadership.leader and self._ready_term == self.leadership.term
@@ -90,9 +91,29 @@ class Peers:
     def term(self) -> int:
         return self.leadership.term
 
-    def load(self) -> dict[str, FunctionLoad]:
-        """In-flight and queued requests per function at every gateway (fresh reports)."""
-        return self.reports.total()
+    def others_load(self) -> dict[str, FunctionLoad]:
+        """In-flight and queued requests per function at the other gateways (fresh reports)."""
+        return total({}, self.reports.reports, self.me, self._clock.now())
+
+    def desired(self, function: str, desired: int) -> None:
+        self.scale_state.set_desired(function, desired, self.term)
+
+    def forget(self, function: str) -> None:
+        self.scale_state.forget(function)
+
+    async def booked(self, record: StartRecord) -> bool:
+        if not self.deciding():
+            return False
+        try:
+            await self.scale_state.booked(replace(record, term=self.term))
+        except (Unavailable, TimeoutError) as exc:
+            # KV has been away for its whole retry window: load anyway (serving first); only
+            # a takeover within this load's start could then start it twice
+            log.warning("start record not kept instance=%s: %s", record.instance_id, exc)
+        return True
+
+    def gone(self, instance_id: str) -> None:
+        self.scale_state.seen(instance_id)
 
     # --- life --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -101,11 +122,21 @@ class Peers:
         await self.reports.subscribe()
         self._subs.append(await self._bus.subscribe(GATEWAY_SCALE_SUBJECT, self._on_scale))
         await self.leadership.step()
+        if self._transition is not None:  # it leads: take over before serving
+            await asyncio.gather(self._transition, return_exceptions=True)
         for run in (self.leadership.run, self.reports.run, self.scale_state.run):
             self._spawn(run())
 
     async def stop(self) -> None:
-        """Stop deciding, give the lease up at once (a follower need not wait out its TTL)."""
+        """Stop deciding, give the lease up at once (a follower need not wait out its TTL).
+        Once; a second call (SIGTERM began it, the app's shutdown ends it) waits for the first."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -156,7 +187,7 @@ class Peers:
     def waiting(self) -> None:
         """A request started waiting here: report at once rather than at the next period, so
         the leader wakes the function without a report period's delay."""
-        if not self.deciding:
+        if not self.deciding():
             self._spawn(self._report_now())
 
     async def _report_now(self) -> None:
@@ -168,7 +199,7 @@ class Peers:
     async def scale(self, function: str, replicas: int) -> None:
         """A manual scale: applied here when this gateway decides, else handed to the leader;
         ``Unavailable`` when no gateway leads right now."""
-        if self.deciding:
+        if self.deciding():
             self._hooks.on_scale(function, replicas)
             return
         request = encode(ScaleRequest(function, replicas))
@@ -184,7 +215,7 @@ class Peers:
             raise SllmError(reply.message, code=reply.code or "scale_failed")
 
     async def _on_scale(self, msg: Message) -> bytes | None:
-        if not self.deciding:
+        if not self.deciding():
             return None  # the leader answers
         try:
             request = decode_as(msg.data, ScaleRequest)

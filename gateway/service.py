@@ -1,7 +1,12 @@
 """The gateway's parts wired together (registry, instance table, dispatcher, controller,
-proxy, metrics, logs) plus the bus subscriptions that feed them. Routes reach it through
-``request.app.state.gateway``; ``gateway.app`` builds it and runs ``start``/``stop`` in the
-app's lifespan."""
+proxy, metrics, logs, its peers) plus the bus subscriptions that feed them. Routes reach it
+through ``request.app.state.gateway``; ``gateway.app`` builds it and runs ``start``/``stop`` in
+the app's lifespan.
+
+Every gateway serves; the one holding the lease also decides (``gateway.peers``): its
+controller scales and places, the others' keep their tables and queues and report their load.
+``lease_kv`` and ``scale_kv`` are the buckets the gateways share for that; left out (unit
+tests), they are buckets of this gateway's own, and it decides alone."""
 
 from __future__ import annotations
 
@@ -23,11 +28,13 @@ from gateway.logs import LogBuffer
 from gateway.metrics import GatewayMetrics
 from gateway.migration.fits import MigrationFitStore
 from gateway.migration.orchestrator import Migrator
+from gateway.peers import PeerHooks, Peers
 from gateway.placement import PolicyScheduler, Scheduler
 from gateway.proxy import InstanceProxy
 from gateway.registry import Registry
+from gateway.scale_state import Resumed
 from gateway.scheduler.estimators import MigrationModels
-from sllm.bus import Bus, KeyValue, Message, Subscription
+from sllm.bus import Bus, KeyValue, MemoryKeyValue, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError
 from sllm.instance_auth import auth_header
@@ -35,6 +42,7 @@ from sllm.messages import (
     EVENTS,
     HEARTBEATS,
     LOGS,
+    FunctionLoad,
     InstanceEvent,
     LogLine,
     NodeHeartbeat,
@@ -68,6 +76,8 @@ class GatewayService:
     settle_s: float = 3.0
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     logs: LogBuffer = field(default_factory=LogBuffer)
+    lease_kv: KeyValue = field(default_factory=MemoryKeyValue)
+    scale_kv: KeyValue = field(default_factory=MemoryKeyValue)
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.kv)
@@ -79,12 +89,16 @@ class GatewayService:
             self.clock,
             self.settings.queue_size,
             self.settings.wake_timeout_s,
-            on_wait=lambda fn: self.controller.poke(fn),
+            on_wait=self._on_wait,
             expected_start=lambda fn: self.controller.expected_start(fn),
         )
         if self.scheduler is None:  # made here so the Migrator can feed it what it learns
             self.scheduler = PolicyScheduler(self.settings.policy)
         self.commands = NodeCommands(self.bus, COMMAND_TIMEOUT_S)
+        self.peers = Peers(
+            self.bus, self.lease_kv, self.scale_kv, self.clock, self.settings.gateway_id,
+            self._own_load, PeerHooks(self._lead, self._follow, self._scale),
+        )  # fmt: skip
         self.controller = Controller(
             self.registry,
             self.table,
@@ -98,6 +112,7 @@ class GatewayService:
             tick_s=self.tick_s,
             settle_s=self.settle_s,
             probe=self._probe,
+            role=self.peers,
         )
         # The resume-cost fits placements use, learned from migrations and kept in the bucket.
         models = getattr(self.scheduler, "migration", None)
@@ -130,10 +145,13 @@ class GatewayService:
             await self.bus.subscribe(EVENTS, self._on_event),
             await self.bus.subscribe(LOGS, self._on_log),
         ]
+        await self.peers.start()
         self._loop_task = asyncio.create_task(self.controller.run(), name="gateway-control-loop")
         log.info(
-            "gateway started functions=%d policy=%s", len(self.registry.all()), self.settings.policy
-        )
+            "gateway started id=%s functions=%d policy=%s deciding=%s",
+            self.settings.gateway_id, len(self.registry.all()), self.settings.policy,
+            self.peers.deciding(),
+        )  # fmt: skip
 
     def begin_stop(self, grace_s: float) -> None:
         """SIGTERM: the server stops accepting connections and lets the requests in flight
@@ -146,8 +164,11 @@ class GatewayService:
     def _stopping(self, grace_s: float) -> None:
         log.info("gateway stopping: streams still running end in %.1fs", grace_s)
         asyncio.get_running_loop().call_later(grace_s, self.proxy.streams_end.set)
+        # hand the lease over now: another gateway decides within a lease poll, not a TTL
+        self._stop_peers = asyncio.ensure_future(self.peers.stop())
 
     async def stop(self) -> None:
+        await self.peers.stop()
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -159,6 +180,34 @@ class GatewayService:
         self._subs = []
         await self.resume_http.aclose()
         await self.probe_http.aclose()
+
+    # --- among several gateways ---------------------------------------------------------------
+    def _on_wait(self, function: str) -> None:
+        """A request started waiting for an instance of ``function``."""
+        self.controller.poke(function)
+        self.peers.waiting()
+
+    def _own_load(self) -> dict[str, FunctionLoad]:
+        """This gateway's requests per function (what it reports to the leader)."""
+        loads = {}
+        for record in self.registry.all():
+            name = record.spec.name
+            load = FunctionLoad(self.dispatcher.in_flight(name), self.dispatcher.queued(name))
+            if load.in_flight or load.queued:
+                loads[name] = load
+        return loads
+
+    async def _lead(self, resumed: Resumed) -> None:
+        await self.fits.load()  # the fits the last leader's migrations taught
+        self.controller.resume(resumed)
+        self.metrics.deciding.set(1)
+
+    def _follow(self) -> None:
+        self.controller.follow()
+        self.metrics.deciding.set(0)
+
+    def _scale(self, function: str, replicas: int) -> None:
+        self.controller.scale(function, replicas)
 
     def _on_function_change(self, name: str, record: FunctionRecord | None) -> None:
         """The registry took a change (made here, by another gateway, or seen on reconnect)."""

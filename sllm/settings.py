@@ -8,6 +8,8 @@ raises ``ValidationFailed`` naming the variable, the value and the allowed range
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_QUEUE_SIZE": ("64", "cold-start queue capacity per function"),
     "SLLM_WAKE_TIMEOUT": ("300s", "how long a cold start may take before queued requests get 503"),
     "SLLM_REQUEST_TIMEOUT": ("600s", "upper bound on one proxied request"),
+    "SLLM_GATEWAY_ID": (
+        "",
+        "this gateway's name among several (the lease holder, its load reports); empty: "
+        "<host name>-<pid>",
+    ),
     "SLLM_SHUTDOWN_GRACE": (
         "20s",
         "on SIGTERM the gateway stops accepting connections and lets requests in flight finish; "
@@ -157,6 +164,18 @@ def as_nats_urls(raw: str) -> tuple[str, ...]:
                 f"{', '.join(NATS_SCHEMES)}"
             )
     return urls
+
+
+_GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def as_gateway_id(raw: str) -> str:
+    """A name among gateways: 1-128 of letters, digits, '.', '_', '-'; empty: host-pid."""
+    if not raw:
+        return f"{socket.gethostname()}-{os.getpid()}"[:128]
+    if not _GATEWAY_ID.fullmatch(raw):
+        raise ValueError("want 1-128 letters, digits, '.', '_' or '-'")
+    return raw
 
 
 def home(env: Mapping[str, str] | None = None) -> Path:
@@ -275,6 +294,7 @@ class GatewaySettings:
     node_timeout_s: float = 10.0
     nats_replicas: int = 1
     shutdown_grace_s: float = 20.0
+    gateway_id: str = "gateway"
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -300,4 +320,5 @@ class GatewaySettings:
             # 5: the most replicas JetStream keeps of a stream
             nats_replicas=_parse(env, "SLLM_NATS_REPLICAS", int_in(1, 5)),
             shutdown_grace_s=_parse(env, "SLLM_SHUTDOWN_GRACE", as_seconds),
+            gateway_id=_parse(env, "SLLM_GATEWAY_ID", as_gateway_id),
         )

@@ -17,6 +17,10 @@ async def healthz(request: Request) -> Response:
             "status": "ok",
             "functions": len(gw.registry.all()),
             "nodes": len(gw.table.live_nodes(gw.clock.now())),
+            # among several gateways: this one's name, whether it decides, who leads
+            "gateway": gw.peers.me,
+            "deciding": gw.peers.deciding(),
+            "leader": gw.peers.leadership.holder,
         }
     )
 

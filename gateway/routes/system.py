@@ -155,7 +155,7 @@ async def scale(request: Request) -> Response:
         raise InvalidInput(
             f"replicas: must be between 0 and scale.max ({record.spec.scale.max}), got {replicas}"
         )
-    gw.controller.scale(name, replicas)
+    await gw.peers.scale(name, replicas)  # applied here, or by the gateway that decides
     return JSONResponse({"function": name, "replicas": replicas}, status_code=202)
 
 

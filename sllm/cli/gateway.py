@@ -84,13 +84,12 @@ async def _serve(settings: GatewaySettings, log_level: str) -> None:
     lifespan with a traceback), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
-    from gateway.app import connect_nats, create_app
-    from sllm.bus import Bus, KeyValue
+    from gateway.app import Connection, connect_nats, create_app
 
-    bus, kv = await connect_nats(settings)
+    connection = await connect_nats(settings)
 
-    async def connected(_: GatewaySettings) -> tuple[Bus, KeyValue]:
-        return bus, kv
+    async def connected(_: GatewaySettings) -> Connection:
+        return connection
 
     app = create_app(settings, connect=connected)
     config = uvicorn.Config(

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.app import create_app
+from gateway.app import Connection, create_app
 from gateway.service import GatewayService
 from sllm.bus import MemoryBus, MemoryKeyValue, Message
 from sllm.messages import (
@@ -281,8 +281,8 @@ async def harness(**overrides: Any) -> AsyncIterator[Harness]:
     BACKEND.instances = instances
     node = ScriptedNode(bus, BACKEND.start())
 
-    async def connect(_: GatewaySettings) -> tuple[MemoryBus, MemoryKeyValue]:
-        return bus, kv
+    async def connect(_: GatewaySettings) -> Connection:
+        return Connection(bus, kv)
 
     app = create_app(settings(**overrides), connect=connect, tick_s=0.02, settle_s=0)
     async with app.router.lifespan_context(app):

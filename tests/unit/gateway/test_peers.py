@@ -33,7 +33,7 @@ class Gateway:
     peers: Peers | None = None
 
     async def on_lead(self, resumed: Resumed) -> None:
-        assert self.peers is not None and not self.peers.deciding  # not before it is done
+        assert self.peers is not None and not self.peers.deciding()  # not before it is done
         self.resumed.append(resumed)
 
     def on_follow(self) -> None:
@@ -72,7 +72,7 @@ async def test_one_decides_after_reading_what_the_last_leader_left() -> None:
     await b.peers.start()
     await settle()
     try:
-        assert a.peers.deciding and not b.peers.deciding
+        assert a.peers.deciding() and not b.peers.deciding()
         assert a.resumed == [Resumed()]
         # the leader keeps its state in KV; a clean stop hands the lease over at once
         a.peers.scale_state.set_desired("chat", 3, a.peers.term)
@@ -82,7 +82,7 @@ async def test_one_decides_after_reading_what_the_last_leader_left() -> None:
         assert a.follows == 1
         await b.peers.leadership.step()
         await settle()
-        assert b.peers.deciding
+        assert b.peers.deciding()
         assert b.resumed == [Resumed({"chat": 3}, [started])]
     finally:
         await b.peers.stop()
@@ -112,7 +112,7 @@ async def test_no_leader_is_a_clear_error() -> None:
     await world.lease.create("leader", encode(LeaseRecord("dead")))
     await b.peers.start()
     try:
-        assert not b.peers.deciding
+        assert not b.peers.deciding()
         with pytest.raises(Unavailable, match="no gateway leads right now"):
             await b.peers.scale("chat", 2)
     finally:
@@ -131,7 +131,7 @@ async def test_the_leader_counts_what_waits_at_the_followers() -> None:
         b.queued = {"chat": FunctionLoad(0, 2)}
         b.peers.waiting()  # a request started waiting at b: reported at once
         await settle()
-        assert a.peers.load() == {"chat": FunctionLoad(1, 2)}
+        assert a.peers.others_load() == {"chat": FunctionLoad(0, 2)}
         seen = b.peers.reports.reports["a"].report.seq  # every gateway reports periodically
         a.peers.waiting()  # but the leader sends no extra report to itself
         await settle()

@@ -16,7 +16,7 @@ async def test_a_silent_nodes_instances_serve_while_they_answer() -> None:
         (inst,) = h.gateway.table.routable("chat")
         # the scripted node beat once: it is silent from now on, its instance still serves
         await wait_for(lambda: h.gateway.table.silent_nodes(h.gateway.clock.now()) != [])
-        await wait_for(lambda: "node-a" in h.gateway.controller._probing)
+        await wait_for(lambda: "node-a" in h.gateway.controller.silent.probing)
         for prompt in ("b", "c"):
             r = await h.client.post("/function/chat", json={"prompt": prompt})
             assert r.status_code == 200 and r.json()["text"] == f"echo: {prompt}"

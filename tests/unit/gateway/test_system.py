@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 
-from gateway.app import create_app
+from gateway.app import Connection, create_app
 from sllm.bus import Message
 from sllm.messages import LogLine, PrepareCmd, decode, encode, log_subject, node_cmd_subject
 from sllm.spec import FunctionRecord
@@ -98,7 +98,15 @@ async def test_nodes_info_and_logs(h: Harness) -> None:
     r = await h.client.get("/system/logs/chat?tail=x", headers=AUTH)
     assert r.status_code == 400
     health = (await h.client.get("/healthz")).json()
-    assert health == {"status": "ok", "functions": 1, "nodes": 1}
+    me = h.gateway.settings.gateway_id
+    assert health == {
+        "status": "ok",
+        "functions": 1,
+        "nodes": 1,
+        "gateway": me,
+        "deciding": True,
+        "leader": me,
+    }
 
 
 async def test_a_restart_keeps_the_registry() -> None:
@@ -107,7 +115,7 @@ async def test_a_restart_keeps_the_registry() -> None:
         kv, bus = h.kv, h.bus
 
     async def connect(_):  # type: ignore[no-untyped-def]
-        return bus, kv
+        return Connection(bus, kv)
 
     app = create_app(settings(), connect=connect)
     async with app.router.lifespan_context(app):
@@ -123,7 +131,7 @@ async def test_a_restarted_gateway_adopts_running_instances_instead_of_draining_
         bus, kv, node, instances = h.bus, h.kv, h.node, h.instances
 
         async def connect(_):  # type: ignore[no-untyped-def]
-            return bus, kv
+            return Connection(bus, kv)
 
         # A second gateway on the same bucket and bus, after the first one's bus went away.
         app = create_app(settings(), connect=connect, tick_s=0.02, settle_s=0.3)
