@@ -105,6 +105,9 @@ class Peers:
         if not self.deciding():
             return False
         try:
+            # the desired count that asked for this load first: a takeover that finds the
+            # load finds the count that wanted it (and does not drain it as surplus)
+            await self.scale_state.flush()
             await self.scale_state.booked(replace(record, term=self.term))
         except (Unavailable, TimeoutError) as exc:
             # KV has been away for its whole retry window: load anyway (serving first); only

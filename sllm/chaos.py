@@ -7,8 +7,10 @@ Kinds of outcome:
 - ``error``: a clear error: a 4xx/502/503/504 with the JSON error body, or a stream that ends
   with an ``error`` event;
 - ``refused``: the connection was refused (nothing listened: the request was never accepted);
+  with several gateways, only when every one refused it (a client tries the next at once, as a
+  Kubernetes Service or any load balancer in front of several gateways does);
 - ``cut``: accepted, then the connection ended without an answer, ``[DONE]`` or an error event
-  (only the gateway's own death can do that: there is one gateway);
+  (only the death of the gateway that accepted it can do that);
 - ``wrong``: anything else: other text, a 500, an error without the JSON body, no answer in
   time (hung). A run passes when there is none.
 """
@@ -167,7 +169,7 @@ def _whole(status: int, raw: bytes, expected: str, done: Done) -> Outcome:
 
 
 async def clients(
-    url: str,
+    url: str | list[str],
     function: str,
     expected: dict[str, str],
     stop: asyncio.Event,
@@ -179,16 +181,22 @@ async def clients(
 ) -> Tally:
     """``count`` clients in closed loops until ``stop`` is set, alternating streamed and
     whole answers over ``PROMPTS``; every outcome goes into ``tally`` as it ends (so a run can
-    inject its fault at a known point: after so many answers)."""
+    inject its fault at a known point: after so many answers). With several ``url``s (one per
+    gateway) the requests take turns, and a refused one is sent to the next gateway at once."""
     tally = tally if tally is not None else Tally()
+    urls = [url] if isinstance(url, str) else list(url)
 
     async def one(i: int) -> None:
         n = i
         async with httpx.AsyncClient(timeout=None) as client:
             while not stop.is_set():
                 prompt = PROMPTS[n % len(PROMPTS)]
-                outcome = await invoke(client, url, function, prompt, expected[prompt],
-                                       stream=n % 2 == 0, timeout_s=timeout_s)  # fmt: skip
+                for attempt in range(len(urls)):
+                    target = urls[(n + attempt) % len(urls)]
+                    outcome = await invoke(client, target, function, prompt, expected[prompt],
+                                           stream=n % 2 == 0, timeout_s=timeout_s)  # fmt: skip
+                    if outcome.kind != "refused":
+                        break
                 tally.outcomes.append(outcome)
                 n += 1
                 if outcome.kind == "refused":

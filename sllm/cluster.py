@@ -1,7 +1,9 @@
 """A platform on this machine made of real processes that can each be killed and restarted:
-nats-server (JetStream in a data directory), `sllm gateway start` and any number of
-`sllm node start`, all on loopback, with a local-directory store. For fault tests
-(``tests/integration/faults``) and ``bench/chaos.py``; `sllm up` is the user's form of it.
+nats-server (JetStream in a data directory) or a cluster of them, any number of
+`sllm gateway start` and of `sllm node start`, on loopback or with nodes on hosts of a
+``sllm.netns`` topology, with a local-directory store (or any store ``env`` names). For fault
+tests (``tests/integration/faults``, ``tests/integration/ha``), ``bench/chaos.py`` and
+``bench/cluster.py``; `sllm up` is the user's form of it.
 
 Faults are injected by pid (``kill_*``: SIGKILL by default, or SIGSTOP/SIGCONT), never by
 racing a timer. A restarted part keeps its identity: nats-server its port and data directory
@@ -25,7 +27,17 @@ import httpx
 
 from sllm.errors import Unavailable
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from sllm.netns import Host
+from sllm.servers import (
+    ManagedServer,
+    NatsCluster,
+    free_port,
+    nats_client_env,
+    nats_members,
+    start_nats,
+    start_nats_cluster,
+    stop_process,
+)
 
 TOKEN = "cluster-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -34,21 +46,41 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 @dataclass
 class LocalCluster:
     """``env`` applies to every gateway and node (SLLM_* settings); ``node_env`` adds to a
-    node's by node id."""
+    node's by node id. ``nats_size`` 3 makes NATS a cluster (JetStream replicas 3, given to
+    every part as a list of URLs); ``nats_host`` is where NATS listens (the bridge address of a
+    topology, for nodes on its hosts). Gateways are named ``gw-0``, ``gw-1``, ...; ``gateway``
+    and ``url`` are ``gw-0``'s."""
 
     root: Path
     env: dict[str, str] = field(default_factory=dict)
     node_env: dict[str, dict[str, str]] = field(default_factory=dict)
     nats_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
-    nats: ManagedServer | None = None
-    gateway: ManagedServer | None = None
+    nats_size: int = 1
+    nats_host: str = "127.0.0.1"
+    nats: ManagedServer | NatsCluster | None = None
+    gateways: dict[str, ManagedServer] = field(default_factory=dict)
+    gateway_ports: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, ManagedServer] = field(default_factory=dict)
     orphans: list[int] = field(default_factory=list)  # instance pids of SIGKILLed nodes
 
+    def __post_init__(self) -> None:
+        self.gateway_ports.setdefault("gw-0", self.gateway_port)
+
+    @property
+    def gateway(self) -> ManagedServer | None:
+        return self.gateways.get("gw-0")
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway_port}"
+        return self.url_of("gw-0")
+
+    def url_of(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.gateway_ports[name]}"
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url_of(name) for name in sorted(self.gateway_ports)]
 
     @property
     def store(self) -> Path:
@@ -63,29 +95,69 @@ class LocalCluster:
             **nats_client_env(self.nats, node_id),
             "SLLM_STORE_URL": str(self.store),
             "SLLM_TOKEN": TOKEN,
-            "SLLM_GATEWAY_PORT": str(self.gateway_port),
+            "SLLM_NATS_REPLICAS": str(self.nats_size),
             **self.env,
         }
 
     # --- parts -------------------------------------------------------------------------------
     def start_nats(self) -> None:
-        """nats-server with authorization: every part connects with its own NKey seed."""
+        """nats-server (or a cluster of ``nats_size``, routes authenticated) with
+        authorization: every part connects with its own NKey seed."""
         creds = NatsCredentials(self.root / "nats-creds")
-        self.nats = start_nats(self.root / "nats", port=self.nats_port, credentials=creds)
+        if self.nats_size > 1:
+            members = nats_members(self.root / "nats", self.nats_size, self.nats_host)
+            self.nats = start_nats_cluster(members, credentials=creds)
+            return
+        self.nats = start_nats(
+            self.root / "nats", port=self.nats_port, credentials=creds, host=self.nats_host
+        )
 
-    def start_gateway(self, timeout_s: float = 60.0) -> None:
-        self.gateway = self._spawn("gateway", ["gateway", "start"], self._env())
-        self._until(lambda: self._healthz() is not None, timeout_s, "the gateway's /healthz")
+    def start_gateway(self, name: str = "gw-0", timeout_s: float = 60.0) -> None:
+        """Gateway ``name`` on its port (kept across restarts)."""
+        port = self.gateway_ports.setdefault(name, free_port())
+        env = {**self._env(), "SLLM_GATEWAY_PORT": str(port), "SLLM_GATEWAY_ID": name}
+        log_name = "gateway" if name == "gw-0" else f"gateway-{name}"
+        self.gateways[name] = self._spawn(log_name, ["gateway", "start"], env)
+        self._until(
+            lambda: self._healthz(name) is not None, timeout_s, f"gateway {name}'s /healthz"
+        )
 
-    def start_node(self, node_id: str, *, wait: bool = True, timeout_s: float = 120.0) -> None:
+    def leader(self, timeout_s: float = 30.0) -> str:
+        """The gateway that decides now (every live gateway agrees on it)."""
+        found: list[str] = []
+
+        def agreed() -> bool:
+            deciding = [n for n, g in self.gateways.items() if g.alive() and self._deciding(n)]
+            found[:] = deciding
+            return len(deciding) == 1
+
+        self._until(agreed, timeout_s, "one gateway that decides")
+        return found[0]
+
+    def _deciding(self, name: str) -> bool:
+        health = self._healthz(name)
+        return bool(health and health.get("deciding"))
+
+    def start_node(
+        self,
+        node_id: str,
+        *,
+        wait: bool = True,
+        timeout_s: float = 120.0,
+        host: Host | None = None,
+    ) -> None:
+        """Node ``node_id``; on ``host`` of a topology, its instances listen on the host's
+        address and everything it fetches crosses the host's shaped link."""
         env = {
             **self._env(node_id),
             "SLLM_NODE_ID": node_id,
             "SLLM_CACHE_DIR": str(self.root / "cache" / node_id),
+            **({"SLLM_NODE_HOST": host.address} if host is not None else {}),
             **self.node_env.get(node_id, {}),
         }
         args = ["-v", "node", "start", "--drain", "2s"]
-        self.nodes[node_id] = self._spawn(f"node-{node_id}", args, env)
+        wrap = host.wrap if host is not None else ()
+        self.nodes[node_id] = self._spawn(f"node-{node_id}", args, env, wrap)
         if wait:
             self.wait_node(node_id, timeout_s)
 
@@ -116,8 +188,8 @@ class LocalCluster:
     def stop(self) -> None:
         for node in self.nodes.values():
             stop_process(node.process, 30.0)
-        if self.gateway is not None:
-            stop_process(self.gateway.process, 30.0)
+        for gateway in self.gateways.values():
+            stop_process(gateway.process, 30.0)
         if self.nats is not None:
             self.nats.stop()
         self._reap_orphans()
@@ -156,9 +228,9 @@ class LocalCluster:
 
         self._until(live, timeout_s, f"node {node_id}'s heartbeat at the gateway")
 
-    def _healthz(self) -> dict[str, Any] | None:
+    def _healthz(self, name: str = "gw-0") -> dict[str, Any] | None:
         try:
-            r = httpx.get(f"{self.url}/healthz", timeout=2)
+            r = httpx.get(f"{self.url_of(name)}/healthz", timeout=2)
         except httpx.TransportError:
             return None
         body: dict[str, Any] = r.json()
@@ -172,11 +244,13 @@ class LocalCluster:
                 raise Unavailable(f"timed out after {timeout_s:.0f}s waiting for {what}")
             time.sleep(0.1)
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> ManagedServer:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str], wrap: tuple[str, ...] = ()
+    ) -> ManagedServer:
         log_path = self.root / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sllm.cli.main", *args],
+                [*wrap, sys.executable, "-m", "sllm.cli.main", *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -60,9 +60,10 @@ KV_RETRY_S = 15.0
 # One attempt's deadline: a request in flight on a connection that drops is never answered
 # (nats-py does not fail it on reconnect), so a short attempt retried beats its default 5 s.
 KV_ATTEMPT_S = 1.0
-# 2 s: a client whose server died is on another one of the cluster within a second (the socket
-# closes at once; nats-py tries the next server); longer is an outage, answered at once.
-RECONNECT_GRACE_S = 2.0
+# 1 s: a client whose server died is on another one of the cluster well within it (the socket
+# closes at once and nats-py tries the next server without waiting); longer is an outage, and
+# the caller hears so (an admin write answers 503 within about a second).
+RECONNECT_GRACE_S = 1.0
 # JetStream's "temporarily unavailable" answers: 503, and error 10008 (no leader yet).
 _RETRY_STATUS = (503,)
 _RETRY_ERR_CODES = (10008,)

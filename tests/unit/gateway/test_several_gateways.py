@@ -16,8 +16,10 @@ import httpx
 from starlette.applications import Starlette
 
 from gateway.app import Connection, create_app
+from gateway.scale_state import ScaleState
 from gateway.service import GatewayService
 from sllm.bus import MemoryBus, MemoryKeyValue
+from sllm.clock import ManualClock
 from tests.unit.gateway.conftest import AUTH, BACKEND, ScriptedInstances, ScriptedNode, settings
 from tests.unit.gateway.test_invoke import wait_for
 
@@ -42,6 +44,7 @@ class Pair:
     a: Gw
     b: Gw
     node: ScriptedNode
+    shared: Connection
 
 
 @asynccontextmanager
@@ -74,7 +77,7 @@ async def pair(**scale: Any) -> AsyncIterator[Pair]:
         r = await a.client.post("/system/functions", json=body, headers=AUTH)
         assert r.status_code == 201, r.text
         await wait_for(lambda: b.service.registry.find("chat") is not None)
-        yield Pair(a, b, node)
+        yield Pair(a, b, node, shared)
     finally:
         await b.stop()
         await a.stop()
@@ -108,6 +111,9 @@ async def test_the_next_leader_resumes_the_scale_state_and_starts_nothing_twice(
         assert r.status_code == 202
         await wait_for(lambda: len(p.node.loads) == 3)
         # what the leader decided and sent is in the scale bucket before the loads go out
+        assert p.shared.scale is not None
+        kept = await ScaleState(p.shared.scale, ManualClock()).load()
+        assert kept.desired == {"chat": 3} and len(kept.starting) == 3
         await wait_for(lambda: p.b.service.peers.leadership.holder == "gw-a")
         await p.a.stop()  # a clean stop hands the lease over at once
         await wait_for(lambda: p.b.service.peers.deciding(), timeout_s=5.0)
