@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cli import up
+from sllm.cli import supervisor, up
 from sllm.errors import Conflict, Unavailable
 from sllm.settings import GatewaySettings, NodeSettings
 
@@ -78,8 +78,8 @@ def test_waiting_times_out_with_what_it_waited_for() -> None:
 
 
 def test_restart_backoff_doubles_and_gives_up_on_a_crash_loop() -> None:
-    assert [up.restart_delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0]
-    assert up.restart_delay(up.CRASH_LOOP) is None
+    assert [supervisor.restart_delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert supervisor.restart_delay(supervisor.CRASH_LOOP) is None
 
 
 def test_supervise_restarts_a_dead_child_and_gives_up_on_a_crash_loop(
@@ -107,10 +107,13 @@ def test_supervise_restarts_a_dead_child_and_gives_up_on_a_crash_loop(
         now[0] += seconds
 
     platform = up.Platform("http://127.0.0.1:1", "t", tmp_path, [crashing()], {"node": crashing})
-    assert up.supervise(platform, clock=lambda: now[0], sleep=sleep) == 1
+    assert (
+        supervisor.supervise(platform.servers, platform.starters, clock=lambda: now[0], sleep=sleep)
+        == 1
+    )
     err = capsys.readouterr().err
-    assert len(started) == up.CRASH_LOOP  # the first start and 5 restarts
-    assert err.count("restarting it in") == up.CRASH_LOOP - 1
+    assert len(started) == supervisor.CRASH_LOOP  # the first start and 5 restarts
+    assert err.count("restarting it in") == supervisor.CRASH_LOOP - 1
     assert "node exited (code 9) after 0.0s; restarting it in 0.5s" in err
     assert "restarting it in 8s" in err and "keeps crashing" in err and "out of memory" in err
 
@@ -139,4 +142,4 @@ def test_sigterm_during_a_restart_stops_the_platform(tmp_path: Path) -> None:
     servers = [ManagedServer("nats-1", dead, log)]
     platform = up.Platform("http://127.0.0.1:1", "t", tmp_path, servers, {"nats-1": interrupted})
     with pytest.raises(up._Stop):
-        up.supervise(platform, clock=lambda: now[0], sleep=sleep)
+        supervisor.supervise(platform.servers, platform.starters, clock=lambda: now[0], sleep=sleep)
