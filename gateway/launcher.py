@@ -95,7 +95,7 @@ class Launcher:
             functions,
             request,
             exclude,
-            protected_instances(self._table, self._registry.all()),
+            protected_instances(self._table, self._registry.all(), spec.name),
         )
         if isinstance(placement, NoCapacity):
             self._metrics.placements.labels(self._scheduler.policy, "no_capacity", "").inc()

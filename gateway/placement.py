@@ -24,10 +24,15 @@ from sllm.spec import FunctionRecord
 _APPLIED: dict[str, str] = {}
 
 
-def protected_instances(table: InstanceTable, records: Iterable[FunctionRecord]) -> set[str]:
+def protected_instances(
+    table: InstanceTable, records: Iterable[FunctionRecord], placing: str = ""
+) -> set[str]:
     """Instances a placement must not evict: requests in flight through this gateway, or their
-    function would drop below its min (its scaler would load it straight back)."""
-    protected = {i.instance_id for i in table.instances.values() if i.in_flight > 0}
+    function would drop below its min (its scaler would load it straight back), or they are of
+    the function being placed (stopping one to start another is a cold start for nothing)."""
+    protected = {
+        i.instance_id for i in table.instances.values() if i.in_flight > 0 or i.function == placing
+    }
     for record in records:
         if record.spec.scale.min > 0:
             protected.update(i.instance_id for i in table.of(record.spec.name))

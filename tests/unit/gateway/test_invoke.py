@@ -7,7 +7,7 @@ import asyncio
 import json
 
 from sllm.servers import free_port
-from tests.unit.gateway.conftest import Harness, ScriptedNode, harness
+from tests.unit.gateway.conftest import AUTH, Harness, ScriptedNode, harness
 
 
 async def wait_for(predicate, timeout_s: float = 3.0) -> None:  # type: ignore[no-untyped-def]
@@ -254,6 +254,25 @@ async def test_an_instance_at_its_functions_min_is_not_evicted() -> None:
         r = await h.client.post("/function/b", json={"prompt": "y"})
         assert r.status_code == 503
         assert not h.node.unloads
+
+
+async def test_a_scale_up_does_not_evict_an_instance_of_the_same_function() -> None:
+    # Seen in the HA tests: a full node, a scale-up of a function with an idle instance there:
+    # the placement stopped that instance to load another of the same function in its place
+    # (a cold start for nothing, and one instance fewer meanwhile).
+    async with harness() as h:
+        h.node.slots = 1
+        await h.node.heartbeat()
+        await h.deploy("a", max=2)
+        assert (await h.client.post("/function/a", json={"prompt": "x"})).status_code == 200
+        await h.node.heartbeat()  # a's instance, idle, on the only device
+        r = await h.client.post("/system/scale/a", json={"replicas": 2}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        for _ in range(20):  # ten control ticks and more: nothing is stopped, nothing loaded
+            await h.node.heartbeat()
+            await asyncio.sleep(0.02)
+        assert not h.node.unloads and len(h.node.loads) == 1
+        assert len(h.gateway.table.routable("a")) == 1
 
 
 async def test_a_load_refused_by_one_node_is_placed_on_another() -> None:
