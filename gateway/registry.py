@@ -81,7 +81,9 @@ class Registry:
                 async for entry in watch:
                     if entry is not None:
                         self._apply(entry)
-                log.info("registry: the bucket connection came back; reading it again")
+                log.info(
+                    "registry: the watch ended (NATS reconnected or its consumer was lost); reading the bucket again"
+                )
             except Exception as exc:
                 log.warning("registry: watching the bucket failed: %s", exc)
                 await asyncio.sleep(self._retry_s)

@@ -230,14 +230,24 @@ class NatsKeyValue:
     async def watch(self) -> AsyncIterator[KvEntry | None]:
         """See ``KeyValue.watch``. nats-py's watcher does not resume after the server
         restarted (measured: silent from then on), so this one ends at a reconnect (to the
-        same server, or another of the cluster)."""
+        same server, or another of the cluster). It also ends when its consumer is lost while
+        this client stays connected: the watch's ordered consumer lives on one server of a
+        cluster, not necessarily this client's, and nats-py notices its loss only after two
+        missed 5 s heartbeats (measured here: a change seen 20 s late). So while no change
+        comes, the consumer is asked for every ``WATCH_POLL_S``; no answer within
+        ``KV_ATTEMPT_S`` ends the watch, and the caller reads the bucket again (``Registry``
+        does)."""
         generation = self._bus.link.reconnects
         watcher = await self._kv.watchall()
+        # nats-py keeps the watch's subscription private; its consumer_info is public API
+        subscription = getattr(watcher, "_sub", None)
         try:
             while self._bus.link.reconnects == generation:
                 try:
                     entry = await watcher.updates(timeout=self.WATCH_POLL_S)
                 except (TimeoutError, NatsTimeout):
+                    if subscription is not None and not await self._consumer_alive(subscription):
+                        return
                     continue
                 if entry is None:
                     yield None
@@ -247,3 +257,11 @@ class NatsKeyValue:
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()
+
+    async def _consumer_alive(self, subscription: Any) -> bool:
+        try:
+            await asyncio.wait_for(subscription.consumer_info(), KV_ATTEMPT_S)
+        except Exception as exc:  # no answer, not found, not connected: start again
+            log.info("kv %s: the watch's consumer is lost (%r); watching again", self._bucket, exc)
+            return False
+        return True

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.registry import Registry
 from sllm.bus import Message
 from sllm.errors import StaleRevision
 from sllm.nats_bus import NatsBus, NatsKeyValue
 from sllm.servers import NatsCluster, find_binary, free_port, nats_client_env, stop_process
+from sllm.spec import FunctionRecord, FunctionSpec
 
 pytestmark = pytest.mark.integration
 
@@ -186,3 +188,63 @@ def test_a_server_without_the_route_password_cannot_join(
             assert json.load(resp)["num_routes"] == 0
     finally:
         stop_process(rogue)
+
+
+def _meta_leader(cluster: NatsCluster) -> str:
+    """The JetStream meta leader's name (``/jsz`` of any live member)."""
+    for member, server in zip(cluster.members, cluster.servers, strict=True):
+        if server.alive():
+            url = f"http://{member.host}:{member.http_port}/jsz"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return str(json.load(resp)["meta_cluster"]["leader"])
+    raise AssertionError("no member is alive")
+
+
+async def test_a_registry_whose_watch_consumer_is_lost_stays_current(
+    cluster: NatsCluster,
+) -> None:
+    """A watch's ordered consumer lives on one server, not necessarily its client's. That server
+    (not the JetStream meta leader, so a new watch can be made at once) is SIGKILLed; the
+    client stays connected. A function deployed meanwhile reaches the registry within
+    seconds: nats-py alone noticed the lost consumer after two missed 5 s heartbeats (a change
+    seen 20 s late here), and a gateway's registry stayed stale that long."""
+    writer_bus = await NatsBus.connect(cluster.urls, "watch-writer", seed_file=seed(cluster))
+    js = writer_bus.nc.jetstream()
+    writer = Registry(await writer_bus.key_value("watch_test", replicas=3), retry_s=0.2)
+    await writer.load()
+    await writer.create(FunctionRecord(FunctionSpec(name="a", model="m"), "k", 1))
+    names = [m.name for m in cluster.members]
+    readers: list[tuple[NatsBus, Registry]] = []
+    host = -1
+    try:
+        found: Registry | None = None
+        for i in [0, 1, 2] * 4:  # one reader per server until its consumer lands elsewhere
+            bus = await NatsBus.connect(cluster.members[i].url, f"r{i}", seed_file=seed(cluster))
+            before = {c.name for c in await js.consumers_info("KV_watch_test")}
+            registry = Registry(await bus.key_value("watch_test", replicas=3), retry_s=0.2)
+            await registry.load()
+            readers.append((bus, registry))
+            assert registry.find("a") is not None
+            (mine,) = [c for c in await js.consumers_info("KV_watch_test") if c.name not in before]
+            assert mine.cluster is not None and mine.cluster.leader is not None
+            host = names.index(mine.cluster.leader)
+            if host != i and mine.cluster.leader != _meta_leader(cluster):
+                found = registry
+                break
+        assert found is not None, "no consumer landed away from its client and the meta leader"
+        cluster.servers[host].process.send_signal(signal.SIGKILL)
+        cluster.servers[host].process.wait()
+        # waits out the bucket's election if its leader was there
+        await writer.create(FunctionRecord(FunctionSpec(name="b", model="m"), "k", 1))
+        written = time.monotonic()
+        while found.find("b") is None:
+            assert time.monotonic() - written < 5.0, "the deploy never reached the registry"
+            await asyncio.sleep(0.02)
+    finally:
+        for bus, registry in readers:
+            await registry.stop()
+            await bus.close()
+        await writer.stop()
+        await writer_bus.close()
+        if host >= 0 and not cluster.servers[host].alive():
+            await asyncio.to_thread(cluster.restart, host)
