@@ -236,6 +236,13 @@ class LocalCluster:
         body: dict[str, Any] = r.json()
         return body if r.status_code == 200 else None
 
+    def live_url(self) -> str:
+        """The URL of a gateway that is running (``gw-0``'s when it is)."""
+        for name in sorted(self.gateways):
+            if self.gateways[name].alive():
+                return self.url_of(name)
+        raise Unavailable("no gateway is running")
+
     @staticmethod
     def _until(ready: Any, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -259,6 +266,24 @@ class LocalCluster:
         return ManagedServer(name, proc, log_path)
 
     # --- functions -------------------------------------------------------------------------------
+    def clear(self, timeout_s: float = 60.0) -> None:
+        """Delete every function and wait until no node reports an instance of one: the next
+        test starts on empty nodes (their slots free)."""
+        url = self.live_url()
+        for record in httpx.get(f"{url}/system/functions", headers=AUTH, timeout=10).json():
+            name = record["name"]
+            r = httpx.delete(f"{url}/system/functions/{name}", headers=AUTH, timeout=10)
+            if r.status_code not in (200, 204, 404):
+                raise Unavailable(f"delete of {name} failed: {r.status_code} {r.text}")
+
+        def empty() -> bool:
+            nodes = httpx.get(f"{url}/system/nodes", headers=AUTH, timeout=5).json()
+            return not [
+                i for n in nodes for i in n["instances"] if i["state"] not in ("stopped", "failed")
+            ]
+
+        self._until(empty, timeout_s, "every instance to stop")
+
     def add_checkpoint(self, hf_dir: Path, key: str) -> int:
         """Convert a Hugging Face directory and push it into the store; its tensor bytes."""
         from runtime.ckpt.convert import convert_checkpoint

@@ -2,7 +2,8 @@
 cluster of three (routes authenticated, JetStream replicas 3), two gateways (``gw-0``,
 ``gw-1``) and one node (``a``), each killed and restarted by pid by the tests
 (``sllm.cluster.LocalCluster``). Every test starts from a running platform (``up`` restarts
-what an earlier test left down). Timing settings are short so faults show within seconds."""
+what an earlier test left down) with no function deployed. Timing settings are short so
+faults show within seconds."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Stage:
         if "a" not in c.nodes or not c.nodes["a"].alive():
             c.start_node("a")
         c.leader()  # one of them decides before a test begins
+        c.clear()  # and the node is empty: each test has its slots
         return c
 
 
