@@ -74,11 +74,15 @@ class LoadReports:
         own: Callable[[], dict[str, FunctionLoad]],
         report_s: float = REPORT_S,
         max_age_s: float = MAX_AGE_S,
+        on_queued: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_queued(function)``: a newer report of another gateway has requests of
+        ``function`` waiting (the leader wakes its control loop rather than wait a tick)."""
         self._bus = bus
         self.me = me
         self._clock = clock
         self._own = own
+        self._on_queued = on_queued
         self._report_s = report_s
         self._max_age_s = max_age_s
         self._seq = 0
@@ -93,8 +97,15 @@ class LoadReports:
         except ProtocolError as exc:
             log.warning("dropping a malformed gateway load report: %s", exc)
             return None
-        if report.gateway_id != self.me:
-            self.reports = keep_newest(self.reports, report, self._clock.now())
+        if report.gateway_id == self.me:
+            return None
+        kept = keep_newest(self.reports, report, self._clock.now())
+        fresh = kept.get(report.gateway_id) is not self.reports.get(report.gateway_id)
+        self.reports = kept
+        if fresh and self._on_queued is not None:
+            for function, load in report.functions.items():
+                if load.queued:
+                    self._on_queued(function)
         return None
 
     async def publish(self) -> None:

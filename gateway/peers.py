@@ -55,6 +55,8 @@ class PeerHooks:
     on_lead: Callable[[Resumed], Awaitable[None]]
     on_follow: Callable[[], None]
     on_scale: Callable[[str, int], None]
+    # requests of a function wait at another gateway (heard while this one decides)
+    on_queued: Callable[[str], None] = lambda function: None
 
 
 class Peers:
@@ -74,7 +76,7 @@ class Peers:
         self.me = me
         self._hooks = hooks
         self.leadership = Leadership(lease_kv, me, clock, lease, on_change=self._on_change)
-        self.reports = LoadReports(bus, me, clock, own_load)
+        self.reports = LoadReports(bus, me, clock, own_load, on_queued=self._queued_elsewhere)
         self.scale_state = ScaleState(scale_kv, clock)
         self._ready_term = 0  # the term whose takeover is complete
         self._tasks: set[asyncio.Task[None]] = set()
@@ -187,6 +189,10 @@ class Peers:
             return
 
     # --- what followers send the leader ----------------------------------------------------
+    def _queued_elsewhere(self, function: str) -> None:
+        if self.deciding():
+            self._hooks.on_queued(function)
+
     def waiting(self) -> None:
         """A request started waiting here: report at once rather than at the next period, so
         the leader wakes the function without a report period's delay."""

@@ -97,7 +97,8 @@ class GatewayService:
         self.commands = NodeCommands(self.bus, COMMAND_TIMEOUT_S)
         self.peers = Peers(
             self.bus, self.lease_kv, self.scale_kv, self.clock, self.settings.gateway_id,
-            self._own_load, PeerHooks(self._lead, self._follow, self._scale),
+            self._own_load,
+            PeerHooks(self._lead, self._follow, self._scale, lambda fn: self.controller.poke(fn)),
         )  # fmt: skip
         self.controller = Controller(
             self.registry,

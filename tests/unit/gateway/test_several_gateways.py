@@ -48,7 +48,7 @@ class Pair:
 
 
 @asynccontextmanager
-async def pair(**scale: Any) -> AsyncIterator[Pair]:
+async def pair(tick_s: float = 0.02, **scale: Any) -> AsyncIterator[Pair]:
     bus = MemoryBus()
     shared = Connection(bus, MemoryKeyValue(), MemoryKeyValue(), MemoryKeyValue())
     BACKEND.instances = ScriptedInstances()
@@ -59,7 +59,7 @@ async def pair(**scale: Any) -> AsyncIterator[Pair]:
 
     async def gateway(name: str) -> Gw:
         stack = AsyncExitStack()
-        app = create_app(settings(gateway_id=name), connect=connect, tick_s=0.02, settle_s=0)
+        app = create_app(settings(gateway_id=name), connect=connect, tick_s=tick_s, settle_s=0)
         await stack.enter_async_context(app.router.lifespan_context(app))
         transport = httpx.ASGITransport(app=app)
         client = httpx.AsyncClient(transport=transport, base_url=f"http://{name}")
@@ -91,6 +91,18 @@ async def test_only_the_leader_loads_and_a_request_at_the_other_wakes_the_functi
         assert len(p.node.loads) == 1  # one wake, by the leader, for a request at the other
         health = (await p.b.client.get("/healthz")).json()
         assert health["leader"] == "gw-a" and not health["deciding"]
+
+
+async def test_a_request_waiting_at_the_other_gateway_wakes_the_leader_at_once() -> None:
+    # The leader's loop runs every tick_s, and at once when a request waits *there*; one that
+    # waits at another gateway reached it only by the report, which it read at its next tick
+    # (up to 0.5 s later by default; here a tick is 60 s, so only the report can wake it).
+    async with pair(tick_s=60.0) as p:
+        started = asyncio.get_running_loop().time()
+        r = await p.b.client.post("/function/chat", json={"prompt": "hello"})
+        assert r.status_code == 200, r.text
+        assert asyncio.get_running_loop().time() - started < 5.0
+        assert len(p.node.loads) == 1
 
 
 async def test_a_manual_scale_at_the_other_gateway_is_applied_by_the_leader() -> None:
