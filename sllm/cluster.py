@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class LocalCluster:
     nats: ManagedServer | NatsCluster | None = None
     gateways: dict[str, ManagedServer] = field(default_factory=dict)
     gateway_ports: dict[str, int] = field(default_factory=dict)
+    gateway_hosts: dict[str, Host] = field(default_factory=dict)  # gateways on hosts
     nodes: dict[str, ManagedServer] = field(default_factory=dict)
     orphans: list[int] = field(default_factory=list)  # instance pids of SIGKILLed nodes
 
@@ -76,7 +78,8 @@ class LocalCluster:
         return self.url_of("gw-0")
 
     def url_of(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.gateway_ports[name]}"
+        host = self.gateway_hosts.get(name)
+        return f"http://{host.address if host else '127.0.0.1'}:{self.gateway_ports[name]}"
 
     @property
     def urls(self) -> list[str]:
@@ -112,12 +115,19 @@ class LocalCluster:
             self.root / "nats", port=self.nats_port, credentials=creds, host=self.nats_host
         )
 
-    def start_gateway(self, name: str = "gw-0", timeout_s: float = 60.0) -> None:
-        """Gateway ``name`` on its port (kept across restarts)."""
+    def start_gateway(
+        self, name: str = "gw-0", timeout_s: float = 60.0, host: Host | None = None
+    ) -> None:
+        """Gateway ``name`` on its port (kept across restarts); on ``host`` of a topology, it
+        listens on the host's address and reaches NATS and the instances over its link."""
         port = self.gateway_ports.setdefault(name, free_port())
         env = {**self._env(), "SLLM_GATEWAY_PORT": str(port), "SLLM_GATEWAY_ID": name}
+        if host is not None:
+            self.gateway_hosts[name] = host
+            env["SLLM_GATEWAY_HOST"] = host.address
         log_name = "gateway" if name == "gw-0" else f"gateway-{name}"
-        self.gateways[name] = self._spawn(log_name, ["gateway", "start"], env)
+        wrap = host.wrap if host is not None else ()
+        self.gateways[name] = self._spawn(log_name, ["gateway", "start"], env, wrap)
         self._until(
             lambda: self._healthz(name) is not None, timeout_s, f"gateway {name}'s /healthz"
         )
@@ -125,18 +135,16 @@ class LocalCluster:
     def leader(self, timeout_s: float = 30.0) -> str:
         """The gateway that decides now (every live gateway agrees on it)."""
         found: list[str] = []
+        said: dict[str, Any] = {}
 
         def agreed() -> bool:
-            deciding = [n for n, g in self.gateways.items() if g.alive() and self._deciding(n)]
-            found[:] = deciding
-            return len(deciding) == 1
+            said.clear()
+            said.update({n: self._healthz(n) for n, g in self.gateways.items() if g.alive()})
+            found[:] = [n for n, health in said.items() if health and health.get("deciding")]
+            return len(found) == 1
 
-        self._until(agreed, timeout_s, "one gateway that decides")
+        self._until(agreed, timeout_s, lambda: f"one gateway that decides (they said {said})")
         return found[0]
-
-    def _deciding(self, name: str) -> bool:
-        health = self._healthz(name)
-        return bool(health and health.get("deciding"))
 
     def start_node(
         self,
@@ -244,11 +252,12 @@ class LocalCluster:
         raise Unavailable("no gateway is running")
 
     @staticmethod
-    def _until(ready: Any, timeout_s: float, what: str) -> None:
+    def _until(ready: Any, timeout_s: float, what: str | Callable[[], str]) -> None:
         deadline = time.monotonic() + timeout_s
         while not ready():
             if time.monotonic() > deadline:
-                raise Unavailable(f"timed out after {timeout_s:.0f}s waiting for {what}")
+                about = what if isinstance(what, str) else what()
+                raise Unavailable(f"timed out after {timeout_s:.0f}s waiting for {about}")
             time.sleep(0.1)
 
     def _spawn(
