@@ -22,6 +22,7 @@ is written before its load, awaited: that ordering is the point.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class ScaleState:
         self._flush_s = flush_s
         self._pending: dict[str, bytes | None] = {}
         self._written: dict[str, bytes] = {}
+        self._flushing = asyncio.Lock()  # orders this gateway's writes; no thread waits on it
 
     async def load(self) -> Resumed:
         """Read the whole state (at a takeover). Unreadable records are skipped with a log line."""
@@ -104,7 +106,14 @@ class ScaleState:
         self._pending[key] = value
 
     async def flush(self) -> None:
-        """Write what was staged; what fails stays staged (unless restaged meanwhile)."""
+        """Write what was staged; what fails stays staged (unless restaged meanwhile). One
+        flush at a time: one that returns has written everything staged before it was called
+        (a load's start record must not overtake the desired count that asked for it, which a
+        background flush may be writing at that moment)."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         batch, self._pending = self._pending, {}
         for key, value in batch.items():
             try:

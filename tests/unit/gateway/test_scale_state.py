@@ -119,3 +119,43 @@ async def test_the_flush_loop_runs_on_the_injected_clock() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class SlowKeyValue(MemoryKeyValue):
+    """A put of a key in ``held`` waits for ``release``; every put is logged in order done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[str] = set()
+        self.release = asyncio.Event()
+        self.done: list[str] = []
+
+    async def put(self, key: str, value: bytes) -> int:
+        if key in self.held:
+            await self.release.wait()
+        revision = await super().put(key, value)
+        self.done.append(key)
+        return revision
+
+
+async def test_a_flush_waits_for_the_one_in_progress() -> None:
+    # The leader flushes the desired count before a load's start record; a background flush
+    # already writing that count made the second flush return at once, and the start record
+    # could land first (a takeover then saw a load nothing asked for).
+    kv = SlowKeyValue()
+    kv.held.add("desired.chat")
+    state = ScaleState(kv, ManualClock())
+    state.set_desired("chat", 1, term=1)
+    background = asyncio.create_task(state.flush())
+    await asyncio.sleep(0)  # it took the staged count and is writing it
+
+    async def load() -> None:
+        await state.flush()
+        await state.booked(StartRecord("chat-1", "chat", "node-a", "cpu:0", 1, 1))
+
+    sending = asyncio.create_task(load())
+    await asyncio.sleep(0.01)
+    assert kv.done == []  # the start record waits for the count
+    kv.release.set()
+    await asyncio.gather(background, sending)
+    assert kv.done == ["desired.chat", "start.chat-1"]
