@@ -189,9 +189,14 @@ class LocalCluster:
         import psutil
 
         node = psutil.Process(self.nodes[node_id].process.pid)
-        return [
-            p.pid for p in node.children() if "runtime.instance.worker" in " ".join(p.cmdline())
-        ]
+        pids = []
+        for child in node.children():
+            try:
+                if "runtime.instance.worker" in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                continue  # killed already (its node reaps it)
+        return pids
 
     def stop(self) -> None:
         for node in self.nodes.values():
