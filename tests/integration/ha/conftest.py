@@ -56,7 +56,9 @@ def stage(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
         nats_size=3,
         env={
             "SLLM_HEARTBEAT_INTERVAL": "0.3s",
-            "SLLM_NODE_TIMEOUT": "2s",
+            # no node is killed here: a long timeout keeps a node starved of CPU for a few
+            # seconds (a loaded 2-core machine) from being given up
+            "SLLM_NODE_TIMEOUT": "10s",
             "SLLM_WAKE_TIMEOUT": "120s",
             "SLLM_POLICY": "least-loaded",
             # long: a manual scale holds (no load would keep it) while its loads take their time
