@@ -52,6 +52,8 @@ class Instance:
     tier: str = ""
     # sent on every call to the instance (sllm.instance_auth); never shown by summary()
     secret: str = field(default="", repr=False)
+    backend: str = ""
+    backend_reason: str = ""
 
     def summary(self) -> dict[str, object]:
         return {
@@ -62,6 +64,8 @@ class Instance:
             "address": self.address,
             "in_flight": self.in_flight,
             "revision": self.revision,
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
         }
 
 
@@ -172,6 +176,7 @@ class InstanceTable:
             inst.address = event.address
             inst.secret = event.secret or inst.secret
             inst.tier = event.tier
+            inst.backend, inst.backend_reason = event.backend, event.backend_reason
             if inst.state in ("starting", "unreachable"):
                 inst.state = "ready"
                 inst.since = now
@@ -256,6 +261,8 @@ class InstanceTable:
             self.instances[state.instance_id] = inst
             change.adopted.append(inst)
         inst.device = state.device or inst.device
+        if state.backend:
+            inst.backend, inst.backend_reason = state.backend, state.backend_reason
         if state.address:
             inst.address = state.address
         if state.secret:

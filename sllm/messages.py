@@ -167,6 +167,8 @@ class InstanceState:
     tokens_out: int = 0
     revision: int = 1
     secret: str = field(default="", repr=False)
+    backend: str = ""  # "vllm" | "transformers" once chosen
+    backend_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,8 @@ class NodeHeartbeat:
 class InstanceEvent:
     """kind: ready | failed | stopped. On ready, ``address`` is http://host:port and ``secret``
     what its callers must send; ``tier`` says where the checkpoint came from and ``load_s`` how
-    long command-to-ready took. On failed, ``code`` is the error's stable code
+    long command-to-ready took; ``backend`` is the inference engine the instance runs and
+    ``backend_reason`` why it was chosen. On failed, ``code`` is the error's stable code
     (``cache_full``, ``checkpoint_invalid``, ...)."""
 
     kind: str
@@ -211,6 +214,8 @@ class InstanceEvent:
     revision: int = 1
     secret: str = field(default="", repr=False)
     code: str = ""
+    backend: str = ""
+    backend_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ _MEMORY_UNITS = {
     "Gi": 2**30,
     "Ti": 2**40,
 }
+BACKENDS = ("auto", "vllm", "transformers")
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Who may invoke a function: anyone (public) or callers with an invocation key (private).
@@ -112,12 +113,15 @@ class Generation:
 class FunctionSpec:
     """What a user deploys. ``model`` is a local path or a store URL (s3://bucket/prefix).
     ``auth``: "private" (the default, also for records stored before the field existed)
-    wants an invocation key; "public" lets anyone who reaches the gateway invoke it."""
+    wants an invocation key; "public" lets anyone who reaches the gateway invoke it.
+    ``backend``: the instance's inference engine; ``auto`` picks vLLM where the node has it and
+    it supports the model, else transformers."""
 
     name: str
     model: str
     handler: str = "chat"
     auth: str = "private"
+    backend: str = "auto"
     resources: Resources = field(default_factory=Resources)
     scale: Scale = field(default_factory=Scale)
     generation: Generation = field(default_factory=Generation)
@@ -280,7 +284,9 @@ def _float_in(value: object, key: str, lo: float, hi: float, lines: dict[str, in
     return float(number)
 
 
-_TOP = {"name", "model", "handler", "auth", "resources", "scale", "generation", "env"}
+_TOP = {
+    "name", "model", "handler", "auth", "backend", "resources", "scale", "generation", "env",
+}  # fmt: skip
 
 
 def _build(data: dict[str, Any], *, lines: dict[str, int], internal: bool) -> FunctionSpec:
@@ -304,6 +310,11 @@ def _build(data: dict[str, Any], *, lines: dict[str, int], internal: bool) -> Fu
         raise ValidationFailed(
             f"{_where('handler', lines)}: expected 'chat', 'completion' or 'module:function', "
             f"got {handler!r}"
+        )
+    backend = data.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValidationFailed(
+            f"{_where('backend', lines)}: expected one of {', '.join(BACKENDS)}, got {backend!r}"
         )
 
     auth = data.get("auth", "private")
@@ -367,6 +378,7 @@ def _build(data: dict[str, Any], *, lines: dict[str, int], internal: bool) -> Fu
         model=model.strip(),
         handler=handler,
         auth=str(auth),
+        backend=str(backend),
         resources=resources,
         scale=scale,
         generation=generation,

@@ -9,7 +9,7 @@ import queue
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from runtime.engine.engine import Engine
+from runtime.backend.base import Backend
 from runtime.engine.request import ErrorEvent, Event, FinishEvent, RequestState, TokenEvent
 from sllm.errors import SllmError
 
@@ -19,7 +19,7 @@ def raise_for(event: ErrorEvent) -> None:
     raise SllmError(event.message, code=event.code, status=status)
 
 
-async def aiter_events(engine: Engine, state: RequestState) -> AsyncIterator[Event]:
+async def aiter_events(engine: Backend, state: RequestState) -> AsyncIterator[Event]:
     """Submit ``state`` and yield its events until (and including) the finish or error."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
@@ -39,7 +39,7 @@ async def aiter_events(engine: Engine, state: RequestState) -> AsyncIterator[Eve
             engine.cancel(state.request_id)
 
 
-def iter_events(engine: Engine, state: RequestState, timeout_s: float = 3600.0) -> Iterator[Event]:
+def iter_events(engine: Backend, state: RequestState, timeout_s: float = 3600.0) -> Iterator[Event]:
     """Blocking version of ``aiter_events`` for worker threads."""
     events: queue.Queue[Event] = queue.Queue()
     engine.submit(state, events.put)
@@ -63,7 +63,7 @@ def completion_body(request_id: str, text: str, finish: FinishEvent) -> dict[str
     }
 
 
-async def generate(engine: Engine, state: RequestState) -> dict[str, Any]:
+async def generate(engine: Backend, state: RequestState) -> dict[str, Any]:
     """Run ``state`` to the end; the non-streaming response body."""
     parts: list[str] = []
     async for event in aiter_events(engine, state):
@@ -76,7 +76,7 @@ async def generate(engine: Engine, state: RequestState) -> dict[str, Any]:
     raise SllmError("generation ended without a finish event")
 
 
-def generate_blocking(engine: Engine, state: RequestState) -> dict[str, Any]:
+def generate_blocking(engine: Backend, state: RequestState) -> dict[str, Any]:
     parts: list[str] = []
     for event in iter_events(engine, state):
         if isinstance(event, TokenEvent):

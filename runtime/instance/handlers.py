@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from runtime.backend.base import Backend
 from runtime.engine.consumers import aiter_events, generate, generate_blocking, iter_events
-from runtime.engine.engine import Engine
 from runtime.engine.prompts import Tokenizing, build_request
 from runtime.engine.request import ErrorEvent, TokenEvent
 from runtime.engine.sampling import SamplingDefaults
@@ -45,7 +45,7 @@ class HandlerContext:
     ``for_request`` gives the copy one call of the handler uses: it remembers the generations
     started through it, so ``cancel`` (the client went away) stops them, and refuses new ones."""
 
-    engine: Engine
+    engine: Backend
     tok: Tokenizing
     defaults: SamplingDefaults
     env: dict[str, str]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.engine.engine import Engine
+from runtime.backend.base import Backend
+from runtime.backend.transformers import TransformersBackend
 from runtime.engine.prompts import Tokenizing
 from runtime.engine.request import ErrorEvent, Event, FinishEvent, RequestState
 from runtime.engine.sampling import SamplingDefaults, SamplingParams
@@ -52,6 +53,8 @@ class LoadSpec:
     threads: int = 0
     # what every caller must send (sllm.instance_auth); a load without one fails
     secret: str = field(default="", repr=False)
+    backend: str = "transformers"  # the node's choice (runtime.backend.choice)
+    backend_reason: str = ""  # why, when the spec said auto
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> LoadSpec:
@@ -64,7 +67,7 @@ def torch_device(device: str) -> str:
     return "cpu" if device.startswith("cpu") else device
 
 
-def _wait(engine: Engine, state: RequestState) -> None:
+def _wait(engine: Backend, state: RequestState) -> None:
     events: queue.Queue[Event] = queue.Queue()
     engine.submit(state, events.put)
     while True:
@@ -75,7 +78,7 @@ def _wait(engine: Engine, state: RequestState) -> None:
             return
 
 
-def warm_up(engine: Engine, token_id: int = 0) -> None:
+def warm_up(engine: Backend, token_id: int = 0) -> None:
     """A two-token greedy generation through the engine: one prefill and one batched decoding
     step (exercises every code path a request takes)."""
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
@@ -127,7 +130,7 @@ def pool_warm_up() -> None:
         model_class(config)
     model: Any = model_class(config)
     model.eval()
-    engine = Engine(model, lambda ids: "", eos_ids=[], max_batch=2)
+    engine = TransformersBackend(model, lambda ids: "", eos_ids=[], max_batch=2)
     engine.start()
     try:
         warm_up(engine)
@@ -195,7 +198,7 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
     t2 = time.monotonic()
     tok = Tokenizing(tokenizer)
     defaults = _defaults(spec.generation)
-    engine = Engine(
+    engine = TransformersBackend(
         model, tok.decode, eos_ids=eos_ids_of(model, tokenizer), max_batch=spec.max_batch
     )
     engine.start()

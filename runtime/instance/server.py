@@ -23,8 +23,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive
 
+from runtime.backend.base import Backend
 from runtime.engine.consumers import generate
-from runtime.engine.engine import Engine
 from runtime.engine.prompts import Tokenizing, build_request
 from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults
@@ -43,7 +43,7 @@ class InstanceService:
     function: str
     instance_id: str
     handler: str
-    engine: Engine
+    engine: Backend
     tok: Tokenizing
     defaults: SamplingDefaults
     context: HandlerContext

@@ -17,10 +17,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from runtime.backend.base import Backend
 from runtime.engine.consumers import aiter_events
-from runtime.engine.engine import Engine
 from runtime.engine.request import Event, FinishEvent, RequestState
-from runtime.migration.staging import Stager
 
 
 @dataclass(frozen=True)
@@ -51,16 +50,16 @@ class Handoff:
 class MigrationHub:
     """One per engine: the streamed requests, pending switches, and the target-side stager."""
 
-    _hubs: ClassVar[weakref.WeakKeyDictionary[Engine, MigrationHub]] = weakref.WeakKeyDictionary()
+    _hubs: ClassVar[weakref.WeakKeyDictionary[Backend, MigrationHub]] = weakref.WeakKeyDictionary()
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Backend) -> None:
         self.engine = engine
-        self.stager = Stager(engine, time.monotonic)
+        self.stager = engine.new_stager(time.monotonic)
         self.streams: set[str] = set()
         self._switching: dict[str, tuple[Target, asyncio.Future[dict[str, Any] | None]]] = {}
 
     @classmethod
-    def of(cls, engine: Engine) -> MigrationHub:
+    def of(cls, engine: Backend) -> MigrationHub:
         hub = cls._hubs.get(engine)
         if hub is None:
             hub = cls._hubs[engine] = MigrationHub(engine)
@@ -112,7 +111,7 @@ class MigrationHub:
             entry[1].set_result(None)  # finished here before the switch: nothing to move
 
 
-async def handoff_events(engine: Engine, state: RequestState) -> AsyncIterator[Event | Handoff]:
+async def handoff_events(engine: Backend, state: RequestState) -> AsyncIterator[Event | Handoff]:
     """``aiter_events`` for a streamed request that live migration may move: the same events,
     except that a request switched to another instance ends with a ``Handoff``."""
     hub = MigrationHub.of(engine)

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from runtime.engine.engine import Engine
+from runtime.backend.base import Backend
 from runtime.engine.request import FinishEvent, RequestState, TokenEvent
 from runtime.migration.handoff import Handoff, MigrationHub, Target, handoff_events
 from sllm.errors import InvalidInput, SllmError
@@ -59,7 +59,7 @@ def _sse(payload: object) -> bytes:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-async def event_stream(engine: Engine, state: RequestState) -> AsyncIterator[bytes]:
+async def event_stream(engine: Backend, state: RequestState) -> AsyncIterator[bytes]:
     """The Instance API's event stream for ``state`` (as ``/v1/generate`` sends it)."""
     async for event in handoff_events(engine, state):
         if isinstance(event, TokenEvent):
@@ -79,7 +79,7 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         yield chunk
 
 
-def migration_routes(engine: Engine) -> list[Route]:
+def migration_routes(engine: Backend) -> list[Route]:
     hub = MigrationHub.of(engine)
 
     async def requests(request: Request) -> Response:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from runtime.backend.choice import BackendChoice, ModelFacts, choose_backend
 from runtime.node.devices import DeviceTable, threads_per_slot
 from runtime.node.worker_process import InstanceBackend, WorkerProcess
 from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
@@ -56,6 +57,8 @@ class Instance:
     tier: str = ""
     load_s: float = 0.0
     pre_started: bool = False
+    backend: str = ""  # chosen once the checkpoint is fetched (runtime.backend.choice)
+    backend_reason: str = ""
     queued: bool = False  # waiting for a stopping instance to give its device back
     timings: dict[str, float] = field(default_factory=dict)
     worker: WorkerProcess | None = None
@@ -83,6 +86,8 @@ class Instance:
             tokens_out=self.tokens_out,
             revision=self.record.revision,
             secret=self.secret if self.address else "",
+            backend=self.backend,
+            backend_reason=self.backend_reason,
         )
 
 
@@ -213,6 +218,8 @@ class Supervisor:
             fetched = await asyncio.to_thread(self.cache.fetch, inst.record.checkpoint)
             inst.fetched = True
             inst.tier = str(fetched.tier)
+            choice = self._choose_backend(inst, Path(fetched.directory))
+            inst.backend, inst.backend_reason = choice.backend, choice.reason
             if inst.queued:
                 await self._take_device(inst)
             if inst.stopping:  # unloaded while the checkpoint was being fetched
@@ -298,7 +305,18 @@ class Supervisor:
             "handler_dir": inst.worker.handler_dir(self.handler_root / inst.instance_id),
             "threads": threads,
             "secret": inst.secret,
+            "backend": inst.backend,
+            "backend_reason": inst.backend_reason,
         }
+
+    def _choose_backend(self, inst: Instance, entry_dir: Path) -> BackendChoice:
+        """ValidationFailed (a failed load naming why) when the spec's backend cannot run."""
+        return choose_backend(
+            inst.record.spec.backend,
+            ModelFacts.read(entry_dir),
+            None,
+            on_cpu=inst.device.startswith("cpu"),
+        )
 
     async def _kill_after(self, inst: Instance, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -343,6 +361,8 @@ class Supervisor:
             revision=inst.record.revision,
             secret=inst.secret if kind == "ready" else "",
             code=inst.error_code if kind == "failed" else "",
+            backend=inst.backend,
+            backend_reason=inst.backend_reason,
         )
         try:
             await self.publish_event(event)

@@ -166,6 +166,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     print(f"Name:        {fn.get('name')}")
     print(f"Model:       {spec.get('model')}")
     print(f"Handler:     {spec.get('handler')}")
+    print(f"Backend:     {spec.get('backend', 'auto')}")
     print(f"Revision:    {fn.get('revision')}")
     print(
         f"Checkpoint:  {fn.get('checkpoint')} ({human_bytes(int(fn.get('checkpoint_bytes') or 0))})"
@@ -186,19 +187,23 @@ def cmd_describe(args: argparse.Namespace) -> int:
     print("\nInstances:")
     if instances:
         print_table(
-            ["ID", "NODE", "DEVICE", "STATE", "IN FLIGHT", "ADDRESS"],
+            ["ID", "NODE", "DEVICE", "STATE", "BACKEND", "IN FLIGHT", "ADDRESS"],
             [
                 [
                     str(i.get("id")),
                     str(i.get("node")),
                     str(i.get("device")),
                     str(i.get("state")),
+                    str(i.get("backend") or "-"),
                     str(i.get("in_flight", 0)),
                     str(i.get("address") or "-"),
                 ]
                 for i in instances
             ],
         )
+        # why each backend was chosen (an auto that fell back names what vLLM lacked)
+        for reason in sorted({str(i.get("backend_reason")) for i in instances} - {"", "None"}):
+            print(f"  backend: {reason}")
     else:
         print("  none (scaled to zero: the next request starts one)")
     cache = fn.get("cache") or []

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runtime.engine.engine import Engine
+from runtime.backend.transformers import TransformersBackend
 from runtime.engine.prompts import Tokenizing
 from runtime.engine.sampling import SamplingDefaults
 from runtime.instance.handlers import CustomHandler, HandlerContext
@@ -29,14 +29,16 @@ DEADLINE_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[tuple[Engine, Tokenizing]]:
+def engine(tiny_model_dir: Path) -> Iterator[tuple[TransformersBackend, Tokenizing]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok = Tokenizing(tokenizer)
     # rotary positions extend past the config's 512, so a request can be made long enough
-    eng = Engine(model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_context=LONG + 512)
+    eng = TransformersBackend(
+        model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_context=LONG + 512
+    )
     eng.start()
     yield eng, tok
     eng.stop()
@@ -83,7 +85,9 @@ class Served:
 
 
 @pytest.fixture(params=["builtin", "sync-handler", "async-handler"])
-def served(request: pytest.FixtureRequest, engine: tuple[Engine, Tokenizing]) -> Iterator[Served]:
+def served(
+    request: pytest.FixtureRequest, engine: tuple[TransformersBackend, Tokenizing]
+) -> Iterator[Served]:
     eng, tok = engine
     defaults = SamplingDefaults(max_tokens=8, temperature=0.0)
     custom = {

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runtime.engine.engine import Engine
+from runtime.backend.transformers import TransformersBackend
 from runtime.engine.prompts import Tokenizing
 from runtime.engine.sampling import SamplingDefaults
 from runtime.instance.handlers import HandlerContext
@@ -19,13 +19,13 @@ from runtime.instance.server import InstanceService, build_app
 
 
 @pytest.fixture(scope="module")
-def engine_parts(tiny_model_dir: Path) -> Iterator[tuple[Engine, Tokenizing]]:
+def engine_parts(tiny_model_dir: Path) -> Iterator[tuple[TransformersBackend, Tokenizing]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok = Tokenizing(tokenizer)
-    engine = Engine(model, tok.decode, eos_ids=[tokenizer.eos_token_id])
+    engine = TransformersBackend(model, tok.decode, eos_ids=[tokenizer.eos_token_id])
     engine.start()
     yield engine, tok
     engine.stop()
@@ -33,7 +33,7 @@ def engine_parts(tiny_model_dir: Path) -> Iterator[tuple[Engine, Tokenizing]]:
 
 @pytest.fixture
 async def api(
-    engine_parts: tuple[Engine, Tokenizing],
+    engine_parts: tuple[TransformersBackend, Tokenizing],
 ) -> AsyncIterator[tuple[httpx.AsyncClient, InstanceService]]:
     engine, tok = engine_parts
     defaults = SamplingDefaults(max_tokens=8, temperature=0.0)

@@ -88,3 +88,15 @@ def test_auth_is_private_unless_public() -> None:
     assert FunctionSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValidationFailed, match=r"auth \(line 3\): expected 'public' or 'private'"):
         parse_spec_yaml("name: a\nmodel: m\nauth: open\n")
+
+
+def test_backend_defaults_to_auto_and_round_trips() -> None:
+    assert parse_spec_yaml("name: a\nmodel: ./m\n").backend == "auto"
+    spec = parse_spec_yaml("name: a\nmodel: ./m\nbackend: vllm\n")
+    assert spec.backend == "vllm"
+    assert FunctionSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_unknown_backend_is_named_with_its_line() -> None:
+    with pytest.raises(ValidationFailed, match=r"backend \(line 3\): expected one of auto, vllm"):
+        parse_spec_yaml("name: a\nmodel: ./m\nbackend: tensorrt\n")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runtime.engine.engine import Engine
+from runtime.backend.transformers import TransformersBackend
 from runtime.engine.prompts import Tokenizing
 from runtime.engine.request import ErrorEvent, Event, FinishEvent, RequestState, TokenEvent
 
@@ -25,7 +25,7 @@ class Outcome:
 
 @dataclass
 class EngineHarness:
-    engine: Engine
+    engine: TransformersBackend
     tok: Tokenizing
 
     def submit(self, state: RequestState) -> queue.Queue[Event]:
@@ -57,7 +57,7 @@ def harness(tiny_model_dir: Path) -> Iterator[EngineHarness]:
     model: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok = Tokenizing(tokenizer)
-    engine = Engine(model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_batch=8)
+    engine = TransformersBackend(model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_batch=8)
     engine.start()
     yield EngineHarness(engine, tok)
     engine.stop()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from runtime.engine.engine import Engine
+from runtime.backend.transformers import TransformersBackend
 from runtime.engine.prompts import Tokenizing
 from runtime.engine.request import Event, FinishEvent, RequestState, TokenEvent
 from runtime.engine.sampling import SamplingParams
@@ -50,7 +50,9 @@ def engines(tiny_model_dir: Path) -> Iterator[tuple[EngineHarness, EngineHarness
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok = Tokenizing(tokenizer)
     made = [
-        Engine(model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_batch=8, prefill_chunk=c)
+        TransformersBackend(
+            model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_batch=8, prefill_chunk=c
+        )
         for c in (CHUNK, 0)
     ]
     for e in made:
@@ -239,7 +241,9 @@ def test_cancel_during_prefill_finishes_it_and_frees_its_slot(
 
 
 def test_a_prefilling_request_counts_against_the_batch_limit(chunked: EngineHarness) -> None:
-    engine = Engine(chunked.engine.model, lambda ids: "", max_batch=1, prefill_chunk=CHUNK)
+    engine = TransformersBackend(
+        chunked.engine.model, lambda ids: "", max_batch=1, prefill_chunk=CHUNK
+    )
     engine.start()
     try:
         log = Log()

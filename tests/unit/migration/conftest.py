@@ -15,7 +15,7 @@ from gateway.dispatcher import Dispatcher
 from gateway.instances import InstanceTable
 from gateway.migration.orchestrator import Migrator
 from gateway.registry import Registry
-from runtime.engine.engine import Engine
+from runtime.backend.transformers import TransformersBackend
 from runtime.engine.prompts import Tokenizing
 from sllm.bus import MemoryBus, MemoryKeyValue, Message
 from sllm.clock import SystemClock
@@ -34,13 +34,13 @@ from sllm.spec import FunctionRecord, FunctionSpec
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> Iterator[Engine]:
+def engine(tiny_model_dir: Path) -> Iterator[TransformersBackend]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model: Any = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok = Tokenizing(tokenizer)
-    engine = Engine(model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_batch=8)
+    engine = TransformersBackend(model, tok.decode, eos_ids=[tokenizer.eos_token_id], max_batch=8)
     engine.start()
     yield engine
     engine.stop()
