@@ -42,7 +42,8 @@ $(UV): | $(BIN)/python
 	$(BIN)/pip install -qq uv==$(UV_VERSION)
 
 ifeq ($(LATEST),)
-$(STAMP): $(LOCK) | $(UV) lockcheck
+# pyproject.toml too: the editable install carries its entry points (vLLM's plugin hook)
+$(STAMP): $(LOCK) pyproject.toml | $(UV) lockcheck
 	$(UV) pip sync -q --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
 	$(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)

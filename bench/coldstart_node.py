@@ -102,6 +102,7 @@ class Node:
             "SLLM_NODE_ID": node_id,
             "SLLM_CACHE_DIR": str(cache_dir),
             "SLLM_POOL_SIZE": str(pool),
+            "SLLM_VLLM": "off",  # the transformers backend only: no vLLM process
             "SLLM_CPU_SLOTS": "1",
             "SLLM_DRAM_CAPACITY": "6Gi",
             "SLLM_SSD_CAPACITY": "8Gi",

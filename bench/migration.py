@@ -251,6 +251,7 @@ def start_node(root: Path) -> tuple[Any, subprocess.Popen[bytes], dict[str, str]
         "SLLM_SSD_CAPACITY": "512Mi",
         "SLLM_CPU_SLOTS": "2",
         "SLLM_POOL_SIZE": "1",
+        "SLLM_VLLM": "off",  # the transformers backend only: no vLLM process
         "SLLM_HEARTBEAT_INTERVAL": "1s",
     }
     with open(root / "node.log", "wb") as log:

@@ -45,6 +45,13 @@ class TinyConfig:
     dtype: str = "float32"
 
 
+# For the vLLM backend's tests: head_dim 64 (128 / 2 heads), a size vLLM's CPU attention has
+# kernels for (it refuses the default's 16).
+VLLM_TINY = TinyConfig(
+    hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
+)
+
+
 def train_tokenizer(vocab_size: int) -> object:
     """A byte-level BPE ``tokenizers.Tokenizer`` trained on the built-in corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

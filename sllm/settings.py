@@ -62,6 +62,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "",
         "runtime image of container instances (empty: build this checkout's, cached by digest)",
     ),
+    "SLLM_VLLM": (
+        "auto",
+        "the vLLM backend on this node: auto (when vllm is installed), on (required), off",
+    ),
+    "SLLM_VLLM_POOL_SIZE": ("1", "pre-started vLLM instance processes (vllm imported)"),
     "SLLM_HEARTBEAT_INTERVAL": ("2s", "node heartbeat period"),
     "SLLM_STORE_BANDWIDTH": (
         "",
@@ -242,6 +247,8 @@ class NodeSettings:
     nats_seed_file: str = ""
     instances: str = "process"  # process | container | auto
     instance_image: str = ""
+    vllm: str = "auto"  # auto | on | off
+    vllm_pool_size: int = 1
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -259,6 +266,9 @@ class NodeSettings:
             raise ValidationFailed(
                 f"SLLM_INSTANCES={instances!r}: must be one of {', '.join(INSTANCE_MODES)}"
             )
+        vllm = _get(env, "SLLM_VLLM")
+        if vllm not in ("auto", "on", "off"):
+            raise ValidationFailed(f"SLLM_VLLM={vllm!r}: must be one of auto, on, off")
         return NodeSettings(
             node_id=node_id,
             nats_urls=_parse(env, "SLLM_NATS_URL", as_nats_urls),
@@ -274,6 +284,8 @@ class NodeSettings:
             nats_seed_file=_get(env, "SLLM_NATS_SEED_FILE"),
             instances=instances,
             instance_image=_get(env, "SLLM_INSTANCE_IMAGE"),
+            vllm=vllm,
+            vllm_pool_size=_parse(env, "SLLM_VLLM_POOL_SIZE", int_in(0, 64)),
         )
 
 

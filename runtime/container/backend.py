@@ -26,6 +26,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 SLOT = "/sllm"  # where a container sees its slot
 SCRATCH_SIZE = "512m"  # /tmp tmpfs: handler files, library caches (counts as its memory)
 PIDS_LIMIT = 4096
+# the runtime image installs the `runtime` extra only: vLLM (several GB with its torch pins)
+# is not in it, so functions that ask for it are refused and `auto` falls back to transformers
+VLLM_IN_CONTAINERS = (
+    "vLLM instances do not run in containers yet: the runtime image has no vLLM "
+    "(SLLM_INSTANCES=process, `sllm up --instances process`, runs them as processes)"
+)
 
 
 class ContainerWorker(WorkerProcess):
@@ -299,11 +306,16 @@ class ContainerBackend:
             "image of %s ready: %s (%.1fs)", record.spec.name, image, time.monotonic() - started
         )
 
-    async def take(self, record: FunctionRecord) -> tuple[WorkerProcess, bool]:
+    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
+        if engine == "vllm":
+            raise Unavailable(VLLM_IN_CONTAINERS)
         image = await self.image_for(record)
         pool = self._pool(image)
         self.seen[image].add(record.checkpoint)
         return await pool.take()
+
+    async def vllm_support(self) -> dict[str, Any]:
+        raise Unavailable(VLLM_IN_CONTAINERS)
 
     def replenish(self) -> None:
         for pool in self.pools.values():

@@ -53,6 +53,8 @@ class LoadSpec:
     threads: int = 0
     # what every caller must send (sllm.instance_auth); a load without one fails
     secret: str = field(default="", repr=False)
+    memory_bytes: int = 2 << 30  # the function's resources.memory (vLLM: weights + KV cache)
+    cache_dir: str = ""  # the node's cache directory
     backend: str = "transformers"  # the node's choice (runtime.backend.choice)
     backend_reason: str = ""  # why, when the spec said auto
 
@@ -171,15 +173,18 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     entry = Path(spec.entry_dir)
+    vllm = spec.backend == "vllm"  # vLLM builds its own model inside its engine
     with ThreadPoolExecutor(1, thread_name_prefix="sllm-skeleton") as pool:
-        skeleton = pool.submit(build_skeleton, entry)
+        skeleton = None if vllm else pool.submit(build_skeleton, entry)
         mapped = premapped or map_entry(entry, fill=on_cpu)
         kept: MappedImage | None = mapped
+        tensors: dict[str, Any] = {}
         if on_cpu:
             if not mapped.populated:
                 mapped.populated = populate(mapped.mapping)
-            tensors = tensor_views(mapped.index, mapped.image)
-        else:
+            if not vllm:
+                tensors = tensor_views(mapped.index, mapped.image)
+        elif not vllm:  # vLLM copies the weights to its device through the sllm_dram loader
             from runtime.loader.cuda import image_to_device
 
             placed = image_to_device(mapped.index, mapped.image, device)
@@ -191,17 +196,25 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
         timings["map_s"] = time.monotonic() - t0
 
         t1 = time.monotonic()
-        model: Any = assign_tensors(skeleton.result(), entry, tensors)
+        model: Any = None if skeleton is None else assign_tensors(skeleton.result(), entry, tensors)
     tokenizer = load_tokenizer(entry)
+    tok = Tokenizing(tokenizer)
+    engine: Backend
+    if model is None:
+        from runtime.backend.vllm_build import VllmOptions, open_vllm
+
+        options = VllmOptions(
+            on_cpu, spec.memory_bytes, spec.max_batch, spec.cache_dir, spec.threads
+        )
+        engine = open_vllm(entry, mapped, tokenizer, options)
+    else:
+        eos = eos_ids_of(model, tokenizer)
+        engine = TransformersBackend(model, tok.decode, eos_ids=eos, max_batch=spec.max_batch)
+        engine.start()
     timings["build_s"] = time.monotonic() - t1
 
     t2 = time.monotonic()
-    tok = Tokenizing(tokenizer)
     defaults = _defaults(spec.generation)
-    engine = TransformersBackend(
-        model, tok.decode, eos_ids=eos_ids_of(model, tokenizer), max_batch=spec.max_batch
-    )
-    engine.start()
     context = HandlerContext(
         engine, tok, defaults, dict(spec.env), model=model, tokenizer=tokenizer
     )
@@ -218,7 +231,10 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
 
     t3 = time.monotonic()
     bos = getattr(tokenizer, "bos_token_id", None)
-    forward_warm_up(model, int(bos) if isinstance(bos, int) else 0)
+    if model is not None:
+        forward_warm_up(model, int(bos) if isinstance(bos, int) else 0)
+    else:  # one prefill and one decoding step through the engine
+        warm_up(engine, int(bos) if isinstance(bos, int) else 0)
     timings["warm_up_s"] = time.monotonic() - t3
     service = InstanceService(
         function=spec.function,

@@ -146,8 +146,14 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(threads)
-    pool_warm_up()
-    send({"event": "idle", "pid": os.getpid(), "startup_s": time.monotonic() - started})
+    idle: dict[str, Any] = {"event": "idle", "pid": os.getpid()}
+    if os.environ.get("SLLM_WORKER_BACKEND") == "vllm":
+        from runtime.backend.vllm_process import pool_warm_up as vllm_warm_up
+
+        idle["vllm"] = vllm_warm_up()
+    else:
+        pool_warm_up()
+    send({**idle, "startup_s": time.monotonic() - started})
 
     premapper = Premapper()
     command = _wait_for_load(premapper)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from runtime.backend.vllm_process import vllm_unavailable
 from runtime.migration.node import run_migrate_command
 from runtime.node.devices import Device, DeviceTable, threads_per_slot
 from runtime.node.supervisor import CheckpointCache, Supervisor
@@ -61,6 +62,17 @@ def instance_env(devices: list[Device]) -> dict[str, str]:
     return {"SLLM_INSTANCE_THREADS": str(threads_per_slot(slots))} if slots else {}
 
 
+def process_backend(settings: NodeSettings, devices: list[Device]) -> ProcessBackend:
+    """Instances as child processes, with a vLLM pool when this node offers vLLM
+    (``SLLM_VLLM``; ValidationFailed when it is ``on`` and vLLM is not installed)."""
+    return ProcessBackend(
+        settings.pool_size,
+        instance_env(devices),
+        settings.vllm_pool_size,
+        vllm_unavailable(settings.vllm),
+    )
+
+
 class NodeAgent:
     def __init__(
         self,
@@ -86,7 +98,7 @@ class NodeAgent:
         self.dram_entry = dram_entry if cpu_only else None
         self.devices = DeviceTable(devices)
         slots = sum(1 for d in devices if d.kind == "cpu")
-        self.backend = backend or ProcessBackend(settings.pool_size, instance_env(devices))
+        self.backend = backend or process_backend(settings, devices)
         self.supervisor = Supervisor(
             node_id=self.node_id,
             host=settings.host,
@@ -97,6 +109,7 @@ class NodeAgent:
             publish_log=self._publish_log,
             cpu_slots=max(slots, 1),
             handler_root=Path(settings.cache_dir) / "handlers",
+            cache_dir=str(settings.cache_dir),
         )
         self.seq = 0
         self.draining = False
@@ -110,9 +123,9 @@ class NodeAgent:
         self._sub = await self.bus.subscribe(node_cmd_subject(self.node_id), self.handle)
         self._heartbeats = asyncio.create_task(self._heartbeat_loop())
         log.info(
-            "node %s up devices=%s instances=%s pool=%d",
+            "node %s up devices=%s instances=%s pool=%d vllm_pool=%d",
             self.node_id, ",".join(self.devices.devices), self.backend.kind,
-            self.settings.pool_size,
+            self.settings.pool_size, self.settings.vllm_pool_size,
         )  # fmt: skip
 
     async def stop(self, drain_s: float = 30.0) -> None:

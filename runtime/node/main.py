@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from runtime.node.agent import NodeAgent, instance_env
+from runtime.node.agent import NodeAgent, instance_env, process_backend
 from runtime.node.devices import Device, cpu_devices, cuda_devices
-from runtime.node.worker_process import InstanceBackend, ProcessBackend
+from runtime.node.worker_process import InstanceBackend
 from sllm.clock import SystemClock
 from sllm.errors import ValidationFailed
 from sllm.nats_bus import NatsBus
@@ -110,7 +110,7 @@ def build_backend(
     if mode == "process" or problem is not None:
         if problem is not None:
             log.info("instances run as processes: %s", problem)
-        return ProcessBackend(settings.pool_size, env)
+        return process_backend(settings, devices)
     from runtime.container.backend import ContainerBackend
     from runtime.container.images import ensure_runtime_image
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtime.backend.choice import BackendChoice, ModelFacts, choose_backend
+from runtime.backend.choice import BackendChoice, ModelFacts, VllmSupport, choose_backend
 from runtime.node.devices import DeviceTable, threads_per_slot
 from runtime.node.worker_process import InstanceBackend, WorkerProcess
 from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
@@ -106,11 +106,13 @@ class Supervisor:
         publish_log: Publish,
         cpu_slots: int,
         handler_root: Path,
+        cache_dir: str = "",
     ) -> None:
         self.node_id = node_id
         self.host = host
         self.cache = cache
         self.backend = backend
+        self.cache_dir = cache_dir
         self.devices = devices
         self.publish_event = publish_event
         self.publish_log = publish_log
@@ -218,13 +220,13 @@ class Supervisor:
             fetched = await asyncio.to_thread(self.cache.fetch, inst.record.checkpoint)
             inst.fetched = True
             inst.tier = str(fetched.tier)
-            choice = self._choose_backend(inst, Path(fetched.directory))
+            choice = await self._choose_backend(inst, Path(fetched.directory))
             inst.backend, inst.backend_reason = choice.backend, choice.reason
             if inst.queued:
                 await self._take_device(inst)
             if inst.stopping:  # unloaded while the checkpoint was being fetched
                 raise asyncio.CancelledError
-            worker, inst.pre_started = await self.backend.take(inst.record)
+            worker, inst.pre_started = await self.backend.take(inst.record, inst.backend)
             inst.worker = worker
             if inst.stopping:  # unloaded while an image was built or a process started
                 raise asyncio.CancelledError
@@ -307,16 +309,25 @@ class Supervisor:
             "secret": inst.secret,
             "backend": inst.backend,
             "backend_reason": inst.backend_reason,
+            "memory_bytes": spec.resources.memory_bytes,
+            "cache_dir": self.cache_dir,
         }
 
-    def _choose_backend(self, inst: Instance, entry_dir: Path) -> BackendChoice:
+    async def _choose_backend(self, inst: Instance, entry_dir: Path) -> BackendChoice:
         """ValidationFailed (a failed load naming why) when the spec's backend cannot run."""
+        requested = inst.record.spec.backend
+        support, missing = None, ""
+        if requested != "transformers":
+            try:
+                support = VllmSupport.from_dict(await self.backend.vllm_support())
+            except SllmError as exc:  # this node starts no vLLM processes: it says why
+                missing = exc.message
+            except (KeyError, TypeError, ValueError) as exc:
+                missing = f"vLLM processes of this node describe their vLLM unreadably ({exc!r})"
         return choose_backend(
-            inst.record.spec.backend,
-            ModelFacts.read(entry_dir),
-            None,
-            on_cpu=inst.device.startswith("cpu"),
-        )
+            requested, ModelFacts.read(entry_dir), support,
+            on_cpu=inst.device.startswith("cpu"), vllm_missing=missing,
+        )  # fmt: skip
 
     async def _kill_after(self, inst: Instance, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -42,6 +42,7 @@ class WorkerProcess:
         self.proc = proc
         self.started = started
         self.startup_s = 0.0
+        self.idle: dict[str, Any] = {}  # its idle line (a vLLM process says what it supports)
         self.on_log: LogSink = lambda line: log.info("worker %s: %s", proc.pid, line)
         self._pump = asyncio.create_task(self._pump_stderr())
 
@@ -108,6 +109,7 @@ class WorkerProcess:
         if message.get("event") != "idle":
             raise Unavailable(f"instance process {self.pid} did not start: {message}")
         self.startup_s = float(message.get("startup_s", 0.0))
+        self.idle = message
 
     async def send(self, message: dict[str, Any]) -> None:
         if self.proc.stdin is None or self.proc.stdin.is_closing():
@@ -161,15 +163,23 @@ class ProcessLauncher:
 
 
 class WorkerPool:
-    """Keeps ``size`` idle pre-started processes. ``take`` hands one out (starting a fresh one
-    when the pool is empty or ``size`` is 0); ``replenish`` refills in the background. The
-    supervisor replenishes after a load finished: a process starting while another loads
-    would compete for the same cores (2 here) and slow the cold start it is meant to speed.
+    """Keeps ``size`` idle pre-started processes of one backend. ``take`` hands one out
+    (starting a fresh one when the pool is empty or ``size`` is 0); ``replenish`` refills in
+    the background. The supervisor replenishes after a load finished: a process starting while
+    another loads would compete for the same cores (2 here) and slow the cold start it is
+    meant to speed. ``backend`` "vllm": the processes import vLLM (``SLLM_WORKER_BACKEND``).
     """
 
-    def __init__(self, size: int, launcher: Launcher) -> None:
+    def __init__(self, size: int, launcher: Launcher, backend: str = "transformers") -> None:
         self.size = size
         self.launcher = launcher
+        self.backend = backend
+        self.idle_line: dict[str, Any] | None = None  # the first idle line any process sent
+        # importing vLLM takes 6-10 s on a quiet 2-core machine and several times that loaded
+        self.start_timeout_s = 300.0 if backend == "vllm" else 180.0
+        # why a process of this pool could not start; a vLLM pool does not retry (its imports
+        # fail the same way each time, and each try costs seconds of CPU)
+        self.start_error: str | None = None
         self._idle: list[WorkerProcess] = []
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -193,7 +203,11 @@ class WorkerPool:
             log.warning("premap of worker %s failed: %s", worker.pid, exc)
 
     def replenish(self) -> None:
-        while not self._closed and len(self._idle) + len(self._starting) < self.size:
+        while (
+            not self._closed
+            and (self.start_error is None or self.backend != "vllm")
+            and len(self._idle) + len(self._starting) < self.size
+        ):
             task = asyncio.create_task(self._add())
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
@@ -205,11 +219,12 @@ class WorkerPool:
             log.warning("pre-starting an instance process failed: %s", exc)
             return
         try:
-            await worker.wait_idle()
+            await worker.wait_idle(self.start_timeout_s)
         except BaseException as exc:
             worker.kill()  # cancelled by close() while it started, too: it must not outlive us
             if not isinstance(exc, Exception):
                 raise
+            self.start_error = str(exc)
             log.warning("pre-starting an instance process failed: %s", exc)
             return
         if self._closed:
@@ -217,7 +232,24 @@ class WorkerPool:
             return
         if self.premap:
             await self._send_premap(worker)
+        self.idle_line = self.idle_line or worker.idle
         self._idle.append(worker)
+
+    async def probe(self) -> dict[str, Any]:
+        """The idle line of this pool's processes (a vLLM one names what that vLLM supports);
+        when none has started yet, starts one (kept idle for the next load). Unavailable if
+        the process cannot start (the backend's imports fail)."""
+        if self.idle_line is None:
+            if self.start_error is not None:
+                raise Unavailable(self.start_error)
+            try:
+                worker, _ = await self.take()
+            except Unavailable as exc:
+                self.start_error = exc.message
+                raise
+            self._idle.insert(0, worker)
+        assert self.idle_line is not None
+        return self.idle_line
 
     @property
     def idle(self) -> int:
@@ -236,10 +268,11 @@ class WorkerPool:
             await asyncio.wait(set(self._starting), return_when=asyncio.FIRST_COMPLETED)
         worker = await self.launcher.spawn()
         try:
-            await worker.wait_idle()
+            await worker.wait_idle(self.start_timeout_s)
         except BaseException:
             worker.kill()
             raise
+        self.idle_line = self.idle_line or worker.idle
         return worker, False
 
     async def close(self) -> None:
@@ -256,14 +289,21 @@ class WorkerPool:
 
 
 class InstanceBackend(Protocol):
-    """How the node starts instances and keeps pre-started ones: the supervisor's port."""
+    """How the node starts instances and keeps pre-started ones: the supervisor's port.
+    ``engine`` is the inference backend an instance runs (``transformers`` or ``vllm``,
+    ``runtime.backend.choice``); a vLLM process has vLLM imported while it waits."""
 
     kind: str  # "process" | "container"
 
     async def start(self) -> None: ...
 
-    async def take(self, record: FunctionRecord) -> tuple[WorkerProcess, bool]:
+    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
         """A process ready for ``record``'s load line, and whether it was pre-started."""
+        ...
+
+    async def vllm_support(self) -> dict[str, Any]:
+        """What the vLLM of this backend's processes runs (``VllmSupport.to_dict``);
+        Unavailable naming why when it starts no vLLM processes."""
         ...
 
     def replenish(self) -> None: ...
@@ -284,31 +324,74 @@ class InstanceBackend(Protocol):
 
 class ProcessBackend:
     """Instances as child processes of the node, sharing its environment and files (for
-    development and tests). One pool; idle processes premap every DRAM entry."""
+    development and tests). A pool per engine (the vLLM one only when ``vllm_missing`` is
+    None); idle processes premap every DRAM entry."""
 
     kind = "process"
 
-    def __init__(self, pool_size: int, env: dict[str, str]) -> None:
-        self.pool = WorkerPool(pool_size, ProcessLauncher(env))
+    def __init__(
+        self,
+        pool_size: int,
+        env: dict[str, str],
+        vllm_pool_size: int = 1,
+        vllm_missing: str | None = "vLLM is not installed on this node",
+    ) -> None:
+        self.pool = WorkerPool(
+            pool_size, ProcessLauncher({**env, "SLLM_WORKER_BACKEND": "transformers"})
+        )
+        self.vllm_missing = vllm_missing or ""
+        self.vllm_pool = (
+            WorkerPool(
+                vllm_pool_size,
+                ProcessLauncher({**env, "SLLM_WORKER_BACKEND": "vllm"}),
+                backend="vllm",
+            )
+            if vllm_missing is None
+            else None
+        )
+
+    def _pools(self) -> list[WorkerPool]:
+        return [self.pool] if self.vllm_pool is None else [self.pool, self.vllm_pool]
 
     async def start(self) -> None:
-        self.pool.replenish()
+        self.replenish()
 
-    async def take(self, record: FunctionRecord) -> tuple[WorkerProcess, bool]:
-        return await self.pool.take()
+    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
+        if engine != "vllm":
+            return await self.pool.take()
+        if self.vllm_pool is None:
+            raise Unavailable(self.vllm_missing)
+        return await self.vllm_pool.take()
+
+    async def vllm_support(self) -> dict[str, Any]:
+        if self.vllm_pool is None:
+            raise Unavailable(self.vllm_missing)
+        try:
+            idle = await self.vllm_pool.probe()
+        except Unavailable as exc:
+            raise Unavailable(
+                f"vLLM processes fail to start on this node ({exc.message})"
+            ) from None
+        support = idle.get("vllm")
+        if not isinstance(support, dict):
+            raise Unavailable(f"vLLM processes of this node sent no support line: {idle}")
+        return support
 
     def replenish(self) -> None:
-        self.pool.replenish()
+        for pool in self._pools():
+            pool.replenish()
 
     async def prepare(self, record: FunctionRecord) -> None:
         """Nothing: child processes share the node's environment (its packages)."""
 
     async def set_premap(self, dram: dict[str, str]) -> None:
-        await self.pool.set_premap([dram[key] for key in sorted(dram)])
+        for pool in self._pools():
+            await pool.set_premap([dram[key] for key in sorted(dram)])
 
     @property
     def idle(self) -> int:
-        return self.pool.idle
+        return sum(pool.idle for pool in self._pools())
 
     async def close(self) -> None:
-        await self.pool.close()
+        for pool in self._pools():
+            await pool.close()

@@ -33,6 +33,10 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("--dram-capacity", help="DRAM cache capacity, e.g. 8Gi")
     p.add_argument("--cpu-slots", type=int, help="instances at once without CUDA")
     p.add_argument("--pool-size", type=int, help="pre-started instance processes")
+    p.add_argument(
+        "--vllm", choices=("auto", "on", "off"), help="the vLLM backend on this node (SLLM_VLLM)"
+    )
+    p.add_argument("--vllm-pool-size", type=int, help="pre-started vLLM instance processes")
     p.add_argument("--heartbeat", help="heartbeat period, e.g. 2s")
     p.add_argument(
         "--instances",
@@ -63,6 +67,8 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
         "SLLM_DRAM_CAPACITY": args.dram_capacity,
         "SLLM_CPU_SLOTS": None if args.cpu_slots is None else str(args.cpu_slots),
         "SLLM_POOL_SIZE": None if args.pool_size is None else str(args.pool_size),
+        "SLLM_VLLM": args.vllm,
+        "SLLM_VLLM_POOL_SIZE": None if args.vllm_pool_size is None else str(args.vllm_pool_size),
         "SLLM_HEARTBEAT_INTERVAL": args.heartbeat,
         "SLLM_STORE_BANDWIDTH": args.store_bandwidth,
         "SLLM_INSTANCES": args.instances,

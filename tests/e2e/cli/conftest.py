@@ -26,7 +26,9 @@ def user_env(home: Path, sllm_home: Path) -> dict[str, str]:
     """A clean user environment: nothing of the developer's own sllm settings leaks in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLLM_", "AWS_"))}
     env.pop("XDG_CONFIG_HOME", None)
-    env.update(HOME=str(home), SLLM_HOME=str(sllm_home), PYTHONUNBUFFERED="1")
+    # SLLM_VLLM=off: these tests drive the CLI on tiny models the transformers backend runs;
+    # tests/integration/vllm covers the vLLM backend
+    env.update(HOME=str(home), SLLM_HOME=str(sllm_home), PYTHONUNBUFFERED="1", SLLM_VLLM="off")
     return env
 
 

@@ -133,6 +133,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         "SLLM_SSD_CAPACITY": "256Mi",
         "SLLM_CPU_SLOTS": "2",
         "SLLM_POOL_SIZE": "1",
+        "SLLM_VLLM": "off",  # the transformers backend only: no vLLM process
         "SLLM_HEARTBEAT_INTERVAL": "0.3s",
     }
     c = Cluster(root, nats, env, index.total_bytes)

@@ -171,6 +171,7 @@ def stage_env(nats: ManagedServer, store: Path, policy: str) -> dict[str, str]:
         "SLLM_SSD_CAPACITY": "256Mi",
         "SLLM_CPU_SLOTS": "1",
         "SLLM_POOL_SIZE": "1",
+        "SLLM_VLLM": "off",  # the transformers backend only: no vLLM process
         "SLLM_HEARTBEAT_INTERVAL": "0.3s",
     }
 

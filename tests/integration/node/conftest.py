@@ -83,6 +83,7 @@ def node_process(
         "SLLM_SSD_CAPACITY": "256Mi",
         "SLLM_CPU_SLOTS": "2",
         "SLLM_POOL_SIZE": "1",
+        "SLLM_VLLM": "off",  # the transformers backend only: no vLLM process
         "SLLM_HEARTBEAT_INTERVAL": "0.3s",
         **(extra_env or {}),
     }

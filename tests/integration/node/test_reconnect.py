@@ -80,6 +80,7 @@ def outage(tmp_path: Path) -> Iterator[Outage]:
         "SLLM_STORE_URL": str(tmp_path / "store"),
         "SLLM_CACHE_DIR": str(tmp_path / "cache"),
         "SLLM_POOL_SIZE": "0",
+        "SLLM_VLLM": "off",  # the transformers backend only: no vLLM process
         "SLLM_HEARTBEAT_INTERVAL": "0.2s",
     }
     node = subprocess.Popen(

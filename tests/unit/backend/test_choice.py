@@ -41,7 +41,7 @@ def test_choice(
 
 
 def test_vllm_requested_but_unsupported_is_an_error_naming_why() -> None:
-    with pytest.raises(ValidationFailed, match="backend: vllm: vLLM 0.32.0 does not support"):
+    with pytest.raises(ValidationFailed, match=r"backend: vllm: vLLM 0\.32\.0 does not support"):
         choose_backend("vllm", ModelFacts(("MambaLM",), 64), VLLM, on_cpu=True)
     with pytest.raises(ValidationFailed, match="backend: vllm: vLLM is not installed"):
         choose_backend("vllm", LLAMA, None, on_cpu=True)

@@ -43,7 +43,12 @@ class FakeCache:
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[NodeAgent, MemoryBus]]:
     settings = NodeSettings.from_env(
-        {"SLLM_NODE_ID": "n1", "SLLM_POOL_SIZE": "0", "SLLM_CACHE_DIR": str(tmp_path)}
+        {
+            "SLLM_NODE_ID": "n1",
+            "SLLM_POOL_SIZE": "0",
+            "SLLM_VLLM": "off",
+            "SLLM_CACHE_DIR": str(tmp_path),
+        }
     )
     bus = MemoryBus()
     devices = [Device("cpu:0", "cpu", 1 << 30)]

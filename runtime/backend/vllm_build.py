@@ -1,0 +1,152 @@
+"""Building a vLLM backend in the instance process from a DRAM entry.
+
+The engine's model is the DRAM entry directory (its ``config.json``, tokenizer files and
+generation config are kept verbatim beside the tensors); its weights come through the
+``sllm_dram`` load format (``runtime.backend.vllm_loader``). Settings:
+
+- dtype: the checkpoint's own (vLLM's ``auto`` would turn a float32 checkpoint into bfloat16);
+- eager on CPU (torch.compile costs minutes here and gains nothing measurable); on CUDA vLLM
+  compiles and captures CUDA graphs, its caches under the node's cache directory
+  (``compile_cache_env``) so the next start of the same model does not compile again;
+- KV cache: the function's ``resources.memory`` less the weights (``kv_cache_bytes``);
+- ``max_num_seqs``: the instance's batch limit; prefix caching on (live migration's rounds
+  rely on it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runtime.ckpt.index import DTYPE_SIZES, CheckpointIndex
+from sllm.errors import ValidationFailed
+
+if TYPE_CHECKING:
+    from runtime.backend.vllm_engine import VllmBackend
+    from runtime.instance.premap import MappedImage
+
+log = logging.getLogger(__name__)
+
+# The least KV cache worth starting an engine with: 64 MiB holds a few thousand tokens of a
+# small model; a smaller budget means resources.memory is set below the model's own size.
+MIN_KV_CACHE_BYTES = 64 << 20
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """What the node decides for one vLLM instance."""
+
+    on_cpu: bool
+    memory_bytes: int  # the function's resources.memory: weights + KV cache
+    max_batch: int
+    cache_dir: str = ""  # the node's cache directory (compile caches on CUDA)
+    threads: int = 0  # CPU: torch threads of this instance's slot (0: leave as is)
+
+
+def checkpoint_dtype(index: CheckpointIndex) -> str:
+    """The floating dtype holding most of the checkpoint's bytes."""
+    sizes: Counter[str] = Counter()
+    for entry in index.tensors.values():
+        if entry.dtype in _FLOAT_DTYPES:
+            sizes[entry.dtype] += entry.nbytes
+    return sizes.most_common(1)[0][0] if sizes else "float32"
+
+
+def kv_cache_bytes(memory_bytes: int, weight_bytes: int) -> int:
+    """The KV cache an instance gets: its memory budget less its weights. ValidationFailed
+    when that leaves less than ``MIN_KV_CACHE_BYTES``."""
+    kv = memory_bytes - weight_bytes
+    if kv < MIN_KV_CACHE_BYTES:
+        raise ValidationFailed(
+            f"resources.memory: {memory_bytes / 2**20:.0f} MiB leaves "
+            f"{max(kv, 0) / 2**20:.0f} MiB for the KV cache after "
+            f"{weight_bytes / 2**20:.0f} MiB of weights; the vLLM backend needs at least "
+            f"{MIN_KV_CACHE_BYTES >> 20} MiB (raise resources.memory)"
+        )
+    return kv
+
+
+def compile_cache_env(cache_dir: str) -> dict[str, str]:
+    """Environment that keeps vLLM's torch.compile and CUDA-graph caches under the node's
+    cache directory (CUDA nodes: a second start of the same model reuses them)."""
+    if not cache_dir:
+        return {}
+    return {"VLLM_CACHE_ROOT": str(Path(cache_dir) / "vllm")}
+
+
+def eos_ids(entry: Path, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        try:
+            value = json.loads((entry / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value if isinstance(v, int))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def open_vllm(
+    entry: Path, mapped: MappedImage, tokenizer: Any, options: VllmOptions
+) -> VllmBackend:
+    """An engine for the DRAM entry ``entry`` (whose image ``mapped`` this process mapped),
+    started. ``tokenizer``: the model's (transformers), which renders text as on the
+    transformers backend. Blocking, seconds."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from runtime.backend.vllm_engine import VllmBackend
+    from runtime.backend.vllm_loader import LOAD_FORMAT, offer_image
+
+    dtype = checkpoint_dtype(mapped.index)
+    # the weights as the engine holds them (tensors of other dtypes are converted)
+    weights = sum(
+        e.nbytes // DTYPE_SIZES[e.dtype] * DTYPE_SIZES[dtype] for e in mapped.index.tensors.values()
+    )
+    kv = kv_cache_bytes(options.memory_bytes, weights)
+    os.environ.update(compile_cache_env(options.cache_dir))
+    if options.threads > 0:
+        # vLLM drops torch to one thread for serving unless OMP_NUM_THREADS is set; the slot's
+        # share of the cores is what the transformers backend uses too
+        os.environ["OMP_NUM_THREADS"] = str(options.threads)
+    offer_image(mapped)
+
+    def build() -> Any:  # on the backend's thread
+        import torch
+
+        if options.threads > 0:
+            torch.set_num_threads(options.threads)  # this thread's OpenMP threads too
+        return LLMEngine.from_engine_args(args)
+
+    args = EngineArgs(
+        model=str(entry),
+        tokenizer=str(entry),
+        load_format=LOAD_FORMAT,
+        dtype=dtype,
+        enforce_eager=options.on_cpu,
+        kv_cache_memory_bytes=kv,
+        max_num_seqs=options.max_batch,
+        enable_prefix_caching=True,
+        disable_log_stats=True,
+    )
+    backend = VllmBackend(
+        build,
+        lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=True)),
+        eos_ids=eos_ids(entry, tokenizer),
+    )
+    backend.start()
+    log.info(
+        "vLLM engine ready: dtype=%s kv_cache=%d MiB max_model_len=%d block_size=%d",
+        dtype, kv >> 20, backend.max_context, backend.block_size,
+    )  # fmt: skip
+    return backend

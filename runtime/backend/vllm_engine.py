@@ -1,0 +1,293 @@
+"""The vLLM backend: vLLM's engine (``LLMEngine`` with its engine core in this process, no
+extra processes) driven by one thread of the instance, behind the same ``Backend`` port as the
+transformers engine.
+
+The thread owns the engine: each turn it adds the submitted requests, aborts the cancelled
+ones and runs one ``step`` (vLLM's scheduler: continuous batching, chunked prefill, prefix
+caching, paged KV cache), then hands each request its new tokens. Text is released by sllm's
+own ``TextStream`` (the same detokenization and stop-string rules as the transformers backend),
+so a request's exported state (prompt ids, output ids, released characters) means the same on
+both backends, and live migration continues a stream exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.engine.detokenize import TextStream
+from runtime.engine.engine import EngineLoad
+from runtime.engine.request import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    RequestState,
+    Sink,
+    TokenEvent,
+)
+from sllm.errors import Conflict, InvalidInput, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Active:
+    state: RequestState
+    sink: Sink
+    text: TextStream
+    internal: bool = False  # a migration staging prefill: not a client's request
+
+
+class VllmBackend:
+    """``build`` makes the engine (a ``vllm.v1.engine.llm_engine.LLMEngine`` in this process);
+    ``start`` runs it on the backend's thread, which then owns the engine: vLLM's CPU kernels
+    size their work by the OpenMP threads of the thread that runs them, so the engine is built
+    and stepped on one thread. ``decode`` renders token ids (the model's tokenizer).
+    ``max_context`` is the engine's ``max_model_len``, ``block_size`` its KV block size
+    (prefix caching reuses whole blocks)."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        build: Callable[[], Any],
+        decode: Callable[[Sequence[int]], str],
+        *,
+        eos_ids: Sequence[int],
+    ) -> None:
+        self._build = build
+        self.engine: Any = None
+        self._decode = decode
+        self.eos_ids = frozenset(eos_ids)
+        self.max_context = 0
+        self.vocab_size = 0
+        self.block_size = 0
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._pending: list[_Active] = []
+        self._cancels: set[str] = set()
+        self._active: dict[str, _Active] = {}  # added to the engine, engine thread only
+        self._known: dict[str, _Active] = {}  # pending or active, under the lock
+        self._cancelled = 0
+        self._stopping = False
+        self._stop_reason = "instance is stopping"
+        self._thread: threading.Thread | None = None
+
+    # -- Backend, any thread ----------------------------------------------------------------
+    def start(self) -> None:
+        """Build the engine on the backend's thread and serve from there; returns once it is
+        built (raising what the build raised)."""
+        self._thread = threading.Thread(target=self._main, name="sllm-vllm", daemon=True)
+        self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
+
+    def stop(self, reason: str = "instance is stopping") -> None:
+        with self._cv:
+            self._stopping = True
+            self._stop_reason = reason
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    def submit(self, state: RequestState, sink: Sink, *, internal: bool = False) -> None:
+        total = len(state.prompt_ids) + len(state.output_ids)
+        if len(state.output_ids) >= state.params.max_tokens:
+            raise InvalidInput(
+                f"request already has {len(state.output_ids)} of max_tokens "
+                f"{state.params.max_tokens} tokens: nothing left to generate"
+            )
+        if total >= self.max_context:
+            raise InvalidInput(
+                f"prompt is {total} tokens; this model's context is {self.max_context} tokens"
+            )
+        if any(t >= self.vocab_size for t in state.prompt_ids + state.output_ids):
+            raise InvalidInput(f"token id out of range (vocabulary size {self.vocab_size})")
+        text = TextStream(self._decode, state.params.stop, state.output_ids, state.emitted_chars)
+        active = _Active(state, sink, text, internal)
+        with self._cv:
+            if self._stopping:
+                raise Unavailable("instance is stopping")
+            if state.request_id in self._known:
+                raise Conflict(f"request {state.request_id!r} is already running")
+            self._known[state.request_id] = active
+            self._pending.append(active)
+            self._cv.notify_all()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            if request_id in self._known:
+                self._cancels.add(request_id)
+                self._cv.notify_all()
+
+    @property
+    def cancelled(self) -> int:
+        with self._cv:
+            return self._cancelled
+
+    def load(self) -> EngineLoad:
+        with self._cv:
+            items = [a for a in self._known.values() if not a.internal]
+            return EngineLoad(
+                in_flight=len(items),
+                tokens_in=sum(len(a.state.prompt_ids) for a in items),
+                tokens_out=sum(len(a.state.output_ids) for a in items),
+            )
+
+    def snapshot(self, request_id: str) -> dict[str, Any] | None:
+        return next((s for s in self.snapshots() if s["request_id"] == request_id), None)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        with self._cv:
+            return [a.state.export() for a in self._known.values() if not a.internal]
+
+    def new_stager(self, now: Callable[[], float]) -> Any:
+        from runtime.backend.vllm_staging import VllmStager
+
+        return VllmStager(self, now)
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.engine = self._build()
+            config = self.engine.vllm_config
+            self.max_context = int(config.model_config.max_model_len)
+            self.vocab_size = int(config.model_config.get_vocab_size())
+            self.block_size = int(config.cache_config.block_size)
+        except BaseException as exc:
+            self._build_error = exc
+            return
+        finally:
+            self._built.set()
+        self._run()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._pending or self._active or self._stopping):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                admitted, self._pending = self._pending, []
+                cancels, self._cancels = self._cancels, set()
+            for a in admitted:
+                self._add(a)
+            self._apply_cancels(cancels)
+            if not self._active:
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step fails the running requests, not the loop
+                log.exception("vLLM engine step failed")
+                self._fail(list(self._active.values()), "engine_error",
+                           f"generation failed: {type(exc).__name__}: {exc}")  # fmt: skip
+                continue
+            for output in outputs:
+                owner = self._active.get(output.request_id)
+                if owner is not None:
+                    self._on_output(owner, output)
+        self._abort_all()
+
+    def _add(self, a: _Active) -> None:
+        from runtime.backend.vllm_params import to_vllm
+
+        state = a.state
+        try:
+            self.engine.add_request(
+                state.request_id,
+                {"prompt_token_ids": state.prompt_ids + state.output_ids},
+                to_vllm(state.params, len(state.output_ids)),
+            )
+        except Exception as exc:  # vLLM refused the request (its own validation)
+            self._fail([a], "invalid_input", f"{type(exc).__name__}: {exc}")
+            return
+        self._active[state.request_id] = a
+
+    def _apply_cancels(self, cancels: set[str]) -> None:
+        if not cancels:
+            return
+        with self._cv:
+            queued = [a for a in self._pending if a.state.request_id in cancels]
+            self._pending = [a for a in self._pending if a.state.request_id not in cancels]
+        running = [self._active[rid] for rid in cancels if rid in self._active]
+        if running:
+            self.engine.abort_request([a.state.request_id for a in running])
+        for a in [*queued, *running]:
+            self._finish(a, "cancelled")
+
+    def _on_output(self, a: _Active, output: Any) -> None:
+        """New tokens of one request (DELTA outputs: only this step's tokens)."""
+        completion = output.outputs[0]
+        state = a.state
+        reason: str | None = None
+        for token in completion.token_ids:
+            if token in self.eos_ids and not state.params.ignore_eos:
+                delta = ""
+                reason = "stop"
+            else:
+                delta = a.text.push(int(token))
+                if a.text.stopped:
+                    reason = "stop"
+            with self._cv:  # token and released text change together for ``snapshots``
+                state.output_ids.append(int(token))
+                state.emitted_chars = a.text.emitted
+            if reason is None and output.finished and token == completion.token_ids[-1]:
+                reason = _FINISH.get(str(completion.finish_reason), "stop")
+            if reason is not None:
+                delta += a.text.flush()
+                with self._cv:
+                    state.emitted_chars = a.text.emitted
+            _deliver(a.sink, TokenEvent(delta, [int(token)]))
+            if reason is not None:
+                break
+        if reason is None and output.finished:  # finished without a token (aborted by vLLM)
+            reason = _FINISH.get(str(completion.finish_reason), "stop")
+        if reason is not None:
+            if not output.finished:  # a stop string sllm saw first: vLLM still runs it
+                self.engine.abort_request([state.request_id])
+            self._finish(a, reason)
+
+    def _finish(self, a: _Active, reason: str) -> None:
+        state = a.state
+        state.finish_reason = reason
+        self._active.pop(state.request_id, None)
+        with self._cv:
+            self._known.pop(state.request_id, None)
+            self._cancelled += reason == "cancelled"
+        _deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
+
+    def _fail(self, victims: list[_Active], code: str, message: str) -> None:
+        ids = [a.state.request_id for a in victims if a.state.request_id in self._active]
+        if ids:
+            try:
+                self.engine.abort_request(ids)
+            except Exception:
+                log.debug("abort after a failed step failed", exc_info=True)
+        for a in victims:
+            a.state.finish_reason = "error"
+            self._active.pop(a.state.request_id, None)
+            with self._cv:
+                self._known.pop(a.state.request_id, None)
+            _deliver(a.sink, ErrorEvent(code, message))
+
+    def _abort_all(self) -> None:
+        with self._cv:
+            victims = list(self._known.values())
+            self._pending = []
+        self._fail(victims, "unavailable", self._stop_reason)
+
+
+# vLLM's finish reasons -> the Instance API's ("abort" only when vLLM itself gave up).
+_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+def _deliver(sink: Sink, event: Event) -> None:
+    try:
+        sink(event)
+    except Exception:  # a consumer that went away must not stop the other requests
+        log.debug("dropping an event for a gone consumer", exc_info=True)

@@ -1,0 +1,158 @@
+"""A real node with the vLLM backend: `sllm node start` as a child process on a real NATS
+server, SLLM_VLLM=on, one pre-started vLLM process and one transformers one, two CPU slots.
+Two tiny checkpoints in its store: ``vtiny`` (head size 64, which vLLM's CPU attention runs)
+and ``tiny16`` (head size 16, which it does not). One node per test module: starting a vLLM
+engine costs seconds, importing vLLM tens of seconds on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sllm.messages import (
+    EVENT_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    InstanceEvent,
+    LoadCmd,
+    NodeHeartbeat,
+    decode_as,
+    encode,
+)
+from sllm.nats_bus import NatsBus
+from sllm.spec import FunctionRecord, FunctionSpec
+from tests.integration.node.conftest import NodeClient, NodeProcess
+
+CHECKPOINTS = {"vtiny": "checkpoints/vtiny/0000000000000000", "tiny16": "checkpoints/tiny16/0"}
+
+
+@dataclass(frozen=True)
+class VllmNode:
+    process: NodeProcess
+    hf_dirs: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def vllm_node(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Iterator[VllmNode]:
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.node.main import dram_root
+    from runtime.store.local import LocalStore
+    from runtime.store.push import push_checkpoint
+    from runtime.tiny_model import VLLM_TINY, TinyConfig, build_tiny_llama
+    from sllm.settings import NodeSettings
+
+    root = tmp_path_factory.mktemp("vllm-node")
+    store_dir = root / "store"
+    store_dir.mkdir()
+    hf_dirs = {
+        "vtiny": build_tiny_llama(root / "hf-vtiny", seed=3, config=VLLM_TINY),
+        "tiny16": build_tiny_llama(root / "hf-tiny16", seed=0, config=TinyConfig()),
+    }
+    for name, hf in hf_dirs.items():
+        convert_checkpoint(hf, root / f"ckpt-{name}")
+        push_checkpoint(root / f"ckpt-{name}", LocalStore(store_dir), CHECKPOINTS[name])
+    node_id = f"vllm-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    env = {
+        **os.environ,
+        "SLLM_NODE_ID": node_id,
+        "SLLM_NATS_URL": nats_url,
+        "SLLM_STORE_URL": str(store_dir),
+        "SLLM_CACHE_DIR": str(root / "cache"),
+        "SLLM_DRAM_CAPACITY": "256Mi",
+        "SLLM_SSD_CAPACITY": "256Mi",
+        "SLLM_CPU_SLOTS": "2",
+        "SLLM_POOL_SIZE": "1",
+        "SLLM_VLLM": "on",
+        "SLLM_VLLM_POOL_SIZE": "1",
+        "SLLM_HEARTBEAT_INTERVAL": "0.3s",
+    }
+    log_path = root / "node.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "2s"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    yield VllmNode(NodeProcess(node_id, proc, log_path, 0), hf_dirs)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(dram_root(NodeSettings.from_env(env)), ignore_errors=True)
+
+
+def vllm_record(
+    function: str, checkpoint: str = "vtiny", backend: str = "vllm", **spec: Any
+) -> dict[str, Any]:
+    """A registry record of ``function`` serving ``checkpoint``; 256Mi of memory: weights plus
+    a KV cache kept small (several engines and test runs share this machine)."""
+    from sllm.spec import Resources
+
+    resources = Resources(memory_bytes=256 << 20)
+    fspec = FunctionSpec(
+        name=function, model=checkpoint, backend=backend, resources=resources, **spec
+    )
+    return FunctionRecord(fspec, CHECKPOINTS[checkpoint], 1).to_dict()
+
+
+class VllmNodeClient(NodeClient):
+    async def load_record(self, instance_id: str, record: dict[str, Any], device: str = "") -> Any:
+        cmd = LoadCmd(instance_id, record["spec"]["name"], record, device)
+        return await self.command(encode(cmd))
+
+
+async def connect(node: NodeProcess, nats_url: str) -> VllmNodeClient:
+    """A client following the node's events and heartbeats (close its ``bus``)."""
+    bus = await NatsBus.connect(nats_url, name="vllm-test")
+    c = VllmNodeClient(bus, node)
+
+    async def on_event(msg: Any) -> None:
+        await c.events.put(decode_as(msg.data, InstanceEvent))
+
+    async def on_heartbeat(msg: Any) -> None:
+        beat = decode_as(msg.data, NodeHeartbeat)
+        if beat.node_id == node.node_id:
+            await c.heartbeats.put(beat)
+
+    await bus.subscribe(EVENT_SUBJECT, on_event)
+    await bus.subscribe(HEARTBEAT_SUBJECT, on_heartbeat)
+    await c.heartbeat(timeout_s=120.0)  # the node is up
+    return c
+
+
+@pytest.fixture
+async def vclient(vllm_node: VllmNode, nats_url: str) -> AsyncIterator[VllmNodeClient]:
+    c = await connect(vllm_node.process, nats_url)
+    yield c
+    await c.bus.close()
+
+
+def load_ready(
+    node: VllmNode, nats_url: str, instance_id: str, record: dict[str, Any]
+) -> InstanceEvent:
+    """Load ``record`` on the node and wait for its ready (or failed) event (for module-scoped
+    fixtures: its own event loop)."""
+
+    async def run() -> InstanceEvent:
+        c = await connect(node.process, nats_url)
+        try:
+            reply = await c.load_record(instance_id, record)
+            assert reply.ok, reply
+            return await c.event(instance_id, timeout_s=300.0)
+        finally:
+            await c.bus.close()
+
+    return asyncio.run(run())

@@ -1,0 +1,52 @@
+"""sllm's load format against the locked vLLM: the entry point vLLM reads, the registry it
+lands in, and the loader contract it implements. Run in a fresh interpreter, as vLLM runs its
+plugins: importing vLLM here would leave its process-wide settings in the test process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PROBE = """
+import importlib.metadata, inspect, json
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader import get_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_general_plugins
+
+points = {e.name: e.value for e in importlib.metadata.entry_points(group=DEFAULT_PLUGINS_GROUP)}
+load_general_plugins()  # what every vLLM process does at start
+loader = get_model_loader(LoadConfig(load_format="sllm_dram"))
+print(json.dumps({
+    "group": DEFAULT_PLUGINS_GROUP,
+    "entry_point": points.get("sllm_dram_loader"),
+    "loader": type(loader).__name__,
+    "is_base_loader": isinstance(loader, BaseModelLoader),
+    "abstract": sorted(BaseModelLoader.__abstractmethods__),
+    "load_weights": list(inspect.signature(BaseModelLoader.load_weights).parameters),
+}))
+"""
+
+
+def test_load_format_registers_through_the_general_plugin_entry_point() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["group"] == "vllm.general_plugins"
+    assert found["entry_point"] == "runtime.backend.vllm_loader:register"
+    assert found["loader"] == "SllmDramLoader" and found["is_base_loader"]
+    # the two methods sllm's loader implements are all vLLM requires of a loader, with the
+    # arguments it passes: a new abstract method or signature breaks the load format
+    assert found["abstract"] == ["download_model", "load_weights"]
+    assert found["load_weights"] == ["self", "model", "model_config"]

@@ -1,0 +1,157 @@
+"""The vLLM backend in a real instance process of a real node: weights from the DRAM tier
+through the sllm_dram load format, generate, stream, cancel, drain; the backend choice for a
+model vLLM's CPU attention cannot run. One vLLM engine for the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from sllm.messages import InstanceEvent
+
+from .conftest import VllmNode, VllmNodeClient, load_ready, vllm_record
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def served(vllm_node: VllmNode, nats_url: str) -> InstanceEvent:
+    ready = load_ready(vllm_node, nats_url, "v-serve", vllm_record("vchat"))
+    assert ready.kind == "ready", ready.error
+    return ready
+
+
+async def _stream(http: httpx.AsyncClient, body: dict[str, Any]) -> list[Any]:
+    events: list[Any] = []
+    async with http.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def _transformers_greedy(vllm_node: VllmNode, prompt: str, n: int) -> list[int]:
+    """What transformers' own generate makes of the same checkpoint, greedily."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = vllm_node.hf_dirs["vtiny"]
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return [int(t) for t in out[0, ids.shape[1] :]]
+
+
+async def test_ready_reports_the_vllm_backend(served: InstanceEvent) -> None:
+    assert served.backend == "vllm"
+    assert served.backend_reason == "the function asks for vllm"
+
+
+async def test_greedy_tokens_equal_transformers_generate(
+    served: InstanceEvent, vllm_node: VllmNode
+) -> None:
+    """The weights vLLM loaded from the DRAM image are the checkpoint's: its greedy tokens are
+    the ones transformers computes from the original Hugging Face directory."""
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+        events = await _stream(http, body)
+        answer = (await http.post("/v1/generate", json=body)).json()
+    tokens = [t for e in events if isinstance(e, dict) for t in e.get("token_ids", [])]
+    assert tokens == _transformers_greedy(vllm_node, PROMPT, 12)
+    assert events[-1] == "[DONE]"
+    finish = events[-2]
+    assert finish["finish_reason"] == "length"
+    assert finish["usage"]["completion_tokens"] == 12
+    text = "".join(e.get("delta", "") for e in events if isinstance(e, dict))
+    assert answer["text"] == text and answer["finish_reason"] == "length"
+    assert answer["usage"] == finish["usage"]
+
+
+async def test_stop_string_ends_the_stream_without_showing_it(served: InstanceEvent) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+        full = (await http.post("/v1/generate", json=body)).json()["text"]
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        cut = (await http.post("/v1/generate", json={**body, "stop": stop})).json()
+    assert stop and cut["finish_reason"] == "stop"
+    assert cut["text"] == full[: full.index(stop)]
+
+
+async def test_client_disconnect_cancels_the_generation(served: InstanceEvent) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+        before = (await http.get("/healthz")).json()["cancelled"]
+        async with http.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    break  # the first token came: leave
+        for _ in range(500):
+            health = (await http.get("/healthz")).json()
+            if health["cancelled"] > before and health["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.02)
+    assert health["cancelled"] == before + 1 and health["in_flight"] == 0
+
+
+async def test_concurrent_streams_are_batched_and_each_complete(served: InstanceEvent) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+        runs = await asyncio.gather(*[_stream(http, body) for _ in range(6)])
+    token_lists = [
+        [t for e in ev if isinstance(e, dict) for t in e.get("token_ids", [])] for ev in runs
+    ]
+    assert all(len(t) == 24 for t in token_lists)
+    assert all(t == token_lists[0] for t in token_lists)  # greedy: batching changes nothing
+
+
+async def test_auto_falls_back_for_a_model_vllm_cannot_run(vclient: VllmNodeClient) -> None:
+    """Head size 16: vLLM supports the architecture, its CPU attention not the head size."""
+    record = vllm_record("t16", checkpoint="tiny16", backend="auto")
+    assert (await vclient.load_record("t16-auto", record)).ok
+    ready = await vclient.event("t16-auto", timeout_s=300.0)
+    assert ready.kind == "ready", ready.error
+    assert ready.backend == "transformers"
+    assert ready.backend_reason.startswith("auto fell back to transformers: vLLM ")
+    assert "no kernel for head size 16" in ready.backend_reason
+    beat = await vclient.heartbeat()
+    [state] = [i for i in beat.instances if i.instance_id == "t16-auto"]
+    assert state.backend == "transformers" and "head size 16" in state.backend_reason
+    assert (await vclient.unload("t16-auto", 1.0)).ok
+    assert (await vclient.event("t16-auto")).kind == "stopped"
+
+    forced = vllm_record("t16", checkpoint="tiny16", backend="vllm")
+    assert (await vclient.load_record("t16-vllm", forced)).ok
+    failed = await vclient.event("t16-vllm", timeout_s=60.0)
+    assert failed.kind == "failed"
+    assert failed.error.startswith("backend: vllm: vLLM ")
+    assert "no kernel for head size 16" in failed.error
+
+
+async def test_drain_finishes_in_flight_streams_then_stops(
+    served: InstanceEvent, vclient: VllmNodeClient
+) -> None:
+    """Last in the module: it unloads the served instance."""
+    long = {"prompt": PROMPT, "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+        in_flight = asyncio.create_task(_stream(http, long))
+        for _ in range(500):
+            if (await http.get("/healthz")).json()["in_flight"]:
+                break
+            await asyncio.sleep(0.01)
+        assert (await vclient.unload("v-serve", 30.0)).ok
+        refused = await http.post("/v1/generate", json=long)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+        events = await in_flight
+    assert events[-1] == "[DONE]" and events[-2]["finish_reason"] == "length"
+    assert events[-2]["usage"]["completion_tokens"] == 150
+    assert (await vclient.event("v-serve")).kind == "stopped"
