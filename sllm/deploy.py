@@ -8,6 +8,8 @@
    keyed by the source's fingerprint (path, sizes, mtimes), so a second deploy converts nothing.
    ``check_checkpoint`` then loads its config, tokenizer, chat template and generation config
    once, so a broken file fails here, named, rather than every load on the nodes.
+   ``check_backend``: ``backend: vllm`` with a model this machine's vLLM cannot run is an
+   error here, before the upload.
 4. ``upload_checkpoint``: push it into the platform's store (the URL comes from the gateway's
    ``/system/info``) under ``checkpoints/<name>/<digest16>/`` unless it is already there. The
    digest covers the tensors and every file an instance reads, so a changed config or
@@ -296,6 +298,29 @@ def check_checkpoint(directory: Path) -> None:
     from runtime.ckpt.serving import check_serving_files
 
     check_serving_files(directory)
+
+
+def check_backend(spec: FunctionSpec, checkpoint: Path) -> str | None:
+    """``backend: vllm`` checked against this machine's vLLM before anything is uploaded:
+    ValidationFailed naming what vLLM lacks (the model's architecture, or on a machine without
+    CUDA the head size its CPU attention runs). Returns a note when there is nothing to check
+    against here (vLLM is not installed: the node checks at load). Other backends: None."""
+    if spec.backend != "vllm":
+        return None
+    from runtime.backend.choice import ModelFacts, VllmSupport, vllm_refusal
+    from runtime.backend.vllm_process import vllm_support, vllm_unavailable
+
+    if vllm_unavailable("auto") is not None:
+        return "vLLM is not installed here: the node checks the model when it loads it"
+    import torch
+
+    support = VllmSupport.from_dict(vllm_support())
+    refusal = vllm_refusal(ModelFacts.read(checkpoint), support, not torch.cuda.is_available())
+    if refusal is not None:
+        raise ValidationFailed(
+            f"backend: vllm: {refusal} (backend: auto would serve it with transformers)"
+        )
+    return None
 
 
 def upload_checkpoint(

@@ -88,6 +88,9 @@ def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
         source, deploy.conversion_cache_dir(), progress=_conversion_bar(source.path)
     )
     deploy.check_checkpoint(ckpt)
+    note = deploy.check_backend(folder.spec, ckpt)
+    if note:
+        print(note, file=sys.stderr)
     key, size, pushed = deploy.upload_checkpoint(
         ckpt, name, store_url, progress_factory=_progress_bar("upload")
     )

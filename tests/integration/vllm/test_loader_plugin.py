@@ -50,3 +50,43 @@ def test_load_format_registers_through_the_general_plugin_entry_point() -> None:
     # arguments it passes: a new abstract method or signature breaks the load format
     assert found["abstract"] == ["download_model", "load_weights"]
     assert found["load_weights"] == ["self", "model", "model_config"]
+
+
+DEPLOY_CHECK = """
+import sys
+from pathlib import Path
+from sllm.deploy import check_backend
+from sllm.errors import ValidationFailed
+from sllm.spec import FunctionSpec
+
+spec = FunctionSpec(name="f", model="m", backend="vllm")
+try:
+    check_backend(spec, Path(sys.argv[1]))
+except ValidationFailed as exc:
+    print("refused:", exc.message)
+else:
+    print("accepted")
+"""
+
+
+def test_deploy_refuses_backend_vllm_for_a_model_vllm_cannot_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`sllm fn deploy`'s check, before any upload: head size 16 has no CPU attention kernel."""
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.tiny_model import TinyConfig, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("deploy-check")
+    convert_checkpoint(build_tiny_llama(root / "hf", config=TinyConfig()), root / "ckpt")
+    run = subprocess.run(
+        [sys.executable, "-c", DEPLOY_CHECK, str(root / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    verdict = run.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("refused: backend: vllm: vLLM ")
+    assert "no kernel for head size 16" in verdict
+    assert "backend: auto would serve it with transformers" in verdict
