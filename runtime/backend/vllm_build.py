@@ -15,11 +15,12 @@ generation config are kept verbatim beside the tensors); its weights come throug
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,30 +97,105 @@ def eos_ids(entry: Path, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+@dataclass(frozen=True)
+class EnginePlan:
+    """What an engine for one DRAM entry is built with. ``key`` names the model configuration
+    and settings: two entries with the same key differ only in their weights, so an engine
+    built for one can take the other's weights in place."""
+
+    dtype: str
+    kv_bytes: int
+    key: str
+
+
+# The entry's files that are not weights: the model's configuration, tokenizer and templates.
+_CONFIG_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+_NOT_CONFIG = {"index.json"}  # the tensor index: it names the weights' checksums
+
+
+def engine_plan(entry: Path, index: CheckpointIndex, options: VllmOptions) -> EnginePlan:
+    dtype = checkpoint_dtype(index)
+    # the weights as the engine holds them (tensors of other dtypes are converted)
+    weights = sum(
+        e.nbytes // DTYPE_SIZES[e.dtype] * DTYPE_SIZES[dtype] for e in index.tensors.values()
+    )
+    kv = kv_cache_bytes(options.memory_bytes, weights)
+    digest = hashlib.sha256(json.dumps([dtype, kv, asdict(options)]).encode())
+    for path in sorted(Path(entry).iterdir()):
+        if path.suffix in _CONFIG_SUFFIXES and path.name not in _NOT_CONFIG and path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return EnginePlan(dtype, kv, digest.hexdigest()[:16])
+
+
+@dataclass
+class WarmEngine:
+    """An engine an idle vLLM process built ahead of need (the node's ``prebuild`` hint) for
+    ``entry``: a load with the same plan key takes it as it is (the same entry) or with the
+    new entry's weights replaced in place."""
+
+    entry: str
+    key: str
+    backend: VllmBackend
+
+
 def open_vllm(
-    entry: Path, mapped: MappedImage, tokenizer: Any, options: VllmOptions
-) -> VllmBackend:
-    """An engine for the DRAM entry ``entry`` (whose image ``mapped`` this process mapped),
-    started. ``tokenizer``: the model's (transformers), which renders text as on the
-    transformers backend. Blocking, seconds."""
+    entry: Path,
+    mapped: MappedImage,
+    tokenizer: Any,
+    options: VllmOptions,
+    warm: WarmEngine | None = None,
+) -> tuple[VllmBackend, str]:
+    """A started engine for the DRAM entry ``entry`` (whose image ``mapped`` this process
+    mapped) and how it was had: "kept" (``warm`` was built for this entry), "reloaded"
+    (``warm`` was built for the same configuration: weights replaced in place) or "built".
+    ``tokenizer``: the model's (transformers), which renders text as on the transformers
+    backend. Blocking, seconds for a build, tenths for a reload."""
+    from runtime.backend.vllm_loader import offer_image, reload_into
+
+    plan = engine_plan(entry, mapped.index, options)
+    offer_image(mapped)
+    if warm is not None and warm.key == plan.key:
+        if warm.entry == str(entry):
+            return warm.backend, "kept"
+        warm.backend.call(lambda engine: reload_into(engine, entry))
+        return warm.backend, "reloaded"
+    if warm is not None:  # another configuration: free its memory before building
+        warm.backend.stop("replaced by an engine for another model")
+    return _build(entry, tokenizer, options, plan), "built"
+
+
+def prebuild(entry: Path, mapped: MappedImage, tokenizer: Any, options: VllmOptions) -> WarmEngine:
+    """An engine for ``entry`` built now, to be taken by a later load (``open_vllm``)."""
+    from runtime.backend.vllm_loader import offer_image
+
+    plan = engine_plan(entry, mapped.index, options)
+    offer_image(mapped)
+    return WarmEngine(str(entry), plan.key, _build(entry, tokenizer, options, plan))
+
+
+def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) -> VllmBackend:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
     from runtime.backend.vllm_engine import VllmBackend
-    from runtime.backend.vllm_loader import LOAD_FORMAT, offer_image
+    from runtime.backend.vllm_loader import LOAD_FORMAT
 
-    dtype = checkpoint_dtype(mapped.index)
-    # the weights as the engine holds them (tensors of other dtypes are converted)
-    weights = sum(
-        e.nbytes // DTYPE_SIZES[e.dtype] * DTYPE_SIZES[dtype] for e in mapped.index.tensors.values()
-    )
-    kv = kv_cache_bytes(options.memory_bytes, weights)
     os.environ.update(compile_cache_env(options.cache_dir))
     if options.threads > 0:
         # vLLM drops torch to one thread for serving unless OMP_NUM_THREADS is set; the slot's
         # share of the cores is what the transformers backend uses too
         os.environ["OMP_NUM_THREADS"] = str(options.threads)
-    offer_image(mapped)
+    args = EngineArgs(
+        model=str(entry),
+        tokenizer=str(entry),
+        load_format=LOAD_FORMAT,
+        dtype=plan.dtype,
+        enforce_eager=options.on_cpu,
+        kv_cache_memory_bytes=plan.kv_bytes,
+        max_num_seqs=options.max_batch,
+        enable_prefix_caching=True,
+        disable_log_stats=True,
+    )
 
     def build() -> Any:  # on the backend's thread
         import torch
@@ -128,17 +204,6 @@ def open_vllm(
             torch.set_num_threads(options.threads)  # this thread's OpenMP threads too
         return LLMEngine.from_engine_args(args)
 
-    args = EngineArgs(
-        model=str(entry),
-        tokenizer=str(entry),
-        load_format=LOAD_FORMAT,
-        dtype=dtype,
-        enforce_eager=options.on_cpu,
-        kv_cache_memory_bytes=kv,
-        max_num_seqs=options.max_batch,
-        enable_prefix_caching=True,
-        disable_log_stats=True,
-    )
     backend = VllmBackend(
         build,
         lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=True)),
@@ -146,7 +211,7 @@ def open_vllm(
     )
     backend.start()
     log.info(
-        "vLLM engine ready: dtype=%s kv_cache=%d MiB max_model_len=%d block_size=%d",
-        dtype, kv >> 20, backend.max_context, backend.block_size,
+        "vLLM engine built: dtype=%s kv_cache=%d MiB max_model_len=%d block_size=%d",
+        plan.dtype, plan.kv_bytes >> 20, backend.max_context, backend.block_size,
     )  # fmt: skip
     return backend

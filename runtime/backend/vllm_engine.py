@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ class VllmBackend:
         self._cancels: set[str] = set()
         self._active: dict[str, _Active] = {}  # added to the engine, engine thread only
         self._known: dict[str, _Active] = {}  # pending or active, under the lock
+        self._calls: list[tuple[Callable[[Any], Any], Future[Any]]] = []
         self._cancelled = 0
         self._stopping = False
         self._stop_reason = "instance is stopping"
@@ -146,6 +148,17 @@ class VllmBackend:
         with self._cv:
             return [a.state.export() for a in self._known.values() if not a.internal]
 
+    def call(self, fn: Callable[[Any], Any], timeout_s: float = 300.0) -> Any:
+        """Run ``fn(engine)`` on the backend's thread between two steps; its result (or
+        exception). For work on the engine itself (replacing its weights)."""
+        done: Future[Any] = Future()
+        with self._cv:
+            if self._stopping:
+                raise Unavailable("instance is stopping")
+            self._calls.append((fn, done))
+            self._cv.notify_all()
+        return done.result(timeout_s)
+
     def new_stager(self, now: Callable[[], float]) -> Any:
         from runtime.backend.vllm_staging import VllmStager
 
@@ -169,12 +182,18 @@ class VllmBackend:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._pending or self._active or self._stopping):
+                while not (self._pending or self._active or self._calls or self._stopping):
                     self._cv.wait()
                 if self._stopping:
                     break
                 admitted, self._pending = self._pending, []
                 cancels, self._cancels = self._cancels, set()
+                calls, self._calls = self._calls, []
+            for fn, done in calls:
+                try:
+                    done.set_result(fn(self.engine))
+                except BaseException as exc:
+                    done.set_exception(exc)
             for a in admitted:
                 self._add(a)
             self._apply_cancels(cancels)
@@ -279,6 +298,9 @@ class VllmBackend:
         with self._cv:
             victims = list(self._known.values())
             self._pending = []
+            calls, self._calls = self._calls, []
+        for _, done in calls:
+            done.set_exception(Unavailable(self._stop_reason))
         self._fail(victims, "unavailable", self._stop_reason)
 
 

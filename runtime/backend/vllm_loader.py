@@ -69,6 +69,20 @@ def load_into(model: Any, entry: Path) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def reload_into(engine: Any, entry: Path) -> None:
+    """Replace a built engine's weights in place with the DRAM entry's (same model
+    configuration): vLLM's ``reload_weights`` fed the image's views, then its prefix cache
+    dropped (KV blocks computed with the old weights must not be reused). Run on the thread
+    that owns the engine."""
+    from runtime.loader.cpu import tensor_views
+
+    mapped = take_image(entry)
+    tensors = tensor_views(mapped.index, mapped.image)
+    engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
+    if not engine.reset_prefix_cache():
+        raise CheckpointError(f"{entry}: vLLM kept cached KV blocks after a weight reload")
+
+
 def register() -> None:
     """vLLM's general-plugin hook: register the ``sllm_dram`` load format (idempotent)."""
     global _registered

@@ -326,6 +326,9 @@ class ContainerBackend:
             seen = self.seen.get(image, set())
             await pool.set_premap([dram[key] for key in sorted(dram) if key in seen])
 
+    async def set_prebuild(self, spec: dict[str, Any]) -> None:
+        """Nothing: no vLLM instances run in containers (``VLLM_IN_CONTAINERS``)."""
+
     @property
     def idle(self) -> int:
         return sum(pool.idle for pool in self.pools.values())

@@ -147,16 +147,21 @@ class LoadedInstance:
     # the DRAM mapping, kept as long as the model's CPU views of it are used; None on CUDA,
     # where the model's tensors are views of the device image and the mapping is closed
     mapped: MappedImage | None
+    engine: str = "built"  # vLLM: "kept" / "reloaded" when a warm engine was taken
 
 
-def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> LoadedInstance:
+def load_instance(
+    spec: LoadSpec, premapped: MappedImage | None = None, warm: Any = None
+) -> LoadedInstance:
     """Build the model from the DRAM entry and everything around it (blocking, seconds).
-    ``premapped``: the entry's image already mapped by this process while it waited.
+    ``premapped``: the entry's image already mapped by this process while it waited; ``warm``:
+    a vLLM engine it built ahead of need (``runtime.backend.vllm_build.WarmEngine``).
 
     On CUDA the device is selected first, before anything else touches CUDA, so this process
     opens its one context on ``spec.device``. The meta skeleton of the model is built on a
     side thread while the tensors are made (CPU: views of the mapping; CUDA: the pipelined
-    copy), then the tensors are assigned to it, never copied again."""
+    copy), then the tensors are assigned to it, never copied again. vLLM builds its own model
+    inside its engine, from the mapping through the ``sllm_dram`` load format."""
     import torch
 
     from runtime.loader.cpu import tensor_views
@@ -173,7 +178,7 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     entry = Path(spec.entry_dir)
-    vllm = spec.backend == "vllm"  # vLLM builds its own model inside its engine
+    vllm = spec.backend == "vllm"
     with ThreadPoolExecutor(1, thread_name_prefix="sllm-skeleton") as pool:
         skeleton = None if vllm else pool.submit(build_skeleton, entry)
         mapped = premapped or map_entry(entry, fill=on_cpu)
@@ -200,13 +205,11 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
     tokenizer = load_tokenizer(entry)
     tok = Tokenizing(tokenizer)
     engine: Backend
+    how = "built"
     if model is None:
-        from runtime.backend.vllm_build import VllmOptions, open_vllm
+        from runtime.backend.vllm_build import open_vllm
 
-        options = VllmOptions(
-            on_cpu, spec.memory_bytes, spec.max_batch, spec.cache_dir, spec.threads
-        )
-        engine = open_vllm(entry, mapped, tokenizer, options)
+        engine, how = open_vllm(entry, mapped, tokenizer, vllm_options(spec), warm)
     else:
         eos = eos_ids_of(model, tokenizer)
         engine = TransformersBackend(model, tok.decode, eos_ids=eos, max_batch=spec.max_batch)
@@ -246,8 +249,25 @@ def load_instance(spec: LoadSpec, premapped: MappedImage | None = None) -> Loade
         context=context,
         custom=custom,
     )
-    log.info("instance %s loaded: %s", spec.instance_id, json.dumps(timings))
-    return LoadedInstance(service, timings, kept)
+    log.info("instance %s loaded (engine %s): %s", spec.instance_id, how, json.dumps(timings))
+    return LoadedInstance(service, timings, kept, how)
+
+
+def vllm_options(spec: LoadSpec) -> Any:
+    from runtime.backend.vllm_build import VllmOptions
+
+    on_cpu = spec.device.startswith("cpu")
+    return VllmOptions(on_cpu, spec.memory_bytes, spec.max_batch, spec.cache_dir, spec.threads)
+
+
+def prebuild_vllm(spec: LoadSpec, premapped: MappedImage | None) -> Any:
+    """A warm vLLM engine for ``spec``'s entry (``runtime.backend.vllm_build.prebuild``)."""
+    from runtime.backend.vllm_build import prebuild
+    from runtime.loader.model import load_tokenizer
+
+    entry = Path(spec.entry_dir)
+    mapped = premapped or map_entry(entry, fill=True)
+    return prebuild(entry, mapped, load_tokenizer(entry), vllm_options(spec))
 
 
 def _defaults(generation: dict[str, Any]) -> SamplingDefaults:

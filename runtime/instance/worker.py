@@ -73,7 +73,7 @@ async def _serve(loaded: Any, host: str, secret: str) -> int:
             return 1
         await asyncio.sleep(0.01)
     service.state = "ready"
-    send({"event": "ready", "port": port, "timings": loaded.timings})
+    send({"event": "ready", "port": port, "timings": loaded.timings, "engine": loaded.engine})
     drain_s = await _wait_for_drain(serving)
     service.state = "draining"  # from here new requests get 503
     send({"event": "draining"})
@@ -115,20 +115,54 @@ async def _wait_for_drain(serving: asyncio.Task[None]) -> float:
             return float(command.get("drain_s", 30.0))
 
 
-def _wait_for_load(premapper: Any) -> dict[str, Any] | None:
-    """Idle: apply ``premap`` lines until the ``load`` line (None: stdin closed)."""
-    for line in sys.stdin:
+class Idle:
+    """What an idle process prepares while it waits: DRAM images mapped (``premap`` lines)
+    and, in a vLLM process, an engine built for the model the node expects next
+    (``prebuild`` lines: the load spec of the latest vLLM instance it started)."""
+
+    def __init__(self) -> None:
+        from runtime.instance.premap import Premapper
+
+        self.premapper = Premapper()
+        self.warm: Any = None  # runtime.backend.vllm_build.WarmEngine
+
+    def prebuild(self, raw: object) -> None:
+        from runtime.instance.loading import LoadSpec, prebuild_vllm
+
+        if not isinstance(raw, dict) or os.environ.get("SLLM_WORKER_BACKEND") != "vllm":
+            return
+        spec = LoadSpec.from_json(raw)
+        if self.warm is not None and self.warm.entry == spec.entry_dir:
+            return
+        if self.warm is not None:
+            self.warm.backend.stop("replaced by another prebuild")
+            self.warm = None
         try:
-            command = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(command, dict):
-            continue
-        if command.get("cmd") == "premap":
-            premapper.update([str(e) for e in command.get("entries", [])])
-        elif command.get("cmd") == "load":
-            return command
-    return None
+            self.warm = prebuild_vllm(spec, self.premapper.images.get(spec.entry_dir))
+        except Exception:  # a hint only: the load builds what it needs
+            logging.getLogger(__name__).exception("prebuilding a vLLM engine failed")
+            return
+        logging.getLogger(__name__).info(
+            "prebuilt a vLLM engine for %s (key %s)", spec.entry_dir, self.warm.key
+        )
+
+    def wait_for_load(self) -> dict[str, Any] | None:
+        """Apply ``premap`` and ``prebuild`` lines until the ``load`` line (None: stdin
+        closed)."""
+        for line in sys.stdin:
+            try:
+                command = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(command, dict):
+                continue
+            if command.get("cmd") == "premap":
+                self.premapper.update([str(e) for e in command.get("entries", [])])
+            elif command.get("cmd") == "prebuild":
+                self.prebuild(command.get("spec"))
+            elif command.get("cmd") == "load":
+                return command
+        return None
 
 
 def main() -> int:
@@ -139,31 +173,30 @@ def main() -> int:
     )
     started = time.monotonic()
     from runtime.instance.loading import LoadSpec, load_instance, pool_warm_up
-    from runtime.instance.premap import Premapper
 
     threads = int(os.environ.get("SLLM_INSTANCE_THREADS", "0") or 0)
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
-    idle: dict[str, Any] = {"event": "idle", "pid": os.getpid()}
+    idle_line: dict[str, Any] = {"event": "idle", "pid": os.getpid()}
     if os.environ.get("SLLM_WORKER_BACKEND") == "vllm":
         from runtime.backend.vllm_process import pool_warm_up as vllm_warm_up
 
-        idle["vllm"] = vllm_warm_up()
+        idle_line["vllm"] = vllm_warm_up()
     else:
         pool_warm_up()
-    send({**idle, "startup_s": time.monotonic() - started})
+    send({**idle_line, "startup_s": time.monotonic() - started})
 
-    premapper = Premapper()
-    command = _wait_for_load(premapper)
+    idle = Idle()
+    command = idle.wait_for_load()
     if command is None:
         return 0
     try:
         spec = LoadSpec.from_json(command)
         if not spec.secret:
             raise ValueError("the load command has no instance secret; refusing to serve")
-        loaded = load_instance(spec, premapper.take(spec.entry_dir))
+        loaded = load_instance(spec, idle.premapper.take(spec.entry_dir), idle.warm)
     except Exception as exc:
         from sllm.errors import SllmError
 

@@ -59,6 +59,7 @@ class Instance:
     pre_started: bool = False
     backend: str = ""  # chosen once the checkpoint is fetched (runtime.backend.choice)
     backend_reason: str = ""
+    engine: str = ""  # vLLM: built, or kept / reloaded from an idle process's warm engine
     queued: bool = False  # waiting for a stopping instance to give its device back
     timings: dict[str, float] = field(default_factory=dict)
     worker: WorkerProcess | None = None
@@ -243,15 +244,24 @@ class Supervisor:
             inst.address = f"http://{self.host}:{int(message['port'])}"
             inst.timings = {k: float(v) for k, v in dict(message.get("timings", {})).items()}
             inst.timings["attach_s"] = attach_s
+            inst.engine = str(message.get("engine", ""))
             inst.load_s = time.monotonic() - started
             self._remember_load(inst.load_s)
             inst.state = "draining" if inst.stopping else "ready"
             log.info(
-                "instance %s ready address=%s tier=%s load_s=%.3f pre_started=%s timings=%s",
+                "instance %s ready address=%s tier=%s load_s=%.3f pre_started=%s backend=%s "
+                "engine=%s timings=%s",
                 inst.instance_id, inst.address, inst.tier, inst.load_s, inst.pre_started,
+                inst.backend, inst.engine or "-",
                 json.dumps({k: round(v, 3) for k, v in inst.timings.items()}),
             )  # fmt: skip
             await self._event(inst, "ready")
+            if inst.backend == "vllm":
+                # the next vLLM load is likely this model again (a scale-up, a cold start
+                # after scale-to-zero): idle vLLM processes build its engine ahead of it
+                hint = self._load_spec(inst, entry_dir, threads)
+                hint.pop("secret", None)  # the running instance's: no other process gets it
+                await self.backend.set_prebuild(hint)
             self.backend.replenish()
             await self._follow(inst, worker)
             code = await worker.wait()

@@ -184,6 +184,7 @@ class WorkerPool:
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
         self.premap: list[str] = []  # DRAM entry directories idle processes keep mapped
+        self.prebuild: dict[str, Any] | None = None  # the load spec idle vLLM processes build
 
     async def set_premap(self, entries: list[str]) -> None:
         """Tell the idle processes which DRAM images to keep mapped (``runtime.instance.
@@ -201,6 +202,19 @@ class WorkerPool:
             pass
         except OSError as exc:  # a container's mounts: the load maps what it needs itself
             log.warning("premap of worker %s failed: %s", worker.pid, exc)
+
+    async def set_prebuild(self, spec: dict[str, Any]) -> None:
+        """Ask the idle processes (and later ones) to build an engine for ``spec``'s model
+        while they wait (vLLM processes; runtime/instance/worker.py): a load of the same model
+        then takes it as it is, one of the same configuration with its weights replaced."""
+        self.prebuild = dict(spec)
+        for worker in list(self._idle):
+            await self._send_prebuild(worker)
+
+    async def _send_prebuild(self, worker: WorkerProcess) -> None:
+        if self.prebuild is not None:
+            with contextlib.suppress(Unavailable):
+                await worker.send({"cmd": "prebuild", "spec": self.prebuild})
 
     def replenish(self) -> None:
         while (
@@ -232,6 +246,7 @@ class WorkerPool:
             return
         if self.premap:
             await self._send_premap(worker)
+        await self._send_prebuild(worker)
         self.idle_line = self.idle_line or worker.idle
         self._idle.append(worker)
 
@@ -316,6 +331,11 @@ class InstanceBackend(Protocol):
         """The DRAM tier's entries (checkpoint key -> node path) idle processes may map."""
         ...
 
+    async def set_prebuild(self, spec: dict[str, Any]) -> None:
+        """The load spec (without its secret) of the latest vLLM instance: idle vLLM
+        processes build its engine while they wait (``WorkerPool.set_prebuild``)."""
+        ...
+
     @property
     def idle(self) -> int: ...
 
@@ -387,6 +407,10 @@ class ProcessBackend:
     async def set_premap(self, dram: dict[str, str]) -> None:
         for pool in self._pools():
             await pool.set_premap([dram[key] for key in sorted(dram)])
+
+    async def set_prebuild(self, spec: dict[str, Any]) -> None:
+        if self.vllm_pool is not None:
+            await self.vllm_pool.set_prebuild(spec)
 
     @property
     def idle(self) -> int:

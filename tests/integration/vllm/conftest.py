@@ -1,7 +1,8 @@
 """A real node with the vLLM backend: `sllm node start` as a child process on a real NATS
 server, SLLM_VLLM=on, one pre-started vLLM process and one transformers one, two CPU slots.
-Two tiny checkpoints in its store: ``vtiny`` (head size 64, which vLLM's CPU attention runs)
-and ``tiny16`` (head size 16, which it does not). One node per test module: starting a vLLM
+Tiny checkpoints in its store: ``vtiny`` (head size 64, which vLLM's CPU attention runs),
+``vtiny2`` (the same configuration, other weights) and ``tiny16`` (head size 16, which it
+does not). One node per test module: starting a vLLM
 engine costs seconds, importing vLLM tens of seconds on this machine."""
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from sllm.nats_bus import NatsBus
 from sllm.spec import FunctionRecord, FunctionSpec
 from tests.integration.node.conftest import NodeClient, NodeProcess
 
-CHECKPOINTS = {"vtiny": "checkpoints/vtiny/0000000000000000", "tiny16": "checkpoints/tiny16/0"}
+CHECKPOINTS = {
+    "vtiny": "checkpoints/vtiny/0000000000000000",
+    "vtiny2": "checkpoints/vtiny2/0000000000000000",  # vtiny's configuration, other weights
+    "tiny16": "checkpoints/tiny16/0000000000000000",
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ def vllm_node(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Iterat
     store_dir.mkdir()
     hf_dirs = {
         "vtiny": build_tiny_llama(root / "hf-vtiny", seed=3, config=VLLM_TINY),
+        "vtiny2": build_tiny_llama(root / "hf-vtiny2", seed=4, config=VLLM_TINY),
         "tiny16": build_tiny_llama(root / "hf-tiny16", seed=0, config=TinyConfig()),
     }
     for name, hf in hf_dirs.items():

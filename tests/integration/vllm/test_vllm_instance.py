@@ -38,12 +38,14 @@ async def _stream(http: httpx.AsyncClient, body: dict[str, Any]) -> list[Any]:
     return events
 
 
-def _transformers_greedy(vllm_node: VllmNode, prompt: str, n: int) -> list[int]:
+def _transformers_greedy(
+    vllm_node: VllmNode, prompt: str, n: int, checkpoint: str = "vtiny"
+) -> list[int]:
     """What transformers' own generate makes of the same checkpoint, greedily."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = vllm_node.hf_dirs["vtiny"]
+    hf = vllm_node.hf_dirs[checkpoint]
     tokenizer = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -112,6 +114,49 @@ async def test_concurrent_streams_are_batched_and_each_complete(served: Instance
     ]
     assert all(len(t) == 24 for t in token_lists)
     assert all(t == token_lists[0] for t in token_lists)  # greedy: batching changes nothing
+
+
+async def _greedy_tokens(address: str, n: int) -> list[int]:
+    body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=address, timeout=60) as http:
+        events = await _stream(http, body)
+    return [t for e in events if isinstance(e, dict) for t in e.get("token_ids", [])]
+
+
+def _engine_of(vllm_node: VllmNode, instance_id: str) -> str:
+    """How the instance got its engine, from the node's ready log line."""
+    for line in vllm_node.process.log_path.read_text().splitlines():
+        if f"instance {instance_id} ready" in line:
+            return line.split(" engine=", 1)[1].split()[0]
+    raise AssertionError(f"no ready line for {instance_id}")
+
+
+async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
+    served: InstanceEvent, vllm_node: VllmNode, vclient: VllmNodeClient
+) -> None:
+    """After ``served`` came up, the idle vLLM process built an engine for its model: a second
+    instance of the same model takes it as it is; one of another checkpoint with the same
+    configuration gets its weights replaced in place (and computes with those, not the old
+    ones: its greedy tokens are transformers' for its own checkpoint)."""
+    same = vllm_record("vchat")
+    assert (await vclient.load_record("v-kept", same)).ok
+    kept = await vclient.event("v-kept", timeout_s=300.0)
+    assert kept.kind == "ready", kept.error
+    assert _engine_of(vllm_node, "v-kept") == "kept"
+    assert await _greedy_tokens(kept.address or "", 8) == _transformers_greedy(vllm_node, PROMPT, 8)
+    assert (await vclient.unload("v-kept", 1.0)).ok
+    assert (await vclient.event("v-kept")).kind == "stopped"
+
+    other = vllm_record("vchat2", checkpoint="vtiny2")
+    assert (await vclient.load_record("v-reload", other)).ok
+    reloaded = await vclient.event("v-reload", timeout_s=300.0)
+    assert reloaded.kind == "ready", reloaded.error
+    assert _engine_of(vllm_node, "v-reload") == "reloaded"
+    assert await _greedy_tokens(reloaded.address or "", 8) == _transformers_greedy(
+        vllm_node, PROMPT, 8, checkpoint="vtiny2"
+    )
+    assert (await vclient.unload("v-reload", 1.0)).ok
+    assert (await vclient.event("v-reload")).kind == "stopped"
 
 
 async def test_auto_falls_back_for_a_model_vllm_cannot_run(vclient: VllmNodeClient) -> None:
