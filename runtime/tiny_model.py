@@ -46,9 +46,14 @@ class TinyConfig:
 
 
 # For the vLLM backend's tests: head_dim 64 (128 / 2 heads), a size vLLM's CPU attention has
-# kernels for (it refuses the default's 16).
+# kernels for (it refuses the default's 16); a 2,048-token context for streams long enough to
+# be moved mid-way by live migration.
 VLLM_TINY = TinyConfig(
-    hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1
+    hidden_size=128,
+    intermediate_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
 )
 
 

@@ -182,6 +182,76 @@ async def test_auto_falls_back_for_a_model_vllm_cannot_run(vclient: VllmNodeClie
     assert "no kernel for head size 16" in failed.error
 
 
+async def test_live_migration_moves_a_greedy_stream_token_for_token(
+    served: InstanceEvent, vclient: VllmNodeClient
+) -> None:
+    """The source keeps decoding while the target stages the stream's tokens (vLLM prefix
+    caching) in rounds; at the switch the stream ends with a ``migrated`` event, which the
+    gateway's splice follows to the target: the client's tokens are the unmigrated run's."""
+    from gateway.migration.splice import follow_moves
+    from runtime.migration.protocol import migrate_requests
+    from sllm.errors import SllmError
+
+    target_record = vllm_record("vchat")
+    assert (await vclient.load_record("v-target", target_record)).ok
+    target = await vclient.event("v-target", timeout_s=300.0)
+    assert target.kind == "ready", target.error
+    source = served.address or ""
+    body = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    rounds: list[tuple[str, int, int]] = []
+
+    async def progress(phase: str, round_: int, tokens: int) -> None:
+        rounds.append((phase, round_, tokens))
+
+    async with httpx.AsyncClient(timeout=120) as http:
+        reference = (await http.post(f"{source}/v1/generate", json=body)).json()
+
+        async def resume(moved: dict[str, Any]) -> Any:
+            request = http.build_request(
+                "POST", f"{moved['target_address']}/v1/migration/resume", json=moved
+            )
+            response = await http.send(request, stream=True)
+            if response.status_code != 200:
+                raise SllmError(f"resume answered {response.status_code}")
+            return response.aiter_bytes()
+
+        async def client() -> list[Any]:
+            request = http.build_request(
+                "POST", f"{source}/v1/generate", json={**body, "stream": True, "request_id": "mv"}
+            )
+            response = await http.send(request, stream=True)
+            assert response.status_code == 200
+            chunks = response.aiter_bytes()
+            spliced = follow_moves(await anext(chunks), chunks, resume)
+            raw = b"".join([chunk async for chunk in spliced])
+            return [
+                json.loads(line[6:]) if line != b"data: [DONE]" else "[DONE]"
+                for line in raw.split(b"\n")
+                if line.startswith(b"data: ")
+            ]
+
+        streaming = asyncio.create_task(client())
+        for _ in range(1000):  # move it once it has its first tokens
+            requests = (await http.get(f"{source}/v1/migration/requests")).json()["requests"]
+            if requests and len(requests[0]["output_ids"]) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        outcome = await migrate_requests(
+            http, source, target.address or "", "v-target",
+            max_rounds=3, threshold_tokens=8, progress=progress,
+        )  # fmt: skip
+        events = await streaming
+    assert outcome.moved == 1 and outcome.rounds >= 1, outcome
+    assert rounds[0][0] == "round" and rounds[-1][0] == "switched"
+    tokens = [t for e in events if isinstance(e, dict) for t in e.get("token_ids", [])]
+    assert len(tokens) == 1500
+    text = "".join(e.get("delta", "") for e in events if isinstance(e, dict))
+    assert text == reference["text"]
+    assert events[-2] == {"finish_reason": "length", "usage": reference["usage"]}
+    assert (await vclient.unload("v-target", 1.0)).ok
+    assert (await vclient.event("v-target")).kind == "stopped"
+
+
 async def test_drain_finishes_in_flight_streams_then_stops(
     served: InstanceEvent, vclient: VllmNodeClient
 ) -> None:
