@@ -30,12 +30,26 @@ class ModelFacts:
     @staticmethod
     def read(checkpoint_dir: Path) -> ModelFacts:
         """From ``checkpoint_dir/config.json``; a missing or unreadable one gives no facts
-        (the model build names the problem)."""
+        (the model build names the problem). A config without ``architectures`` (GGUF
+        conversions before they wrote it) gets its ``model_type``'s causal-LM class."""
         try:
             config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
         except (OSError, ValueError):
             return ModelFacts((), None)
-        return ModelFacts.from_config(config if isinstance(config, dict) else {})
+        config = config if isinstance(config, dict) else {}
+        facts = ModelFacts.from_config(config)
+        if not facts.architectures:
+            arch = causal_lm_architecture(str(config.get("model_type", "")))
+            facts = ModelFacts((arch,) if arch else (), facts.head_dim)
+        return facts
+
+
+def causal_lm_architecture(model_type: str) -> str | None:
+    """transformers' causal-LM class name for ``model_type`` ("llama" -> LlamaForCausalLM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return name if isinstance(name, str) else None
 
 
 @dataclass(frozen=True)

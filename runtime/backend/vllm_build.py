@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from runtime.backend.choice import ModelFacts
 from runtime.ckpt.index import DTYPE_SIZES, CheckpointIndex
 from sllm.errors import ValidationFailed
 
@@ -185,8 +186,13 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
         # vLLM drops torch to one thread for serving unless OMP_NUM_THREADS is set; the slot's
         # share of the cores is what the transformers backend uses too
         os.environ["OMP_NUM_THREADS"] = str(options.threads)
+    facts = ModelFacts.read(entry)
+    config = json.loads((entry / "config.json").read_text())
+    # a config without architectures (older GGUF conversions): the class the choice named
+    overrides = {} if config.get("architectures") else {"architectures": list(facts.architectures)}
     args = EngineArgs(
         model=str(entry),
+        hf_overrides=overrides or None,
         tokenizer=str(entry),
         load_format=LOAD_FORMAT,
         dtype=plan.dtype,

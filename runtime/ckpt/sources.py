@@ -324,6 +324,8 @@ def _gguf_source(path: Path, dtype: str) -> Source:
 
     def write_extras(dst: Path) -> list[str]:
         before = set(os.listdir(dst))
+        # the class the tensors were mapped for: vLLM (and AutoModel) pick the model by it
+        config.architectures = config.architectures or [type(model).__name__]
         config.save_pretrained(dst)
         tokenizer.save_pretrained(dst)
         GenerationConfig.from_model_config(config).save_pretrained(dst)

@@ -334,8 +334,9 @@ class Supervisor:
                 missing = exc.message
             except (KeyError, TypeError, ValueError) as exc:
                 missing = f"vLLM processes of this node describe their vLLM unreadably ({exc!r})"
+        facts = await asyncio.to_thread(ModelFacts.read, entry_dir)
         return choose_backend(
-            requested, ModelFacts.read(entry_dir), support,
+            requested, facts, support,
             on_cpu=inst.device.startswith("cpu"), vllm_missing=missing,
         )  # fmt: skip
 

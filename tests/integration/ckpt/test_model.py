@@ -139,3 +139,12 @@ def test_smollm2_demo_answers_paris(smollm2_ckpt: Path) -> None:
         torch.set_num_threads(threads)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_smollm2_demo_names_its_architecture(smollm2_ckpt: Path) -> None:
+    """The backend choice (and vLLM) pick the model class by config.json's architectures,
+    which transformers' GGUF config leaves out: conversions write it, older ones get it from
+    their model_type."""
+    from runtime.backend.choice import ModelFacts
+
+    assert ModelFacts.read(smollm2_ckpt) == ModelFacts(("LlamaForCausalLM",), 64)
