@@ -92,16 +92,85 @@ def _usage(raw: object) -> dict[str, int]:
     }
 
 
+def total_usage(usages: list[dict[str, int]]) -> dict[str, int]:
+    """The usage of ``n`` choices of one prompt: the prompt counted once (as OpenAI does)."""
+    prompt = max((u["prompt_tokens"] for u in usages), default=0)
+    completion = sum(u["completion_tokens"] for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}  # fmt: skip
+
+
+def _token(entry: dict[str, Any]) -> dict[str, Any]:
+    token = str(entry.get("token", ""))
+    return {"token": token, "logprob": float(entry.get("logprob", 0.0)),
+            "bytes": list(token.encode("utf-8"))}  # fmt: skip
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The instance's per-token log probabilities in chat.completions' shape."""
+    return {
+        "content": [
+            {**_token(e), "top_logprobs": [_token(t) for t in e.get("top", [])]} for e in entries
+        ]
+    }
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """The same in completions' shape; ``offset``: characters of text before these tokens."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(str(e.get("token", "")))
+    return {
+        "tokens": [str(e.get("token", "")) for e in entries],
+        "token_logprobs": [float(e.get("logprob", 0.0)) for e in entries],
+        "top_logprobs": [
+            {str(t["token"]): float(t["logprob"]) for t in e.get("top", [])} for e in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def tool_calls(text: str, tool_call: str) -> list[dict[str, Any]] | None:
+    """A forced tool call's JSON output as OpenAI ``tool_calls`` (None: not valid JSON, e.g.
+    cut by max_tokens). ``tool_call``: "required" (an array of {name, parameters}) or the
+    named function (``text`` is its arguments)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if tool_call != "required":
+        calls = [(tool_call, text)]
+    elif isinstance(value, list) and all(isinstance(c, dict) and "name" in c for c in value):
+        calls = [(str(c["name"]), json.dumps(c.get("parameters", {}))) for c in value]
+    else:
+        return None
+    return [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": name, "arguments": arguments}}
+        for name, arguments in calls
+    ]  # fmt: skip
+
+
 @dataclass
 class OpenAIStream:
-    """Turns native stream events into OpenAI chunks for one request."""
+    """Turns one choice's native stream events into OpenAI chunks. ``index``: the choice;
+    ``logprobs``: chunks carry them; ``tool_call``: the output is a forced tool call's JSON,
+    sent as ``tool_calls`` once complete; ``echo``: text a completion choice starts with. The
+    usage of the choice is kept in ``usage`` (the route sends one usage chunk for all)."""
 
     model: str
     chat: bool
-    include_usage: bool
+    include_usage: bool = False
+    index: int = 0
+    logprobs: bool = False
+    tool_call: str | None = None
+    echo: str | None = None
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+    usage: dict[str, int] | None = None
     _started: bool = False
+    _text: str = ""
 
     def _chunk(self, choice: dict[str, Any], usage: dict[str, int] | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -115,6 +184,26 @@ class OpenAIStream:
             chunk["usage"] = usage
         return chunk
 
+    def _choice(
+        self, text: str | None, reason: str | None, entries: list[Any], offset: int = 0
+    ) -> dict[str, Any]:
+        """One choice of a chunk; ``offset``: characters of text before ``entries``' tokens."""
+        choice: dict[str, Any] = {"index": self.index}
+        if self.chat:
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            if not self._started:
+                delta = {"role": "assistant", **delta}
+            choice["delta"] = delta
+            choice["logprobs"] = chat_logprobs(entries) if self.logprobs and entries else None
+        else:
+            choice["text"] = text or ""
+            choice["logprobs"] = (
+                completion_logprobs(entries, offset) if self.logprobs and entries else None
+            )
+        choice["finish_reason"] = reason
+        self._started = True
+        return choice
+
     def translate(self, event: dict[str, Any]) -> list[bytes]:
         """The OpenAI SSE lines for one native event."""
         if "error" in event:
@@ -124,58 +213,77 @@ class OpenAIStream:
         out: list[bytes] = []
         if "delta" in event:
             text = str(event.get("delta") or "")
-            if self.chat:
-                delta: dict[str, Any] = {"content": text}
-                if not self._started:
-                    delta = {"role": "assistant", "content": text}
-                out.append(sse(self._chunk({"index": 0, "delta": delta, "finish_reason": None})))
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-                out.append(sse(self._chunk(choice)))
-            self._started = True
+            if self.echo is not None and not self._text:
+                self._text, self.echo = self.echo, None
+                text = self._text + text
+            offset = len(self._text)
+            self._text += str(event.get("delta") or "")
+            entries = event.get("logprobs") or []
+            if self.tool_call is None:
+                out.append(sse(self._chunk(self._choice(text, None, entries, offset))))
+            elif self.logprobs and entries:
+                out.append(sse(self._chunk(self._choice(None, None, entries, offset))))
         if "finish_reason" in event:
             reason = str(event.get("finish_reason") or "stop")
-            if self.chat:
-                choice = {"index": 0, "delta": {}, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
-            out.append(sse(self._chunk(choice)))
-            if self.include_usage:
-                out.append(sse(self._chunk({}, _usage(event.get("usage")))))
+            self.usage = _usage(event.get("usage"))
+            if self.tool_call is not None:
+                calls = tool_calls(self._text, self.tool_call)
+                if calls is None:  # not a complete call (cut short): the text as it is
+                    out.append(sse(self._chunk(self._choice(self._text, None, []))))
+                else:
+                    choice = self._choice(None, None, [])
+                    choice["delta"]["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+                    out.append(sse(self._chunk(choice)))
+                    reason = "tool_calls" if reason == "stop" else reason
+            out.append(sse(self._chunk(self._choice(None if self.chat else "", reason, []))))
         return out
+
+    def usage_chunk(self, usage: dict[str, int]) -> bytes:
+        return sse(self._chunk({}, usage))
 
     def done(self) -> bytes:
         return sse("[DONE]")
 
 
-def openai_response(native: dict[str, Any], model: str, chat: bool) -> dict[str, Any]:
-    """A native non-stream answer as an OpenAI (chat) completion."""
-    text = native.get("text")
-    if not isinstance(text, str):
-        raise ProtocolError("instance answer has no text")
-    reason = str(native.get("finish_reason") or "stop")
-    created = int(time.time())
-    if chat:
-        return {
-            "id": f"chatcmpl-{native.get('id') or uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": reason,
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(native.get("usage")),
-        }
+def openai_response(
+    natives: list[dict[str, Any]],
+    model: str,
+    chat: bool,
+    *,
+    tool_call: str | None = None,
+    echo: str | None = None,
+) -> dict[str, Any]:
+    """Native non-stream answers (one per choice) as an OpenAI (chat) completion."""
+    choices, usages = [], []
+    for index, native in enumerate(natives):
+        text = native.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError("instance answer has no text")
+        reason = str(native.get("finish_reason") or "stop")
+        entries = native.get("logprobs")
+        usages.append(_usage(native.get("usage")))
+        if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = tool_calls(text, tool_call) if tool_call is not None else None
+            if calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                reason = "tool_calls" if reason == "stop" else reason
+            logprobs = chat_logprobs(entries) if isinstance(entries, list) else None
+            choices.append({"index": index, "message": message, "finish_reason": reason,
+                            "logprobs": logprobs})  # fmt: skip
+        else:
+            full = (echo or "") + text
+            logprobs = (
+                completion_logprobs(entries, len(echo or "")) if isinstance(entries, list) else None
+            )
+            choices.append({"index": index, "text": full, "finish_reason": reason,
+                            "logprobs": logprobs})  # fmt: skip
+    first = natives[0].get("id") if natives else None
     return {
-        "id": f"cmpl-{native.get('id') or uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
-        "created": created,
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{first or uuid.uuid4().hex[:24]}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
-        "usage": _usage(native.get("usage")),
+        "choices": choices,
+        "usage": total_usage(usages),
     }

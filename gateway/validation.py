@@ -8,14 +8,20 @@ from typing import Any
 
 from sllm.errors import InvalidInput
 from sllm.spec import Generation
+from sllm.structured import structured_output
 
 MAX_TOKENS_LIMIT = 32768  # the spec's own bound on generation.max_tokens
 MAX_STOP = 16
 ROLES = ("system", "user", "assistant", "tool", "developer")
 NATIVE_KEYS = {
     "prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-    "request_id",
+    "request_id", "logprobs", "presence_penalty", "frequency_penalty", "response_format",
+    "tools", "tool_choice", "parallel_tool_calls",
 }  # fmt: skip
+# Passed to the instance as they are: its backend honours them or refuses them (400).
+_PASSED = ("presence_penalty", "frequency_penalty", "response_format", "tools", "tool_choice",
+           "parallel_tool_calls")  # fmt: skip
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 
 
 def parse_json(body: bytes) -> Any:
@@ -103,13 +109,15 @@ def stop_field(data: dict[str, Any]) -> list[str] | None:
     return [text_field(s, f"stop[{i}]") for i, s in enumerate(value)]
 
 
-def messages_field(data: dict[str, Any]) -> list[dict[str, str]]:
+def messages_field(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Role and content of each message, and the tool fields of a conversation with tools
+    (an assistant turn's ``tool_calls``, a tool turn's ``tool_call_id``, ``name``)."""
     value = data.get("messages")
     if not isinstance(value, list):
         raise InvalidInput(f"messages: expected a list of messages, got {_kind(value)}")
     if not value:
         raise InvalidInput("messages: must contain at least one message")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, msg in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -117,7 +125,12 @@ def messages_field(data: dict[str, Any]) -> list[dict[str, str]]:
         role = msg.get("role")
         if role not in ROLES:
             raise InvalidInput(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
-        out.append({"role": role, "content": _content(msg.get("content"), f"{where}.content")})
+        content = msg.get("content")
+        if content is None and msg.get("tool_calls"):
+            content = ""  # an assistant turn that only called tools
+        message: dict[str, Any] = {"role": role, "content": _content(content, f"{where}.content")}
+        message.update({k: msg[k] for k in _TOOL_FIELDS if msg.get(k) is not None})
+        out.append(message)
     return out
 
 
@@ -175,6 +188,11 @@ def native_generate(data: object, defaults: Generation) -> dict[str, Any]:
             f"prompt: expected a string (or give messages), got {_kind(body.get('prompt'))}"
         )
     out["stream"] = bool_field(body, "stream")
+    logprobs = int_field(body, "logprobs", 0, 20)
+    if logprobs is not None:
+        out["logprobs"] = logprobs
+    out.update({k: body[k] for k in _PASSED if body.get(k) is not None})
+    structured_output(body)  # response_format, tools, tool_choice: checked here, applied there
     request_id = body.get("request_id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -188,37 +206,4 @@ def openai_model(data: object) -> tuple[dict[str, Any], str]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidInput(f"model: expected the function name as a string, got {_kind(model)}")
-    n = int_field(body, "n", 1, 1)
-    del n
     return body, model
-
-
-def openai_chat(body: dict[str, Any], defaults: Generation) -> dict[str, Any]:
-    """An OpenAI chat.completions body -> the Instance API's generate body."""
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    out = sampling(body, defaults, key)
-    out["messages"] = messages_field(body)
-    out["stream"] = bool_field(body, "stream")
-    return out
-
-
-def openai_completion(body: dict[str, Any], defaults: Generation) -> dict[str, Any]:
-    """An OpenAI completions body -> the Instance API's generate body."""
-    out = sampling(body, defaults)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidInput(f"prompt: expected a string, got {_kind(prompt)}")
-    out["prompt"] = text_field(prompt, "prompt")
-    out["stream"] = bool_field(body, "stream")
-    return out
-
-
-def include_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise InvalidInput(f"stream_options: expected an object, got {_kind(options)}")
-    return bool_field(options, "include_usage")

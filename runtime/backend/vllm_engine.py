@@ -244,7 +244,15 @@ class VllmBackend:
         completion = output.outputs[0]
         state = a.state
         reason: str | None = None
-        for token in completion.token_ids:
+        logprobs = None
+        if state.params.logprobs is not None:
+            from runtime.backend.vllm_params import logprob_entries
+
+            logprobs = logprob_entries(
+                completion.logprobs, list(completion.token_ids), state.params.logprobs,
+                lambda t: self._decode([t]),
+            )  # fmt: skip
+        for i, token in enumerate(completion.token_ids):
             if token in self.eos_ids and not state.params.ignore_eos:
                 delta = ""
                 reason = "stop"
@@ -261,7 +269,9 @@ class VllmBackend:
                 delta += a.text.flush()
                 with self._cv:
                     state.emitted_chars = a.text.emitted
-            _deliver(a.sink, TokenEvent(delta, [int(token)]))
+            _deliver(
+                a.sink, TokenEvent(delta, [int(token)], logprobs[i : i + 1] if logprobs else None)
+            )
             if reason is not None:
                 break
         if reason is None and output.finished:  # finished without a token (aborted by vLLM)

@@ -13,10 +13,12 @@ from runtime.backend.base import Backend
 from runtime.engine.request import ErrorEvent, Event, FinishEvent, RequestState, TokenEvent
 from sllm.errors import SllmError
 
+_STATUS = {"unavailable": 503, "invalid_input": 400}
 
-def raise_for(event: ErrorEvent) -> None:
-    status = 503 if event.code == "unavailable" else 500
-    raise SllmError(event.message, code=event.code, status=status)
+
+def raise_for(event: Event) -> None:
+    if isinstance(event, ErrorEvent):
+        raise SllmError(event.message, code=event.code, status=_STATUS.get(event.code, 500))
 
 
 async def aiter_events(engine: Backend, state: RequestState) -> AsyncIterator[Event]:
@@ -54,35 +56,47 @@ def iter_events(engine: Backend, state: RequestState, timeout_s: float = 3600.0)
             engine.cancel(state.request_id)
 
 
-def completion_body(request_id: str, text: str, finish: FinishEvent) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "text": text,
-        "finish_reason": finish.finish_reason,
-        "usage": finish.usage(),
-    }
+class _Answer:
+    """Collects a request's events into the non-streaming response body."""
+
+    def __init__(self, state: RequestState) -> None:
+        self.state = state
+        self.parts: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
+
+    def add(self, event: Event) -> dict[str, Any] | None:
+        if isinstance(event, TokenEvent):
+            self.parts.append(event.delta)
+            self.logprobs.extend(event.logprobs or ())
+            return None
+        if isinstance(event, FinishEvent):
+            body: dict[str, Any] = {
+                "id": self.state.request_id,
+                "text": "".join(self.parts),
+                "finish_reason": event.finish_reason,
+                "usage": event.usage(),
+            }
+            if self.state.params.logprobs is not None:
+                body["logprobs"] = self.logprobs
+            return body
+        raise_for(event)
+        raise AssertionError("unreachable")
 
 
 async def generate(engine: Backend, state: RequestState) -> dict[str, Any]:
     """Run ``state`` to the end; the non-streaming response body."""
-    parts: list[str] = []
+    answer = _Answer(state)
     async for event in aiter_events(engine, state):
-        if isinstance(event, TokenEvent):
-            parts.append(event.delta)
-        elif isinstance(event, FinishEvent):
-            return completion_body(state.request_id, "".join(parts), event)
-        else:
-            raise_for(event)
+        body = answer.add(event)
+        if body is not None:
+            return body
     raise SllmError("generation ended without a finish event")
 
 
 def generate_blocking(engine: Backend, state: RequestState) -> dict[str, Any]:
-    parts: list[str] = []
+    answer = _Answer(state)
     for event in iter_events(engine, state):
-        if isinstance(event, TokenEvent):
-            parts.append(event.delta)
-        elif isinstance(event, FinishEvent):
-            return completion_body(state.request_id, "".join(parts), event)
-        else:
-            raise_for(event)
+        body = answer.add(event)
+        if body is not None:
+            return body
     raise SllmError("generation ended without a finish event")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults, parse_sampling
 from sllm.errors import InvalidInput
+from sllm.structured import structured_output, tools_field
 
 MAX_MESSAGES = 512
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -40,9 +41,18 @@ class Tokenizing:
         ids: list[int] = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         return list(ids)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    @property
+    def template_has_tools(self) -> bool:
+        """Whether the chat template renders tools (one that never reads ``tools`` would drop
+        them without a word)."""
+        return "tools" in str(getattr(self.tokenizer, "chat_template", None) or "")
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        extra = {"tools": tools} if tools else {}
         rendered: str = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=True, **extra
         )
         return rendered
 
@@ -51,12 +61,16 @@ class Tokenizing:
         return text
 
 
-def _messages(raw: object) -> list[dict[str, str]]:
+# A conversation with tools carries these beside role and content (chat templates render them).
+_TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
+
+
+def _messages(raw: object) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise InvalidInput("messages: expected a non-empty list of {role, content} objects")
     if len(raw) > MAX_MESSAGES:
         raise InvalidInput(f"messages: at most {MAX_MESSAGES} messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise InvalidInput(f"messages[{i}]: expected an object with role and content")
@@ -66,9 +80,13 @@ def _messages(raw: object) -> list[dict[str, str]]:
         if isinstance(content, list):  # OpenAI content parts: keep the text parts
             parts = [p.get("text") for p in content if isinstance(p, dict)]
             content = "".join(p for p in parts if isinstance(p, str))
+        if content is None and m.get("tool_calls"):
+            content = ""  # an assistant turn that only called tools
         if not isinstance(content, str):
             raise InvalidInput(f"messages[{i}].content: expected a string")
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        message.update({k: m[k] for k in _TOOL_FIELDS if m.get(k) is not None})
+        out.append(message)
     return out
 
 
@@ -98,9 +116,14 @@ def build_request(
             raise InvalidInput("messages: this function is a completion function; send 'prompt'")
         if not tok.has_chat_template:
             raise InvalidInput("messages: this model has no chat template; send 'prompt'")
-        text = tok.render_chat(_messages(body["messages"]))
+        tools = tools_field(body)
+        if tools and not tok.template_has_tools:
+            raise InvalidInput("tools: this model's chat template does not render tools")
+        text = tok.render_chat(_messages(body["messages"]), tools)
         ids = tok.encode(text, special=False)
     else:
+        if body.get("tools") is not None:
+            raise InvalidInput("tools: need 'messages' (a chat), not 'prompt'")
         prompt = body["prompt"]
         if not isinstance(prompt, str) or not prompt:
             raise InvalidInput("prompt: expected a non-empty string")
@@ -110,8 +133,8 @@ def build_request(
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidInput(f"stream: expected true or false, got {stream!r}")
-    return RequestState(
-        request_id=request_id_of(body),
-        prompt_ids=ids,
-        params=parse_sampling(body, defaults),
-    )
+    params = parse_sampling(body, defaults)
+    structured = structured_output(body)
+    if structured is not None:
+        params = replace(params, structured=structured)
+    return RequestState(request_id=request_id_of(body), prompt_ids=ids, params=params)

@@ -18,10 +18,13 @@ from sllm.errors import InvalidInput
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Text released by one decoding step and the token ids sampled in it."""
+    """Text released by one decoding step and the token ids sampled in it; with ``logprobs``
+    asked for, one entry per token: ``{"token_id", "token", "logprob", "top": [{"token_id",
+    "token", "logprob"}, ...]}`` (``token``: the token's own text)."""
 
     delta: str
     token_ids: list[int]
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,19 @@ from sllm.errors import InvalidInput
 MAX_SEED = 2**31 - 1
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples. ``temperature`` 0 means greedy; ``seed`` is always set (a
-    random one is drawn when the client gives none) so the request's state can be exported."""
+    random one is drawn when the client gives none) so the request's state can be exported.
+
+    Beyond sampling proper (not every backend has them: ``extras`` names the ones set):
+    ``logprobs`` asks for each token's log-probability and that many top alternatives;
+    ``presence_penalty`` / ``frequency_penalty`` are OpenAI's; ``structured`` constrains the
+    output: ``{"json": <JSON schema>}`` or ``{"json_object": true}``
+    (``sllm.structured``)."""
 
     max_tokens: int = 256
     temperature: float = 0.7
@@ -35,9 +42,30 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    structured: dict[str, Any] | None = None
+
+    def extras(self) -> list[str]:
+        """The request fields behind the set extras (for a backend that lacks them)."""
+        named = [
+            ("logprobs", self.logprobs is not None),
+            ("presence_penalty", self.presence_penalty != 0.0),
+            ("frequency_penalty", self.frequency_penalty != 0.0),
+            (str((self.structured or {}).get("source", "response_format")), bool(self.structured)),
+        ]
+        return [name for name, on in named if on]
+
+    @property
+    def movable(self) -> bool:
+        """Whether live migration may move the request: penalties count the output tokens
+        and an output constraint follows them, state a resume (which takes them as prompt)
+        does not rebuild."""
+        return not (self.structured or self.presence_penalty or self.frequency_penalty)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -45,6 +73,15 @@ class SamplingParams:
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
         }
+        if self.logprobs is not None:
+            data["logprobs"] = self.logprobs
+        if self.presence_penalty:
+            data["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            data["frequency_penalty"] = self.frequency_penalty
+        if self.structured:
+            data["structured"] = dict(self.structured)
+        return data
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> SamplingParams:
@@ -111,6 +148,10 @@ def parse_sampling(
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise InvalidInput(f"ignore_eos: expected true or false, got {ignore_eos!r}")
+    logprobs = body.get("logprobs")
+    structured = body.get("structured") if allow_extra else None
+    if structured is not None and not isinstance(structured, dict):
+        raise InvalidInput("structured: expected an object")
     return SamplingParams(
         max_tokens=_integer(body, "max_tokens", defaults.max_tokens, 1, limit),
         temperature=_number(body, "temperature", defaults.temperature, 0.0, 2.0),
@@ -118,6 +159,10 @@ def parse_sampling(
         stop=_stops(body),
         seed=seed,
         ignore_eos=ignore_eos,
+        logprobs=None if logprobs is None else _integer(body, "logprobs", 0, 0, MAX_LOGPROBS),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        structured=structured,
     )
 
 

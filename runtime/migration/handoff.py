@@ -116,7 +116,9 @@ async def handoff_events(engine: Backend, state: RequestState) -> AsyncIterator[
     except that a request switched to another instance ends with a ``Handoff``."""
     hub = MigrationHub.of(engine)
     rid = state.request_id
-    owner = rid not in hub.streams  # a duplicate id is refused by submit; leave the other be
+    # a duplicate id is refused by submit: leave the other be; a request whose sampling state
+    # a resume cannot rebuild (SamplingParams.movable) finishes here, as a JSON answer does
+    owner = rid not in hub.streams and state.params.movable
     if owner:
         hub.streams.add(rid)
     try:

@@ -24,7 +24,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from runtime.backend.base import Backend
-from runtime.engine.request import FinishEvent, RequestState, TokenEvent
+from runtime.engine.consumers import raise_for
+from runtime.engine.request import ErrorEvent, FinishEvent, RequestState, TokenEvent
 from runtime.migration.handoff import Handoff, MigrationHub, Target, handoff_events
 from sllm.errors import InvalidInput, SllmError
 
@@ -60,10 +61,19 @@ def _sse(payload: object) -> bytes:
 
 
 async def event_stream(engine: Backend, state: RequestState) -> AsyncIterator[bytes]:
-    """The Instance API's event stream for ``state`` (as ``/v1/generate`` sends it)."""
+    """The Instance API's event stream for ``state`` (as ``/v1/generate`` sends it). An
+    error before any other event (the engine refused the request) is raised, not sent, so
+    the route answers it with its status."""
+    started = False
     async for event in handoff_events(engine, state):
+        if isinstance(event, ErrorEvent) and not started:
+            raise_for(event)
+        started = True
         if isinstance(event, TokenEvent):
-            yield _sse({"delta": event.delta, "token_ids": event.token_ids})
+            payload: dict[str, Any] = {"delta": event.delta, "token_ids": event.token_ids}
+            if event.logprobs is not None:
+                payload["logprobs"] = event.logprobs
+            yield _sse(payload)
         elif isinstance(event, FinishEvent):
             yield _sse({"finish_reason": event.finish_reason, "usage": event.usage()})
             yield b"data: [DONE]\n\n"

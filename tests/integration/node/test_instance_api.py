@@ -145,3 +145,25 @@ async def test_resume_continues_an_exported_request_identically(
     assert resumed[-2]["usage"]["completion_tokens"] == 14
     bad = await http.post("/v1/migration/resume", json={"state": {"request_id": "x"}})
     assert bad.status_code == 400 and "missing field" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"logprobs": 2}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1.0}, "frequency_penalty"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_transformers_backend_refuses_what_it_cannot_honour(
+    api: tuple[httpx.AsyncClient, InstanceService], extra: dict[str, Any], named: str, stream: bool
+) -> None:
+    """Never ignored: a 400 naming the field (streams too: before any event is sent)."""
+    http, _ = api
+    body = {"prompt": "hello", "stream": stream, **extra}
+    reply = await http.post("/v1/generate", json=body)
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert message.startswith(f"{named}: this function runs on the transformers backend")

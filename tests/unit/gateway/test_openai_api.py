@@ -97,3 +97,43 @@ async def test_a_broken_stream_surfaces_as_an_error_in_the_client(h: Harness) ->
             for choice in chunk.choices:
                 text += choice.delta.content or ""
     assert text == "echo: "
+
+
+async def test_n_choices_are_n_instance_requests_with_their_own_seeds(h: Harness) -> None:
+    await h.deploy()
+    c = client(h)
+    answer = await c.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "a"}], n=3, seed=7
+    )
+    assert [ch.index for ch in answer.choices] == [0, 1, 2]
+    assert all(ch.message.content == "echo: a" for ch in answer.choices)
+    seeds = [sent["seed"] for _, path, sent in h.instances.seen[-3:] if path == "/v1/generate"]
+    assert seeds == [7, 8, 9]
+    one = await c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "a"}])
+    assert answer.usage is not None and one.usage is not None
+    assert answer.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
+    assert answer.usage.completion_tokens == 3 * one.usage.completion_tokens
+    stream = await c.chat.completions.create(
+        model="chat",
+        messages=[{"role": "user", "content": "x y"}],
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts: dict[int, str] = {0: "", 1: ""}
+    reasons: dict[int, str | None] = {}
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason
+    assert texts == {0: "echo: x y ", 1: "echo: x y "}
+    assert reasons == {0: "stop", 1: "stop"}
+    assert usage is not None and usage.completion_tokens == 2 * 2  # two words a choice
+
+
+async def test_echo_prepends_the_prompt(h: Harness) -> None:
+    await h.deploy()
+    answer = await client(h).completions.create(model="chat", prompt="hi", echo=True)
+    assert answer.choices[0].text == "hiecho: hi"
