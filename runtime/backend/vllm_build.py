@@ -175,6 +175,7 @@ def prebuild(entry: Path, mapped: MappedImage, tokenizer: Any, options: VllmOpti
 
 
 def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) -> VllmBackend:
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -192,7 +193,7 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
     overrides = {} if config.get("architectures") else {"architectures": list(facts.architectures)}
     args = EngineArgs(
         model=str(entry),
-        hf_overrides=overrides or None,
+        hf_overrides=overrides,
         tokenizer=str(entry),
         load_format=LOAD_FORMAT,
         dtype=plan.dtype,
@@ -201,6 +202,12 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
         max_num_seqs=options.max_batch,
         enable_prefix_caching=True,
         disable_log_stats=True,
+        # no free whitespace between the tokens of constrained JSON: a small model can fill its
+        # whole max_tokens with it otherwise (compact JSON is the same JSON). vLLM reads this
+        # per engine, not per request, and only for the xgrammar and guidance backends.
+        structured_outputs_config=StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=True
+        ),
     )
 
     def build() -> Any:  # on the backend's thread

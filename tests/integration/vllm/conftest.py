@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from sllm.messages import (
@@ -31,20 +32,77 @@ from sllm.messages import (
     encode,
 )
 from sllm.nats_bus import NatsBus
+from sllm.servers import ManagedServer, start_nats
 from sllm.spec import FunctionRecord, FunctionSpec
+from tests.integration.gateway.conftest import AUTH, TOKEN, Cluster
 from tests.integration.node.conftest import NodeClient, NodeProcess
 
 CHECKPOINTS = {
     "vtiny": "checkpoints/vtiny/0000000000000000",
     "vtiny2": "checkpoints/vtiny2/0000000000000000",  # vtiny's configuration, other weights
     "tiny16": "checkpoints/tiny16/0000000000000000",
+    "vtools": "checkpoints/vtools/0000000000000000",  # vtiny's configuration, renders tools
 }
+
+
+# A chat template that renders tools (the tiny model's own does not), for vtools.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>You may call: {{ tools | tojson }}<|end|>{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @dataclass(frozen=True)
 class VllmNode:
     process: NodeProcess
     hf_dirs: dict[str, Path]
+    store: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def vllm_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
+    """This module's own nats-server: a gateway on it sees only this module's vLLM node (and
+    its JetStream registry is this module's)."""
+    server = start_nats(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nats_url(vllm_nats: ManagedServer) -> str:
+    return f"nats://127.0.0.1:{vllm_nats.ports['client']}"
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    vllm_node: VllmNode, vllm_nats: ManagedServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """`sllm gateway start` on this module's NATS, in front of the vLLM node."""
+    env = {**vllm_node.env, "SLLM_TOKEN": TOKEN, "SLLM_WAKE_TIMEOUT": "300s",
+           "SLLM_POLICY": "least-loaded", "SLLM_SCALE_DOWN_WINDOW": "1s"}  # fmt: skip
+    cluster = Cluster(tmp_path_factory.mktemp("vllm-gateway"), vllm_nats, env, 0)
+    cluster.node = vllm_node.process.process  # watched while waiting for its heartbeat
+    try:
+        cluster.start_gateway()
+        cluster.wait_for_node()
+        yield cluster
+    finally:
+        cluster.stop_gateway()
+
+
+def deploy(gateway: Cluster, name: str, checkpoint: str, **spec: Any) -> dict[str, Any]:
+    """Register a function through the gateway's API (what `sllm fn deploy` ends with)."""
+    body = {
+        "spec": {"name": name, "model": checkpoint, "resources": {"memory": "256Mi"}, **spec},
+        "checkpoint": CHECKPOINTS[checkpoint],
+        "checkpoint_bytes": 1,
+    }
+    r = httpx.post(f"{gateway.url}/system/functions", json=body, headers=AUTH, timeout=10)
+    assert r.status_code == 201, r.text
+    result: dict[str, Any] = r.json()
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +121,9 @@ def vllm_node(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Iterat
         "vtiny": build_tiny_llama(root / "hf-vtiny", seed=3, config=VLLM_TINY),
         "vtiny2": build_tiny_llama(root / "hf-vtiny2", seed=4, config=VLLM_TINY),
         "tiny16": build_tiny_llama(root / "hf-tiny16", seed=0, config=TinyConfig()),
+        "vtools": build_tiny_llama(root / "hf-vtools", seed=5, config=VLLM_TINY),
     }
+    (hf_dirs["vtools"] / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
     for name, hf in hf_dirs.items():
         convert_checkpoint(hf, root / f"ckpt-{name}")
         push_checkpoint(root / f"ckpt-{name}", LocalStore(store_dir), CHECKPOINTS[name])
@@ -90,7 +150,7 @@ def vllm_node(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Iterat
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    yield VllmNode(NodeProcess(node_id, proc, log_path, 0), hf_dirs)
+    yield VllmNode(NodeProcess(node_id, proc, log_path, 0), hf_dirs, store_dir, env)
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
