@@ -6,7 +6,9 @@ Native stream events (shared contract): ``{"delta", "token_ids"}`` per token bat
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -287,3 +289,22 @@ def openai_response(
         "choices": choices,
         "usage": total_usage(usages),
     }
+
+
+def embeddings_response(native: dict[str, Any], model: str, encoding: str) -> dict[str, Any]:
+    """The instance's ``/v1/embed`` answer in OpenAI's shape; ``base64``: each vector's
+    float32 values, little-endian (what the ``openai`` client asks for by default)."""
+    data = native.get("data")
+    if not isinstance(data, list):
+        raise ProtocolError("instance embedding answer has no data")
+    out: list[dict[str, Any]] = []
+    for item in data:
+        vector = [float(v) for v in item.get("embedding", [])]
+        embedding: list[float] | str = vector
+        if encoding == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        out.append({"object": "embedding", "index": int(item.get("index", len(out))),
+                    "embedding": embedding})  # fmt: skip
+    tokens = _usage(native.get("usage"))["prompt_tokens"]
+    return {"object": "list", "data": out, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip

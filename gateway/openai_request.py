@@ -165,3 +165,29 @@ def parse_completion(body: dict[str, Any], defaults: Generation) -> OpenAIReques
     return OpenAIRequest(
         out, n, include_usage(body), prompt if echo else None, logprobs is not None
     )
+
+
+EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def parse_embeddings(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """An OpenAI embeddings body -> (the Instance API's embed body, encoding_format)."""
+    _unknown(body, EMBEDDING_KEYS)
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if (
+        not isinstance(texts, list)
+        or not 0 < len(texts) <= MAX_EMBEDDING_INPUTS
+        or not all(isinstance(t, str) and t for t in texts)
+    ):
+        raise InvalidInput(
+            f"input: expected a non-empty string or a list of 1 to {MAX_EMBEDDING_INPUTS} of "
+            "them (token arrays are not supported)"
+        )
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidInput(f"encoding_format: expected 'float' or 'base64', got {encoding!r}")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise InvalidInput("user: expected a string")
+    return {"input": texts}, str(encoding)

@@ -15,7 +15,7 @@ import yaml
 from sllm.errors import ValidationFailed
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-HANDLER_RE = re.compile(r"^(chat|completion|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+HANDLER_RE = re.compile(r"^(chat|completion|embedding|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 _MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _MEMORY_UNITS = {
     None: 1,
@@ -308,7 +308,8 @@ def _build(data: dict[str, Any], *, lines: dict[str, int], internal: bool) -> Fu
     handler = data.get("handler", "chat")
     if not isinstance(handler, str) or not HANDLER_RE.match(handler):
         raise ValidationFailed(
-            f"{_where('handler', lines)}: expected 'chat', 'completion' or 'module:function', "
+            f"{_where('handler', lines)}: expected 'chat', 'completion', 'embedding' or "
+            "'module:function', "
             f"got {handler!r}"
         )
     backend = data.get("backend", "auto")

@@ -17,17 +17,18 @@ from starlette.routing import Route
 from gateway.openai_format import (
     OpenAIStream,
     SseParser,
+    embeddings_response,
     native_event,
     openai_response,
     total_usage,
 )
-from gateway.openai_request import parse_chat, parse_completion
+from gateway.openai_request import parse_chat, parse_completion, parse_embeddings
 from gateway.proxy import Upstream, error_from_upstream
 from gateway.routes.common import bearer, caller_key, is_admin, read_body, require_key, service
 from gateway.routes.invoke import SSE_HEADERS, count
 from gateway.service import GatewayService
 from gateway.validation import openai_model, parse_json
-from sllm.errors import NotFound, ProtocolError, SllmError
+from sllm.errors import InvalidInput, NotFound, ProtocolError, SllmError
 
 
 async def chat_completions(request: Request) -> Response:
@@ -51,6 +52,8 @@ async def _complete(request: Request, *, chat: bool) -> Response:
             raise NotFound(f"model {model!r} does not exist (GET /v1/models lists the functions)",
                            code="model_not_found")  # fmt: skip
         await require_key(request, record)
+        if record.spec.handler == "embedding":
+            raise InvalidInput(f"model: {model!r} is an embedding function: use /v1/embeddings")
         req = (parse_chat if chat else parse_completion)(data, record.spec.generation)
         for body in req.choice_bodies():  # n choices: n requests, each movable on its own
             upstream = await gw.proxy.open(
@@ -151,6 +154,36 @@ async def _translate(
                 yield line
 
 
+async def embeddings(request: Request) -> Response:
+    gw = service(request)
+    started = gw.clock.now()
+    model = ""
+    try:
+        data, model = openai_model(parse_json(await read_body(request, gw.settings.max_body_bytes)))
+        record = gw.registry.find(model)
+        if record is None:
+            raise NotFound(f"model {model!r} does not exist (GET /v1/models lists the functions)",
+                           code="model_not_found")  # fmt: skip
+        await require_key(request, record)
+        if record.spec.handler != "embedding":
+            raise InvalidInput(
+                f"model: {model!r} is a {record.spec.handler} function, not an embedding one "
+                "(handler: embedding)"
+            )
+        native, encoding = parse_embeddings(data)
+        upstream = await gw.proxy.open(
+            record, "/v1/embed", json.dumps(native).encode(), started, request.receive
+        )
+        if upstream.status >= 400:
+            raise error_from_upstream(upstream.status, await gw.proxy.read_all(upstream))
+        body = embeddings_response(await _answer(gw, upstream, request), model, encoding)
+    except SllmError as exc:
+        count(gw, model or "-", "embeddings", exc.status)
+        raise
+    count(gw, model, "embeddings", 200)
+    return JSONResponse(body)
+
+
 async def models(request: Request) -> Response:
     """The functions the caller may invoke: public ones, plus the private ones its key (or
     the admin token) allows."""
@@ -168,5 +201,6 @@ async def models(request: Request) -> Response:
 routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/v1/models", models, methods=["GET"]),
 ]

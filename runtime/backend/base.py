@@ -63,6 +63,11 @@ class Backend(Protocol):
 
     def snapshots(self) -> list[dict[str, Any]]: ...
 
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """One embedding per prompt (token ids): the last token's final hidden state, L2
+        normalised (vLLM's embedding pooling for causal LMs). Blocking: run it in a thread."""
+        ...
+
     def new_stager(self, now: Callable[[], float]) -> Staging:
         """The migration stager of this backend (one per instance)."""
         ...

@@ -29,5 +29,19 @@ class TransformersBackend(Engine):
             )
         super().submit(state, sink)
 
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Last-token pooling of the base model's final (normed) hidden state, L2 normalised:
+        the same vector vLLM's embedding runner gives a causal LM. An embedding function's
+        instance generates nothing, so this does not compete with the engine thread."""
+        import torch
+
+        vectors = []
+        with torch.inference_mode():
+            for ids in prompts:
+                inputs = torch.tensor([ids], dtype=torch.long, device=self.device)
+                hidden = self.model.base_model(input_ids=inputs).last_hidden_state[0, -1]
+                vectors.append(torch.nn.functional.normalize(hidden.float(), dim=0).tolist())
+        return vectors
+
     def new_stager(self, now: Callable[[], float]) -> Stager:
         return Stager(self, now)

@@ -49,6 +49,7 @@ class VllmOptions:
     max_batch: int
     cache_dir: str = ""  # the node's cache directory (compile caches on CUDA)
     threads: int = 0  # CPU: torch threads of this instance's slot (0: leave as is)
+    task: str = "generate"  # "embed": an embedding function's engine (vLLM's pooling runner)
 
 
 def checkpoint_dtype(index: CheckpointIndex) -> str:
@@ -191,9 +192,13 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
     config = json.loads((entry / "config.json").read_text())
     # a config without architectures (older GGUF conversions): the class the choice named
     overrides = {} if config.get("architectures") else {"architectures": list(facts.architectures)}
+    # an embedding function: vLLM's pooling runner turns the causal LM into an embedding model
+    # (last-token pooling, normalised), with no KV cache kept between requests
+    pooling = {"runner": "pooling", "convert": "embed"} if options.task == "embed" else {}
     args = EngineArgs(
         model=str(entry),
         hf_overrides=overrides,
+        **pooling,
         tokenizer=str(entry),
         load_format=LOAD_FORMAT,
         dtype=plan.dtype,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from runtime.engine.request import (
     Sink,
     TokenEvent,
 )
-from sllm.errors import Conflict, InvalidInput, Unavailable
+from sllm.errors import Conflict, InvalidInput, SllmError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class VllmBackend:
         self._active: dict[str, _Active] = {}  # added to the engine, engine thread only
         self._known: dict[str, _Active] = {}  # pending or active, under the lock
         self._calls: list[tuple[Callable[[Any], Any], Future[Any]]] = []
+        self._pooling: dict[str, Future[list[float]]] = {}  # embeddings, engine thread only
         self._cancelled = 0
         self._stopping = False
         self._stop_reason = "instance is stopping"
@@ -159,6 +161,21 @@ class VllmBackend:
             self._cv.notify_all()
         return done.result(timeout_s)
 
+    def embed(self, prompts: list[list[int]], timeout_s: float = 300.0) -> list[list[float]]:
+        """Embeddings from an engine built for pooling (``VllmOptions.task`` "embed")."""
+        from vllm import PoolingParams
+
+        futures: list[Future[list[float]]] = []
+
+        def add(engine: Any) -> None:  # on the engine thread
+            for ids in prompts:
+                rid = f"embed-{uuid.uuid4().hex}"
+                futures.append(self._pooling.setdefault(rid, Future()))
+                engine.add_request(rid, {"prompt_token_ids": ids}, PoolingParams(task="embed"))
+
+        self.call(add)
+        return [f.result(timeout_s) for f in futures]
+
     def new_stager(self, now: Callable[[], float]) -> Any:
         from runtime.backend.vllm_staging import VllmStager
 
@@ -182,7 +199,9 @@ class VllmBackend:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._pending or self._active or self._calls or self._stopping):
+                while not (
+                    self._pending or self._active or self._calls or self._pooling or self._stopping
+                ):
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -197,19 +216,25 @@ class VllmBackend:
             for a in admitted:
                 self._add(a)
             self._apply_cancels(cancels)
-            if not self._active:
+            if not (self._active or self._pooling):
                 continue
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a failed step fails the running requests, not the loop
                 log.exception("vLLM engine step failed")
-                self._fail(list(self._active.values()), "engine_error",
-                           f"generation failed: {type(exc).__name__}: {exc}")  # fmt: skip
+                message = f"generation failed: {type(exc).__name__}: {exc}"
+                self._fail(list(self._active.values()), "engine_error", message)
+                for future in self._pooling.values():
+                    future.set_exception(SllmError(message, code="engine_error"))
+                self._pooling.clear()
                 continue
             for output in outputs:
                 owner = self._active.get(output.request_id)
                 if owner is not None:
                     self._on_output(owner, output)
+                elif output.request_id in self._pooling and output.finished:
+                    vector = [float(v) for v in output.outputs.data.tolist()]
+                    self._pooling.pop(output.request_id).set_result(vector)
         self._abort_all()
 
     def _add(self, a: _Active) -> None:
@@ -311,6 +336,9 @@ class VllmBackend:
             calls, self._calls = self._calls, []
         for _, done in calls:
             done.set_exception(Unavailable(self._stop_reason))
+        for future in self._pooling.values():
+            future.set_exception(Unavailable(self._stop_reason))
+        self._pooling.clear()
         self._fail(victims, "unavailable", self._stop_reason)
 
 

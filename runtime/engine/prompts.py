@@ -138,3 +138,27 @@ def build_request(
     if structured is not None:
         params = replace(params, structured=structured)
     return RequestState(request_id=request_id_of(body), prompt_ids=ids, params=params)
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound on one request's inputs
+
+
+def embedding_inputs(body: object, tok: Tokenizing) -> list[list[int]]:
+    """The token ids of each text of an embedding request (``{"input": str | [str, ...]}``)."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object")
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts or len(texts) > MAX_EMBEDDING_INPUTS:
+        raise InvalidInput(
+            f"input: expected a string or a list of 1 to {MAX_EMBEDDING_INPUTS} strings"
+        )
+    prompts = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise InvalidInput(f"input[{i}]: expected a non-empty string")
+        ids = tok.encode(text, special=True)
+        if not ids:
+            raise InvalidInput(f"input[{i}]: tokenizes to no tokens")
+        prompts.append(ids)
+    return prompts

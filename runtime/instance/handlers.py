@@ -27,7 +27,7 @@ from runtime.engine.request import ErrorEvent, TokenEvent
 from runtime.engine.sampling import SamplingDefaults
 from sllm.errors import InvalidInput, SllmError, ValidationFailed
 
-BUILTIN = ("chat", "completion")
+BUILTIN = ("chat", "completion", "embedding")
 
 
 class HandlerLoadError(SllmError):

@@ -234,10 +234,13 @@ def load_instance(
 
     t3 = time.monotonic()
     bos = getattr(tokenizer, "bos_token_id", None)
+    token = int(bos) if isinstance(bos, int) else 0
     if model is not None:
-        forward_warm_up(model, int(bos) if isinstance(bos, int) else 0)
+        forward_warm_up(model, token)
+    elif spec.handler == "embedding":
+        engine.embed([[token, token]])
     else:  # one prefill and one decoding step through the engine
-        warm_up(engine, int(bos) if isinstance(bos, int) else 0)
+        warm_up(engine, token)
     timings["warm_up_s"] = time.monotonic() - t3
     service = InstanceService(
         function=spec.function,
@@ -257,7 +260,10 @@ def vllm_options(spec: LoadSpec) -> Any:
     from runtime.backend.vllm_build import VllmOptions
 
     on_cpu = spec.device.startswith("cpu")
-    return VllmOptions(on_cpu, spec.memory_bytes, spec.max_batch, spec.cache_dir, spec.threads)
+    task = "embed" if spec.handler == "embedding" else "generate"
+    return VllmOptions(
+        on_cpu, spec.memory_bytes, spec.max_batch, spec.cache_dir, spec.threads, task
+    )
 
 
 def prebuild_vllm(spec: LoadSpec, premapped: MappedImage | None) -> Any:

@@ -25,7 +25,7 @@ from starlette.types import Receive
 
 from runtime.backend.base import Backend
 from runtime.engine.consumers import generate
-from runtime.engine.prompts import Tokenizing, build_request
+from runtime.engine.prompts import Tokenizing, build_request, embedding_inputs
 from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults
 from runtime.instance.handlers import CustomHandler, HandlerContext
@@ -94,6 +94,8 @@ def _check_ready(service: InstanceService) -> None:
 
 
 async def _run_generate(service: InstanceService, body: Any, receive: Receive) -> Response:
+    if service.handler == "embedding":
+        raise InvalidInput("this is an embedding function: POST /v1/embed (/v1/embeddings)")
     chat = service.handler != "completion"
     state = build_request(body, service.tok, service.defaults, chat=chat)
     return await _respond(service, state, receive, stream=body.get("stream", False) is True)
@@ -149,10 +151,33 @@ def build_app(service: InstanceService) -> Starlette:
         except SllmError as exc:  # ClientGone included: a 499 nobody reads
             return _error_response(exc)
 
+    async def embed_route(request: Request) -> Response:
+        try:
+            _check_ready(service)
+            if service.handler != "embedding":
+                raise InvalidInput(f"this is a {service.handler} function, not an embedding one")
+            prompts = embedding_inputs(await _json_body(request), service.tok)
+            if any(len(p) >= service.engine.max_context for p in prompts):
+                raise InvalidInput(f"input: longer than the model's {service.engine.max_context}"
+                                   " tokens")  # fmt: skip
+            service.custom_in_flight += 1  # counts as in flight while it runs (drain waits)
+            try:
+                vectors = await asyncio.to_thread(service.engine.embed, prompts)
+            finally:
+                service.custom_in_flight -= 1
+            tokens = sum(len(p) for p in prompts)
+            data = [{"index": i, "embedding": v} for i, v in enumerate(vectors)]
+            return JSONResponse(
+                {"data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            )
+        except SllmError as exc:
+            return _error_response(exc)
+
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/v1/generate", generate_route, methods=["POST"]),
+            Route("/v1/embed", embed_route, methods=["POST"]),
             Route("/v1/invoke", invoke, methods=["POST"]),
             *migration_routes(service.engine),
         ]

@@ -167,3 +167,32 @@ async def test_transformers_backend_refuses_what_it_cannot_honour(
     assert reply.status_code == 400, reply.text
     message = reply.json()["error"]["message"]
     assert message.startswith(f"{named}: this function runs on the transformers backend")
+
+
+async def test_embeddings_on_the_transformers_backend(
+    engine_parts: tuple[TransformersBackend, Tokenizing], tiny_model_dir: Path
+) -> None:
+    """An embedding function's instance: ``/v1/embed`` gives the last token's final hidden
+    state, normalised, as transformers computes it; generation is refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    engine, tok = engine_parts
+    defaults = SamplingDefaults()
+    service = InstanceService("emb", "i-2", "embedding", engine, tok, defaults,
+                              HandlerContext(engine, tok, defaults, {}), state="ready")  # fmt: skip
+    transport = httpx.ASGITransport(app=build_app(service))
+    async with httpx.AsyncClient(transport=transport, base_url="http://instance") as http:
+        out = (await http.post("/v1/embed", json={"input": ["hello", "hello world"]})).json()
+        refused = await http.post("/v1/generate", json={"prompt": "x"})
+        bad = await http.post("/v1/embed", json={"input": [""]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ids = torch.tensor([tok.encode("hello world", special=True)])
+        last = model.base_model(input_ids=ids).last_hidden_state[0, -1]
+        expected = torch.nn.functional.normalize(last, dim=0).tolist()
+    assert [d["index"] for d in out["data"]] == [0, 1]
+    assert out["data"][1]["embedding"] == pytest.approx(expected, abs=1e-5)
+    assert out["usage"]["prompt_tokens"] == out["usage"]["total_tokens"] > 0
+    assert refused.status_code == 400 and "embedding function" in refused.json()["error"]["message"]
+    assert bad.status_code == 400 and "input[0]" in bad.json()["error"]["message"]

@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from tests.integration.gateway.conftest import AUTH, Cluster
 
-from .conftest import deploy
+from .conftest import VllmNode, deploy
 
 pytestmark = pytest.mark.integration
 
@@ -159,3 +159,36 @@ def test_what_sllm_does_not_take_is_a_400_naming_it(client: OpenAI) -> None:
         client.chat.completions.create(model=FN, messages=CHAT, logit_bias={"1": 5})
     with pytest.raises(openai.BadRequestError, match="tool_choice: 'auto'"):
         client.chat.completions.create(model=FN, messages=CHAT, tools=[CITY])  # type: ignore[list-item]
+
+
+def _transformers_embedding(hf_dir: object, text: str) -> list[float]:
+    """Last-token final hidden state of the checkpoint in transformers, L2 normalised."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        hidden = model.base_model(input_ids=ids).last_hidden_state[0, -1]
+        return [float(v) for v in torch.nn.functional.normalize(hidden, dim=0)]
+
+
+def test_embeddings_of_an_embedding_function(
+    client: OpenAI, gateway: Cluster, vllm_node: VllmNode
+) -> None:
+    deploy(gateway, "vembed", "vtiny", backend="vllm", handler="embedding", scale={"max": 1})
+    answer = client.embeddings.create(model="vembed", input=["hello world", "Paris"])
+    assert [d.index for d in answer.data] == [0, 1]
+    vectors = [d.embedding for d in answer.data]
+    assert all(len(v) == 128 for v in vectors)
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-3 for v in vectors)  # normalised
+    reference = _transformers_embedding(vllm_node.hf_dirs["vtiny"], "hello world")
+    assert sum(a * b for a, b in zip(vectors[0], reference, strict=True)) > 0.999
+    floats = client.embeddings.create(model="vembed", input="Paris", encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(vectors[1], abs=1e-5)
+    assert answer.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="is an embedding function"):
+        client.chat.completions.create(model="vembed", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="not an embedding one"):
+        client.embeddings.create(model=FN, input="x")
