@@ -23,16 +23,17 @@ import httpx
 import pytest
 
 from sllm.messages import (
-    EVENT_SUBJECT,
-    HEARTBEAT_SUBJECT,
+    EVENTS,
+    HEARTBEATS,
     InstanceEvent,
     LoadCmd,
     NodeHeartbeat,
     decode_as,
     encode,
 )
+from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import ManagedServer, start_nats
+from sllm.servers import ManagedServer, nats_client_env, start_nats
 from sllm.spec import FunctionRecord, FunctionSpec
 from tests.integration.gateway.conftest import AUTH, TOKEN, Cluster
 from tests.integration.node.conftest import NodeClient, NodeProcess
@@ -65,14 +66,12 @@ class VllmNode:
 def vllm_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedServer]:
     """This module's own nats-server: a gateway on it sees only this module's vLLM node (and
     its JetStream registry is this module's)."""
-    server = start_nats(tmp_path_factory.mktemp("nats"))
+    root = tmp_path_factory.mktemp("nats")
+    creds = NatsCredentials(root / "creds")
+    creds.gateway()
+    server = start_nats(root, credentials=creds)
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def nats_url(vllm_nats: ManagedServer) -> str:
-    return f"nats://127.0.0.1:{vllm_nats.ports['client']}"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def gateway(
     vllm_node: VllmNode, vllm_nats: ManagedServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """`sllm gateway start` on this module's NATS, in front of the vLLM node."""
-    env = {**vllm_node.env, "SLLM_TOKEN": TOKEN, "SLLM_WAKE_TIMEOUT": "300s",
+    env = {**vllm_node.env, **nats_client_env(vllm_nats), "SLLM_TOKEN": TOKEN, "SLLM_WAKE_TIMEOUT": "300s",
            "SLLM_POLICY": "least-loaded", "SLLM_SCALE_DOWN_WINDOW": "1s"}  # fmt: skip
     cluster = Cluster(tmp_path_factory.mktemp("vllm-gateway"), vllm_nats, env, 0)
     cluster.node = vllm_node.process.process  # watched while waiting for its heartbeat
@@ -95,7 +94,13 @@ def gateway(
 def deploy(gateway: Cluster, name: str, checkpoint: str, **spec: Any) -> dict[str, Any]:
     """Register a function through the gateway's API (what `sllm fn deploy` ends with)."""
     body = {
-        "spec": {"name": name, "model": checkpoint, "resources": {"memory": "256Mi"}, **spec},
+        "spec": {
+            "name": name,
+            "model": checkpoint,
+            "auth": "public",
+            "resources": {"memory": "256Mi"},
+            **spec,
+        },
         "checkpoint": CHECKPOINTS[checkpoint],
         "checkpoint_bytes": 1,
     }
@@ -106,7 +111,9 @@ def deploy(gateway: Cluster, name: str, checkpoint: str, **spec: Any) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def vllm_node(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Iterator[VllmNode]:
+def vllm_node(
+    tmp_path_factory: pytest.TempPathFactory, vllm_nats: ManagedServer
+) -> Iterator[VllmNode]:
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.node.main import dram_root
     from runtime.store.local import LocalStore
@@ -131,7 +138,7 @@ def vllm_node(tmp_path_factory: pytest.TempPathFactory, nats_url: str) -> Iterat
     env = {
         **os.environ,
         "SLLM_NODE_ID": node_id,
-        "SLLM_NATS_URL": nats_url,
+        **nats_client_env(vllm_nats, node_id),
         "SLLM_STORE_URL": str(store_dir),
         "SLLM_CACHE_DIR": str(root / "cache"),
         "SLLM_DRAM_CAPACITY": "256Mi",
@@ -180,9 +187,12 @@ class VllmNodeClient(NodeClient):
         return await self.command(encode(cmd))
 
 
-async def connect(node: NodeProcess, nats_url: str) -> VllmNodeClient:
-    """A client following the node's events and heartbeats (close its ``bus``)."""
-    bus = await NatsBus.connect(nats_url, name="vllm-test")
+async def connect(node: NodeProcess, nats: ManagedServer) -> VllmNodeClient:
+    """A client following the node's events and heartbeats as the gateway does (close its
+    ``bus``)."""
+    env = nats_client_env(nats)
+    bus = await NatsBus.connect(env["SLLM_NATS_URL"], name="vllm-test",
+                                seed_file=env["SLLM_NATS_SEED_FILE"])  # fmt: skip
     c = VllmNodeClient(bus, node)
 
     async def on_event(msg: Any) -> None:
@@ -193,27 +203,27 @@ async def connect(node: NodeProcess, nats_url: str) -> VllmNodeClient:
         if beat.node_id == node.node_id:
             await c.heartbeats.put(beat)
 
-    await bus.subscribe(EVENT_SUBJECT, on_event)
-    await bus.subscribe(HEARTBEAT_SUBJECT, on_heartbeat)
+    await bus.subscribe(EVENTS, on_event)
+    await bus.subscribe(HEARTBEATS, on_heartbeat)
     await c.heartbeat(timeout_s=120.0)  # the node is up
     return c
 
 
 @pytest.fixture
-async def vclient(vllm_node: VllmNode, nats_url: str) -> AsyncIterator[VllmNodeClient]:
-    c = await connect(vllm_node.process, nats_url)
+async def vclient(vllm_node: VllmNode, vllm_nats: ManagedServer) -> AsyncIterator[VllmNodeClient]:
+    c = await connect(vllm_node.process, vllm_nats)
     yield c
     await c.bus.close()
 
 
 def load_ready(
-    node: VllmNode, nats_url: str, instance_id: str, record: dict[str, Any]
+    node: VllmNode, nats: ManagedServer, instance_id: str, record: dict[str, Any]
 ) -> InstanceEvent:
     """Load ``record`` on the node and wait for its ready (or failed) event (for module-scoped
     fixtures: its own event loop)."""
 
     async def run() -> InstanceEvent:
-        c = await connect(node.process, nats_url)
+        c = await connect(node.process, nats)
         try:
             reply = await c.load_record(instance_id, record)
             assert reply.ok, reply

@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from sllm.instance_auth import auth_header
 from sllm.messages import InstanceEvent
+from sllm.servers import ManagedServer
 
 from .conftest import VllmNode, VllmNodeClient, load_ready, vllm_record
 
@@ -21,8 +23,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def served(vllm_node: VllmNode, nats_url: str) -> InstanceEvent:
-    ready = load_ready(vllm_node, nats_url, "v-serve", vllm_record("vchat"))
+def served(vllm_node: VllmNode, vllm_nats: ManagedServer) -> InstanceEvent:
+    ready = load_ready(vllm_node, vllm_nats, "v-serve", vllm_record("vchat"))
     assert ready.kind == "ready", ready.error
     return ready
 
@@ -65,7 +67,9 @@ async def test_greedy_tokens_equal_transformers_generate(
     """The weights vLLM loaded from the DRAM image are the checkpoint's: its greedy tokens are
     the ones transformers computes from the original Hugging Face directory."""
     body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+    async with httpx.AsyncClient(
+        base_url=served.address, timeout=60, headers=auth_header(served.secret)
+    ) as http:
         events = await _stream(http, body)
         answer = (await http.post("/v1/generate", json=body)).json()
     tokens = [t for e in events if isinstance(e, dict) for t in e.get("token_ids", [])]
@@ -81,7 +85,9 @@ async def test_greedy_tokens_equal_transformers_generate(
 
 async def test_stop_string_ends_the_stream_without_showing_it(served: InstanceEvent) -> None:
     body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+    async with httpx.AsyncClient(
+        base_url=served.address, timeout=60, headers=auth_header(served.secret)
+    ) as http:
         full = (await http.post("/v1/generate", json=body)).json()["text"]
         stop = full[len(full) // 2 : len(full) // 2 + 3]
         cut = (await http.post("/v1/generate", json={**body, "stop": stop})).json()
@@ -91,7 +97,9 @@ async def test_stop_string_ends_the_stream_without_showing_it(served: InstanceEv
 
 async def test_client_disconnect_cancels_the_generation(served: InstanceEvent) -> None:
     body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+    async with httpx.AsyncClient(
+        base_url=served.address, timeout=60, headers=auth_header(served.secret)
+    ) as http:
         before = (await http.get("/healthz")).json()["cancelled"]
         async with http.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
             async for line in r.aiter_lines():
@@ -107,7 +115,9 @@ async def test_client_disconnect_cancels_the_generation(served: InstanceEvent) -
 
 async def test_concurrent_streams_are_batched_and_each_complete(served: InstanceEvent) -> None:
     body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+    async with httpx.AsyncClient(
+        base_url=served.address, timeout=60, headers=auth_header(served.secret)
+    ) as http:
         runs = await asyncio.gather(*[_stream(http, body) for _ in range(6)])
     token_lists = [
         [t for e in ev if isinstance(e, dict) for t in e.get("token_ids", [])] for ev in runs
@@ -116,9 +126,10 @@ async def test_concurrent_streams_are_batched_and_each_complete(served: Instance
     assert all(t == token_lists[0] for t in token_lists)  # greedy: batching changes nothing
 
 
-async def _greedy_tokens(address: str, n: int) -> list[int]:
+async def _greedy_tokens(ready: InstanceEvent, n: int) -> list[int]:
     body = {"prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=address, timeout=60) as http:
+    headers = auth_header(ready.secret)
+    async with httpx.AsyncClient(base_url=ready.address or "", timeout=60, headers=headers) as http:
         events = await _stream(http, body)
     return [t for e in events if isinstance(e, dict) for t in e.get("token_ids", [])]
 
@@ -143,7 +154,7 @@ async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
     kept = await vclient.event("v-kept", timeout_s=300.0)
     assert kept.kind == "ready", kept.error
     assert _engine_of(vllm_node, "v-kept") == "kept"
-    assert await _greedy_tokens(kept.address or "", 8) == _transformers_greedy(vllm_node, PROMPT, 8)
+    assert await _greedy_tokens(kept, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
     assert (await vclient.unload("v-kept", 1.0)).ok
     assert (await vclient.event("v-kept")).kind == "stopped"
 
@@ -152,7 +163,7 @@ async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
     reloaded = await vclient.event("v-reload", timeout_s=300.0)
     assert reloaded.kind == "ready", reloaded.error
     assert _engine_of(vllm_node, "v-reload") == "reloaded"
-    assert await _greedy_tokens(reloaded.address or "", 8) == _transformers_greedy(
+    assert await _greedy_tokens(reloaded, 8) == _transformers_greedy(
         vllm_node, PROMPT, 8, checkpoint="vtiny2"
     )
     assert (await vclient.unload("v-reload", 1.0)).ok
@@ -189,7 +200,7 @@ async def test_live_migration_moves_a_greedy_stream_token_for_token(
     caching) in rounds; at the switch the stream ends with a ``migrated`` event, which the
     gateway's splice follows to the target: the client's tokens are the unmigrated run's."""
     from gateway.migration.splice import follow_moves
-    from runtime.migration.protocol import migrate_requests
+    from runtime.migration.protocol import Peer, migrate_requests
     from sllm.errors import SllmError
 
     target_record = vllm_record("vchat")
@@ -203,13 +214,13 @@ async def test_live_migration_moves_a_greedy_stream_token_for_token(
     async def progress(phase: str, round_: int, tokens: int) -> None:
         rounds.append((phase, round_, tokens))
 
+    mine, theirs = auth_header(served.secret), auth_header(target.secret)
     async with httpx.AsyncClient(timeout=120) as http:
-        reference = (await http.post(f"{source}/v1/generate", json=body)).json()
+        reference = (await http.post(f"{source}/v1/generate", json=body, headers=mine)).json()
 
-        async def resume(moved: dict[str, Any]) -> Any:
-            request = http.build_request(
-                "POST", f"{moved['target_address']}/v1/migration/resume", json=moved
-            )
+        async def resume(moved: dict[str, Any]) -> Any:  # as the gateway does, its secret
+            url = f"{moved['target_address']}/v1/migration/resume"
+            request = http.build_request("POST", url, json=moved, headers=theirs)
             response = await http.send(request, stream=True)
             if response.status_code != 200:
                 raise SllmError(f"resume answered {response.status_code}")
@@ -217,8 +228,9 @@ async def test_live_migration_moves_a_greedy_stream_token_for_token(
 
         async def client() -> list[Any]:
             request = http.build_request(
-                "POST", f"{source}/v1/generate", json={**body, "stream": True, "request_id": "mv"}
-            )
+                "POST", f"{source}/v1/generate", headers=mine,
+                json={**body, "stream": True, "request_id": "mv"},
+            )  # fmt: skip
             response = await http.send(request, stream=True)
             assert response.status_code == 200
             chunks = response.aiter_bytes()
@@ -232,12 +244,14 @@ async def test_live_migration_moves_a_greedy_stream_token_for_token(
 
         streaming = asyncio.create_task(client())
         for _ in range(1000):  # move it once it has its first tokens
-            requests = (await http.get(f"{source}/v1/migration/requests")).json()["requests"]
+            listed = await http.get(f"{source}/v1/migration/requests", headers=mine)
+            requests = listed.json()["requests"]
             if requests and len(requests[0]["output_ids"]) >= 2:
                 break
             await asyncio.sleep(0.01)
         outcome = await migrate_requests(
-            http, source, target.address or "", "v-target",
+            http, Peer(source, served.secret), Peer(target.address or "", target.secret),
+            "v-target",
             max_rounds=3, threshold_tokens=8, progress=progress,
         )  # fmt: skip
         events = await streaming
@@ -257,7 +271,9 @@ async def test_drain_finishes_in_flight_streams_then_stops(
 ) -> None:
     """Last in the module: it unloads the served instance."""
     long = {"prompt": PROMPT, "max_tokens": 150, "temperature": 0, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=served.address, timeout=60) as http:
+    async with httpx.AsyncClient(
+        base_url=served.address, timeout=60, headers=auth_header(served.secret)
+    ) as http:
         in_flight = asyncio.create_task(_stream(http, long))
         for _ in range(500):
             if (await http.get("/healthz")).json()["in_flight"]:
