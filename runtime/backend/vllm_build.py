@@ -48,7 +48,6 @@ class VllmOptions:
     memory_bytes: int  # the function's resources.memory: weights + KV cache
     max_batch: int
     cache_dir: str = ""  # the node's cache directory (compile caches on CUDA)
-    threads: int = 0  # CPU: torch threads of this instance's slot (0: leave as is)
     task: str = "generate"  # "embed": an embedding function's engine (vLLM's pooling runner)
 
 
@@ -184,10 +183,6 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
     from runtime.backend.vllm_loader import LOAD_FORMAT
 
     os.environ.update(compile_cache_env(options.cache_dir))
-    if options.threads > 0:
-        # vLLM drops torch to one thread for serving unless OMP_NUM_THREADS is set; the slot's
-        # share of the cores is what the transformers backend uses too
-        os.environ["OMP_NUM_THREADS"] = str(options.threads)
     facts = ModelFacts.read(entry)
     config = json.loads((entry / "config.json").read_text())
     # a config without architectures (older GGUF conversions): the class the choice named
@@ -218,8 +213,11 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
     def build() -> Any:  # on the backend's thread
         import torch
 
-        if options.threads > 0:
-            torch.set_num_threads(options.threads)  # this thread's OpenMP threads too
+        if options.on_cpu:
+            # One torch (OpenMP) thread, as vLLM's own CPU serving uses: with two, the idle
+            # one spin-waits against the step's serial Python (SmolLM2 here: 2.8 tok/s with
+            # two threads, 23.8 with one, one stream; 22 vs 160 tok/s with eight)
+            torch.set_num_threads(1)
         return LLMEngine.from_engine_args(args)
 
     backend = VllmBackend(

@@ -1,0 +1,404 @@
+"""Backends benchmark (issue 13): sllm with the vLLM backend, sllm with the transformers backend,
+and plain vLLM's OpenAI server (the peer), on this machine, in one run.
+
+    .venv/bin/python bench/backends.py --json bench/.data/backends.json
+
+Models: SmolLM2-135M-Instruct (the demo's GGUF, as bfloat16 safetensors) and a random Llama of
+~1.1B parameters (SmolLM2's tokenizer, bfloat16). Everything goes through the paths that serve:
+the peer is ``python -m vllm.entrypoints.openai.api_server`` as its users start it (the
+``vllm`` console script looks up package metadata this install lacks); sllm is nats-server,
+``sllm gateway start`` and ``sllm node start`` (one CPU slot: the instance gets both cores),
+requests through the gateway's OpenAI API, checkpoints in a local-directory store.
+
+- ``throughput``: streamed chat completions, greedy, ``--tokens`` each, from 1, 8 and 32
+  concurrent clients: output tokens/s (usage, over the wave's wall time) and TTFT p50/p99.
+  Peers run ABBA: peer, sllm+vLLM, sllm+transformers, then the same in reverse; medians.
+  The peer runs eager (what sllm's vLLM backend runs on CPU; ``--peer-compiled`` adds the
+  default compiled peer).
+- ``coldstart``: request to first token from zero replicas with the checkpoint in DRAM (the
+  idle vLLM process's engine kept for the model, and built), on SSD (node restarted, DRAM tier
+  removed, page cache dropped) and in the store (SSD cache removed too); against the peer's
+  start-to-first-token, eager and compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+DATA = ROOT / "bench" / ".data" / "backends"
+TOKEN = "bench-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+CONCURRENCY = (1, 8, 32)
+MODELS = ("smollm2", "llama1b")
+SYSTEMS = ("peer", "sllm-vllm", "sllm-transformers")
+
+
+# -- models -------------------------------------------------------------------------------------
+def export_hf(ckpt: Path, dst: Path) -> Path:
+    """An sllm checkpoint as a Hugging Face safetensors directory (what the peer loads)."""
+    from safetensors.torch import save_file
+
+    from runtime.loader.cpu import load_checkpoint
+
+    if (dst / "model.safetensors").exists():
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    loaded = load_checkpoint(ckpt)
+    tensors = {k: v.clone() for k, v in loaded.tensors.items() if k not in loaded.index.aliases}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name in loaded.index.files:
+        shutil.copy(ckpt / name, tmp / name)
+    tmp.rename(dst)
+    return dst
+
+
+def build_models() -> dict[str, Path]:
+    """HF directories of both models (bfloat16), made once under bench/.data."""
+    from runtime.ckpt.demo import ensure_smollm2_checkpoint
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    smol = export_hf(ensure_smollm2_checkpoint(DATA / "convert"), DATA / "hf-smollm2")
+    big = DATA / "hf-llama1b"
+    if not (big / "model.safetensors").exists():
+        build_llama1b(smol, big)
+    return {"smollm2": smol, "llama1b": big}
+
+
+def build_llama1b(tokenizer_from: Path, dst: Path) -> None:
+    """A random Llama of ~1.1B parameters with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model: Any = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation")):
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(dst)
+
+
+# -- the platform ------------------------------------------------------------------------------
+class Platform:
+    """nats-server, gateway and one node (one CPU slot), a local-directory store."""
+
+    def __init__(self, root: Path) -> None:
+        from sllm.nats_auth import NatsCredentials
+        from sllm.servers import free_port, nats_client_env, start_nats
+
+        self.root = root
+        self.store = root / "store"
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.nats = start_nats(root / "nats", credentials=NatsCredentials(root / "creds"))
+        self.port = free_port()
+        self.env = {**os.environ, **nats_client_env(self.nats), "SLLM_TOKEN": TOKEN,
+                    "SLLM_STORE_URL": str(self.store), "SLLM_GATEWAY_PORT": str(self.port),
+                    "SLLM_WAKE_TIMEOUT": "900s", "SLLM_REQUEST_TIMEOUT": "1800s",
+                    "SLLM_SCALE_DOWN_WINDOW": "1s"}  # fmt: skip
+        self.node_env = {**self.env, **nats_client_env(self.nats, "bench"),
+                         "SLLM_NODE_ID": "bench", "SLLM_CACHE_DIR": str(root / "cache"),
+                         "SLLM_CPU_SLOTS": "1", "SLLM_POOL_SIZE": "1", "SLLM_VLLM": "on",
+                         "SLLM_VLLM_POOL_SIZE": "1", "SLLM_DRAM_CAPACITY": "8Gi",
+                         "SLLM_SSD_CAPACITY": "10Gi", "SLLM_HEARTBEAT_INTERVAL": "0.5s"}  # fmt: skip
+        self.gateway = self._spawn(["gateway", "start"], self.env, "gateway.log")
+        self.node: subprocess.Popen[bytes] | None = None
+        self.start_node()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+        with open(self.root / log, "ab") as out:
+            return subprocess.Popen([sys.executable, "-m", "sllm.cli.main", "-v", *argv],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def start_node(self) -> None:
+        self.node = self._spawn(["node", "start", "--drain", "5s"], self.node_env, "node.log")
+        deadline = time.monotonic() + 600
+        while True:  # a heartbeat with both pool processes idle (vLLM imported)
+            try:
+                nodes = httpx.get(f"{self.url}/system/nodes", headers=AUTH, timeout=5).json()
+                if any(n.get("pool_idle", 0) >= 2 for n in nodes):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            assert time.monotonic() < deadline, "the node did not come up"
+            time.sleep(1)
+
+    def stop_node(self) -> None:
+        from sllm.servers import stop_process
+
+        if self.node is not None:
+            stop_process(self.node, 60)
+            self.node = None
+
+    def dram_root(self) -> Path:
+        from runtime.node.main import dram_root
+        from sllm.settings import NodeSettings
+
+        return dram_root(NodeSettings.from_env(self.node_env))
+
+    def restart_node(self, *, ssd: bool) -> None:
+        """Cold tiers: the DRAM tier removed (and the SSD cache unless ``ssd``), page cache
+        dropped."""
+        self.stop_node()
+        shutil.rmtree(self.dram_root(), ignore_errors=True)
+        if not ssd:
+            shutil.rmtree(self.root / "cache" / "ssd", ignore_errors=True)
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        self.start_node()
+
+    def deploy(self, name: str, key: str, backend: str, memory: str) -> None:
+        spec = {"name": name, "model": name, "backend": backend, "auth": "public",
+                "resources": {"memory": memory}, "scale": {"max": 1, "keep_alive": "3600s"},
+                "generation": {"max_tokens": 256, "temperature": 0.0}}  # fmt: skip
+        body = {"spec": spec, "checkpoint": key, "checkpoint_bytes": 1}
+        r = httpx.post(f"{self.url}/system/functions", json=body, headers=AUTH, timeout=30)
+        assert r.status_code in (200, 201), r.text
+
+    def scale_to_zero(self, name: str) -> None:
+        httpx.post(f"{self.url}/system/scale/{name}", json={"replicas": 0}, headers=AUTH,
+                   timeout=30)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while True:
+            fn = httpx.get(f"{self.url}/system/functions/{name}", headers=AUTH, timeout=10).json()
+            if not fn.get("instances"):
+                return
+            assert time.monotonic() < deadline, f"{name} did not scale to zero"
+            time.sleep(0.5)
+
+    def wait_prebuilt(self, since: int, timeout_s: float = 300.0) -> None:
+        """Until the node log shows an idle vLLM process built an engine after ``since``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = (self.root / "node.log").read_text(errors="replace")[since:]
+            if "prebuilt a vLLM engine" in text:
+                return
+            time.sleep(0.5)
+        raise AssertionError("no prebuilt engine")
+
+    def close(self) -> None:
+        from sllm.servers import stop_process
+
+        self.stop_node()
+        stop_process(self.gateway, 30)
+        self.nats.stop()
+        shutil.rmtree(self.dram_root(), ignore_errors=True)
+
+
+class Peer:
+    """``python -m vllm.entrypoints.openai.api_server`` on one model."""
+
+    def __init__(self, model: Path, root: Path, *, compiled: bool) -> None:
+        from sllm.servers import free_port
+
+        self.model, self.port = str(model), free_port()
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+               "VLLM_CPU_KVCACHE_SPACE": "2"}  # fmt: skip
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                self.model, "--port", str(self.port), "--dtype", "bfloat16",
+                "--max-model-len", "2048"] + ([] if compiled else ["--enforce-eager"])  # fmt: skip
+        self.started = time.monotonic()
+        with open(root / f"peer-{model.name}-{'compiled' if compiled else 'eager'}.log", "ab") as f:
+            self.proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 1200.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, "the peer exited"
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the peer did not start"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        from sllm.servers import stop_process
+
+        stop_process(self.proc, 60)
+
+
+# -- load ---------------------------------------------------------------------------------------
+async def one_request(http: httpx.AsyncClient, url: str, model: str, tokens: int) -> dict[str, Any]:
+    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.monotonic()
+    ttft, used = None, 0
+    async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and any(c.get("delta", {}).get("content") for c in chunk["choices"]):
+                ttft = time.monotonic() - start
+            if chunk.get("usage"):
+                used = int(chunk["usage"]["completion_tokens"])
+    return {"ttft_s": ttft if ttft is not None else time.monotonic() - start, "tokens": used}
+
+
+async def wave(url: str, model: str, clients: int, per_client: int, tokens: int) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=3600) as http:
+
+        async def client() -> list[dict[str, Any]]:
+            return [await one_request(http, url, model, tokens) for _ in range(per_client)]
+
+        start = time.monotonic()
+        results = [
+            r for rs in await asyncio.gather(*[client() for _ in range(clients)]) for r in rs
+        ]
+        wall = time.monotonic() - start
+    ttfts = sorted(r["ttft_s"] for r in results)
+    return {"tok_s": sum(r["tokens"] for r in results) / wall, "wall_s": wall,
+            "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+            "requests": len(results)}  # fmt: skip
+
+
+def first_token_s(url: str, model: str) -> float:
+    async def run() -> float:
+        async with httpx.AsyncClient(timeout=3600) as http:
+            return float((await one_request(http, url, model, 8))["ttft_s"])
+
+    return asyncio.run(run())
+
+
+# -- phases -------------------------------------------------------------------------------------
+def throughput(plat: Platform, hf: Path, name: str, tokens: int, compiled: bool) -> dict[str, Any]:
+    peer = Peer(hf, plat.root, compiled=compiled)
+    peer.wait_ready()
+    targets = {"peer": (peer.url, peer.model), "sllm-vllm": (plat.url, f"{name}-vllm"),
+               "sllm-transformers": (plat.url, f"{name}-tf")}  # fmt: skip
+    out: dict[str, Any] = {s: {} for s in SYSTEMS}
+    try:
+        for c in CONCURRENCY:
+            per_client = 3 if c == 1 else 1
+            for system in (*SYSTEMS, *reversed(SYSTEMS)):  # ABBA
+                url, model = targets[system]
+                first_token_s(url, model)  # warm (and, for sllm, load this function's instance)
+                run = asyncio.run(wave(url, model, c, per_client, tokens))
+                run["loadavg"] = os.getloadavg()
+                out[system].setdefault(str(c), []).append(run)
+                print(f"{name} {system} c={c}: {run['tok_s']:.1f} tok/s", flush=True)
+    finally:
+        peer.stop()
+    return out
+
+
+def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in ("eager", "compiled"):
+        peer = Peer(hf, plat.root, compiled=mode == "compiled")
+        peer.wait_ready()
+        out[f"peer_{mode}_s"] = (
+            time.monotonic() - peer.started + first_token_s(peer.url, peer.model)
+        )
+        peer.stop()
+    fn = f"{name}-vllm"
+    # DRAM, engine kept: the idle vLLM process built this model's engine after its last start
+    first_token_s(plat.url, fn)
+    mark = (plat.root / "node.log").stat().st_size
+    plat.scale_to_zero(fn)
+    plat.wait_prebuilt(mark)
+    out["sllm_vllm_dram_kept_s"] = first_token_s(plat.url, fn)
+    # DRAM, engine built: the idle process's engine is another model's
+    first_token_s(plat.url, other)
+    mark = (plat.root / "node.log").stat().st_size
+    plat.scale_to_zero(other)
+    plat.wait_prebuilt(mark)
+    plat.scale_to_zero(fn)
+    out["sllm_vllm_dram_built_s"] = first_token_s(plat.url, fn)
+    plat.scale_to_zero(fn)
+    for tier, ssd in (("ssd", True), ("store", False)):
+        plat.restart_node(ssd=ssd)
+        out[f"sllm_vllm_{tier}_s"] = first_token_s(plat.url, fn)
+        plat.scale_to_zero(fn)
+    first_token_s(plat.url, f"{name}-tf")  # its checkpoint is in DRAM now
+    plat.scale_to_zero(f"{name}-tf")
+    out["sllm_transformers_dram_s"] = first_token_s(plat.url, f"{name}-tf")
+    plat.scale_to_zero(f"{name}-tf")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--phases", default="throughput,coldstart")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--peer-compiled", action="store_true", help="throughput peer compiled")
+    args = parser.parse_args()
+    from runtime.ckpt.convert import convert_checkpoint
+    from runtime.store.local import LocalStore
+    from runtime.store.push import push_checkpoint
+
+    hf = build_models()
+    models = [m for m in args.models.split(",") if m]
+    root = DATA / "run"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    plat = Platform(root)
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+                              "throughput": {}, "coldstart": {}}  # fmt: skip
+    try:
+        for name in MODELS:
+            ckpt = DATA / f"ckpt-{name}"
+            if not ckpt.exists():
+                convert_checkpoint(hf[name], ckpt)
+            key = f"checkpoints/{name}/bench"
+            push_checkpoint(ckpt, LocalStore(plat.store), key)
+            memory = "4Gi" if name == "llama1b" else "2Gi"
+            plat.deploy(f"{name}-vllm", key, "vllm", memory)
+            plat.deploy(f"{name}-tf", key, "transformers", memory)
+        for name in models:
+            tokens = 64 if name == "llama1b" else 128
+            if "throughput" in args.phases:
+                report["throughput"][name] = throughput(plat, hf[name], name, tokens,
+                                                        args.peer_compiled)  # fmt: skip
+            if "coldstart" in args.phases:
+                other = next(f"{m}-vllm" for m in MODELS if m != name)
+                report["coldstart"][name] = coldstart(plat, hf[name], name, other)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+    finally:
+        report["machine"]["loadavg_end"] = os.getloadavg()
+        args.json.write_text(json.dumps(report, indent=2))
+        plat.close()
+    print(json.dumps(report.get("coldstart"), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
