@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.backend.base import Staging
 from runtime.engine.detokenize import TextStream
 from runtime.engine.engine import EngineLoad
 from runtime.engine.request import (
@@ -176,7 +177,7 @@ class VllmBackend:
         self.call(add)
         return [f.result(timeout_s) for f in futures]
 
-    def new_stager(self, now: Callable[[], float]) -> Any:
+    def new_stager(self, now: Callable[[], float]) -> Staging:
         from runtime.backend.vllm_staging import VllmStager
 
         return VllmStager(self, now)
