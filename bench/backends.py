@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -353,7 +354,12 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     return out
 
 
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # through every finally: peers and the platform stop cleanly
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_signal)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--phases", default="throughput,coldstart")
