@@ -195,12 +195,13 @@ class Platform:
             assert time.monotonic() < deadline, f"{name} did not scale to zero"
             time.sleep(0.5)
 
-    def wait_prebuilt(self, since: int, timeout_s: float = 300.0) -> None:
-        """Until the node log shows an idle vLLM process built an engine after ``since``."""
+    def wait_prebuilt(self, timeout_s: float = 300.0) -> None:
+        """Until the node log shows an idle vLLM process built an engine after the last vLLM
+        instance came up (as it would have long before the next request in steady state)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            text = (self.root / "node.log").read_text(errors="replace")[since:]
-            if "prebuilt a vLLM engine" in text:
+            text = (self.root / "node.log").read_text(errors="replace")
+            if text.rfind("prebuilt a vLLM engine") > text.rfind("backend=vllm engine="):
                 return
             time.sleep(0.5)
         raise AssertionError("no prebuilt engine")
@@ -331,16 +332,14 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     fn = f"{name}-vllm"
     # DRAM, engine kept: the idle vLLM process built this model's engine after its last start
     first_token_s(plat.url, fn)
-    mark = (plat.root / "node.log").stat().st_size
     plat.scale_to_zero(fn)
-    plat.wait_prebuilt(mark)
+    plat.wait_prebuilt()
     out["sllm_vllm_dram_kept_s"] = first_token_s(plat.url, fn)
     # DRAM, engine built: the idle process's engine is another model's
-    first_token_s(plat.url, other)
-    mark = (plat.root / "node.log").stat().st_size
-    plat.scale_to_zero(other)
-    plat.wait_prebuilt(mark)
     plat.scale_to_zero(fn)
+    first_token_s(plat.url, other)
+    plat.scale_to_zero(other)
+    plat.wait_prebuilt()
     out["sllm_vllm_dram_built_s"] = first_token_s(plat.url, fn)
     plat.scale_to_zero(fn)
     for tier, ssd in (("ssd", True), ("store", False)):

@@ -9,8 +9,9 @@ generation config are kept verbatim beside the tensors); its weights come throug
   compiles and captures CUDA graphs, its caches under the node's cache directory
   (``compile_cache_env``) so the next start of the same model does not compile again;
 - KV cache: the function's ``resources.memory`` less the weights (``kv_cache_bytes``);
-- ``max_num_seqs``: the instance's batch limit; prefix caching on (live migration's rounds
-  rely on it).
+- the batch: vLLM's own limits (``max_num_seqs``, and the KV cache the budget leaves; the
+  transformers engine's batch limit of 16 would halve throughput at 32 streams); prefix
+  caching on (live migration's rounds rely on it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ class VllmOptions:
 
     on_cpu: bool
     memory_bytes: int  # the function's resources.memory: weights + KV cache
-    max_batch: int
     cache_dir: str = ""  # the node's cache directory (compile caches on CUDA)
     task: str = "generate"  # "embed": an embedding function's engine (vLLM's pooling runner)
 
@@ -199,7 +199,6 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
         dtype=plan.dtype,
         enforce_eager=options.on_cpu,
         kv_cache_memory_bytes=plan.kv_bytes,
-        max_num_seqs=options.max_batch,
         enable_prefix_caching=True,
         disable_log_stats=True,
         # no free whitespace between the tokens of constrained JSON: a small model can fill its

@@ -17,7 +17,7 @@ from runtime.backend.vllm_build import (
 from runtime.cache.synthetic import write_random_checkpoint
 from sllm.errors import ValidationFailed
 
-OPTIONS = VllmOptions(on_cpu=True, memory_bytes=256 << 20, max_batch=8)
+OPTIONS = VllmOptions(on_cpu=True, memory_bytes=256 << 20)
 
 
 def entry(root: Path, name: str, seed: int, template: str = "{{ messages }}") -> Path:
@@ -47,9 +47,9 @@ def test_plan_key_names_the_configuration_not_the_weights(tmp_path: Path) -> Non
     )
     # other weights, same configuration: the engine can take them in place
     assert engine_plan(b, read_index(b), OPTIONS).key == plan_a.key
-    # another chat template, another batch limit, an embedding engine: another engine
+    # another chat template, another memory budget, an embedding engine: another engine
     assert engine_plan(other, read_index(other), OPTIONS).key != plan_a.key
-    wider = VllmOptions(on_cpu=True, memory_bytes=256 << 20, max_batch=16)
-    assert engine_plan(a, read_index(a), wider).key != plan_a.key
-    embed = VllmOptions(on_cpu=True, memory_bytes=256 << 20, max_batch=8, task="embed")
+    bigger = VllmOptions(on_cpu=True, memory_bytes=512 << 20)
+    assert engine_plan(a, read_index(a), bigger).key != plan_a.key
+    embed = VllmOptions(on_cpu=True, memory_bytes=256 << 20, task="embed")
     assert engine_plan(a, read_index(a), embed).key != plan_a.key
