@@ -140,16 +140,28 @@ class Platform:
                                     env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
     def start_node(self) -> None:
+        log = self.root / "node.log"
+        self.log_mark = log.stat().st_size if log.exists() else 0  # this node's lines start here
         self.node = self._spawn(["node", "start", "--drain", "5s"], self.node_env, "node.log")
-        deadline = time.monotonic() + 600
-        while True:  # a heartbeat with both pool processes idle (vLLM imported)
+        self.wait_quiet()
+
+    def wait_quiet(self, timeout_s: float = 600.0) -> None:
+        """Until both pools are full again (a vLLM process imported, a transformers one warm)
+        and, after a vLLM start, the idle vLLM process built its engine: what a load leaves
+        running for a while (tens of seconds of CPU here), done before anything is measured."""
+        deadline = time.monotonic() + timeout_s
+        while True:
             try:
                 nodes = httpx.get(f"{self.url}/system/nodes", headers=AUTH, timeout=5).json()
-                if any(n.get("pool_idle", 0) >= 2 for n in nodes):
+                text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
+                started = text.rfind("backend=vllm engine=")  # -1: no vLLM instance yet
+                built = started < 0 or text.rfind("prebuilt a vLLM engine") > started
+                if any(n.get("pool_idle", 0) >= 2 for n in nodes) and built:
+                    time.sleep(2)
                     return
             except (httpx.HTTPError, ValueError):
                 pass
-            assert time.monotonic() < deadline, "the node did not come up"
+            assert time.monotonic() < deadline, "the node did not settle"
             time.sleep(1)
 
     def stop_node(self) -> None:
@@ -194,17 +206,6 @@ class Platform:
                 return
             assert time.monotonic() < deadline, f"{name} did not scale to zero"
             time.sleep(0.5)
-
-    def wait_prebuilt(self, timeout_s: float = 300.0) -> None:
-        """Until the node log shows an idle vLLM process built an engine after the last vLLM
-        instance came up (as it would have long before the next request in steady state)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            text = (self.root / "node.log").read_text(errors="replace")
-            if text.rfind("prebuilt a vLLM engine") > text.rfind("backend=vllm engine="):
-                return
-            time.sleep(0.5)
-        raise AssertionError("no prebuilt engine")
 
     def close(self) -> None:
         from sllm.servers import stop_process
@@ -311,6 +312,7 @@ def throughput(plat: Platform, hf: Path, name: str, tokens: int, compiled: bool)
             for system in (*SYSTEMS, *reversed(SYSTEMS)):  # ABBA
                 url, model = targets[system]
                 first_token_s(url, model)  # warm (and, for sllm, load this function's instance)
+                plat.wait_quiet()  # the pool refilled after that load: not measured
                 run = asyncio.run(wave(url, model, c, per_client, tokens))
                 run["loadavg"] = os.getloadavg()
                 out[system].setdefault(str(c), []).append(run)
@@ -333,13 +335,13 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     # DRAM, engine kept: the idle vLLM process built this model's engine after its last start
     first_token_s(plat.url, fn)
     plat.scale_to_zero(fn)
-    plat.wait_prebuilt()
+    plat.wait_quiet()
     out["sllm_vllm_dram_kept_s"] = first_token_s(plat.url, fn)
     # DRAM, engine built: the idle process's engine is another model's
     plat.scale_to_zero(fn)
     first_token_s(plat.url, other)
     plat.scale_to_zero(other)
-    plat.wait_prebuilt()
+    plat.wait_quiet()
     out["sllm_vllm_dram_built_s"] = first_token_s(plat.url, fn)
     plat.scale_to_zero(fn)
     for tier, ssd in (("ssd", True), ("store", False)):
