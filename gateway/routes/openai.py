@@ -29,6 +29,17 @@ from gateway.routes.invoke import SSE_HEADERS, count
 from gateway.service import GatewayService
 from gateway.validation import openai_model, parse_json
 from sllm.errors import InvalidInput, NotFound, ProtocolError, SllmError
+from sllm.spec import FunctionRecord
+
+
+async def _function(gw: GatewayService, request: Request, model: str) -> FunctionRecord:
+    """The function a request names as its model, if the caller may invoke it."""
+    record = gw.registry.find(model)
+    if record is None:
+        raise NotFound(f"model {model!r} does not exist (GET /v1/models lists the functions)",
+                       code="model_not_found")  # fmt: skip
+    await require_key(request, record)
+    return record
 
 
 async def chat_completions(request: Request) -> Response:
@@ -47,11 +58,7 @@ async def _complete(request: Request, *, chat: bool) -> Response:
     upstreams: list[Upstream] = []
     try:
         data, model = openai_model(parse_json(await read_body(request, gw.settings.max_body_bytes)))
-        record = gw.registry.find(model)
-        if record is None:
-            raise NotFound(f"model {model!r} does not exist (GET /v1/models lists the functions)",
-                           code="model_not_found")  # fmt: skip
-        await require_key(request, record)
+        record = await _function(gw, request, model)
         if record.spec.handler == "embedding":
             raise InvalidInput(f"model: {model!r} is an embedding function: use /v1/embeddings")
         req = (parse_chat if chat else parse_completion)(data, record.spec.generation)
@@ -160,11 +167,7 @@ async def embeddings(request: Request) -> Response:
     model = ""
     try:
         data, model = openai_model(parse_json(await read_body(request, gw.settings.max_body_bytes)))
-        record = gw.registry.find(model)
-        if record is None:
-            raise NotFound(f"model {model!r} does not exist (GET /v1/models lists the functions)",
-                           code="model_not_found")  # fmt: skip
-        await require_key(request, record)
+        record = await _function(gw, request, model)
         if record.spec.handler != "embedding":
             raise InvalidInput(
                 f"model: {model!r} is a {record.spec.handler} function, not an embedding one "

@@ -25,13 +25,14 @@ from runtime.engine.detokenize import TextStream
 from runtime.engine.engine import EngineLoad
 from runtime.engine.request import (
     ErrorEvent,
-    Event,
     FinishEvent,
     RequestState,
     Sink,
     TokenEvent,
+    check_runnable,
+    deliver,
 )
-from sllm.errors import Conflict, InvalidInput, SllmError, Unavailable
+from sllm.errors import Conflict, SllmError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +102,7 @@ class VllmBackend:
             self._thread.join(timeout=30)
 
     def submit(self, state: RequestState, sink: Sink, *, internal: bool = False) -> None:
-        total = len(state.prompt_ids) + len(state.output_ids)
-        if len(state.output_ids) >= state.params.max_tokens:
-            raise InvalidInput(
-                f"request already has {len(state.output_ids)} of max_tokens "
-                f"{state.params.max_tokens} tokens: nothing left to generate"
-            )
-        if total >= self.max_context:
-            raise InvalidInput(
-                f"prompt is {total} tokens; this model's context is {self.max_context} tokens"
-            )
-        if any(t >= self.vocab_size for t in state.prompt_ids + state.output_ids):
-            raise InvalidInput(f"token id out of range (vocabulary size {self.vocab_size})")
+        check_runnable(state, self.max_context, self.vocab_size)
         text = TextStream(self._decode, state.params.stop, state.output_ids, state.emitted_chars)
         active = _Active(state, sink, text, internal)
         with self._cv:
@@ -295,7 +285,7 @@ class VllmBackend:
                 delta += a.text.flush()
                 with self._cv:
                     state.emitted_chars = a.text.emitted
-            _deliver(
+            deliver(
                 a.sink, TokenEvent(delta, [int(token)], logprobs[i : i + 1] if logprobs else None)
             )
             if reason is not None:
@@ -314,7 +304,7 @@ class VllmBackend:
         with self._cv:
             self._known.pop(state.request_id, None)
             self._cancelled += reason == "cancelled"
-        _deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
+        deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
 
     def _fail(self, victims: list[_Active], code: str, message: str) -> None:
         ids = [a.state.request_id for a in victims if a.state.request_id in self._active]
@@ -328,7 +318,7 @@ class VllmBackend:
             self._active.pop(a.state.request_id, None)
             with self._cv:
                 self._known.pop(a.state.request_id, None)
-            _deliver(a.sink, ErrorEvent(code, message))
+            deliver(a.sink, ErrorEvent(code, message))
 
     def _abort_all(self) -> None:
         with self._cv:
@@ -345,10 +335,3 @@ class VllmBackend:
 
 # vLLM's finish reasons -> the Instance API's ("abort" only when vLLM itself gave up).
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
-
-
-def _deliver(sink: Sink, event: Event) -> None:
-    try:
-        sink(event)
-    except Exception:  # a consumer that went away must not stop the other requests
-        log.debug("dropping an event for a gone consumer", exc_info=True)

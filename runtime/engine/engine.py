@@ -32,14 +32,15 @@ from runtime.engine.forward import forward, new_cache
 from runtime.engine.kv_batch import KVBatch, check_batchable
 from runtime.engine.request import (
     ErrorEvent,
-    Event,
     FinishEvent,
     RequestState,
     Sink,
     TokenEvent,
+    check_runnable,
+    deliver,
 )
 from runtime.engine.sampling import sample_token
-from sllm.errors import Conflict, InvalidInput, Unavailable
+from sllm.errors import Conflict, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +131,8 @@ class Engine:
 
     def submit(self, state: RequestState, sink: Sink) -> None:
         """Queue a request (a new one, or one resumed with ``output_ids`` already generated)."""
-        total = len(state.prompt_ids) + len(state.output_ids)
-        if len(state.output_ids) >= state.params.max_tokens:
-            raise InvalidInput(
-                f"request already has {len(state.output_ids)} of max_tokens "
-                f"{state.params.max_tokens} tokens: nothing left to generate"
-            )
-        if total >= self.max_context:
-            raise InvalidInput(
-                f"prompt is {total} tokens; this model's context is {self.max_context} tokens"
-            )
         vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
-        if vocab and any(t >= vocab for t in state.prompt_ids + state.output_ids):
-            raise InvalidInput(f"token id out of range (vocabulary size {vocab})")
+        check_runnable(state, self.max_context, vocab)
         text = TextStream(self._decode, state.params.stop, state.output_ids, state.emitted_chars)
         with self._cv:
             if self._stopping:
@@ -339,7 +329,7 @@ class Engine:
             state.output_ids.append(token)
             state.emitted_chars = a.text.emitted
         a.next_input = token
-        _deliver(a.sink, TokenEvent(delta, [token]))
+        deliver(a.sink, TokenEvent(delta, [token]))
         if reason is None:
             return True
         self._finish(a, reason)
@@ -352,7 +342,7 @@ class Engine:
             self._active.pop(state.request_id, None)
             self._known.discard(state.request_id)
             self._cancelled += reason == "cancelled"
-        _deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
+        deliver(a.sink, FinishEvent(reason, len(state.prompt_ids), len(state.output_ids)))
 
     def _fail_one(self, a: _Active, exc: Exception) -> None:
         """End one request with ``engine_error`` (the others are untouched)."""
@@ -361,7 +351,7 @@ class Engine:
             self._active.pop(a.state.request_id, None)
             self._known.discard(a.state.request_id)
         a.state.finish_reason = "error"
-        _deliver(a.sink, ErrorEvent("engine_error", _failure(exc)))
+        deliver(a.sink, ErrorEvent("engine_error", _failure(exc)))
 
     def _fail_all(self, code: str, message: str) -> None:
         with self._cv:
@@ -371,17 +361,10 @@ class Engine:
         self._prefilling = []
         for a in victims:
             a.state.finish_reason = "error"
-            _deliver(a.sink, ErrorEvent(code, message))
+            deliver(a.sink, ErrorEvent(code, message))
 
 
 def _failure(exc: Exception) -> str:
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return "generation failed: out of memory for this request (try a shorter prompt)"
     return f"generation failed: {type(exc).__name__}: {exc}"
-
-
-def _deliver(sink: Sink, event: Event) -> None:
-    try:
-        sink(event)
-    except Exception:  # a consumer that went away must not stop the other requests
-        log.debug("dropping an event for a gone consumer", exc_info=True)

@@ -8,12 +8,15 @@ released. The number of sampled steps is ``len(output_ids)``; with ``sample_toke
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.engine.sampling import SamplingParams
 from sllm.errors import InvalidInput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,3 +109,28 @@ class RequestState:
             output_ids=list(output),
             emitted_chars=emitted,
         )
+
+
+def check_runnable(state: RequestState, max_context: int, vocab_size: int) -> None:
+    """InvalidInput for a request no engine can run: nothing left to generate, prompt and
+    output already filling the context, a token id outside the vocabulary (0: unknown)."""
+    total = len(state.prompt_ids) + len(state.output_ids)
+    if len(state.output_ids) >= state.params.max_tokens:
+        raise InvalidInput(
+            f"request already has {len(state.output_ids)} of max_tokens "
+            f"{state.params.max_tokens} tokens: nothing left to generate"
+        )
+    if total >= max_context:
+        raise InvalidInput(
+            f"prompt is {total} tokens; this model's context is {max_context} tokens"
+        )
+    if vocab_size and any(t >= vocab_size for t in state.prompt_ids + state.output_ids):
+        raise InvalidInput(f"token id out of range (vocabulary size {vocab_size})")
+
+
+def deliver(sink: Sink, event: Event) -> None:
+    """Hand ``event`` to ``sink``; a consumer that went away must not stop the engine."""
+    try:
+        sink(event)
+    except Exception:
+        log.debug("dropping an event for a gone consumer", exc_info=True)
