@@ -30,6 +30,7 @@ from typing import Any
 
 import xxhash
 
+from runtime.backend.choice import VllmSupport
 from runtime.container import cgroups, mounts
 from runtime.container.images import ensure_function_image, requirement_lines
 from runtime.container.podman import CA_IN_IMAGE, HOST_CA_BUNDLE, ContainerError, Podman
@@ -314,7 +315,7 @@ class ContainerBackend:
         self.seen[image].add(record.checkpoint)
         return await pool.take()
 
-    async def vllm_support(self) -> dict[str, Any]:
+    async def vllm_support(self) -> VllmSupport:
         raise Unavailable(VLLM_IN_CONTAINERS)
 
     def replenish(self) -> None:

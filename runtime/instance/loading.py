@@ -56,7 +56,6 @@ class LoadSpec:
     memory_bytes: int = 2 << 30  # the function's resources.memory (vLLM: weights + KV cache)
     cache_dir: str = ""  # the node's cache directory
     backend: str = "transformers"  # the node's choice (runtime.backend.choice)
-    backend_reason: str = ""  # why, when the spec said auto
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> LoadSpec:

@@ -21,8 +21,8 @@ import httpx
 from runtime.backend.vllm_process import vllm_unavailable
 from runtime.migration.node import run_migrate_command
 from runtime.node.devices import Device, DeviceTable, threads_per_slot
+from runtime.node.instance_backend import InstanceBackend, ProcessBackend
 from runtime.node.supervisor import CheckpointCache, Supervisor
-from runtime.node.worker_process import InstanceBackend, ProcessBackend
 from sllm.bus import Bus, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError, SllmError, Unavailable

@@ -17,7 +17,7 @@ import xxhash
 
 from runtime.node.agent import NodeAgent, instance_env, process_backend
 from runtime.node.devices import Device, cpu_devices, cuda_devices
-from runtime.node.worker_process import InstanceBackend
+from runtime.node.instance_backend import InstanceBackend
 from sllm.clock import SystemClock
 from sllm.errors import ValidationFailed
 from sllm.nats_bus import NatsBus

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtime.backend.choice import BackendChoice, ModelFacts, VllmSupport, choose_backend
+from runtime.backend.choice import BackendChoice, ModelFacts, choose_backend
 from runtime.node.devices import DeviceTable, threads_per_slot
-from runtime.node.worker_process import InstanceBackend, WorkerProcess
+from runtime.node.instance_backend import InstanceBackend
+from runtime.node.worker_process import WorkerProcess
 from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
 from sllm.instance_auth import new_secret
 from sllm.messages import InstanceEvent, InstanceState, LoadCmd, LogLine
@@ -256,12 +257,8 @@ class Supervisor:
                 json.dumps({k: round(v, 3) for k, v in inst.timings.items()}),
             )  # fmt: skip
             await self._event(inst, "ready")
-            if inst.backend == "vllm":
-                # the next vLLM load is likely this model again (a scale-up, a cold start
-                # after scale-to-zero): idle vLLM processes build its engine ahead of it
-                hint = self._load_spec(inst, entry_dir, threads)
-                hint.pop("secret", None)  # the running instance's: no other process gets it
-                await self.backend.set_prebuild(hint)
+            if inst.backend == "vllm":  # the next vLLM load is likely this model again
+                await self.backend.set_prebuild(self._load_spec(inst, entry_dir, threads))
             self.backend.replenish()
             await self._follow(inst, worker)
             code = await worker.wait()
@@ -318,7 +315,6 @@ class Supervisor:
             "threads": threads,
             "secret": inst.secret,
             "backend": inst.backend,
-            "backend_reason": inst.backend_reason,
             "memory_bytes": spec.resources.memory_bytes,
             "cache_dir": self.cache_dir,
         }
@@ -329,16 +325,12 @@ class Supervisor:
         support, missing = None, ""
         if requested != "transformers":
             try:
-                support = VllmSupport.from_dict(await self.backend.vllm_support())
+                support = await self.backend.vllm_support()
             except SllmError as exc:  # this node starts no vLLM processes: it says why
                 missing = exc.message
-            except (KeyError, TypeError, ValueError) as exc:
-                missing = f"vLLM processes of this node describe their vLLM unreadably ({exc!r})"
         facts = await asyncio.to_thread(ModelFacts.read, entry_dir)
-        return choose_backend(
-            requested, facts, support,
-            on_cpu=inst.device.startswith("cpu"), vllm_missing=missing,
-        )  # fmt: skip
+        on_cpu = inst.device.startswith("cpu")
+        return choose_backend(requested, facts, support, on_cpu=on_cpu, vllm_missing=missing)
 
     async def _kill_after(self, inst: Instance, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -1,5 +1,4 @@
-"""One instance process as the node sees it, the pool of pre-started ones, and the process
-backend (instances as plain child processes of the node).
+"""One instance process as the node sees it, and the pool of pre-started ones.
 
 The process (``runtime.instance.worker``) speaks JSON lines: the node writes commands to its
 stdin, it answers on stdout (idle, ready, failed, stopped); its stderr is forwarded line by line
@@ -7,10 +6,10 @@ to ``on_log``. A pre-started process has already imported and warmed torch and t
 (~2.5-4 s here), so taking one from the pool removes that from the cold-start path.
 
 The seam between the supervisor and how an instance is started and reached is
-``InstanceBackend``: this module's ``ProcessBackend``, or ``runtime.container.backend``'s
-``ContainerBackend`` (each instance in its own container, a pool per image). Both hand out
-``WorkerProcess`` objects; a container's worker overrides the hooks (``attach``, ``premap``,
-``kill``) that differ.
+``runtime.node.instance_backend.InstanceBackend``: its ``ProcessBackend``, or
+``runtime.container.backend``'s ``ContainerBackend`` (each instance in its own container, a
+pool per image). Both hand out ``WorkerProcess`` objects; a container's worker overrides the
+hooks (``attach``, ``premap``, ``kill``) that differ.
 """
 
 from __future__ import annotations
@@ -301,121 +300,3 @@ class WorkerPool:
         for worker in self._idle:
             await worker.wait()
         self._idle.clear()
-
-
-class InstanceBackend(Protocol):
-    """How the node starts instances and keeps pre-started ones: the supervisor's port.
-    ``engine`` is the inference backend an instance runs (``transformers`` or ``vllm``,
-    ``runtime.backend.choice``); a vLLM process has vLLM imported while it waits."""
-
-    kind: str  # "process" | "container"
-
-    async def start(self) -> None: ...
-
-    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
-        """A process ready for ``record``'s load line, and whether it was pre-started."""
-        ...
-
-    async def vllm_support(self) -> dict[str, Any]:
-        """What the vLLM of this backend's processes runs (``VllmSupport.to_dict``);
-        Unavailable naming why when it starts no vLLM processes."""
-        ...
-
-    def replenish(self) -> None: ...
-
-    async def prepare(self, record: FunctionRecord) -> None:
-        """Get ready for ``record`` ahead of its loads (a container backend builds its image)."""
-        ...
-
-    async def set_premap(self, dram: dict[str, str]) -> None:
-        """The DRAM tier's entries (checkpoint key -> node path) idle processes may map."""
-        ...
-
-    async def set_prebuild(self, spec: dict[str, Any]) -> None:
-        """The load spec (without its secret) of the latest vLLM instance: idle vLLM
-        processes build its engine while they wait (``WorkerPool.set_prebuild``)."""
-        ...
-
-    @property
-    def idle(self) -> int: ...
-
-    async def close(self) -> None: ...
-
-
-class ProcessBackend:
-    """Instances as child processes of the node, sharing its environment and files (for
-    development and tests). A pool per engine (the vLLM one only when ``vllm_missing`` is
-    None); idle processes premap every DRAM entry."""
-
-    kind = "process"
-
-    def __init__(
-        self,
-        pool_size: int,
-        env: dict[str, str],
-        vllm_pool_size: int = 1,
-        vllm_missing: str | None = "vLLM is not installed on this node",
-    ) -> None:
-        self.pool = WorkerPool(
-            pool_size, ProcessLauncher({**env, "SLLM_WORKER_BACKEND": "transformers"})
-        )
-        self.vllm_missing = vllm_missing or ""
-        self.vllm_pool = (
-            WorkerPool(
-                vllm_pool_size,
-                ProcessLauncher({**env, "SLLM_WORKER_BACKEND": "vllm"}),
-                backend="vllm",
-            )
-            if vllm_missing is None
-            else None
-        )
-
-    def _pools(self) -> list[WorkerPool]:
-        return [self.pool] if self.vllm_pool is None else [self.pool, self.vllm_pool]
-
-    async def start(self) -> None:
-        self.replenish()
-
-    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
-        if engine != "vllm":
-            return await self.pool.take()
-        if self.vllm_pool is None:
-            raise Unavailable(self.vllm_missing)
-        return await self.vllm_pool.take()
-
-    async def vllm_support(self) -> dict[str, Any]:
-        if self.vllm_pool is None:
-            raise Unavailable(self.vllm_missing)
-        try:
-            idle = await self.vllm_pool.probe()
-        except Unavailable as exc:
-            raise Unavailable(
-                f"vLLM processes fail to start on this node ({exc.message})"
-            ) from None
-        support = idle.get("vllm")
-        if not isinstance(support, dict):
-            raise Unavailable(f"vLLM processes of this node sent no support line: {idle}")
-        return support
-
-    def replenish(self) -> None:
-        for pool in self._pools():
-            pool.replenish()
-
-    async def prepare(self, record: FunctionRecord) -> None:
-        """Nothing: child processes share the node's environment (its packages)."""
-
-    async def set_premap(self, dram: dict[str, str]) -> None:
-        for pool in self._pools():
-            await pool.set_premap([dram[key] for key in sorted(dram)])
-
-    async def set_prebuild(self, spec: dict[str, Any]) -> None:
-        if self.vllm_pool is not None:
-            await self.vllm_pool.set_prebuild(spec)
-
-    @property
-    def idle(self) -> int:
-        return sum(pool.idle for pool in self._pools())
-
-    async def close(self) -> None:
-        for pool in self._pools():
-            await pool.close()

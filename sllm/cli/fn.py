@@ -88,8 +88,7 @@ def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
         source, deploy.conversion_cache_dir(), progress=_conversion_bar(source.path)
     )
     deploy.check_checkpoint(ckpt)
-    note = deploy.check_backend(folder.spec, ckpt)
-    if note:
+    if note := deploy.check_backend(folder.spec, ckpt):  # nothing to check against here
         print(note, file=sys.stderr)
     key, size, pushed = deploy.upload_checkpoint(
         ckpt, name, store_url, progress_factory=_progress_bar("upload")
@@ -204,9 +203,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
                 for i in instances
             ],
         )
-        # why each backend was chosen (an auto that fell back names what vLLM lacked)
-        for reason in sorted({str(i.get("backend_reason")) for i in instances} - {"", "None"}):
-            print(f"  backend: {reason}")
+        for reason in sorted({str(i.get("backend_reason") or "") for i in instances} - {""}):
+            print(f"  backend: {reason}")  # why: an auto that fell back names what vLLM lacked
     else:
         print("  none (scaled to zero: the next request starts one)")
     cache = fn.get("cache") or []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from runtime.node.devices import Device
+from runtime.node.instance_backend import ProcessBackend
 from runtime.node.main import build_backend
-from runtime.node.worker_process import ProcessBackend
 from sllm.errors import ValidationFailed
 from sllm.settings import NodeSettings
 
