@@ -70,8 +70,10 @@ test: $(STAMP) lint typecheck
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
+# Instances as processes: the demo is served through vLLM, which the runtime image of container
+# instances does not have (docs/containers.md); `sllm up` alone picks containers where podman works.
 up: $(STAMP)
-	$(BIN)/sllm up --demo
+	$(BIN)/sllm up --demo --instances process
 
 # Re-resolve both locks from pyproject.toml, constraints.txt and excludes.txt, at the newest
 # versions allowed; commit the result. The CUDA lock takes torch from PyPI (its Linux build is
