@@ -12,8 +12,9 @@ requests through the gateway's OpenAI API, checkpoints in a local-directory stor
 
 - ``throughput``: streamed chat completions, greedy, ``--tokens`` each, from 1, 8 and 32
   concurrent clients: output tokens/s (usage, over the wave's wall time) and TTFT p50/p99.
-  Peers run ABBA: peer, sllm+vLLM, sllm+transformers, then the same in reverse; medians.
-  The peer runs eager (what sllm's vLLM backend runs on CPU; ``--peer-compiled`` adds the
+  Systems run in ``--order``: by default peer, sllm+vLLM, sllm+transformers, sllm+vLLM, peer
+  (ABBA for the pair the target compares; transformers once, to keep a run under ~1 h here);
+  each visit runs every concurrency; medians. The peer runs eager (what sllm's vLLM backend runs on CPU; ``--peer-compiled`` adds the
   default compiled peer).
 - ``coldstart``: request to first token from zero replicas with the checkpoint in DRAM (the
   idle vLLM process's engine kept for the model, and built), on SSD (node restarted, DRAM tier
@@ -41,67 +42,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-DATA = ROOT / "bench" / ".data" / "backends"
+from _backends_models import DATA, build_models  # noqa: E402
+
 TOKEN = "bench-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 CONCURRENCY = (1, 8, 32)
 MODELS = ("smollm2", "llama1b")
 SYSTEMS = ("peer", "sllm-vllm", "sllm-transformers")
-
-
-# -- models -------------------------------------------------------------------------------------
-def export_hf(ckpt: Path, dst: Path) -> Path:
-    """An sllm checkpoint as a Hugging Face safetensors directory (what the peer loads)."""
-    from safetensors.torch import save_file
-
-    from runtime.loader.cpu import load_checkpoint
-
-    if (dst / "model.safetensors").exists():
-        return dst
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    loaded = load_checkpoint(ckpt)
-    tensors = {k: v.clone() for k, v in loaded.tensors.items() if k not in loaded.index.aliases}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for name in loaded.index.files:
-        shutil.copy(ckpt / name, tmp / name)
-    tmp.rename(dst)
-    return dst
-
-
-def build_models() -> dict[str, Path]:
-    """HF directories of both models (bfloat16), made once under bench/.data."""
-    from runtime.ckpt.demo import ensure_smollm2_checkpoint
-
-    DATA.mkdir(parents=True, exist_ok=True)
-    smol = export_hf(ensure_smollm2_checkpoint(DATA / "convert"), DATA / "hf-smollm2")
-    big = DATA / "hf-llama1b"
-    if not (big / "model.safetensors").exists():
-        build_llama1b(smol, big)
-    return {"smollm2": smol, "llama1b": big}
-
-
-def build_llama1b(tokenizer_from: Path, dst: Path) -> None:
-    """A random Llama of ~1.1B parameters with SmolLM2's tokenizer and chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(config).to(torch.bfloat16)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in tokenizer_from.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation")):
-            shutil.copy(f, tmp / f.name)
-    tmp.rename(dst)
 
 
 # -- the platform ------------------------------------------------------------------------------
@@ -300,25 +248,56 @@ def first_token_s(url: str, model: str) -> float:
 
 
 # -- phases -------------------------------------------------------------------------------------
-def throughput(plat: Platform, hf: Path, name: str, tokens: int, compiled: bool) -> dict[str, Any]:
+def throughput(
+    plat: Platform, hf: Path, name: str, tokens: int, compiled: bool, order: tuple[str, ...]
+) -> dict[str, Any]:
+    """Every concurrency on one system, then the next system in ``order`` (ABBA over systems:
+    a system's instance is loaded once per visit, not once per concurrency: on one CPU slot
+    each sllm visit is a cold start and the settling after it, ~1-2 min here)."""
     peer = Peer(hf, plat.root, compiled=compiled)
     peer.wait_ready()
     targets = {"peer": (peer.url, peer.model), "sllm-vllm": (plat.url, f"{name}-vllm"),
                "sllm-transformers": (plat.url, f"{name}-tf")}  # fmt: skip
     out: dict[str, Any] = {s: {} for s in SYSTEMS}
     try:
-        for c in CONCURRENCY:
-            per_client = 3 if c == 1 else 1
-            for system in (*SYSTEMS, *reversed(SYSTEMS)):  # ABBA
-                url, model = targets[system]
-                first_token_s(url, model)  # warm (and, for sllm, load this function's instance)
-                plat.wait_quiet()  # the pool refilled after that load: not measured
+        for system in order:
+            url, model = targets[system]
+            first_token_s(url, model)  # warm (and, for sllm, load this function's instance)
+            plat.wait_quiet()  # the pool refilled after that load: not measured
+            for c in CONCURRENCY:
+                per_client = (3 if name == "smollm2" else 1) if c == 1 else 1
                 run = asyncio.run(wave(url, model, c, per_client, tokens))
                 run["loadavg"] = os.getloadavg()
                 out[system].setdefault(str(c), []).append(run)
                 print(f"{name} {system} c={c}: {run['tok_s']:.1f} tok/s", flush=True)
     finally:
         peer.stop()
+    return out
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Medians and the issue's targets, each judged met or missed."""
+    out: dict[str, Any] = {}
+    for name, systems in report["throughput"].items():
+        for c in map(str, CONCURRENCY):
+            if any(c not in systems.get(s, {}) for s in SYSTEMS):
+                continue  # a run cut short
+            med = {s: statistics.median(r["tok_s"] for r in systems[s][c]) for s in SYSTEMS}
+            ratio = med["sllm-vllm"] / med["peer"]
+            out[f"{name}_c{c}_tok_s"] = {**med, "vllm_vs_peer": ratio, "target": 0.95,
+                                         "met": ratio >= 0.95}  # fmt: skip
+    for name, cold in report["coldstart"].items():
+        dram = cold["sllm_vllm_dram_kept_s"]
+        out[f"{name}_cold_dram_vs_eager"] = {
+            "sllm_s": dram,
+            "limit_s": min(cold["peer_eager_s"] / 10, 4.0),
+            "met": dram <= min(cold["peer_eager_s"] / 10, 4.0),
+        }
+        out[f"{name}_cold_dram_vs_compiled"] = {
+            "sllm_s": dram,
+            "limit_s": cold["peer_compiled_s"] / 40,
+            "met": dram <= cold["peer_compiled_s"] / 40,
+        }
     return out
 
 
@@ -366,6 +345,10 @@ def main() -> int:
     parser.add_argument("--phases", default="throughput,coldstart")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--peer-compiled", action="store_true", help="throughput peer compiled")
+    parser.add_argument(
+        "--order", default="peer,sllm-vllm,sllm-transformers,sllm-vllm,peer",
+        help="systems in measuring order (default: peer and sllm+vLLM ABBA, transformers once)",
+    )  # fmt: skip
     args = parser.parse_args()
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.store.local import LocalStore
@@ -373,6 +356,8 @@ def main() -> int:
 
     hf = build_models()
     models = [m for m in args.models.split(",") if m]
+    order = tuple(s for s in args.order.split(",") if s)
+    assert set(order) == set(SYSTEMS), f"--order must name each of {SYSTEMS}"
     root = DATA / "run"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -393,7 +378,7 @@ def main() -> int:
             tokens = 64 if name == "llama1b" else 128
             if "throughput" in args.phases:
                 report["throughput"][name] = throughput(plat, hf[name], name, tokens,
-                                                        args.peer_compiled)  # fmt: skip
+                                                        args.peer_compiled, order)  # fmt: skip
             if "coldstart" in args.phases:
                 other = next(f"{m}-vllm" for m in MODELS if m != name)
                 report["coldstart"][name] = coldstart(plat, hf[name], name, other)
@@ -401,9 +386,11 @@ def main() -> int:
             args.json.write_text(json.dumps(report, indent=2))
     finally:
         report["machine"]["loadavg_end"] = os.getloadavg()
+        report["order"] = list(order)
+        report["summary"] = summary(report) if report["throughput"] or report["coldstart"] else {}
         args.json.write_text(json.dumps(report, indent=2))
         plat.close()
-    print(json.dumps(report.get("coldstart"), indent=2))
+    print(json.dumps(report["summary"], indent=2))
     return 0
 
 
