@@ -42,7 +42,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _backends_models import DATA, build_models  # noqa: E402
+from _backends_setup import DATA, Peer, build_models  # noqa: E402
 
 TOKEN = "bench-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -103,7 +103,9 @@ class Platform:
                 nodes = httpx.get(f"{self.url}/system/nodes", headers=AUTH, timeout=5).json()
                 text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
                 started = text.rfind("backend=vllm engine=")  # -1: no vLLM instance yet
-                built = started < 0 or text.rfind("prebuilt a vLLM engine") > started
+                # a prebuild vLLM refused (too little free memory here) settles it too
+                done = max(text.rfind(m) for m in ("prebuilt a vLLM", "prebuilding a vLLM"))
+                built = started < 0 or done > started
                 if any(n.get("pool_idle", 0) >= 2 for n in nodes) and built:
                     time.sleep(2)
                     return
@@ -111,6 +113,13 @@ class Platform:
                 pass
             assert time.monotonic() < deadline, "the node did not settle"
             time.sleep(1)
+
+    def last_engine(self) -> str:
+        """How the latest vLLM instance got its engine (the node's ready line: built, kept,
+        reloaded)."""
+        text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
+        at = text.rfind("backend=vllm engine=")
+        return text[at:].split()[1].removeprefix("engine=") if at >= 0 else ""
 
     def stop_node(self) -> None:
         from sllm.servers import stop_process
@@ -162,45 +171,6 @@ class Platform:
         stop_process(self.gateway, 30)
         self.nats.stop()
         shutil.rmtree(self.dram_root(), ignore_errors=True)
-
-
-class Peer:
-    """``python -m vllm.entrypoints.openai.api_server`` on one model."""
-
-    def __init__(self, model: Path, root: Path, *, compiled: bool) -> None:
-        from sllm.servers import free_port
-
-        self.model, self.port = str(model), free_port()
-        # a compile cache per run (VLLM_CACHE_ROOT): the first compiled start compiles
-        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-               "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CACHE_ROOT": str(root / "vllm-cache")}  # fmt: skip
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                self.model, "--port", str(self.port), "--dtype", "bfloat16",
-                "--max-model-len", "2048"] + ([] if compiled else ["--enforce-eager"])  # fmt: skip
-        self.started = time.monotonic()
-        with open(root / f"peer-{model.name}-{'compiled' if compiled else 'eager'}.log", "ab") as f:
-            self.proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 1200.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc.poll() is None, "the peer exited"
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the peer did not start"
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        from sllm.servers import stop_process
-
-        stop_process(self.proc, 60)
 
 
 # -- load ---------------------------------------------------------------------------------------
@@ -255,14 +225,16 @@ def throughput(
     """Every concurrency on one system, then the next system in ``order`` (ABBA over systems:
     a system's instance is loaded once per visit, not once per concurrency: on one CPU slot
     each sllm visit is a cold start and the settling after it, ~1-2 min here)."""
-    peer = Peer(hf, plat.root, compiled=compiled)
-    peer.wait_ready()
-    targets = {"peer": (peer.url, peer.model), "sllm-vllm": (plat.url, f"{name}-vllm"),
-               "sllm-transformers": (plat.url, f"{name}-tf")}  # fmt: skip
     out: dict[str, Any] = {s: {} for s in SYSTEMS}
-    try:
-        for system in order:
-            url, model = targets[system]
+    for system in order:
+        # the peer runs only while measured: its engine and KV cache take GBs this shared
+        # machine needs for sllm's instances
+        peer = Peer(hf, plat.root, compiled=compiled) if system == "peer" else None
+        try:
+            if peer is not None:
+                peer.wait_ready()
+            url, model = (peer.url, peer.model) if peer is not None else (
+                plat.url, f"{name}-{'vllm' if system == 'sllm-vllm' else 'tf'}")  # fmt: skip
             first_token_s(url, model)  # warm (and, for sllm, load this function's instance)
             plat.wait_quiet()  # the pool refilled after that load: not measured
             for c in CONCURRENCY:
@@ -271,8 +243,9 @@ def throughput(
                 run["loadavg"] = os.getloadavg()
                 out[system].setdefault(str(c), []).append(run)
                 print(f"{name} {system} c={c}: {run['tok_s']:.1f} tok/s", flush=True)
-    finally:
-        peer.stop()
+        finally:
+            if peer is not None:
+                peer.stop()
     return out
 
 
@@ -316,12 +289,14 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     plat.scale_to_zero(fn)
     plat.wait_quiet()
     out["sllm_vllm_dram_kept_s"] = first_token_s(plat.url, fn)
+    out["dram_kept_engine"] = plat.last_engine()  # "built" when no warm engine was there
     # DRAM, engine built: the idle process's engine is another model's
     plat.scale_to_zero(fn)
     first_token_s(plat.url, other)
     plat.scale_to_zero(other)
     plat.wait_quiet()
     out["sllm_vllm_dram_built_s"] = first_token_s(plat.url, fn)
+    out["dram_built_engine"] = plat.last_engine()
     plat.scale_to_zero(fn)
     for tier, ssd in (("ssd", True), ("store", False)):
         plat.restart_node(ssd=ssd)

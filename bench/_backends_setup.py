@@ -1,12 +1,19 @@
-"""The two models of bench/backends.py, made once under bench/.data/backends: SmolLM2-135M-Instruct
-(the demo's GGUF through sllm's converter, exported as a Hugging Face safetensors directory for
-the peer) and a random Llama of ~1.1B parameters with SmolLM2's tokenizer (bfloat16)."""
+"""The peer and the two models of bench/backends.py. Models, made once under
+bench/.data/backends: SmolLM2-135M-Instruct (the demo's GGUF through sllm's converter, exported
+as a Hugging Face safetensors directory for the peer) and a random Llama of ~1.1B parameters
+with SmolLM2's tokenizer (bfloat16)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 DATA = Path(__file__).resolve().parent / ".data" / "backends"
 
@@ -67,3 +74,42 @@ def build_llama1b(tokenizer_from: Path, dst: Path) -> None:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation")):
             shutil.copy(f, tmp / f.name)
     tmp.rename(dst)
+
+
+class Peer:
+    """``python -m vllm.entrypoints.openai.api_server`` on one model."""
+
+    def __init__(self, model: Path, root: Path, *, compiled: bool) -> None:
+        from sllm.servers import free_port
+
+        self.model, self.port = str(model), free_port()
+        # a compile cache per run (VLLM_CACHE_ROOT): the first compiled start compiles
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+               "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CACHE_ROOT": str(root / "vllm-cache")}  # fmt: skip
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                self.model, "--port", str(self.port), "--dtype", "bfloat16",
+                "--max-model-len", "2048"] + ([] if compiled else ["--enforce-eager"])  # fmt: skip
+        self.started = time.monotonic()
+        with open(root / f"peer-{model.name}-{'compiled' if compiled else 'eager'}.log", "ab") as f:
+            self.proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 1200.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, "the peer exited"
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the peer did not start"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        from sllm.servers import stop_process
+
+        stop_process(self.proc, 60)
