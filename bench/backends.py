@@ -261,17 +261,14 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             out[f"{name}_c{c}_tok_s"] = {**med, "vllm_vs_peer": ratio, "target": 0.95,
                                          "met": ratio >= 0.95}  # fmt: skip
     for name, cold in report["coldstart"].items():
-        dram = cold["sllm_vllm_dram_kept_s"]
-        out[f"{name}_cold_dram_vs_eager"] = {
-            "sllm_s": dram,
-            "limit_s": min(cold["peer_eager_s"] / 10, 4.0),
-            "met": dram <= min(cold["peer_eager_s"] / 10, 4.0),
-        }
-        out[f"{name}_cold_dram_vs_compiled"] = {
-            "sllm_s": dram,
-            "limit_s": cold["peer_compiled_s"] / 40,
-            "met": dram <= cold["peer_compiled_s"] / 40,
-        }
+        # the stricter of the compiled peer's starts (the first compiles, the second has a cache)
+        compiled = min(cold["peer_compiled_s"], cold.get("peer_compiled_warm_s", float("inf")))
+        limits = {"eager": min(cold["peer_eager_s"] / 10, 4.0), "compiled": compiled / 40}
+        for engine in ("kept", "built"):  # the idle vLLM process's engine: this model's, or not
+            dram = cold[f"sllm_vllm_dram_{engine}_s"]
+            for peer, limit in limits.items():
+                out[f"{name}_cold_dram_{engine}_vs_{peer}"] = {
+                    "sllm_s": dram, "limit_s": limit, "met": dram <= limit}  # fmt: skip
     return out
 
 
