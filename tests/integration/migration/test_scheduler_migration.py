@@ -33,8 +33,9 @@ import pytest
 
 from sllm.nats_auth import NatsCredentials
 from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from tests.listeners import pid_on
 
-from .conftest import AUTH, _start, pid_on, stage_env
+from .conftest import AUTH, _start, stage_env
 
 pytestmark = pytest.mark.integration
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 from sllm.instance_auth import auth_header
 from sllm.messages import InstanceEvent
 from sllm.servers import ManagedServer
+from tests.listeners import pid_on
 
 from .conftest import VllmNode, VllmNodeClient, load_ready, vllm_record
 
@@ -96,21 +99,33 @@ async def test_stop_string_ends_the_stream_without_showing_it(served: InstanceEv
 
 
 async def test_client_disconnect_cancels_the_generation(served: InstanceEvent) -> None:
-    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    # The generation cannot finish before the instance sees the disconnect, however fast the
+    # engine: the instance is stopped (SIGSTOP) from the first token until the client has gone,
+    # then continued with ~2,000 tokens still to generate.
+    body = {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    assert served.address is not None
+    pid = pid_on(served.address)
     async with httpx.AsyncClient(
         base_url=served.address, timeout=60, headers=auth_header(served.secret)
     ) as http:
-        before = (await http.get("/healthz")).json()["cancelled"]
-        async with http.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    break  # the first token came: leave
+        start = (await http.get("/healthz")).json()
+        before = start["cancelled"]
+        try:
+            async with http.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        os.kill(pid, signal.SIGSTOP)
+                        break  # the first token came: leave
+        finally:
+            os.kill(pid, signal.SIGCONT)
         for _ in range(500):
             health = (await http.get("/healthz")).json()
             if health["cancelled"] > before and health["in_flight"] == 0:
                 break
             await asyncio.sleep(0.02)
     assert health["cancelled"] == before + 1 and health["in_flight"] == 0
+    # it stopped early, not at its end
+    assert health["tokens_out"] - start["tokens_out"] < body["max_tokens"]
 
 
 async def test_concurrent_streams_are_batched_and_each_complete(served: InstanceEvent) -> None:
