@@ -5,8 +5,9 @@ entry's shared memory, and ``bench/load.py`` measures it on that same path. Buil
 ``direct_io``: each chunk whose pages are mostly cold is read with O_DIRECT (16 MiB requests,
 4 in flight saturate this machine's disk: DESIGN.md "This machine"); a chunk mostly in the page
 cache (``mincore``) is read buffered in 4 MiB pieces, since O_DIRECT would ignore the cache and
-run ~5x slower. File systems that refuse O_DIRECT (tmpfs) and unaligned destinations are read
-buffered. Each partition's slot in the image is rounded up to 4096 (``image_layout``), so the
+run ~5x slower; its destination pages are populated first (``populate_write``), so a copy into
+fresh memory does not fault once per 4 KiB. File systems that refuse O_DIRECT (tmpfs) and
+unaligned destinations are read buffered. Each partition's slot in the image is rounded up to 4096 (``image_layout``), so the
 rounded-up tail of a direct read stays inside it.
 """
 
@@ -27,6 +28,7 @@ from runtime.loader.direct_io import (
     DIRECT_ALIGN,
     open_direct,
     page_residency,
+    populate_write,
     read_into,
     resident_fraction,
 )
@@ -98,7 +100,8 @@ def read_checkpoint(
     if dest.readonly:
         raise CheckpointError(f"{directory}: image is read-only, cannot read into it")
     check_partition_sizes(directory, index)
-    aligned = size == 0 or _address(dest) % DIRECT_ALIGN == 0
+    base = _address(dest) if size else 0
+    aligned = size == 0 or base % DIRECT_ALIGN == 0
     fds: list[tuple[int, int | None]] = []
     jobs: list[_Job] = []
     began = time.perf_counter()
@@ -124,6 +127,11 @@ def read_checkpoint(
 
         def run(job: _Job) -> tuple[int, bool]:
             fd, fd_direct = fds[job.partition]
+            if not job.direct:
+                # A buffered read into pages not mapped yet faults once per 4 KiB inside the
+                # copy; one populate call first costs less (2 GB warm into fresh shared
+                # memory: ~0.7-1.0 s against 1.3-2.2 s, measured). A no-op where populated.
+                populate_write(base + job.at, job.length)
             try:
                 was_direct = read_into(
                     fd, fd_direct if job.direct else None, dest[job.at :], job.offset, job.length
