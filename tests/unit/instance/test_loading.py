@@ -1,0 +1,44 @@
+"""``load_instance`` on CPU, in this process: the model from a DRAM entry's views, ready
+without a warm-up forward pass (on CPU a pass is one read of every weight and warms nothing
+the pool warm-up left cold), and generating through the engine."""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from pathlib import Path
+
+from runtime.ckpt.convert import convert_checkpoint
+from runtime.engine.request import FinishEvent, RequestState, TokenEvent
+from runtime.engine.sampling import SamplingParams
+from runtime.instance.loading import LoadSpec, load_instance
+from tests.loaded import dram_entry
+
+
+def test_cpu_load_is_ready_without_a_warm_up_pass_and_generates(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(tiny_model_dir, ckpt)
+    entry = dram_entry(ckpt, tmp_path / f"dram-{uuid.uuid4().hex[:8]}")
+    spec = LoadSpec(
+        instance_id="i", function="f", handler="completion", entry_dir=str(entry),
+        device="cpu:0", threads=1, secret="s",
+    )  # fmt: skip
+    loaded = load_instance(spec)
+    engine = loaded.service.engine
+    try:
+        assert "warm_up_s" not in loaded.timings
+        assert {"map_s", "build_s", "handler_s"} <= set(loaded.timings)
+        events: queue.Queue[object] = queue.Queue()
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        engine.submit(RequestState("r", [1, 5, 9], params), events.put)
+        tokens: list[int] = []
+        while not isinstance(event := events.get(timeout=60), FinishEvent):
+            assert isinstance(event, TokenEvent), event
+            tokens.extend(event.token_ids)
+        assert len(tokens) == 3
+    finally:
+        engine.stop()
+        if loaded.mapped is not None:
+            loaded.mapped.close()
