@@ -51,6 +51,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_CACHE_DIR": ("", "node-local SSD cache directory (default: $SLLM_HOME/cache/<node>)"),
     "SLLM_SSD_CAPACITY": ("20Gi", "SSD cache capacity in bytes"),
     "SLLM_DRAM_CAPACITY": ("8Gi", "DRAM cache capacity in bytes"),
+    "SLLM_DRAM_PREALLOCATE": (
+        "0",
+        "bytes of DRAM cache the node allocates, maps and writes once at start, so its first "
+        "loads pay for no fresh shared memory (e.g. the largest checkpoint; 0: none)",
+    ),
     "SLLM_CPU_SLOTS": ("2", "instances a node without CUDA runs at once"),
     "SLLM_POOL_SIZE": ("1", "pre-started instance processes waiting for a model (per image)"),
     "SLLM_INSTANCES": (
@@ -249,6 +254,8 @@ class NodeSettings:
     instance_image: str = ""
     vllm: str = "auto"  # auto | on | off
     vllm_pool_size: int = 1
+    # bytes of DRAM slab made at start (``DramCache.preallocate``); at most the capacity
+    dram_preallocate: int = 0
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -261,6 +268,13 @@ class NodeSettings:
         except ValidationFailed as exc:
             raise ValidationFailed(f"SLLM_NODE_ID={node_id!r}: {exc.message}") from None
         cache_dir = _get(env, "SLLM_CACHE_DIR")
+        dram_capacity = _parse(env, "SLLM_DRAM_CAPACITY", as_bytes)
+        preallocate = _parse(env, "SLLM_DRAM_PREALLOCATE", as_bytes)
+        if preallocate > dram_capacity:
+            raise ValidationFailed(
+                f"SLLM_DRAM_PREALLOCATE={_get(env, 'SLLM_DRAM_PREALLOCATE')!r}: must be at most "
+                f"SLLM_DRAM_CAPACITY ({dram_capacity} bytes)"
+            )
         instances = _get(env, "SLLM_INSTANCES")
         if instances not in INSTANCE_MODES:
             raise ValidationFailed(
@@ -275,7 +289,7 @@ class NodeSettings:
             host=_get(env, "SLLM_NODE_HOST"),
             cache_dir=Path(cache_dir) if cache_dir else home(env) / "cache" / node_id,
             ssd_capacity=_parse(env, "SLLM_SSD_CAPACITY", as_bytes),
-            dram_capacity=_parse(env, "SLLM_DRAM_CAPACITY", as_bytes),
+            dram_capacity=dram_capacity,
             cpu_slots=_parse(env, "SLLM_CPU_SLOTS", int_in(0, 256)),
             pool_size=_parse(env, "SLLM_POOL_SIZE", int_in(0, 64)),
             heartbeat_s=_parse(env, "SLLM_HEARTBEAT_INTERVAL", as_seconds),
@@ -286,6 +300,7 @@ class NodeSettings:
             instance_image=_get(env, "SLLM_INSTANCE_IMAGE"),
             vllm=vllm,
             vllm_pool_size=_parse(env, "SLLM_VLLM_POOL_SIZE", int_in(0, 64)),
+            dram_preallocate=preallocate,
         )
 
 

@@ -75,6 +75,13 @@ def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator
     ssd = SsdCache(ssd_dir, settings.ssd_capacity)
     root = dram_root(settings)
     dram = DramCache(root, settings.dram_capacity)
+    if settings.dram_preallocate and not dram.preallocate(settings.dram_preallocate):
+        log.warning(
+            "SLLM_DRAM_PREALLOCATE=%d does not fit beside the %d bytes the DRAM tier holds: "
+            "no slab made",
+            settings.dram_preallocate,
+            dram.entries.used_bytes() + dram.pool_bytes(),
+        )
     (root / OWNER_FILE).write_text(str(Path(settings.cache_dir).resolve()), encoding="utf-8")
     bandwidths = BandwidthEstimator()
     bandwidths.seed("store", settings.store_bandwidth)  # 0: keeps the default seed

@@ -31,6 +31,9 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("--cache-dir", type=Path, help="SSD cache directory (SLLM_CACHE_DIR)")
     p.add_argument("--ssd-capacity", help="SSD cache capacity, e.g. 20Gi")
     p.add_argument("--dram-capacity", help="DRAM cache capacity, e.g. 8Gi")
+    p.add_argument(
+        "--dram-preallocate", help="DRAM slab made at start, e.g. 2Gi (SLLM_DRAM_PREALLOCATE)"
+    )
     p.add_argument("--cpu-slots", type=int, help="instances at once without CUDA")
     p.add_argument("--pool-size", type=int, help="pre-started instance processes")
     p.add_argument(
@@ -65,6 +68,7 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
         "SLLM_CACHE_DIR": str(args.cache_dir) if args.cache_dir else None,
         "SLLM_SSD_CAPACITY": args.ssd_capacity,
         "SLLM_DRAM_CAPACITY": args.dram_capacity,
+        "SLLM_DRAM_PREALLOCATE": args.dram_preallocate,
         "SLLM_CPU_SLOTS": None if args.cpu_slots is None else str(args.cpu_slots),
         "SLLM_POOL_SIZE": None if args.pool_size is None else str(args.pool_size),
         "SLLM_VLLM": args.vllm,

@@ -66,6 +66,15 @@ def test_every_variable_is_documented() -> None:
     assert all(desc for _, desc in ENVIRONMENT.values())
 
 
+def test_node_dram_preallocate() -> None:
+    assert NodeSettings.from_env({}).dram_preallocate == 0
+    assert NodeSettings.from_env({"SLLM_DRAM_PREALLOCATE": "2Gi"}).dram_preallocate == 2 << 30
+    with pytest.raises(ValidationFailed, match="SLLM_DRAM_PREALLOCATE='9Gi': must be at most"):
+        NodeSettings.from_env({"SLLM_DRAM_PREALLOCATE": "9Gi"})
+    with pytest.raises(ValidationFailed, match="SLLM_DRAM_PREALLOCATE='lots'"):
+        NodeSettings.from_env({"SLLM_DRAM_PREALLOCATE": "lots"})
+
+
 def test_node_store_bandwidth_prior() -> None:
     assert NodeSettings.from_env({}).store_bandwidth == 0.0
     assert NodeSettings.from_env({"SLLM_STORE_BANDWIDTH": "125M"}).store_bandwidth == 125e6
