@@ -140,7 +140,8 @@ class GatewayService:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.registry.load()
-        await self.fits.load()
+        # the migration fits are read when this gateway takes the lead (_lead): only the
+        # leader places, and it must read what the last leader learned
         self._subs = [
             await self.bus.subscribe(HEARTBEATS, self._on_heartbeat),
             await self.bus.subscribe(EVENTS, self._on_event),
