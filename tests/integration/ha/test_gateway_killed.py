@@ -47,9 +47,11 @@ async def test_a_gateway_stopped_under_load_loses_no_accepted_request(stage: Sta
     run = asyncio.create_task(clients(cluster.urls, "gk", expected, stop, count=4, tally=tally))
     victim = cluster.gateways["gw-1"]
     opened = asyncio.Event()
-    streaming = asyncio.create_task(long_stream(cluster.url_of("gw-1"), opened))
     try:
         await tally.until("ok", 8)
+        # the long stream opens only now and the stop follows its first event: the stream has
+        # to outlast just the grace (1 s), not also the wait above (it once ended first)
+        streaming = asyncio.create_task(long_stream(cluster.url_of("gw-1"), opened))
         await asyncio.wait_for(opened.wait(), 60)
         cluster.kill(victim, signal.SIGTERM)
         stopped = time.monotonic()
@@ -70,9 +72,15 @@ async def test_a_gateway_stopped_under_load_loses_no_accepted_request(stage: Sta
     # nothing accepted was lost, and nothing was refused by both gateways
     assert counts["cut"] == 0 and counts["refused"] == 0 and counts["error"] == 0, counts
     assert tally.between(stopped, back).counts()["ok"] >= 8
-    # the long stream was ended with a clear error once the grace was over, not cut silently
+    # the long stream is never cut silently: it either finished within the grace (the tiny
+    # model's 512-token context takes under a second here when the machine is quiet: then its
+    # last event before [DONE] says why it finished) or was ended with a clear error once the
+    # grace was over (the unit test of GatewayService.begin_stop pins that path down)
     last = events[-1]
-    assert "error" in last and last["error"]["code"] == "gateway_stopping", last  # type: ignore[index]
+    if last == {"done": True}:
+        assert events[-2].get("finish_reason") in ("length", "stop"), events[-2]
+    else:
+        assert "error" in last and last["error"]["code"] == "gateway_stopping", last  # type: ignore[index]
     assert gone - stopped < 10.0
 
 
