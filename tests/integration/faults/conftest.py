@@ -36,6 +36,9 @@ class Stage:
             c.start_gateway()
         if "a" not in c.nodes or not c.nodes["a"].alive():
             c.start_node("a")
+        # the earlier tests' functions go, and the node is empty: each test has its slots (their
+        # idle instances held both, and a test's first cold start waited for capacity)
+        c.clear()
         return c
 
 
