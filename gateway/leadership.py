@@ -63,7 +63,7 @@ class Leadership:
         self.config = config or LeaseConfig()
         self._state: LeaseState = FOLLOWER
         self._on_change = on_change
-        self._was_leader = False
+        self._told: tuple[bool, int] = (False, 0)  # (leader, term) last told to on_change
         self.holder: str | None = None  # the last holder seen, for /healthz and logs
 
     @property
@@ -120,17 +120,28 @@ class Leadership:
         self._notify()
 
     def _notify(self) -> None:
+        """Tell ``on_change`` when leading starts or stops, and when it goes on at a new term:
+        a renewal whose reply was lost (NATS restarting) is renewed again at the revision the
+        key shows, within one step, so leading never reads false in between; the term changes
+        all the same, and whoever took over for the old term must take over again (seen in a
+        fault run: the gateway led on, never decided again, a deleted function kept its
+        instance)."""
         now_leader = self.leader
-        if now_leader != self._was_leader:
-            self._was_leader = now_leader
+        told = (now_leader, self._state.term if now_leader else 0)
+        if told == self._told:
+            return
+        was_leader, self._told = self._told[0], told
+        if now_leader and was_leader:
+            log.info("lease: %s leads on at a new term (term %d)", self.me, self._state.term)
+        else:
             log.info(
                 "lease: %s %s (term %d)",
                 self.me,
                 "became leader" if now_leader else "is no longer leader",
                 self._state.term,
             )
-            if self._on_change is not None:
-                self._on_change(now_leader, self._state.term)
+        if self._on_change is not None:
+            self._on_change(now_leader, self._state.term)
 
     async def run(self) -> None:
         """Step every ``poll_s`` until cancelled."""

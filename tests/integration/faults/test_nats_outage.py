@@ -73,3 +73,6 @@ async def test_a_nats_outage_is_not_a_serving_outage(stage: Stage) -> None:
     assert tally.wrong() == [], tally.wrong()
     assert tally.counts()["ok"] == len(tally.outcomes), tally.counts()
     assert tally.between(down, back).counts()["ok"] >= 8
+    # ... and the gateway decides again after the outage: a deleted function's instance is
+    # drained (a lost lease-renewal reply once left it leading at a term it never took over)
+    cluster.clear(timeout_s=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.leadership import Leadership
 from gateway.lease import (
     FOLLOWER,
     Action,
@@ -15,6 +16,9 @@ from gateway.lease import (
     leading,
     on_written,
 )
+from sllm.bus import MemoryKeyValue
+from sllm.clock import ManualClock
+from sllm.errors import Unavailable
 
 C = LeaseConfig(ttl_s=3.0, renew_s=1.0, poll_s=0.5, margin_s=0.5)
 
@@ -98,3 +102,38 @@ def test_a_failed_renewal_of_an_expired_value_means_someone_else_has_it() -> Non
 def test_config_is_checked(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LeaseConfig(**kwargs)
+
+
+class ReplyLost(MemoryKeyValue):
+    """A bucket whose next update is made but answers as if NATS went away (its reply lost)."""
+
+    lose_next = False
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        revision = await super().update(key, value, last)
+        if self.lose_next:
+            self.lose_next = False
+            raise Unavailable("NATS is not connected (the reply was lost)")
+        return revision
+
+
+async def test_a_lost_renewal_reply_is_a_new_term_and_on_change_hears_it() -> None:
+    # seen in a fault run (NATS restarted): the gateway renewed again at the revision the key
+    # showed and led on at a new term, but nobody was told, so it never decided again
+    kv, clock = ReplyLost(), ManualClock()
+    told: list[tuple[bool, int]] = []
+    lead = Leadership(kv, "a", clock, C, on_change=lambda leader, term: told.append((leader, term)))
+    await lead.step()
+    first = lead.term
+    assert told == [(True, first)]
+    clock.advance(1.0)
+    kv.lose_next = True
+    await lead.step()  # the renewal lands, its reply does not: still leading by time
+    assert lead.leader and told == [(True, first)]
+    clock.advance(0.5)
+    await lead.step()  # its own value at an unknown revision: renewed there, a new term
+    assert lead.leader and lead.term > first
+    assert told == [(True, first), (True, lead.term)]
+    clock.advance(0.5)
+    await lead.step()  # a plain renewal keeps the term: nothing more to tell
+    assert told == [(True, first), (True, lead.term)]
