@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from sllm.bus import KeyValue, KvEntry
-from sllm.errors import Conflict, NotFound, ValidationFailed
+from sllm.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
@@ -32,15 +32,22 @@ _PREFIX = "fn."
 # Seconds between attempts to watch the bucket again after the watch failed (NATS down:
 # JetStream answers again a little after the server is back).
 RETRY_S = 1.0
+# Seconds a watch may take to deliver the bucket's snapshot (its end marker). A watch started
+# while NATS reconnects can stay silent for good; seen in a fault run: the copy then missed
+# every later change, a deleted function's instance was never drained.
+SNAPSHOT_S = 15.0
 
 Listener = Callable[[str, FunctionRecord | None], None]
 """Told of every change the copy takes: (name, record, or None when it was deleted)."""
 
 
 class Registry:
-    def __init__(self, kv: KeyValue, retry_s: float = RETRY_S) -> None:
+    def __init__(
+        self, kv: KeyValue, retry_s: float = RETRY_S, snapshot_s: float = SNAPSHOT_S
+    ) -> None:
         self._kv = kv
         self._retry_s = retry_s
+        self._snapshot_s = snapshot_s
         self._records: dict[str, FunctionRecord] = {}
         self._revisions: dict[str, int] = {}  # key -> revision of the entry the copy holds
         self._listeners: list[Listener] = []
@@ -65,13 +72,25 @@ class Registry:
             self._task = None
 
     async def _sync(self, watch: AsyncIterator[KvEntry | None]) -> None:
-        """Apply a watch's snapshot; keys the snapshot lacks were deleted meanwhile."""
+        """Apply a watch's snapshot; keys the snapshot lacks were deleted meanwhile. A snapshot
+        that does not end (its marker) within ``snapshot_s``, or a watch that ends before it,
+        is an error: nothing is taken for deleted, and the caller watches again."""
         seen: set[str] = set()
-        async for entry in watch:
-            if entry is None:
-                break
-            seen.add(entry.key)
-            self._apply(entry)
+        complete = False
+        try:
+            async with asyncio.timeout(self._snapshot_s):
+                async for entry in watch:
+                    if entry is None:
+                        complete = True
+                        break
+                    seen.add(entry.key)
+                    self._apply(entry)
+        except TimeoutError:  # the cancelled generator closed its watch on the way out
+            raise Unavailable(
+                f"the bucket's snapshot did not arrive within {self._snapshot_s:g}s"
+            ) from None
+        if not complete:
+            raise Unavailable("the watch ended before the bucket's snapshot was complete")
         for key in [k for k in self._revisions if k not in seen]:
             self._apply(KvEntry(key, None, self._revisions[key] + 1), force=True)
 
@@ -92,6 +111,9 @@ class Registry:
                     watch = self._kv.watch()
                     await self._sync(watch)
                     self.resyncs += 1
+                    log.info(
+                        "registry: following the bucket again (%d functions)", len(self._records)
+                    )
                     break
                 except Exception as exc:
                     log.warning("registry: cannot read the bucket yet: %s", exc)

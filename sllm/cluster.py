@@ -290,13 +290,19 @@ class LocalCluster:
             if r.status_code not in (200, 204, 404):
                 raise Unavailable(f"delete of {name} failed: {r.status_code} {r.text}")
 
+        left: list[str] = []
+
         def empty() -> bool:
             nodes = httpx.get(f"{url}/system/nodes", headers=AUTH, timeout=5).json()
-            return not [
-                i for n in nodes for i in n["instances"] if i["state"] not in ("stopped", "failed")
+            left[:] = [
+                f"{i.get('function')}/{i.get('instance_id')} on {n.get('node_id')}: {i['state']}"
+                for n in nodes
+                for i in n["instances"]
+                if i["state"] not in ("stopped", "failed")
             ]
+            return not left
 
-        self._until(empty, timeout_s, "every instance to stop")
+        self._until(empty, timeout_s, lambda: f"every instance to stop (left: {', '.join(left)})")
 
     def add_checkpoint(self, hf_dir: Path, key: str) -> int:
         """Convert a Hugging Face directory and push it into the store; its tensor bytes."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from gateway.registry import Registry
-from sllm.bus import MemoryKeyValue
+from sllm.bus import KvEntry, MemoryKeyValue
 from sllm.errors import Conflict, NotFound, ValidationFailed
 from sllm.spec import FunctionRecord, FunctionSpec
 
@@ -107,3 +109,53 @@ async def test_two_concurrent_updates_cannot_both_win() -> None:
         await b.update("chat", record(checkpoint="from-b"))
     await a.stop()
     await b.stop()
+
+
+class StallingKeyValue(MemoryKeyValue):
+    """A bucket whose next watches misbehave as ``plans`` say: "silent" never delivers
+    anything (a watch started while NATS reconnects), "short" ends after the first entry,
+    before the snapshot's end. ``cut`` ends the running watch at its next entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans: list[str] = []
+        self.cut = False
+
+    async def watch(self) -> AsyncIterator[KvEntry | None]:
+        import asyncio
+
+        plan = self.plans.pop(0) if self.plans else "whole"
+        if plan == "silent":
+            await asyncio.Event().wait()
+        inner = super().watch()
+        try:
+            async for entry in inner:
+                if self.cut:
+                    self.cut = False
+                    return
+                yield entry
+                if plan == "short":
+                    return
+        finally:
+            await inner.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_watch_that_stalls_or_ends_short_is_watched_again_and_deletes_nothing() -> None:
+    # seen in a fault run: a watch started while NATS reconnected never delivered its
+    # snapshot, and the copy missed every later change (a deleted function kept its instance)
+    kv = StallingKeyValue()
+    reg = Registry(kv, retry_s=0.01, snapshot_s=0.3)
+    await reg.create(record("a"))
+    await reg.create(record("b"))
+    await reg.load()
+    deleted: list[str] = []
+    reg.on_change(lambda name, rec: deleted.append(name) if rec is None else None)
+    kv.plans = ["silent", "short"]
+    kv.cut = True
+    await kv.put("other", b"x")  # the running watch ends at this entry
+    await wait_until(lambda: reg.resyncs == 1, timeout_s=5.0)
+    assert kv.plans == [] and deleted == []  # the short snapshot did not drop "b"
+    await kv.delete("fn.a")  # and the copy follows the bucket again
+    await wait_until(lambda: reg.find("a") is None)
+    assert deleted == ["a"] and reg.find("b") is not None
+    await reg.stop()
