@@ -168,12 +168,20 @@ class Controller:
             self._role.gone(inst.instance_id)
         for inst in change.adopted:
             # Running before this gateway knew it (a restart): count it as wanted, and let
-            # keep_alive run from now, so it is not drained as surplus on the next tick.
+            # keep_alive run from now, so it is not drained as surplus on the next tick. At
+            # least what runs is wanted, not one more: the count resumed from the last leader
+            # may count it already (a heartbeat after the takeover), and one more started a
+            # second instance and drained the adopted one.
             record = self._registry.find(inst.function)
             state = self._scalers.get(inst.function)
             if record is not None and state is not None and inst.revision == record.revision:
+                running = sum(
+                    1
+                    for i in self._table.of(inst.function)
+                    if i.revision == record.revision and i.state in ("ready", "starting")
+                )
                 self._scalers[inst.function] = replace(
-                    state, desired=state.desired + 1, last_active=now
+                    state, desired=max(state.desired, running), last_active=now
                 )
             log.info(
                 "instance adopted function=%s instance=%s node=%s state=%s",

@@ -8,8 +8,16 @@ import asyncio
 import httpx
 
 from gateway.app import Connection, create_app
-from sllm.bus import Message
-from sllm.messages import LogLine, PrepareCmd, decode, encode, log_subject, node_cmd_subject
+from sllm.bus import MemoryKeyValue, Message
+from sllm.messages import (
+    LogLine,
+    PrepareCmd,
+    ScaleRecord,
+    decode,
+    encode,
+    log_subject,
+    node_cmd_subject,
+)
 from sllm.spec import FunctionRecord
 from tests.unit.gateway.conftest import AUTH, Harness, harness, settings
 
@@ -129,11 +137,15 @@ async def test_a_restarted_gateway_adopts_running_instances_instead_of_draining_
         await h.deploy()
         assert (await h.client.post("/function/chat", json={"prompt": "x"})).status_code == 200
         bus, kv, node, instances = h.bus, h.kv, h.node, h.instances
+        # A second gateway on the same bucket and bus, after the first one's bus went away; the
+        # last leader's scale state says one instance of chat is wanted, which is the one that
+        # runs (adopting it must not make it two: it once started a second and drained it)
+        lease, scale = MemoryKeyValue(), MemoryKeyValue()
+        await scale.put("desired.chat", encode(ScaleRecord(1, 1)))
 
         async def connect(_):  # type: ignore[no-untyped-def]
-            return Connection(bus, kv)
+            return Connection(bus, kv, lease, scale)
 
-        # A second gateway on the same bucket and bus, after the first one's bus went away.
         app = create_app(settings(), connect=connect, tick_s=0.02, settle_s=0.3)
         await bus.close()
         async with app.router.lifespan_context(app):
