@@ -42,6 +42,7 @@ from sllm.clock import Clock
 from sllm.errors import Unavailable
 from sllm.messages import InstanceEvent, NodeHeartbeat, UnloadCmd
 from sllm.spec import FunctionRecord
+from sllm.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +266,7 @@ class Controller:
             self._wake.clear()
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
 
     def tick(self) -> None:
         now = self._clock.now()

@@ -36,6 +36,7 @@ from sllm.messages import (
     decode_as,
     encode,
 )
+from sllm.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ class Peers:
         await asyncio.shield(self._stopping)
 
     async def _stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         if self._transition is not None:
             await asyncio.gather(self._transition, return_exceptions=True)
         for sub in self._subs:

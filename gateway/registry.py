@@ -15,7 +15,6 @@ last revision, so two concurrent updates cannot both win).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +23,7 @@ from dataclasses import replace
 from sllm.bus import KeyValue, KvEntry
 from sllm.errors import Conflict, NotFound, Unavailable, ValidationFailed
 from sllm.spec import FunctionRecord
+from sllm.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ class Registry:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_all([self._task])
             self._task = None
 
     async def _sync(self, watch: AsyncIterator[KvEntry | None]) -> None:

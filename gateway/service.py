@@ -51,6 +51,7 @@ from sllm.messages import (
 )
 from sllm.settings import GatewaySettings
 from sllm.spec import FunctionRecord
+from sllm.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,7 @@ class GatewayService:
     async def stop(self) -> None:
         await self.peers.stop()
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            await cancel_all([self._loop_task])
         await self.controller.stop()
         await self.registry.stop()
         for sub in self._subs:
