@@ -32,10 +32,11 @@ _PREFIX = "fn."
 # Seconds between attempts to watch the bucket again after the watch failed (NATS down:
 # JetStream answers again a little after the server is back).
 RETRY_S = 1.0
-# Seconds a watch may take to deliver the bucket's snapshot (its end marker). A watch started
-# while NATS reconnects can stay silent for good; seen in a fault run: the copy then missed
-# every later change, a deleted function's instance was never drained.
-SNAPSHOT_S = 15.0
+# Seconds a watch may go without delivering the next entry of the bucket's snapshot (or its end
+# marker). A watch started while NATS reconnects can stay silent for good; seen in a fault run:
+# the copy then missed every later change, a deleted function's instance was never drained. A
+# snapshot that still arrives (a large bucket) is never cut: only silence counts.
+SNAPSHOT_S = 3.0
 
 Listener = Callable[[str, FunctionRecord | None], None]
 """Told of every change the copy takes: (name, record, or None when it was deleted)."""
@@ -71,21 +72,23 @@ class Registry:
 
     async def _sync(self, watch: AsyncIterator[KvEntry | None]) -> None:
         """Apply a watch's snapshot; keys the snapshot lacks were deleted meanwhile. A snapshot
-        that does not end (its marker) within ``snapshot_s``, or a watch that ends before it,
-        is an error: nothing is taken for deleted, and the caller watches again."""
+        silent for ``snapshot_s`` before its end marker, or a watch that ends before it, is an
+        error: nothing is taken for deleted, and the caller watches again."""
         seen: set[str] = set()
         complete = False
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._snapshot_s):
+            async with asyncio.timeout(self._snapshot_s) as silence:
                 async for entry in watch:
                     if entry is None:
                         complete = True
                         break
                     seen.add(entry.key)
                     self._apply(entry)
+                    silence.reschedule(loop.time() + self._snapshot_s)
         except TimeoutError:  # the cancelled generator closed its watch on the way out
             raise Unavailable(
-                f"the bucket's snapshot did not arrive within {self._snapshot_s:g}s"
+                f"the bucket's snapshot stalled: nothing for {self._snapshot_s:g}s"
             ) from None
         if not complete:
             raise Unavailable("the watch ended before the bucket's snapshot was complete")

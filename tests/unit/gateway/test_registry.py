@@ -114,7 +114,7 @@ async def test_two_concurrent_updates_cannot_both_win() -> None:
 class StallingKeyValue(MemoryKeyValue):
     """A bucket whose next watches misbehave as ``plans`` say: "silent" never delivers
     anything (a watch started while NATS reconnects), "short" ends after the first entry,
-    before the snapshot's end. ``cut`` ends the running watch at its next entry."""
+    before the snapshot's end, "slow" delivers each entry 0.2 s after the last. ``cut`` ends the running watch at its next entry."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,6 +133,8 @@ class StallingKeyValue(MemoryKeyValue):
                 if self.cut:
                     self.cut = False
                     return
+                if plan == "slow":
+                    await asyncio.sleep(0.2)
                 yield entry
                 if plan == "short":
                     return
@@ -158,4 +160,15 @@ async def test_a_watch_that_stalls_or_ends_short_is_watched_again_and_deletes_no
     await kv.delete("fn.a")  # and the copy follows the bucket again
     await wait_until(lambda: reg.find("a") is None)
     assert deleted == ["a"] and reg.find("b") is not None
+    await reg.stop()
+
+
+async def test_a_slow_snapshot_that_keeps_coming_is_not_cut() -> None:
+    kv = StallingKeyValue()
+    for name in "abcd":
+        await Registry(kv).create(record(name))
+    kv.plans = ["slow"]  # 5 entries (4 and the end marker), 1 s in all: over 0.3 s, never silent
+    reg = Registry(kv, retry_s=0.01, snapshot_s=0.3)
+    await reg.load()
+    assert [r.spec.name for r in reg.all()] == ["a", "b", "c", "d"] and reg.resyncs == 0
     await reg.stop()
