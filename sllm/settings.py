@@ -21,6 +21,17 @@ from sllm.spec import parse_duration, parse_memory
 
 T = TypeVar("T")
 
+# The placement policies (gateway/scheduler/policies.py implements them), listed once here so
+# SLLM_POLICY, `--policy` and the simulator accept the same names.
+DEFAULT_POLICY = "locality+migration"
+POLICIES: tuple[str, ...] = (
+    "random",
+    "least-loaded",
+    "locality",
+    "locality+migration",
+    "download-every-time",
+)
+
 # name -> (default, description). `sllm env` prints this table.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_HOME": ("~/.local/share/sllm", "data directory of `sllm up` (NATS, store, caches)"),
@@ -95,7 +106,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "on SIGTERM the gateway stops accepting connections and lets requests in flight finish; "
         "streams still running after this long end with a gateway_stopping error event",
     ),
-    "SLLM_POLICY": ("locality+migration", "placement policy"),
+    "SLLM_POLICY": (DEFAULT_POLICY, "placement policy"),
     "SLLM_SCALE_DOWN_WINDOW": ("30s", "how long load must stay lower before scaling down"),
     "SLLM_NODE_TIMEOUT": (
         "10s",
@@ -327,9 +338,8 @@ class GatewaySettings:
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
         env = os.environ if env is None else env
         policy = _get(env, "SLLM_POLICY")
-        allowed = ("random", "least-loaded", "locality", "locality+migration")
-        if policy not in allowed:
-            raise ValidationFailed(f"SLLM_POLICY={policy!r}: must be one of {', '.join(allowed)}")
+        if policy not in POLICIES:
+            raise ValidationFailed(f"SLLM_POLICY={policy!r}: must be one of {', '.join(POLICIES)}")
         return GatewaySettings(
             nats_urls=_parse(env, "SLLM_NATS_URL", as_nats_urls),
             host=_get(env, "SLLM_GATEWAY_HOST"),

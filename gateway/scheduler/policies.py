@@ -33,15 +33,8 @@ from gateway.scheduler.types import (
     SourceTier,
 )
 from sllm.errors import InvalidInput
+from sllm.settings import DEFAULT_POLICY, POLICIES
 
-DEFAULT_POLICY = "locality+migration"
-POLICIES: tuple[str, ...] = (
-    "random",
-    "least-loaded",
-    "locality",
-    "locality+migration",
-    "download-every-time",
-)
 # 0.2 s: stopping an idle instance (drain nothing, free device memory) before loading.
 EVICT_S = 0.2
 # Candidates kept in Placement.estimates for logs.

@@ -92,3 +92,14 @@ def test_nats_urls_are_a_list() -> None:
         "nats://nats-2.nats:4222",
     )
     assert GatewaySettings.from_env({"SLLM_NATS_REPLICAS": "3"}).nats_replicas == 3
+
+
+def test_every_scheduler_policy_is_accepted_from_the_environment() -> None:
+    # SLLM_POLICY accepted 4 names while --policy accepted the scheduler's 5.
+    from gateway.scheduler.policies import POLICIES
+
+    for policy in POLICIES:
+        assert GatewaySettings.from_env({"SLLM_POLICY": policy}).policy == policy
+    assert GatewaySettings.from_env({"SLLM_POLICY": "download-every-time"}).policy == (
+        "download-every-time"
+    )
