@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.loader.direct_io import read_full
 from runtime.store.base import Store
 
 # 1 MiB: smaller transfers are dominated by per-request latency and would skew the average.
@@ -127,13 +128,8 @@ def _probe_disk(directory: Path, data: bytearray) -> float:
                 fd = os.open(path, os.O_RDONLY)
             try:
                 start = time.perf_counter()
-                pos = 0
-                while pos < len(data):
-                    n = os.preadv(fd, [view[pos:]], pos)
-                    if n == 0:
-                        break
-                    pos += n
-                return pos / max(time.perf_counter() - start, 1e-9)
+                got = read_full(fd, view, 0, len(data))
+                return got / max(time.perf_counter() - start, 1e-9)
             finally:
                 os.close(fd)
         finally:

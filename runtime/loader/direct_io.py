@@ -135,10 +135,21 @@ def read_into(
     return False
 
 
-def _read_full(fd: int, dest: memoryview, offset: int, need: int) -> None:
+def read_full(fd: int, dest: memoryview, offset: int, need: int | None = None) -> int:
+    """Read ``need`` bytes (default ``len(dest)``) at ``offset`` into ``dest`` with ``preadv``,
+    looping over short reads. Returns the bytes read: fewer than ``need`` only if the file
+    ended first (callers decide whether that is an error)."""
+    need = len(dest) if need is None else need
     pos = 0
     while pos < need:
         n = os.preadv(fd, [dest[pos:]], offset + pos)
         if n == 0:
-            raise EOFError(f"file ended at byte {offset + pos}, expected {offset + need}")
+            break
         pos += n
+    return pos
+
+
+def _read_full(fd: int, dest: memoryview, offset: int, need: int) -> None:
+    got = read_full(fd, dest, offset, need)
+    if got < need:
+        raise EOFError(f"file ended at byte {offset + got}, expected {offset + need}")

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from runtime.loader.direct_io import read_full
 from runtime.store.base import Progress, no_progress, not_found, validate_key
 from sllm.errors import StoreError
 
@@ -72,15 +73,12 @@ class LocalStore:
         except FileNotFoundError:
             raise not_found(self.describe(key)) from None
         try:
-            pos = 0
-            while pos < len(buf):
-                n = os.preadv(fd, [buf[pos:]], offset + pos)
-                if n == 0:
-                    raise StoreError(
-                        f"{self.describe(key)}: object ends at byte {offset + pos}, "
-                        f"expected at least {offset + len(buf)}"
-                    )
-                pos += n
+            got = read_full(fd, buf, offset)
+            if got < len(buf):
+                raise StoreError(
+                    f"{self.describe(key)}: object ends at byte {offset + got}, "
+                    f"expected at least {offset + len(buf)}"
+                )
         except OSError as exc:
             raise StoreError(f"{self.describe(key)}: read failed: {exc.strerror}") from None
         finally:
