@@ -16,6 +16,7 @@ from sllm.errors import ProtocolError, SllmError, Unavailable
 from sllm.messages import (
     CmdReply,
     LoadCmd,
+    MigrateCmd,
     PrepareCmd,
     UnloadCmd,
     decode_as,
@@ -26,6 +27,8 @@ from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
 
+# 10 s: a node acks a load when it accepts it; the load itself is reported by an event.
+COMMAND_TIMEOUT_S = 10.0
 # Refusals that say nothing against trying again (sllm/messages.py, docs/runtime.md).
 _DEFINITIVE = frozenset({"protocol_error", "validation_failed"})
 
@@ -41,14 +44,21 @@ class CommandFailed(SllmError):
 
 
 class NodeCommands:
+    """The one way the gateway sends a node a command and reads its ``CmdReply``."""
+
     def __init__(self, bus: Bus, timeout_s: float) -> None:
         self._bus = bus
         self._timeout_s = timeout_s
 
-    async def send(self, node: str, command: LoadCmd | UnloadCmd) -> CmdReply:
+    async def send(
+        self, node: str, command: LoadCmd | UnloadCmd | MigrateCmd, timeout_s: float | None = None
+    ) -> CmdReply:
+        """``command`` to ``node``, its ``ok`` reply within ``timeout_s`` (default: the one
+        given at construction); else ``CommandFailed``."""
         kind = type(command).__name__
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         try:
-            raw = await self._bus.request(node_cmd_subject(node), encode(command), self._timeout_s)
+            raw = await self._bus.request(node_cmd_subject(node), encode(command), timeout_s)
             reply = decode_as(raw, CmdReply)
         except NoResponder:
             raise CommandFailed(
@@ -58,7 +68,7 @@ class NodeCommands:
             ) from None
         except TimeoutError:
             raise CommandFailed(
-                f"{kind} to node {node}: no reply within {self._timeout_s:g}s", transient=True
+                f"{kind} to node {node}: no reply within {timeout_s:g}s", transient=True
             ) from None
         except Unavailable as exc:
             raise CommandFailed(f"{kind} to node {node}: {exc.message}", transient=True) from None

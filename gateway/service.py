@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import httpx
 
-from gateway.commands import NodeCommands
+from gateway.commands import COMMAND_TIMEOUT_S, NodeCommands
 from gateway.controller import Controller
 from gateway.dispatcher import Dispatcher
 from gateway.instance_http import InstanceHttpClient
@@ -55,10 +55,9 @@ from sllm.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
-# 10 s: a node acks a load when it accepts it; the load itself is reported by an event.
 # settle_s (3 s): nodes beat every 2 s by default, so after 3 s a restarted gateway has heard
 # from every live node and knows which instances already run.
-COMMAND_TIMEOUT_S = 10.0
+#
 # 1 s: an instance's /healthz answers in milliseconds; one that takes longer is not serving.
 PROBE_TIMEOUT_S = 1.0
 

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.commands import COMMAND_TIMEOUT_S, NodeCommands
 from gateway.dispatcher import Dispatcher
 from gateway.instances import Instance, InstanceTable
 from gateway.migration.fits import MigrationFitStore
@@ -27,16 +28,8 @@ from gateway.scheduler.estimators import MigrationModels
 from gateway.scheduler.types import Migration
 from sllm.bus import Bus
 from sllm.clock import Clock
-from sllm.errors import Conflict, InvalidInput, NotFound, ProtocolError, SllmError
-from sllm.messages import (
-    CmdReply,
-    LoadCmd,
-    MigrateCmd,
-    UnloadCmd,
-    decode_as,
-    encode,
-    node_cmd_subject,
-)
+from sllm.errors import Conflict, InvalidInput, NotFound, SllmError
+from sllm.messages import LoadCmd, MigrateCmd, UnloadCmd
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +68,7 @@ class Migrator:
         self._table = table
         self._registry = registry
         self._dispatcher = dispatcher
-        self._bus = bus
+        self._commands = NodeCommands(bus, COMMAND_TIMEOUT_S)
         self._clock = clock
         self.models = models or MigrationModels()
         self.fits = fits  # where observed fits are saved (None: memory only)
@@ -118,7 +111,7 @@ class Migrator:
                 instance_id, migration_id, target_node, target.instance_id, target.address,
                 self.settings.max_rounds, self.settings.threshold_tokens, target.secret,
             )  # fmt: skip
-            reply = await self._send(source.node, command, self.settings.migrate_timeout_s)
+            reply = await self._commands.send(source.node, command, self.settings.migrate_timeout_s)
         except SllmError as exc:
             self._restore(source)
             if launched is not None:
@@ -205,7 +198,7 @@ class Migrator:
         now = self._clock.now()
         self._table.launched(instance_id, source.function, node, device, source.revision, now)
         try:
-            await self._send(node, LoadCmd(instance_id, source.function, record, device), 10.0)
+            await self._commands.send(node, LoadCmd(instance_id, source.function, record, device))
         except SllmError:
             self._table.forget(instance_id)
             raise
@@ -231,26 +224,11 @@ class Migrator:
                 return device.device
         raise Conflict(f"target_node: node {node} has no free device for the target instance")
 
-    async def _send(self, node: str, command: object, timeout_s: float) -> CmdReply:
-        kind = type(command).__name__
-        try:
-            raw = await self._bus.request(node_cmd_subject(node), encode(command), timeout_s)
-            reply = decode_as(raw, CmdReply)
-        except TimeoutError:
-            raise MigrationFailed(
-                f"{kind} to node {node}: no reply within {timeout_s:g}s"
-            ) from None
-        except ProtocolError as exc:
-            raise MigrationFailed(f"{kind} to node {node}: bad reply: {exc.message}") from None
-        if not reply.ok:
-            raise MigrationFailed(f"{kind} to node {node} refused: {reply.code}: {reply.message}")
-        return reply
-
     async def _unload(self, inst: Instance) -> None:
         if self._table.instances.get(inst.instance_id) is not inst:
             return  # already gone
         inst.state = "draining"
         try:
-            await self._send(inst.node, UnloadCmd(inst.instance_id, self.settings.drain_s), 10.0)
+            await self._commands.send(inst.node, UnloadCmd(inst.instance_id, self.settings.drain_s))
         except SllmError as exc:
             log.warning("unload after migration failed instance=%s: %s", inst.instance_id, exc)
