@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.sse import EventSplitter, event_data, sse
 from sllm.errors import ProtocolError
 
 _OPENAI_TYPES = {
@@ -37,37 +38,16 @@ class SseParser:
     """Splits a byte stream of server-sent events into the ``data`` payload of each event."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._events = EventSplitter()
 
     def feed(self, chunk: bytes) -> list[str]:
-        self._buffer += chunk
+        """The data of each event ``chunk`` completes (events without data are skipped)."""
         out: list[str] = []
-        while True:
-            cut = _event_end(self._buffer)
-            if cut is None:
-                return out
-            raw, self._buffer = self._buffer[: cut[0]], self._buffer[cut[1] :]
-            data = [
-                line[5:].lstrip(b" ")
-                for line in raw.replace(b"\r\n", b"\n").split(b"\n")
-                if line.startswith(b"data:")
-            ]
-            if data:
-                out.append(b"\n".join(data).decode("utf-8", errors="replace"))
-
-
-def _event_end(buffer: bytes) -> tuple[int, int] | None:
-    best: tuple[int, int] | None = None
-    for sep in (b"\n\n", b"\r\n\r\n"):
-        i = buffer.find(sep)
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, i + len(sep))
-    return best
-
-
-def sse(payload: dict[str, Any] | str) -> bytes:
-    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+        for event in self._events.feed(chunk):
+            data = event_data(event)
+            if data is not None:
+                out.append(data.decode("utf-8", errors="replace"))
+        return out
 
 
 def native_event(payload: str) -> dict[str, Any] | None:

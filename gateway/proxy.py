@@ -39,7 +39,7 @@ from gateway.instances import Instance
 from gateway.metrics import GatewayMetrics
 from gateway.migration.resume import StreamResumer
 from gateway.migration.splice import follow_moves
-from gateway.openai_format import sse
+from gateway.sse import sse
 from sllm.clock import Clock
 from sllm.disconnect import unless_client_gone
 from sllm.errors import SllmError, Unavailable

@@ -13,6 +13,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from gateway.sse import EventSplitter, event_data
 from sllm.errors import SllmError
 
 Resume = Callable[[dict[str, Any]], Awaitable[AsyncIterator[bytes]]]
@@ -22,38 +23,13 @@ Resume = Callable[[dict[str, Any]], Awaitable[AsyncIterator[bytes]]]
 MAX_MOVES = 8
 
 
-class EventSplitter:
-    """Cuts a byte stream into whole server-sent events, each kept byte for byte."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
-        events: list[bytes] = []
-        while True:
-            cut = _event_end(self._buffer)
-            if cut < 0:
-                return events
-            events.append(self._buffer[:cut])
-            self._buffer = self._buffer[cut:]
-
-    def rest(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
-        return rest
-
-
-def _event_end(buffer: bytes) -> int:
-    ends = [i + len(sep) for sep in (b"\n\n", b"\r\n\r\n") if (i := buffer.find(sep)) >= 0]
-    return min(ends) if ends else -1
-
-
 def migrated_body(event: bytes) -> dict[str, Any] | None:
     """The body of a ``migrated`` event, or None for any other event."""
     if b'"migrated"' not in event:  # cheap test first: every token event passes here
         return None
-    lines = event.replace(b"\r\n", b"\n").split(b"\n")
-    data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+    data = event_data(event)
+    if data is None:
+        return None
     try:
         payload = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
