@@ -2,7 +2,7 @@
 migration's /v1/migration/* routes (``runtime.migration.routes``).
 
 Errors map to ``{"error": {"code", "message"}}`` with the error's status in one place
-(``_error_response``); a stream that fails after it started ends with an error event. A client
+(``runtime.instance.http``); a stream that fails after it started ends with an error event. A client
 that disconnects before its JSON answer is ready cancels the generation (``disconnect``); its
 answer is then a 499 nobody reads.
 """
@@ -10,7 +10,6 @@ answer is then a 499 nobody reads.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from runtime.engine.prompts import Tokenizing, build_request, embedding_inputs
 from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults
 from runtime.instance.handlers import CustomHandler, HandlerContext
+from runtime.instance.http import DONE, HANDLERS, error_event, json_body, sse
 from runtime.migration.routes import event_stream, migration_routes
 from sllm.disconnect import unless_client_gone
 from sllm.errors import InvalidInput, SllmError, Unavailable
@@ -66,26 +66,6 @@ class InstanceService:
                 break
             await asyncio.sleep(min(0.05, remaining))
         return self.in_flight() == 0
-
-
-def _error_response(exc: SllmError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status
-    )
-
-
-def _sse(payload: object) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"body: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise InvalidInput("body: not valid JSON (nested too deeply)") from None
 
 
 def _check_ready(service: InstanceService) -> None:
@@ -135,43 +115,34 @@ def build_app(service: InstanceService) -> Starlette:
         return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
 
     async def generate_route(request: Request) -> Response:
-        try:
-            _check_ready(service)
-            return await _run_generate(service, await _json_body(request), request.receive)
-        except SllmError as exc:  # ClientGone included: a 499 nobody reads
-            return _error_response(exc)
+        _check_ready(service)
+        return await _run_generate(service, await json_body(request), request.receive)
 
     async def invoke(request: Request) -> Response:
-        try:
-            _check_ready(service)
-            body = await _json_body(request)
-            if service.custom is None:
-                return await _run_generate(service, body, request.receive)
-            return await _invoke_custom(service, service.custom, body, request.receive)
-        except SllmError as exc:  # ClientGone included: a 499 nobody reads
-            return _error_response(exc)
+        _check_ready(service)
+        body = await json_body(request)
+        if service.custom is None:
+            return await _run_generate(service, body, request.receive)
+        return await _invoke_custom(service, service.custom, body, request.receive)
 
     async def embed_route(request: Request) -> Response:
+        _check_ready(service)
+        if service.handler != "embedding":
+            raise InvalidInput(f"this is a {service.handler} function, not an embedding one")
+        prompts = embedding_inputs(await json_body(request), service.tok)
+        if any(len(p) >= service.engine.max_context for p in prompts):
+            raise InvalidInput(f"input: longer than the model's {service.engine.max_context}"
+                               " tokens")  # fmt: skip
+        service.custom_in_flight += 1  # counts as in flight while it runs (drain waits)
         try:
-            _check_ready(service)
-            if service.handler != "embedding":
-                raise InvalidInput(f"this is a {service.handler} function, not an embedding one")
-            prompts = embedding_inputs(await _json_body(request), service.tok)
-            if any(len(p) >= service.engine.max_context for p in prompts):
-                raise InvalidInput(f"input: longer than the model's {service.engine.max_context}"
-                                   " tokens")  # fmt: skip
-            service.custom_in_flight += 1  # counts as in flight while it runs (drain waits)
-            try:
-                vectors = await asyncio.to_thread(service.engine.embed, prompts)
-            finally:
-                service.custom_in_flight -= 1
-            tokens = sum(len(p) for p in prompts)
-            data = [{"index": i, "embedding": v} for i, v in enumerate(vectors)]
-            return JSONResponse(
-                {"data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-            )
-        except SllmError as exc:
-            return _error_response(exc)
+            vectors = await asyncio.to_thread(service.engine.embed, prompts)
+        finally:
+            service.custom_in_flight -= 1
+        tokens = sum(len(p) for p in prompts)
+        data = [{"index": i, "embedding": v} for i, v in enumerate(vectors)]
+        return JSONResponse(
+            {"data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        )
 
     return Starlette(
         routes=[
@@ -180,7 +151,8 @@ def build_app(service: InstanceService) -> Starlette:
             Route("/v1/embed", embed_route, methods=["POST"]),
             Route("/v1/invoke", invoke, methods=["POST"]),
             *migration_routes(service.engine),
-        ]
+        ],
+        exception_handlers=HANDLERS,  # ClientGone included: a 499 nobody reads
     )
 
 
@@ -225,11 +197,11 @@ async def _custom_stream(
     items = result if isinstance(result, AsyncIterator) else iterate_in_threadpool(result)
     try:
         async for item in items:
-            yield _sse({"delta": item} if isinstance(item, str) else item)
-        yield b"data: [DONE]\n\n"
+            yield sse({"delta": item} if isinstance(item, str) else item)
+        yield DONE
     except SllmError as exc:
-        yield _sse({"error": {"code": exc.code, "message": exc.message}})
+        yield error_event(exc)
     except Exception as exc:
-        yield _sse({"error": {"code": "handler_error", "message": f"{type(exc).__name__}: {exc}"}})
+        yield sse({"error": {"code": "handler_error", "message": f"{type(exc).__name__}: {exc}"}})
     finally:
         service.custom_in_flight -= 1

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,27 +25,12 @@ from starlette.routing import Route
 from runtime.backend.base import Backend
 from runtime.engine.consumers import raise_for
 from runtime.engine.request import ErrorEvent, FinishEvent, RequestState, TokenEvent
+from runtime.instance.http import DONE, json_object, sse
 from runtime.migration.handoff import Handoff, MigrationHub, Target, handoff_events
-from sllm.errors import InvalidInput, SllmError
+from sllm.errors import InvalidInput
 
 # 10 s: a cancel lands between two decoding steps; a step taking longer means a sick instance.
 DEFAULT_HANDOFF_TIMEOUT_S = 10.0
-
-
-def _error(exc: SllmError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status
-    )
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"body: not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("body: expected a JSON object")
-    return body
 
 
 def _ids(body: dict[str, Any]) -> list[str]:
@@ -54,10 +38,6 @@ def _ids(body: dict[str, Any]) -> list[str]:
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise InvalidInput("request_ids: expected a list of request ids")
     return ids
-
-
-def _sse(payload: object) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
 async def event_stream(engine: Backend, state: RequestState) -> AsyncIterator[bytes]:
@@ -73,14 +53,14 @@ async def event_stream(engine: Backend, state: RequestState) -> AsyncIterator[by
             payload: dict[str, Any] = {"delta": event.delta, "token_ids": event.token_ids}
             if event.logprobs is not None:
                 payload["logprobs"] = event.logprobs
-            yield _sse(payload)
+            yield sse(payload)
         elif isinstance(event, FinishEvent):
-            yield _sse({"finish_reason": event.finish_reason, "usage": event.usage()})
-            yield b"data: [DONE]\n\n"
+            yield sse({"finish_reason": event.finish_reason, "usage": event.usage()})
+            yield DONE
         elif isinstance(event, Handoff):
-            yield _sse(event.payload())
+            yield sse(event.payload())
         else:
-            yield _sse({"error": {"code": event.code, "message": event.message}})
+            yield sse({"error": {"code": event.code, "message": event.message}})
 
 
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -96,47 +76,35 @@ def migration_routes(engine: Backend) -> list[Route]:
         return JSONResponse({"requests": hub.migratable()})
 
     async def import_states(request: Request) -> Response:
-        try:
-            states = (await _body(request)).get("states")
-            if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
-                raise InvalidInput("states: expected a list of exported request states")
-            staged = await asyncio.to_thread(hub.stager.stage, states)
-            return JSONResponse({"staged": staged})
-        except SllmError as exc:
-            return _error(exc)
+        states = (await json_object(request)).get("states")
+        if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+            raise InvalidInput("states: expected a list of exported request states")
+        staged = await asyncio.to_thread(hub.stager.stage, states)
+        return JSONResponse({"staged": staged})
 
     async def handoff(request: Request) -> Response:
-        try:
-            body = await _body(request)
-            ids = _ids(body)
-            target_id, address = body.get("target_instance_id"), body.get("target_address")
-            if not isinstance(target_id, str) or not isinstance(address, str) or not address:
-                raise InvalidInput("target_instance_id, target_address: expected strings")
-            timeout = body.get("timeout_s", DEFAULT_HANDOFF_TIMEOUT_S)
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-                raise InvalidInput(f"timeout_s: expected a positive number, got {timeout!r}")
-            moved, finished = await hub.handoff(ids, Target(target_id, address), float(timeout))
-            return JSONResponse({"moved": moved, "finished": finished})
-        except SllmError as exc:
-            return _error(exc)
+        body = await json_object(request)
+        ids = _ids(body)
+        target_id, address = body.get("target_instance_id"), body.get("target_address")
+        if not isinstance(target_id, str) or not isinstance(address, str) or not address:
+            raise InvalidInput("target_instance_id, target_address: expected strings")
+        timeout = body.get("timeout_s", DEFAULT_HANDOFF_TIMEOUT_S)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise InvalidInput(f"timeout_s: expected a positive number, got {timeout!r}")
+        moved, finished = await hub.handoff(ids, Target(target_id, address), float(timeout))
+        return JSONResponse({"moved": moved, "finished": finished})
 
     async def abort(request: Request) -> Response:
-        try:
-            ids = _ids(await _body(request))
-            return JSONResponse({"dropped": await asyncio.to_thread(hub.stager.drop, ids)})
-        except SllmError as exc:
-            return _error(exc)
+        ids = _ids(await json_object(request))
+        return JSONResponse({"dropped": await asyncio.to_thread(hub.stager.drop, ids)})
 
     async def resume(request: Request) -> Response:
-        try:
-            raw = (await _body(request)).get("state")
-            if not isinstance(raw, dict):
-                raise InvalidInput("state: expected an exported request state")
-            events = event_stream(engine, RequestState.from_export(raw))
-            first = await anext(events)  # submitted: a refusal is still a JSON error status
-            return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
-        except SllmError as exc:
-            return _error(exc)
+        raw = (await json_object(request)).get("state")
+        if not isinstance(raw, dict):
+            raise InvalidInput("state: expected an exported request state")
+        events = event_stream(engine, RequestState.from_export(raw))
+        first = await anext(events)  # submitted: a refusal is still a JSON error status
+        return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
 
     return [
         Route("/v1/migration/resume", resume, methods=["POST"]),
