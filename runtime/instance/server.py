@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -29,7 +29,9 @@ from runtime.engine.request import RequestState
 from runtime.engine.sampling import SamplingDefaults
 from runtime.instance.handlers import CustomHandler, HandlerContext
 from runtime.instance.http import DONE, HANDLERS, error_event, json_body, sse
-from runtime.migration.routes import event_stream, migration_routes
+from runtime.instance.stream import started
+from runtime.migration.handoff import MigrationHub
+from runtime.migration.routes import migration_routes
 from sllm.disconnect import unless_client_gone
 from sllm.errors import InvalidInput, SllmError, Unavailable
 
@@ -50,6 +52,10 @@ class InstanceService:
     custom: CustomHandler | None = None
     state: str = "starting"
     custom_in_flight: int = 0
+    hub: MigrationHub = field(init=False)  # live migration's view of ``engine``
+
+    def __post_init__(self) -> None:
+        self.hub = MigrationHub(self.engine)
 
     def in_flight(self) -> int:
         return self.engine.load().in_flight + self.custom_in_flight
@@ -85,19 +91,9 @@ async def _respond(
     service: InstanceService, state: RequestState, receive: Receive, *, stream: bool
 ) -> Response:
     if stream:
-        # Submit before answering 200 so a refused request still gets a JSON error status.
-        # migration's event stream: the /v1/generate events, or a ``migrated`` last event
-        # when live migration moves the request to another instance mid-stream
-        events = event_stream(service.engine, state)
-        first = await anext(events)
-        return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
+        events = await started(service.hub, state)
+        return StreamingResponse(events, media_type="text/event-stream")
     return JSONResponse(await unless_client_gone(receive, generate(service.engine, state)))
-
-
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 def build_app(service: InstanceService) -> Starlette:
@@ -150,7 +146,7 @@ def build_app(service: InstanceService) -> Starlette:
             Route("/v1/generate", generate_route, methods=["POST"]),
             Route("/v1/embed", embed_route, methods=["POST"]),
             Route("/v1/invoke", invoke, methods=["POST"]),
-            *migration_routes(service.engine),
+            *migration_routes(service.hub),
         ],
         exception_handlers=HANDLERS,  # ClientGone included: a 499 nobody reads
     )

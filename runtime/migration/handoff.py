@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from runtime.backend.base import Backend
 from runtime.engine.consumers import aiter_events
@@ -48,22 +47,14 @@ class Handoff:
 
 
 class MigrationHub:
-    """One per engine: the streamed requests, pending switches, and the target-side stager."""
-
-    _hubs: ClassVar[weakref.WeakKeyDictionary[Backend, MigrationHub]] = weakref.WeakKeyDictionary()
+    """One per engine, built with the instance service (``runtime.instance.server``): the
+    streamed requests, pending switches, and the target-side stager."""
 
     def __init__(self, engine: Backend) -> None:
         self.engine = engine
         self.stager = engine.new_stager(time.monotonic)
         self.streams: set[str] = set()
         self._switching: dict[str, tuple[Target, asyncio.Future[dict[str, Any] | None]]] = {}
-
-    @classmethod
-    def of(cls, engine: Backend) -> MigrationHub:
-        hub = cls._hubs.get(engine)
-        if hub is None:
-            hub = cls._hubs[engine] = MigrationHub(engine)
-        return hub
 
     def migratable(self) -> list[dict[str, Any]]:
         """Exported states of the in-flight streamed requests."""
@@ -110,25 +101,24 @@ class MigrationHub:
         if entry is not None and not entry[1].done():
             entry[1].set_result(None)  # finished here before the switch: nothing to move
 
-
-async def handoff_events(engine: Backend, state: RequestState) -> AsyncIterator[Event | Handoff]:
-    """``aiter_events`` for a streamed request that live migration may move: the same events,
-    except that a request switched to another instance ends with a ``Handoff``."""
-    hub = MigrationHub.of(engine)
-    rid = state.request_id
-    # a duplicate id is refused by submit: leave the other be; a request whose sampling state
-    # a resume cannot rebuild (SamplingParams.movable) finishes here, as a JSON answer does
-    owner = rid not in hub.streams and state.params.movable
-    if owner:
-        hub.streams.add(rid)
-    try:
-        async for event in aiter_events(engine, state):
-            if isinstance(event, FinishEvent) and event.finish_reason == "cancelled":
-                moved = hub._take_switch(rid, state)
-                if moved is not None:
-                    yield moved
-                    return
-            yield event
-    finally:
+    async def events(self, state: RequestState) -> AsyncIterator[Event | Handoff]:
+        """``aiter_events`` for a streamed request that live migration may move: the same
+        events, except that a request switched to another instance ends with a ``Handoff``."""
+        rid = state.request_id
+        # a duplicate id is refused by submit: leave the other be; a request whose sampling
+        # state a resume cannot rebuild (SamplingParams.movable) finishes here, as a JSON
+        # answer does
+        owner = rid not in self.streams and state.params.movable
         if owner:
-            hub._ended(rid)
+            self.streams.add(rid)
+        try:
+            async for event in aiter_events(self.engine, state):
+                if isinstance(event, FinishEvent) and event.finish_reason == "cancelled":
+                    moved = self._take_switch(rid, state)
+                    if moved is not None:
+                        yield moved
+                        return
+                yield event
+        finally:
+            if owner:
+                self._ended(rid)

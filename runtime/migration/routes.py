@@ -15,18 +15,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from runtime.backend.base import Backend
-from runtime.engine.consumers import raise_for
-from runtime.engine.request import ErrorEvent, FinishEvent, RequestState, TokenEvent
-from runtime.instance.http import DONE, json_object, sse
-from runtime.migration.handoff import Handoff, MigrationHub, Target, handoff_events
+from runtime.engine.request import RequestState
+from runtime.instance.http import json_object
+from runtime.instance.stream import started
+from runtime.migration.handoff import MigrationHub, Target
 from sllm.errors import InvalidInput
 
 # 10 s: a cancel lands between two decoding steps; a step taking longer means a sick instance.
@@ -40,37 +38,7 @@ def _ids(body: dict[str, Any]) -> list[str]:
     return ids
 
 
-async def event_stream(engine: Backend, state: RequestState) -> AsyncIterator[bytes]:
-    """The Instance API's event stream for ``state`` (as ``/v1/generate`` sends it). An
-    error before any other event (the engine refused the request) is raised, not sent, so
-    the route answers it with its status."""
-    started = False
-    async for event in handoff_events(engine, state):
-        if isinstance(event, ErrorEvent) and not started:
-            raise_for(event)
-        started = True
-        if isinstance(event, TokenEvent):
-            payload: dict[str, Any] = {"delta": event.delta, "token_ids": event.token_ids}
-            if event.logprobs is not None:
-                payload["logprobs"] = event.logprobs
-            yield sse(payload)
-        elif isinstance(event, FinishEvent):
-            yield sse({"finish_reason": event.finish_reason, "usage": event.usage()})
-            yield DONE
-        elif isinstance(event, Handoff):
-            yield sse(event.payload())
-        else:
-            yield sse({"error": {"code": event.code, "message": event.message}})
-
-
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for chunk in rest:
-        yield chunk
-
-
-def migration_routes(engine: Backend) -> list[Route]:
-    hub = MigrationHub.of(engine)
+def migration_routes(hub: MigrationHub) -> list[Route]:
 
     async def requests(request: Request) -> Response:
         return JSONResponse({"requests": hub.migratable()})
@@ -102,9 +70,8 @@ def migration_routes(engine: Backend) -> list[Route]:
         raw = (await json_object(request)).get("state")
         if not isinstance(raw, dict):
             raise InvalidInput("state: expected an exported request state")
-        events = event_stream(engine, RequestState.from_export(raw))
-        first = await anext(events)  # submitted: a refusal is still a JSON error status
-        return StreamingResponse(_prepend(first, events), media_type="text/event-stream")
+        events = await started(hub, RequestState.from_export(raw))
+        return StreamingResponse(events, media_type="text/event-stream")
 
     return [
         Route("/v1/migration/resume", resume, methods=["POST"]),

@@ -268,7 +268,7 @@ def test_staged_cache_with_chunking_resumes_identically(
     reference = whole.run(_state(prompt, params)).ids
     assert len(reference) == 60
     engine = chunked.engine
-    hub = MigrationHub.of(engine)
+    hub = MigrationHub(engine)
     rid = f"moved-{temperature}"
 
     def export(k: int) -> dict[str, Any]:

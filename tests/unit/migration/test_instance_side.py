@@ -12,7 +12,7 @@ import pytest
 from runtime.engine.engine import Engine
 from runtime.engine.request import Event, FinishEvent, RequestState, TokenEvent
 from runtime.engine.sampling import SamplingParams
-from runtime.migration.handoff import Handoff, MigrationHub, Target, handoff_events
+from runtime.migration.handoff import Handoff, MigrationHub, Target
 from sllm.errors import InvalidInput
 
 PROMPT = [1, 17, 42, 99, 7, 23, 5]
@@ -41,7 +41,7 @@ def _run(engine: Engine, state: RequestState) -> list[int]:
 def test_staged_rounds_resume_identically(engine: Engine, temperature: float) -> None:
     reference = _run(engine, RequestState(f"ref-{temperature}", PROMPT, _params(temperature)))
     assert len(reference) == 40
-    hub = MigrationHub.of(engine)
+    hub = MigrationHub(engine)
     rid = f"moved-{temperature}"
 
     def export(k: int) -> dict[str, Any]:
@@ -58,13 +58,13 @@ def test_staged_rounds_resume_identically(engine: Engine, temperature: float) ->
 
 
 def test_stage_rejects_bad_state(engine: Engine) -> None:
-    hub = MigrationHub.of(engine)
+    hub = MigrationHub(engine)
     with pytest.raises(InvalidInput, match="prompt_ids"):
         hub.stager.stage([{"request_id": "x", "prompt_ids": "no", "output_ids": [], "params": {}}])
 
 
 def test_aborted_stage_is_dropped(engine: Engine) -> None:
-    hub = MigrationHub.of(engine)
+    hub = MigrationHub(engine)
     state = RequestState("dropped", PROMPT, _params(0.0), [3, 4])
     hub.stager.stage([state.export()])
     assert "dropped" in engine.staged
@@ -75,14 +75,14 @@ def test_aborted_stage_is_dropped(engine: Engine) -> None:
 async def test_switch_ends_stream_with_final_state(engine: Engine) -> None:
     params = _params(0.8)
     reference = _run(engine, RequestState("ref-switch", PROMPT, params))
-    hub = MigrationHub.of(engine)
+    hub = MigrationHub(engine)
     state = RequestState("switched", PROMPT, params)
     sent: list[int] = []
     handoffs: list[Handoff] = []
     five = asyncio.Event()
 
     async def consume() -> None:
-        async for event in handoff_events(engine, state):
+        async for event in hub.events(state):
             if isinstance(event, TokenEvent):
                 sent.extend(event.token_ids)
                 if len(sent) >= 5:
@@ -108,9 +108,9 @@ async def test_switch_ends_stream_with_final_state(engine: Engine) -> None:
 
 
 async def test_request_finishing_before_switch_is_not_moved(engine: Engine) -> None:
-    hub = MigrationHub.of(engine)
+    hub = MigrationHub(engine)
     state = RequestState("short", PROMPT, SamplingParams(max_tokens=2, temperature=0.0, seed=1))
-    events = [e async for e in handoff_events(engine, state)]
+    events = [e async for e in hub.events(state)]
     assert isinstance(events[-1], FinishEvent)
     moved, finished = await hub.handoff(["short"], Target("t", "http://t"), 1.0)
     assert moved == [] and finished == ["short"]
