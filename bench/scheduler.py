@@ -42,10 +42,11 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 from gateway.placement import PolicyScheduler  # noqa: E402
-from gateway.scheduler.policies import POLICIES, place  # noqa: E402
+from gateway.scheduler.policies import place  # noqa: E402
 from gateway.scheduler.snapshot import SnapshotCache, snapshot_from_heartbeats  # noqa: E402
 from gateway.scheduler.types import ClusterSnapshot, Placement, PlacementRequest  # noqa: E402
 from sllm.messages import CacheEntryState, DeviceState, InstanceState, NodeHeartbeat  # noqa: E402
+from sllm.settings import POLICIES  # noqa: E402
 from sllm.sim.config import load_config  # noqa: E402
 from sllm.sim.engine import Simulation  # noqa: E402
 from sllm.sim.workload import build_trace  # noqa: E402

@@ -56,7 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         raise ValidationFailed("SLLM_TOKEN is empty: set it or pass --token (it guards /system)")
     if not 1 <= settings.port <= 65535:
         raise ValidationFailed(f"--port: must be in [1, 65535], got {settings.port}")
-    from gateway.scheduler.policies import POLICIES
+    from sllm.settings import POLICIES
 
     if settings.policy not in POLICIES:
         raise ValidationFailed(f"--policy: {settings.policy!r} is not one of {', '.join(POLICIES)}")

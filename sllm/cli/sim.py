@@ -33,7 +33,7 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from gateway.scheduler.policies import POLICIES
+    from sllm.settings import POLICIES
     from sllm.sim.config import load_config
     from sllm.sim.report import run_policies, run_sweep, table, write_outputs
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from gateway.scheduler.policies import POLICIES
 from sllm.errors import ValidationFailed
+from sllm.settings import POLICIES
 from sllm.spec import parse_duration, parse_memory
 
 
