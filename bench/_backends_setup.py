@@ -45,7 +45,7 @@ def export_hf(ckpt: Path, dst: Path) -> Path:
 
 def build_models() -> dict[str, Path]:
     """HF directories of both models (bfloat16), made once under bench/.data."""
-    from runtime.ckpt.demo import ensure_smollm2_checkpoint
+    from tests.smollm2 import ensure_smollm2_checkpoint
 
     DATA.mkdir(parents=True, exist_ok=True)
     smol = export_hf(ensure_smollm2_checkpoint(DATA / "convert"), DATA / "hf-smollm2")

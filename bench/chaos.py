@@ -42,6 +42,9 @@ from typing import Any
 
 import httpx
 
+# The repository root, for tests/tiny_model.py (a test fixture, not a shipped module).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
 from sllm.chaos import Tally, clients, invoke, references
 from sllm.cluster import AUTH, LocalCluster
 from sllm.servers import free_port, stop_process
@@ -309,7 +312,7 @@ CONVERTED = Path()
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     global NBYTES, OTHER_BYTES, CONVERTED
-    from runtime.tiny_model import build_tiny_llama
+    from tests.tiny_model import build_tiny_llama
 
     root = Path(tempfile.mkdtemp(prefix="sllm-chaos-"))
     cluster = LocalCluster(root / "cluster", env=dict(SETTINGS))

@@ -46,6 +46,8 @@ import httpx
 # Run as a script, this folder comes first on sys.path, and bench/gateway.py would shadow the
 # gateway package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# The repository root, for tests/tiny_model.py (a test fixture, not a shipped module).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from gateway.scale_state import SCALE_BUCKET, START  # noqa: E402
 from sllm import netns  # noqa: E402
@@ -281,7 +283,7 @@ async def throughput(
 
 # --- the run ---------------------------------------------------------------------------------
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from runtime.tiny_model import build_tiny_llama
+    from tests.tiny_model import build_tiny_llama
 
     root = Path(tempfile.mkdtemp(prefix="sllm-bench-cluster-"))
     topo = netns.create([*GATEWAYS, *NODES], netns.LinkShape(args.rate))

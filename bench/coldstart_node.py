@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root, for tests/tiny_model.py (a test fixture, not a shipped module).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from _coldstart_baselines import (
     DATA,
@@ -57,7 +59,7 @@ S3_KEY_ID, S3_SECRET = "bench", "bench-secret"
 
 
 def build_model_dir(hf_dir: Path) -> None:
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     config = TinyConfig(
         vocab_size=32000,

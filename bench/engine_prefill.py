@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/engine_prefill.py --json bench/.data/engine_prefill.json
 
-A tiny random Llama (``runtime.tiny_model``, 4,096-token context) in one ``Engine`` per run.
+A tiny random Llama (``tests.tiny_model``, 4,096-token context) in one ``Engine`` per run.
 One greedy stream decodes (``ignore_eos``, 200 tokens); at its 20th token its own sink submits a
 2,000-token prompt (one output token), so the prompt is admitted at the next loop turn. Measured
 on the decoding stream: the largest gap between two of its tokens (``stall_s``) and the median
@@ -30,11 +30,13 @@ from typing import Any
 # Run as a script, this folder comes first on sys.path, and bench/gateway.py would shadow the
 # gateway package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# The repository root, for tests/tiny_model.py (a test fixture, not a shipped module).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from runtime.engine.engine import Engine  # noqa: E402
 from runtime.engine.request import Event, FinishEvent, RequestState, TokenEvent  # noqa: E402
 from runtime.engine.sampling import SamplingParams  # noqa: E402
-from runtime.tiny_model import TinyConfig, build_tiny_llama  # noqa: E402
+from tests.tiny_model import TinyConfig, build_tiny_llama  # noqa: E402
 
 LONG_PROMPT = 2000
 STREAM_TOKENS = 200

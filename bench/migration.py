@@ -50,6 +50,8 @@ import httpx
 # Run as a script, this folder comes first on sys.path, and bench/gateway.py would shadow the
 # gateway package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# The repository root, for tests/tiny_model.py (a test fixture, not a shipped module).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from gateway.migration.resume import StreamResumer  # noqa: E402
 from gateway.migration.splice import follow_moves  # noqa: E402
@@ -80,7 +82,7 @@ TAIL_TOKENS = 400
 
 def build_model(root: Path) -> tuple[Path, int]:
     from runtime.ckpt.convert import convert_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     config = TinyConfig(
         vocab_size=512,

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The repository root, for tests/tiny_model.py (a test fixture, not a shipped module).
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from _load_data import drop_caches, ensure_fio, fio_read
 
@@ -61,7 +63,7 @@ def build_checkpoint(directory: Path, size_gb: float, partition_bytes: int) -> C
     """A random Llama (hidden 2048, float32: ~180 MB a layer, ~524 MB of embeddings) of about
     ``size_gb`` GB, converted to the sllm format."""
     from runtime.ckpt.convert import convert_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     layers = max(1, round((size_gb * 1e9 - 524e6) / 180e6))
     config = TinyConfig(

@@ -71,9 +71,9 @@ def main() -> int:
     import_s = time.monotonic() - t0
 
     from runtime.backend.vllm_loader import LOAD_FORMAT
-    from runtime.ckpt.demo import ensure_smollm2_checkpoint
     from runtime.instance.premap import map_entry
     from runtime.loader.cpu import tensor_views
+    from tests.smollm2 import ensure_smollm2_checkpoint
 
     DATA.mkdir(parents=True, exist_ok=True)
     entry = dram_entry(ensure_smollm2_checkpoint(DATA / "ckpt"), DATA / "entry")

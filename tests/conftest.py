@@ -129,7 +129,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama in Hugging Face layout (safetensors, tokenizer, chat template)."""
-    from runtime.tiny_model import build_tiny_llama
+    from tests.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf", seed=0)
 

@@ -45,6 +45,18 @@ class TinyConfig:
     dtype: str = "float32"
 
 
+# For the vLLM backend's tests: head_dim 64 (128 / 2 heads), a size vLLM's CPU attention has
+# kernels for (it refuses the default's 16); a 2,048-token context for streams long enough to
+# be moved mid-way by live migration.
+VLLM_TINY = TinyConfig(
+    hidden_size=128,
+    intermediate_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
+)
+
+
 def train_tokenizer(vocab_size: int) -> object:
     """A byte-level BPE ``tokenizers.Tokenizer`` trained on the built-in corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.cache.synthetic import write_random_checkpoint
 from runtime.loader.cpu import EntryTensors, entry_tensors
 from runtime.loader.cuda import (
     Chunk,
@@ -23,6 +22,7 @@ from runtime.loader.cuda import (
     select_device,
 )
 from tests.loaded import dram_entry
+from tests.synthetic_checkpoint import write_random_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,

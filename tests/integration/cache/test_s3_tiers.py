@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
-from runtime.cache.synthetic import write_random_checkpoint
 from runtime.ckpt.index import CheckpointIndex, image_layout
 from runtime.store.push import push_checkpoint
 from runtime.store.s3 import S3Store, make_client
 from sllm.errors import CheckpointError, StoreError
 from sllm.servers import free_port
+from tests.synthetic_checkpoint import write_random_checkpoint
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20

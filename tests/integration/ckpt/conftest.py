@@ -22,8 +22,8 @@ def smollm2_ckpt() -> Path:
     ~30 s on this machine, so the result is cached across sessions (verified on reuse)."""
     import tempfile
 
-    from runtime.ckpt.demo import ensure_smollm2_checkpoint
     from sllm.errors import NotFound
+    from tests.smollm2 import ensure_smollm2_checkpoint
 
     try:
         return ensure_smollm2_checkpoint(Path(tempfile.gettempdir()) / "sllm-test-cache")

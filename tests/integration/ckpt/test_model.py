@@ -10,8 +10,8 @@ import torch
 from runtime.ckpt.convert import convert_checkpoint
 from runtime.loader.cpu import entry_tensors
 from runtime.loader.model import build_model, load_tokenizer
-from runtime.tiny_model import TinyConfig, build_tiny_llama
 from tests.loaded import dram_entry, read_into_memory
+from tests.tiny_model import TinyConfig, build_tiny_llama
 
 PROMPTS = ["The capital of France is", "hello world, how"]
 

@@ -153,8 +153,8 @@ def test_nan_weights_are_refused_at_conversion(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from runtime.ckpt.convert import convert_checkpoint
-    from runtime.tiny_model import build_tiny_llama
     from sllm.errors import CheckpointError
+    from tests.tiny_model import build_tiny_llama
 
     src = build_tiny_llama(tmp_path / "hf", seed=3)
     weights = load_file(src / "model.safetensors")

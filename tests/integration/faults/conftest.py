@@ -44,7 +44,7 @@ class Stage:
 
 @pytest.fixture(scope="package")
 def stage(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stage]:
-    from runtime.tiny_model import build_tiny_llama
+    from tests.tiny_model import build_tiny_llama
 
     root = tmp_path_factory.mktemp("faults")
     cluster = LocalCluster(

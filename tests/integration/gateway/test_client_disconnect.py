@@ -38,7 +38,7 @@ def push_long_context_model(cluster: Cluster, tmp_path: Path) -> int:
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.store.local import LocalStore
     from runtime.store.push import push_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     hf = build_tiny_llama(tmp_path / "hf", config=TinyConfig(max_position_embeddings=LONG + 512))
     index = convert_checkpoint(hf, tmp_path / "ckpt")

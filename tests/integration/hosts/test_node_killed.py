@@ -44,8 +44,8 @@ def platform(
 ) -> Iterator[World]:
     from runtime.store import open_store
     from runtime.store.push import push_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
     from sllm.settings import StoreSettings
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     root = tmp_path_factory.mktemp("node-killed")
     shaped = netns.LinkShape(RATE)

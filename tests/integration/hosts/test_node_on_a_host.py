@@ -70,8 +70,8 @@ def world(make_topology: MakeTopology, tmp_path_factory: pytest.TempPathFactory)
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.store import open_store
     from runtime.store.push import push_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
     from sllm.settings import StoreSettings
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     root = tmp_path_factory.mktemp("hosts")
     topo = make_topology(

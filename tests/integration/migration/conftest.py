@@ -182,8 +182,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     from runtime.node.main import dram_root
     from runtime.store.local import LocalStore
     from runtime.store.push import push_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
     from sllm.settings import NodeSettings
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     root = tmp_path_factory.mktemp("migration-it")
     # Wider and deeper than the default tiny model, with a 2048 context: streams of a few

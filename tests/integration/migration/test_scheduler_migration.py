@@ -120,8 +120,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from runtime.node.main import dram_root
     from runtime.store.local import LocalStore
     from runtime.store.push import push_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
     from sllm.settings import NodeSettings
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     root = tmp_path_factory.mktemp("sched-migration")
     store = root / "store"

@@ -132,8 +132,8 @@ def vllm_node(
     from runtime.node.main import dram_root
     from runtime.store.local import LocalStore
     from runtime.store.push import push_checkpoint
-    from runtime.tiny_model import VLLM_TINY, TinyConfig, build_tiny_llama
     from sllm.settings import NodeSettings
+    from tests.tiny_model import VLLM_TINY, TinyConfig, build_tiny_llama
 
     root = tmp_path_factory.mktemp("vllm-node")
     store_dir = root / "store"

@@ -74,7 +74,7 @@ def test_deploy_refuses_backend_vllm_for_a_model_vllm_cannot_run(
 ) -> None:
     """`sllm fn deploy`'s check, before any upload: head size 16 has no CPU attention kernel."""
     from runtime.ckpt.convert import convert_checkpoint
-    from runtime.tiny_model import TinyConfig, build_tiny_llama
+    from tests.tiny_model import TinyConfig, build_tiny_llama
 
     root = tmp_path_factory.mktemp("deploy-check")
     convert_checkpoint(build_tiny_llama(root / "hf", config=TinyConfig()), root / "ckpt")

@@ -14,8 +14,8 @@ from runtime.backend.vllm_build import (
     engine_plan,
     kv_cache_bytes,
 )
-from runtime.cache.synthetic import write_random_checkpoint
 from sllm.errors import ValidationFailed
+from tests.synthetic_checkpoint import write_random_checkpoint
 
 OPTIONS = VllmOptions(on_cpu=True, memory_bytes=256 << 20)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cache.synthetic import corrupt_byte, write_random_checkpoint
 from runtime.store import LocalStore
 from runtime.store.base import join_key, validate_key
 from runtime.store.push import push_checkpoint
 from sllm.errors import CheckpointError, StoreError
+from tests.synthetic_checkpoint import corrupt_byte, write_random_checkpoint
 
 
 def test_push_then_read_back(tmp_path: Path) -> None:

@@ -16,11 +16,11 @@ import pytest
 from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
 from runtime.cache.bandwidth import DEFAULT_SEEDS
 from runtime.cache.ssd import SsdWriter
-from runtime.cache.synthetic import corrupt_byte, write_random_checkpoint
 from runtime.ckpt.index import CheckpointIndex, image_layout
 from runtime.store import LocalStore
 from runtime.store.push import push_checkpoint
 from sllm.errors import CacheFull, CheckpointError, StoreError
+from tests.synthetic_checkpoint import corrupt_byte, write_random_checkpoint
 
 MiB = 1 << 20
 KEY = "checkpoints/fn/0000000000000001"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cache.synthetic import write_random_checkpoint
 from runtime.ckpt.index import image_layout
 from runtime.loader.direct_io import page_residency, populate_write, resident_fraction
 from runtime.loader.read import bounded_map, read_checkpoint
 from sllm.errors import CheckpointError
+from tests.synthetic_checkpoint import write_random_checkpoint
 
 
 def _residency(path: Path) -> float:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.cache.synthetic import write_random_checkpoint
 from runtime.ckpt.index import image_layout
 from runtime.instance.premap import Premapper
+from tests.synthetic_checkpoint import write_random_checkpoint
 
 
 def dram_entry(root: Path, name: str) -> Path:
