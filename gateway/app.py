@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from gateway.http_errors import HANDLERS
 from gateway.instance_http import InstanceHttpClient
 from gateway.migration import routes as migration
-from gateway.placement import Scheduler
+from gateway.placement import PolicyScheduler
 from gateway.registry import BUCKET
 from gateway.routes import invoke, keys, openai, ops, system
 from gateway.service import GatewayService
@@ -74,7 +74,7 @@ def create_app(
     connect: Connect = connect_nats,
     http: Callable[[], InstanceHttpClient] | None = None,
     clock: Clock | None = None,
-    scheduler: Scheduler | None = None,
+    scheduler: PolicyScheduler | None = None,
     tick_s: float = 0.5,
     settle_s: float = 3.0,
 ) -> Starlette:

@@ -69,6 +69,7 @@ class Controller:
         settle_s: float = 0.0,
         probe: Probe | None = None,
         role: Role | None = None,
+        migrator: Migrator | None = None,
     ) -> None:
         self._registry = registry
         self._table = table
@@ -85,9 +86,6 @@ class Controller:
         self._start_failures: dict[str, int] = {}  # failed starts in a row, per function
         self._retry_at: dict[str, float] = {}  # no new start of the function before this
         self._scalers: dict[str, ScalerState] = {}
-        # Functions with an instance moving between nodes (gateway.migration): their replicas
-        # are in flux (a draining source, a loading target), so no scale decision meanwhile.
-        self.migrating: set[str] = set()
         self._manual: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -99,17 +97,14 @@ class Controller:
             ),
             spawn=self._spawn,
             role=self._role,
+            migrator=migrator,
         )  # fmt: skip
         self.silent = SilentNodes(table, clock, probe or never_answers, self._spawn, self._after)
 
     @property
     def migrator(self) -> Migrator | None:
-        """Applies the placements that migrate a running instance (set by the wiring)."""
+        """Applies the placements that migrate a running instance (None: no live migration)."""
         return self.launcher.migrator
-
-    @migrator.setter
-    def migrator(self, migrator: Migrator | None) -> None:
-        self.launcher.migrator = migrator
 
     # --- inputs ---------------------------------------------------------------------------
     def poke(self, function: str = "") -> None:
@@ -295,7 +290,9 @@ class Controller:
 
     def _reconcile(self, record: FunctionRecord, now: float) -> None:
         name = record.spec.name
-        if name in self.migrating:
+        if self.migrator is not None and self.migrator.moving(name):
+            # an instance moves between nodes: its replicas are in flux (a draining source,
+            # a loading target), so no scale decision meanwhile
             return
         mine = self._table.of(name)
         current = [i for i in mine if i.revision == record.revision]

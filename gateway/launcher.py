@@ -56,6 +56,7 @@ class Launcher:
         lost: Callable[[str, str, bool], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         role: Role | None = None,
+        migrator: Migrator | None = None,
     ) -> None:
         self._registry = registry
         self._table = table
@@ -67,7 +68,7 @@ class Launcher:
         self._lost = lost
         self._spawn = spawn
         self._role: Role = role or Alone()
-        self.migrator: Migrator | None = None  # set by the gateway's wiring
+        self.migrator = migrator  # applies placements that migrate an instance away
         # Instances booked as starting whose load command has not gone out yet (it waits for a
         # migration or an eviction to free the device): a heartbeat that does not show them
         # is no sign they are gone (InstanceTable drops a launch unseen for LAUNCH_GRACE_S).

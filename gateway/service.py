@@ -29,11 +29,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.migration.fits import MigrationFitStore
 from gateway.migration.orchestrator import Migrator
 from gateway.peers import PeerHooks, Peers
-from gateway.placement import PolicyScheduler, Scheduler
+from gateway.placement import PolicyScheduler
 from gateway.proxy import InstanceProxy
 from gateway.registry import Registry
 from gateway.scale_state import Resumed
-from gateway.scheduler.estimators import MigrationModels
 from sllm.bus import Bus, KeyValue, MemoryKeyValue, Message, Subscription
 from sllm.clock import Clock
 from sllm.errors import ProtocolError
@@ -71,7 +70,7 @@ class GatewayService:
     kv: KeyValue
     clock: Clock
     http: InstanceHttpClient
-    scheduler: Scheduler | None = None
+    scheduler: PolicyScheduler | None = None
     tick_s: float = 0.5
     settle_s: float = 3.0
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
@@ -92,8 +91,15 @@ class GatewayService:
             on_wait=self._on_wait,
             expected_start=lambda fn: self.controller.expected_start(fn),
         )
-        if self.scheduler is None:  # made here so the Migrator can feed it what it learns
-            self.scheduler = PolicyScheduler(self.settings.policy)
+        scheduler = self.scheduler or PolicyScheduler(self.settings.policy)
+        self.scheduler = scheduler
+        # The resume-cost fits placements use, learned from migrations and kept in the bucket.
+        self.fits = MigrationFitStore(self.kv, scheduler.migration)
+        # Live migration: operators' POST /system/migrate and the scheduler's decisions
+        self.migrator = Migrator(
+            self.table, self.registry, self.dispatcher, self.bus, self.clock,
+            models=self.fits.models, fits=self.fits,
+        )  # fmt: skip
         self.commands = NodeCommands(self.bus, COMMAND_TIMEOUT_S)
         self.peers = Peers(
             self.bus, self.lease_kv, self.scale_kv, self.clock, self.settings.gateway_id,
@@ -105,7 +111,7 @@ class GatewayService:
             self.table,
             self.dispatcher,
             self.commands,
-            self.scheduler or PolicyScheduler(self.settings.policy),
+            scheduler,
             self.clock,
             self.metrics,
             stable_window_s=self.settings.stable_window_s,
@@ -114,17 +120,8 @@ class GatewayService:
             settle_s=self.settle_s,
             probe=self._probe,
             role=self.peers,
+            migrator=self.migrator,
         )
-        # The resume-cost fits placements use, learned from migrations and kept in the bucket.
-        models = getattr(self.scheduler, "migration", None)
-        self.fits = MigrationFitStore(
-            self.kv, models if isinstance(models, MigrationModels) else MigrationModels()
-        )
-        # Live migration: operators' POST /system/migrate and the scheduler's decisions
-        self.controller.migrator = Migrator(
-            self.table, self.registry, self.dispatcher, self.bus, self.clock,
-            models=self.fits.models, migrating=self.controller.migrating, fits=self.fits,
-        )  # fmt: skip
         self.resume_http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.settings.request_timeout_s, connect=5.0)
         )

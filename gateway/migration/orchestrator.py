@@ -3,7 +3,7 @@ its node ``S`` to node ``D``.
 
 1. Target: a ready instance of ``A`` (same revision) on ``D``, or a new one loaded there (from
    ``D``'s best tier) while ``I`` keeps serving. ``A``'s scaling is frozen meanwhile
-   (``migrating``): a loading target and a draining source are not a change of demand.
+   (``Migrator.moving``): a loading target and a draining source are not a change of demand.
 2. ``I`` is marked draining (new requests go to the target), then ``migrate`` goes to ``S``:
    the node runs the rounds and the switch (runtime.migration); client streams follow the
    switch in the proxy (``follow_moves``).
@@ -62,7 +62,6 @@ class Migrator:
         clock: Clock,
         models: MigrationModels | None = None,
         settings: MigrationSettings | None = None,
-        migrating: set[str] | None = None,
         fits: MigrationFitStore | None = None,
     ) -> None:
         self._table = table
@@ -74,8 +73,11 @@ class Migrator:
         self.fits = fits  # where observed fits are saved (None: memory only)
         self.settings = settings or MigrationSettings()
         self.active: set[str] = set()  # instance ids being migrated
-        # functions whose scaling waits (the controller's ``migrating``)
-        self.migrating = migrating if migrating is not None else set()
+        self._moving: set[str] = set()  # functions with an instance migrating
+
+    def moving(self, function: str) -> bool:
+        """Whether an instance of ``function`` is migrating: its scaling waits meanwhile."""
+        return function in self._moving
 
     async def migrate(self, instance_id: str, target_node: str) -> dict[str, Any]:
         """Move ``instance_id``'s in-flight streams to ``target_node``; the outcome as data."""
@@ -93,7 +95,7 @@ class Migrator:
         if instance_id in self.active:
             raise Conflict(f"instance {instance_id} is already migrating")
         self.active.add(instance_id)
-        self.migrating.add(source.function)
+        self._moving.add(source.function)
         started = self._clock.now()
         launched: Instance | None = None
         try:
@@ -122,7 +124,7 @@ class Migrator:
             ) from None
         finally:
             self.active.discard(instance_id)
-            self.migrating.discard(source.function)
+            self._moving.discard(source.function)
         outcome = dict(reply.data)
         if int(outcome.get("moved", 0)) > 0:
             self.models.observe(

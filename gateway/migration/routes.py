@@ -22,15 +22,7 @@ from sllm.errors import Conflict, InvalidInput
 def migrator_of(gw: GatewayService) -> Migrator:
     """The gateway's Migrator (one per gateway, shared with the controller, which applies the
     scheduler's migration decisions with it)."""
-    found = gw.controller.migrator
-    if isinstance(found, Migrator):
-        return found
-    migrator = Migrator(
-        gw.table, gw.registry, gw.dispatcher, gw.bus, gw.clock,
-        migrating=gw.controller.migrating,
-    )  # fmt: skip
-    gw.controller.migrator = migrator
-    return migrator
+    return gw.migrator
 
 
 def _source(gw: GatewayService, body: dict[str, object], target_node: str) -> str:

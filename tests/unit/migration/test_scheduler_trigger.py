@@ -57,6 +57,9 @@ class FakeMigrator:
         self.done = done
         self.freed: list[Migration] = []
 
+    def moving(self, function: str) -> bool:
+        return False
+
     async def free_devices(self, migration: Migration) -> None:
         self.freed.append(migration)
         if self.done is not None:
@@ -81,8 +84,8 @@ def controller(
         GatewayMetrics(),
         stable_window_s=10.0,
         drain_s=1.0,
+        migrator=migrator,  # type: ignore[arg-type]
     )
-    ctl.migrator = migrator  # type: ignore[assignment]
     return ctl, commands
 
 
