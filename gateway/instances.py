@@ -25,16 +25,13 @@ LAUNCH_GRACE_S = 10.0
 # beside the instances running there, or it had no free device or was draining.
 TRANSIENT_LOAD_FAILURES = frozenset({"cache_full", "unavailable"})
 
+# A heartbeat's instance states (sllm.messages.InstanceStatus) as the gateway's; stopped and
+# failed ones are left to the event path.
 _NODE_STATE = {
     "starting": "starting",
     "loading": "starting",
-    "pending": "starting",
-    "warming": "starting",
     "ready": "ready",
-    "serving": "ready",
     "draining": "draining",
-    "stopping": "draining",
-    "migrating": "draining",
 }
 
 

@@ -1,8 +1,10 @@
 """The wire contract between gateway and nodes: versioned, typed msgpack messages.
 
 Every payload is a msgpack map ``{"v": VERSION, "type": <name>, "body": {...}}``. ``decode``
-checks the version, the type and every field's type; anything else raises ``ProtocolError``
-(handlers reply with an error, never crash).
+checks the version, the type and every field's type, and refuses fields it does not know
+(naming them); anything else raises ``ProtocolError`` (handlers reply with an error, never
+crash). ``from_dict`` applies the same checks to a message that crosses another boundary
+(the node's JSON lines to an instance process, ``runtime.instance.load_spec``).
 
 Subjects (DESIGN.md, "Wire contract"). Everything a node publishes is under its own
 ``sllm.node.<node>.``, so NATS permissions can keep a node to its own subjects
@@ -78,6 +80,11 @@ def log_subject(node_id: str, function: str) -> str:
 
 
 Tier = Literal["device", "dram", "ssd", "store"]
+# What an instance event says happened (InstanceEvent.kind).
+EventKind = Literal["ready", "failed", "stopped"]
+# An instance's state in a heartbeat (InstanceState.state): the node's own states, plus
+# "starting" (a load the node has accepted but not yet begun).
+InstanceStatus = Literal["starting", "loading", "ready", "draining", "stopped", "failed"]
 TIERS: tuple[Tier, ...] = ("device", "dram", "ssd", "store")
 
 
@@ -160,7 +167,7 @@ class InstanceState:
     instance_id: str
     function: str
     device: str
-    state: str
+    state: InstanceStatus
     address: str | None
     in_flight: int
     tokens_in: int = 0
@@ -203,7 +210,7 @@ class InstanceEvent:
     ``backend_reason`` why it was chosen. On failed, ``code`` is the error's stable code
     (``cache_full``, ``checkpoint_invalid``, ...)."""
 
-    kind: str
+    kind: EventKind
     instance_id: str
     node_id: str
     function: str
@@ -300,6 +307,13 @@ def decode_as(payload: bytes, cls: type[M]) -> M:
     return message
 
 
+def from_dict(cls: type[M], data: object, where: str) -> M:
+    """``data`` (a decoded map) as the message ``cls``, checked as ``decode`` checks a wire
+    message: every field's type, no missing field, no unknown one (``ProtocolError``)."""
+    message: M = _from_value(cls, data, where)
+    return message
+
+
 def _from_value(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -337,6 +351,10 @@ def _from_value(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ProtocolError(f"{where}: expected a map")
         hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(str(k) for k in value if k not in names)
+        if unknown:
+            raise ProtocolError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(tp):
             if f.name in value:

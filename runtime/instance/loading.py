@@ -13,7 +13,7 @@ import queue
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +28,12 @@ from runtime.instance.handlers import (
     load_custom_handler,
     write_handler_source,
 )
+from runtime.instance.load_spec import LoadSpec
 from runtime.instance.premap import MappedImage, map_entry, populate
 from runtime.instance.server import InstanceService
 from sllm.errors import SllmError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """What the node tells a waiting instance process to load (one JSON line on stdin)."""
-
-    instance_id: str
-    function: str
-    handler: str
-    entry_dir: str
-    device: str
-    host: str = "127.0.0.1"
-    env: dict[str, str] = field(default_factory=dict)
-    generation: dict[str, Any] = field(default_factory=dict)
-    handler_dir: str = ""
-    handler_source: dict[str, str] = field(default_factory=dict)
-    max_batch: int = 16
-    threads: int = 0
-    # what every caller must send (sllm.instance_auth); a load without one fails
-    secret: str = field(default="", repr=False)
-    memory_bytes: int = 2 << 30  # the function's resources.memory (vLLM: weights + KV cache)
-    cache_dir: str = ""  # the node's cache directory
-    backend: str = "transformers"  # the node's choice (runtime.backend.choice)
-
-    @staticmethod
-    def from_json(data: dict[str, Any]) -> LoadSpec:
-        known = set(LoadSpec.__dataclass_fields__)
-        return LoadSpec(**{k: v for k, v in data.items() if k in known})
 
 
 def torch_device(device: str) -> str:

@@ -146,7 +146,8 @@ class Idle:
         self.warm: Any = None  # runtime.backend.vllm_build.WarmEngine
 
     def prebuild(self, raw: object) -> None:
-        from runtime.instance.loading import LoadSpec, prebuild_vllm
+        from runtime.instance.load_spec import LoadSpec
+        from runtime.instance.loading import prebuild_vllm
 
         if not isinstance(raw, dict) or os.environ.get("SLLM_WORKER_BACKEND") != "vllm":
             return
@@ -191,7 +192,8 @@ def main() -> int:
         level=logging.INFO, format="%(levelname)s %(name)s %(message)s", stream=sys.stderr
     )
     started = time.monotonic()
-    from runtime.instance.loading import LoadSpec, load_instance, pool_warm_up
+    from runtime.instance.load_spec import LoadSpec
+    from runtime.instance.loading import load_instance, pool_warm_up
 
     threads = int(os.environ.get("SLLM_INSTANCE_THREADS", "0") or 0)
     if threads > 0:

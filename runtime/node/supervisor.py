@@ -18,15 +18,16 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from runtime.backend.choice import BackendChoice, ModelFacts, choose_backend
+from runtime.instance.load_spec import LoadSpec
 from runtime.node.devices import DeviceTable, threads_per_slot
 from runtime.node.instance_backend import InstanceBackend
 from runtime.node.worker_process import WorkerProcess
 from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
 from sllm.instance_auth import new_secret
-from sllm.messages import InstanceEvent, InstanceState, LoadCmd, LogLine
+from sllm.messages import EventKind, InstanceEvent, InstanceState, InstanceStatus, LoadCmd, LogLine
 from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Instance:
     function: str
     device: str
     record: FunctionRecord
-    state: str = "loading"  # loading | ready | draining | stopped | failed
+    state: InstanceStatus = "loading"
     address: str | None = None
     tier: str = ""
     load_s: float = 0.0
@@ -296,28 +297,27 @@ class Supervisor:
     def _load_spec(self, inst: Instance, entry_dir: str, threads: int) -> dict[str, Any]:
         spec = inst.record.spec
         assert inst.worker is not None
-        return {
-            "cmd": "load",
-            "instance_id": inst.instance_id,
-            "function": inst.function,
-            "handler": spec.handler,
-            "entry_dir": entry_dir,
-            "device": inst.device,
-            "host": self.host,
-            "env": dict(spec.env),
-            "generation": {
+        return LoadSpec(
+            instance_id=inst.instance_id,
+            function=inst.function,
+            handler=spec.handler,
+            entry_dir=entry_dir,
+            device=inst.device,
+            host=self.host,
+            env=dict(spec.env),
+            generation={
                 "max_tokens": spec.generation.max_tokens,
                 "temperature": spec.generation.temperature,
                 "top_p": spec.generation.top_p,
             },
-            "handler_source": dict(inst.record.handler_source),
-            "handler_dir": inst.worker.handler_dir(self.handler_root / inst.instance_id),
-            "threads": threads,
-            "secret": inst.secret,
-            "backend": inst.backend,
-            "memory_bytes": spec.resources.memory_bytes,
-            "cache_dir": self.cache_dir,
-        }
+            handler_source=dict(inst.record.handler_source),
+            handler_dir=inst.worker.handler_dir(self.handler_root / inst.instance_id),
+            threads=threads,
+            secret=inst.secret,
+            backend=inst.backend,
+            memory_bytes=spec.resources.memory_bytes,
+            cache_dir=self.cache_dir,
+        ).to_json()
 
     async def _choose_backend(self, inst: Instance, entry_dir: Path) -> BackendChoice:
         """ValidationFailed (a failed load naming why) when the spec's backend cannot run."""
@@ -338,7 +338,7 @@ class Supervisor:
             log.warning("instance %s did not stop after draining; killing it", inst.instance_id)
             inst.worker.kill()
 
-    async def _ended(self, inst: Instance, state: str, error: str) -> None:
+    async def _ended(self, inst: Instance, state: Literal["failed", "stopped"], error: str) -> None:
         if inst.worker is not None:
             inst.worker.kill()
             with contextlib.suppress(Exception):
@@ -362,7 +362,7 @@ class Supervisor:
             log.info("instance %s stopped", inst.instance_id)
         await self._event(inst, state)
 
-    async def _event(self, inst: Instance, kind: str) -> None:
+    async def _event(self, inst: Instance, kind: EventKind) -> None:
         event = InstanceEvent(
             kind=kind,
             instance_id=inst.instance_id,
