@@ -15,6 +15,8 @@ from sllm.errors import StaleRevision, Unavailable
 
 @dataclass
 class Message:
+    """A message received on a subject (``reply_to`` set for a request)."""
+
     subject: str
     data: bytes
     reply_to: str | None = None
@@ -25,7 +27,10 @@ Handler = Callable[[Message], Awaitable[bytes | None]]
 
 
 class Subscription(Protocol):
-    async def unsubscribe(self) -> None: ...
+    """A live subscription; ``unsubscribe`` ends it."""
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving messages on this subscription."""
 
 
 class NoResponder(TimeoutError):
@@ -34,7 +39,10 @@ class NoResponder(TimeoutError):
 
 
 class Bus(Protocol):
-    async def publish(self, subject: str, payload: bytes) -> None: ...
+    """The message bus port (NATS in production, ``MemoryBus`` in unit tests)."""
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        """Send ``payload`` on ``subject`` to whoever subscribes, without waiting."""
 
     async def subscribe(self, subject: str, handler: Handler) -> Subscription:
         """``subject`` may use NATS wildcards (``*`` one token, ``>`` the rest)."""
@@ -46,7 +54,8 @@ class Bus(Protocol):
         is not connected."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Drop the connection and every subscription."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,8 @@ class KeyValue(Protocol):
     are then not made, not even later) and ``StaleRevision`` (a ``Conflict``) when a condition
     fails."""
 
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: str) -> bytes | None:
+        """The value at ``key``, or None if there is none."""
 
     async def put(self, key: str, value: bytes) -> int:
         """Write ``value``; returns the new revision."""
@@ -93,9 +103,11 @@ class KeyValue(Protocol):
         (``StaleRevision`` otherwise)."""
         ...
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing if it is absent)."""
 
-    async def keys(self) -> list[str]: ...
+    async def keys(self) -> list[str]:
+        """Every key in the bucket, sorted."""
 
     def watch(self) -> AsyncIterator[KvEntry | None]:
         """Every key's current entry, then ``None`` (the snapshot is complete), then each
@@ -105,6 +117,7 @@ class KeyValue(Protocol):
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether ``subject`` matches a NATS ``pattern`` (``*`` one token, ``>`` the rest)."""
     p, s = pattern.split("."), subject.split(".")
     for i, token in enumerate(p):
         if token == ">":
@@ -131,17 +144,20 @@ class MemoryBus:
         self.published: list[Message] = []
 
     async def publish(self, subject: str, payload: bytes) -> None:
+        """Deliver ``payload`` to every matching subscriber's handler."""
         self.published.append(Message(subject, payload))
         for pattern, handler in list(self._subs):
             if subject_matches(pattern, subject):
                 await handler(Message(subject, payload))
 
     async def subscribe(self, subject: str, handler: Handler) -> Subscription:
+        """Call ``handler`` for every message on subjects matching ``subject``."""
         entry = (subject, handler)
         self._subs.append(entry)
         return _MemorySubscription(self, entry)
 
     async def request(self, subject: str, payload: bytes, timeout_s: float) -> bytes:
+        """The first matching subscriber's reply; ``NoResponder`` if none replies."""
         for pattern, handler in list(self._subs):
             if subject_matches(pattern, subject):
                 reply = await asyncio.wait_for(
@@ -152,6 +168,7 @@ class MemoryBus:
         raise NoResponder(f"no responder on {subject}")
 
     async def close(self) -> None:
+        """Drop every subscription."""
         self._subs.clear()
 
 
@@ -166,14 +183,17 @@ class MemoryKeyValue:
         self.down = False
 
     async def get(self, key: str) -> bytes | None:
+        """The value at ``key``, or None."""
         found = self._data.get(key)
         return found[0] if found else None
 
     def revision_of(self, key: str) -> int:
+        """The revision of ``key`` (0: absent)."""
         found = self._data.get(key)
         return found[1] if found else 0
 
     async def entry(self, key: str) -> Entry | None:
+        """``key``'s value and revision, or None."""
         found = self._data.get(key)
         return Entry(*found) if found else None
 
@@ -190,26 +210,32 @@ class MemoryKeyValue:
         return self._revision
 
     async def put(self, key: str, value: bytes) -> int:
+        """Write ``key`` whatever its revision; the new revision."""
         return self._write(key, value)
 
     async def create(self, key: str, value: bytes) -> int:
+        """Write ``key`` only if it is absent (else ``StaleRevision``)."""
         if key in self._data:
             raise StaleRevision(f"key {key!r} already exists (revision {self.revision_of(key)})")
         return self._write(key, value)
 
     async def update(self, key: str, value: bytes, last: int) -> int:
+        """Write ``key`` only if its revision is still ``last`` (else ``StaleRevision``)."""
         if self.revision_of(key) != last:
             raise StaleRevision(f"key {key!r} changed since revision {last}")
         return self._write(key, value)
 
     async def delete(self, key: str) -> None:
+        """Remove ``key`` (a watch sees its value as None)."""
         if key in self._data:
             self._write(key, None)
 
     async def keys(self) -> list[str]:
+        """Every key, sorted."""
         return sorted(self._data)
 
     async def watch(self) -> AsyncIterator[KvEntry | None]:
+        """Every key's entry (sorted), then None, then each change as it is written."""
         queue: asyncio.Queue[KvEntry] = asyncio.Queue()
         self._watchers.append(queue)
         try:

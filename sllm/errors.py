@@ -40,11 +40,15 @@ class ValidationFailed(SllmError):
 
 
 class NotFound(SllmError):
+    """The named thing (function, instance, key, node) does not exist."""
+
     code = "not_found"
     status = 404
 
 
 class Conflict(SllmError):
+    """The request clashes with the current state (exists already, busy, not ready)."""
+
     code = "conflict"
     status = 409
 
@@ -57,6 +61,8 @@ class StaleRevision(Conflict):
 
 
 class Unauthorized(SllmError):
+    """No credentials, or credentials nobody issued."""
+
     code = "unauthorized"
     status = 401
 
@@ -69,6 +75,8 @@ class Forbidden(SllmError):
 
 
 class PayloadTooLarge(SllmError):
+    """A request body over the configured limit."""
+
     code = "payload_too_large"
     status = 413
 

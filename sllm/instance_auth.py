@@ -28,6 +28,7 @@ def new_secret() -> str:
 
 
 def auth_header(secret: str) -> dict[str, str]:
+    """The header that carries ``secret`` on a call to an instance."""
     return {"authorization": f"Bearer {secret}"}
 
 

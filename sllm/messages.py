@@ -54,14 +54,17 @@ GATEWAY_SCALE_SUBJECT = "sllm.gateway.scale"
 
 
 def node_cmd_subject(node_id: str) -> str:
+    """The subject a node takes its commands on."""
     return f"sllm.node.{node_id}.cmd"
 
 
 def heartbeat_subject(node_id: str) -> str:
+    """The subject a node publishes its heartbeats on."""
     return f"sllm.node.{node_id}.heartbeat"
 
 
 def event_subject(node_id: str) -> str:
+    """The subject a node publishes its instances' events on."""
     return f"sllm.node.{node_id}.event"
 
 
@@ -72,10 +75,12 @@ def node_of(subject: str) -> str:
 
 
 def migration_subject(migration_id: str, what: str) -> str:
+    """The subject of one migration's ``what`` (progress, done)."""
     return f"sllm.migration.{migration_id}.{what}"
 
 
 def log_subject(node_id: str, function: str) -> str:
+    """The subject a node publishes a function's log lines on."""
     return f"sllm.node.{node_id}.logs.{function}"
 
 
@@ -145,6 +150,8 @@ class PrepareCmd:
 
 @dataclass(frozen=True)
 class CmdReply:
+    """A node's answer to a command: ``ok``, or a stable ``code`` and a message."""
+
     ok: bool
     code: str = ""
     message: str = ""
@@ -153,6 +160,8 @@ class CmdReply:
 
 @dataclass(frozen=True)
 class DeviceState:
+    """One accelerator (or CPU slot) of a node and the instance holding it, if any."""
+
     device: str
     kind: str
     memory_bytes: int
@@ -180,6 +189,8 @@ class InstanceState:
 
 @dataclass(frozen=True)
 class CacheEntryState:
+    """A checkpoint held in a node's cache tier, its size and whether it is in use."""
+
     checkpoint: str
     nbytes: int
     in_use: bool = False
@@ -227,6 +238,8 @@ class InstanceEvent:
 
 @dataclass(frozen=True)
 class MigrationProgress:
+    """One step of a live migration (phase, round, tokens), published by the source node."""
+
     migration_id: str
     phase: str
     round: int = 0
@@ -269,6 +282,7 @@ M = TypeVar("M")
 
 
 def encode(message: object) -> bytes:
+    """A message as its versioned msgpack payload."""
     name = _NAMES.get(type(message))
     if name is None:
         raise TypeError(f"not a wire message: {type(message).__name__}")
@@ -299,6 +313,7 @@ def decode(payload: bytes) -> object:
 
 
 def decode_as(payload: bytes, cls: type[M]) -> M:
+    """``decode``, checking the message is a ``cls``."""
     message = decode(payload)
     if not isinstance(message, cls):
         raise ProtocolError(

@@ -120,6 +120,7 @@ def public_key(seed: str) -> str:
 
 
 def node_file(node_id: str) -> str:
+    """The seed file name of node ``node_id``."""
     return f"node-{validate_name(node_id, 'node id')}.nk"
 
 
@@ -132,6 +133,7 @@ class NatsCredentials:
 
     @property
     def config_path(self) -> Path:
+        """Where the server's authorization file is written."""
         return self.directory / CONFIG_FILE
 
     def gateway(self) -> Path:
@@ -201,6 +203,7 @@ class NatsCredentials:
         return path
 
     def write_config(self) -> Path:
+        """Write the server's authorization file for the seeds made so far; its path."""
         self._make_directory()
         _write_private(self.config_path, self.server_config())
         return self.config_path

@@ -143,12 +143,15 @@ class NatsBus:
         raise Unavailable(f"cannot connect to NATS at {url}: {reason}")
 
     async def publish(self, subject: str, payload: bytes) -> None:
+        """Publish ``payload`` on ``subject`` (``Unavailable`` if NATS is down)."""
         try:
             await self.nc.publish(subject, payload)
         except (OutboundBufferLimitError, ConnectionClosedError):
             raise Unavailable(f"cannot publish on {subject}: {NOT_CONNECTED}") from None
 
     async def subscribe(self, subject: str, handler: Handler) -> Subscription:
+        """Call ``handler`` for each message on ``subject``; a reply it returns is sent back."""
+
         async def callback(msg: Msg) -> None:
             try:
                 reply = await handler(Message(msg.subject, msg.data, msg.reply or None))
@@ -187,6 +190,7 @@ class NatsBus:
             return data
 
     async def close(self) -> None:
+        """Drain and close the connection."""
         if not self.nc.is_closed:
             await self.nc.drain()
 

@@ -133,6 +133,8 @@ async def retrying(
 
 class NatsKeyValue:
     # 1 s: how often a watch looks whether the connection came back meanwhile
+    """A JetStream KV bucket as the ``KeyValue`` port, retrying while NATS reconnects."""
+
     WATCH_POLL_S = 1.0
 
     def __init__(self, kv: Any, bucket: str, bus: NatsBus, retry_s: float = KV_RETRY_S) -> None:
@@ -147,6 +149,8 @@ class NatsKeyValue:
         )
 
     async def entry(self, key: str) -> Entry | None:
+        """``key``'s value and revision, or None."""
+
         async def op() -> Entry | None:
             try:
                 found = await self._kv.get(key)
@@ -159,19 +163,23 @@ class NatsKeyValue:
         return await self._do(f"get {key}", op)
 
     async def get(self, key: str) -> bytes | None:
+        """The value at ``key``, or None."""
         found = await self.entry(key)
         return None if found is None else found.value
 
     async def put(self, key: str, value: bytes) -> int:
+        """Write ``key`` whatever its revision; the new revision."""
         revision: int = await self._do(f"put {key}", lambda: self._kv.put(key, value))
         return revision
 
     async def create(self, key: str, value: bytes) -> int:
+        """Write ``key`` only if it is absent (else ``StaleRevision``)."""
         return await self._conditional(
             f"create {key}", key, value, None, lambda: self._kv.create(key, value)
         )
 
     async def update(self, key: str, value: bytes, last: int) -> int:
+        """Write ``key`` only if its revision is still ``last`` (else ``StaleRevision``)."""
         return await self._conditional(
             f"update {key}", key, value, last, lambda: self._kv.update(key, value, last=last)
         )
@@ -209,6 +217,8 @@ class NatsKeyValue:
             log.info("kv %s: %s: not made, trying again", self._bucket, what)
 
     async def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing if it is absent)."""
+
         async def op() -> None:
             try:
                 await self._kv.purge(key)
@@ -218,6 +228,8 @@ class NatsKeyValue:
         await self._do(f"delete {key}", op)
 
     async def keys(self) -> list[str]:
+        """Every key in the bucket, sorted."""
+
         async def op() -> list[str]:
             try:
                 found: list[str] = await self._kv.keys()

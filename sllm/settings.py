@@ -134,6 +134,8 @@ def _parse(env: Mapping[str, str], key: str, conv: Callable[[str], T]) -> T:
 
 
 def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """A parser of integers in ``[lo, hi]``."""
+
     def conv(raw: str) -> int:
         value = int(raw)
         if not lo <= value <= hi:
@@ -144,6 +146,7 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
 
 
 def as_bool(raw: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` as a bool."""
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -153,6 +156,7 @@ def as_bool(raw: str) -> bool:
 
 
 def as_bytes(raw: str) -> int:
+    """A memory size (``512Mi``, ``2G``, bytes) as bytes."""
     return parse_memory(raw, "value")
 
 
@@ -161,6 +165,7 @@ def _optional_bytes(raw: str) -> int:
 
 
 def as_seconds(raw: str) -> float:
+    """A duration (``30s``, ``5m``, seconds) as seconds."""
     return parse_duration(raw, "value")
 
 
@@ -200,12 +205,15 @@ def as_gateway_id(raw: str) -> str:
 
 
 def home(env: Mapping[str, str] | None = None) -> Path:
+    """The data directory (``SLLM_HOME``, else ~/.local/share/sllm)."""
     env = os.environ if env is None else env
     return Path(os.path.expanduser(_get(env, "SLLM_HOME")))
 
 
 @dataclass(frozen=True)
 class StoreSettings:
+    """Where checkpoints are stored (a directory or an S3 bucket) and how to reach it."""
+
     url: str
     s3_endpoint: str | None
     s3_region: str
@@ -219,6 +227,7 @@ class StoreSettings:
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> StoreSettings:
+        """The store settings from the environment, validated."""
         env = os.environ if env is None else env
         url = _get(env, "SLLM_STORE_URL") or str(home(env) / "store")
         endpoint = env.get("SLLM_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or None
@@ -246,6 +255,8 @@ INSTANCE_MODES = ("process", "container", "auto")
 
 @dataclass(frozen=True)
 class NodeSettings:
+    """A node's settings (identity, devices, caches, store, NATS), parsed once at start."""
+
     node_id: str
     nats_urls: tuple[str, ...]
     host: str
@@ -270,6 +281,7 @@ class NodeSettings:
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
+        """The node's settings from the environment, validated."""
         from sllm.spec import validate_name
 
         env = os.environ if env is None else env
@@ -317,6 +329,8 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class GatewaySettings:
+    """The gateway's settings (listen address, limits, policy, NATS), parsed once at start."""
+
     nats_urls: tuple[str, ...]
     host: str
     port: int
@@ -336,6 +350,7 @@ class GatewaySettings:
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> GatewaySettings:
+        """The gateway's settings from the environment, validated."""
         env = os.environ if env is None else env
         policy = _get(env, "SLLM_POLICY")
         if policy not in POLICIES:

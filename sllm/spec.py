@@ -90,12 +90,16 @@ def parse_duration(value: object, key: str) -> float:
 
 @dataclass(frozen=True)
 class Resources:
+    """What one instance needs: accelerators and memory (bytes)."""
+
     accelerators: int = 1
     memory_bytes: int = 2 * 2**30
 
 
 @dataclass(frozen=True)
 class Scale:
+    """Autoscaling bounds, the target requests per instance, and the idle keep-alive (s)."""
+
     min: int = 0
     max: int = 4
     target_concurrency: int = 4
@@ -104,6 +108,8 @@ class Scale:
 
 @dataclass(frozen=True)
 class Generation:
+    """Default sampling settings of the function's requests."""
+
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 1.0
@@ -128,6 +134,7 @@ class FunctionSpec:
     env: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (for the record and the API)."""
         return asdict(self)
 
     @staticmethod
@@ -154,6 +161,7 @@ class FunctionRecord:
     requirements: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain data (as stored in the KV bucket)."""
         return {
             "spec": self.spec.to_dict(),
             "checkpoint": self.checkpoint,
@@ -165,6 +173,7 @@ class FunctionRecord:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> FunctionRecord:
+        """A stored record back, validated (``ValidationFailed`` naming a missing key)."""
         if not isinstance(data, dict):
             raise ValidationFailed("record: expected a mapping")
         try:
@@ -183,6 +192,7 @@ class FunctionRecord:
             raise ValidationFailed(f"record: missing key {exc.args[0]!r}") from None
 
     def bump(self, spec: FunctionSpec, checkpoint: str, checkpoint_bytes: int) -> FunctionRecord:
+        """The next revision of this function with a new spec and checkpoint."""
         return replace(
             self,
             spec=spec,
