@@ -80,7 +80,7 @@ class Peer:
     """``python -m vllm.entrypoints.openai.api_server`` on one model."""
 
     def __init__(self, model: Path, root: Path, *, compiled: bool) -> None:
-        from sllm.servers import free_port
+        from sllm_cli.servers import free_port
 
         self.model, self.port = str(model), free_port()
         # a compile cache per run (VLLM_CACHE_ROOT): the first compiled start compiles
@@ -110,6 +110,6 @@ class Peer:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        from sllm.servers import stop_process
+        from sllm_cli.servers import stop_process
 
         stop_process(self.proc, 60)

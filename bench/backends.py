@@ -58,7 +58,7 @@ class Platform:
 
     def __init__(self, root: Path) -> None:
         from sllm.nats_auth import NatsCredentials
-        from sllm.servers import free_port, nats_client_env, start_nats
+        from sllm_cli.servers import free_port, nats_client_env, start_nats
 
         self.root = root
         self.store = root / "store"
@@ -84,7 +84,7 @@ class Platform:
 
     def _spawn(self, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
         with open(self.root / log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "sllm.cli.main", "-v", *argv],
+            return subprocess.Popen([sys.executable, "-m", "sllm_cli.main", "-v", *argv],
                                     env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
     def start_node(self) -> None:
@@ -122,7 +122,7 @@ class Platform:
         return text[at:].split()[1].removeprefix("engine=") if at >= 0 else ""
 
     def stop_node(self) -> None:
-        from sllm.servers import stop_process
+        from sllm_cli.servers import stop_process
 
         if self.node is not None:
             stop_process(self.node, 60)
@@ -165,7 +165,7 @@ class Platform:
             time.sleep(0.5)
 
     def close(self) -> None:
-        from sllm.servers import stop_process
+        from sllm_cli.servers import stop_process
 
         self.stop_node()
         stop_process(self.gateway, 30)

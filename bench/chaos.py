@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/chaos.py --json bench/.data/chaos.json
 
-A platform of real processes (``sllm.cluster.LocalCluster``: nats-server, `sllm gateway
+A platform of real processes (``tests.cluster.LocalCluster``: nats-server, `sllm gateway
 start`, `sllm node start`) serves a tiny random Llama; ``--clients`` clients keep invoking it
 (alternating streamed and whole answers, greedy) while one part is killed by pid and started
 again. Every answer is classified against the same request made with no fault
-(``sllm.chaos``: ok = byte-identical; error = a clear 4xx/5xx JSON error or an error event;
+(``tests.chaos``: ok = byte-identical; error = a clear 4xx/5xx JSON error or an error event;
 refused = nothing listened; cut = accepted and cut off without [DONE] or an error; wrong =
 anything else, a 500 or a hang included). Rows:
 
@@ -45,9 +45,9 @@ import httpx
 # The repository root, for tests/tiny_model.py (a test fixture, not a shipped module).
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-from sllm.chaos import Tally, clients, invoke, references
-from sllm.cluster import AUTH, LocalCluster
-from sllm.servers import free_port, stop_process
+from sllm_cli.servers import free_port, stop_process
+from tests.chaos import Tally, clients, invoke, references
+from tests.cluster import AUTH, LocalCluster
 
 SETTINGS = {
     "SLLM_HEARTBEAT_INTERVAL": "0.5s",
@@ -298,7 +298,7 @@ async def up_node_killed(root: Path, args: argparse.Namespace) -> dict[str, Any]
 def start_up(port: int, env: dict[str, str], output: Path) -> subprocess.Popen[bytes]:
     with open(output, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "sllm.cli.main", "up", "--port", str(port), "--cpu-slots", "2"],
+            [sys.executable, "-m", "sllm_cli.main", "up", "--port", str(port), "--cpu-slots", "2"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

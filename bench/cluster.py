@@ -1,10 +1,10 @@
 """The HA control plane at scale (issue 16): 2 gateways, 3 NATS servers, 4 nodes, each gateway
 and node on its own host (a network namespace joined to a bridge by a veth pair shaped by tc,
-``sllm.netns``).
+``sllm_cli.netns``).
 
     .venv/bin/python bench/cluster.py --json bench/.data/cluster.json    # as root
 
-Real parts throughout (``sllm.cluster.LocalCluster``): a NATS cluster of three with JetStream
+Real parts throughout (``tests.cluster.LocalCluster``): a NATS cluster of three with JetStream
 replicas 3 on the bridge, `sllm gateway start` twice, `sllm node start` four times, a tiny
 random Llama in a local-directory store. Two figures, each beside what limits it, measured in
 the same run:
@@ -50,14 +50,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from gateway.scale_state import SCALE_BUCKET, START  # noqa: E402
-from sllm import netns  # noqa: E402
 from sllm.bus import KeyValue, Message  # noqa: E402
-from sllm.chaos import PROMPTS, body  # noqa: E402
-from sllm.cluster import AUTH, LocalCluster  # noqa: E402
 from sllm.instance_auth import auth_header  # noqa: E402
 from sllm.messages import HEARTBEATS, NodeHeartbeat, decode_as  # noqa: E402
 from sllm.nats_bus import NatsBus  # noqa: E402
-from sllm.servers import nats_client_env  # noqa: E402
+from sllm_cli import netns  # noqa: E402
+from sllm_cli.servers import nats_client_env  # noqa: E402
+from tests.chaos import PROMPTS, body  # noqa: E402
+from tests.cluster import AUTH, LocalCluster  # noqa: E402
 
 GATEWAYS = ("gw-0", "gw-1")
 NODES = ("node-0", "node-1", "node-2", "node-3")

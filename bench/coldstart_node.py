@@ -122,7 +122,7 @@ class Node:
     def start(self) -> None:
         log = open(DATA / f"{self.node_id}.log", "ab")  # noqa: SIM115 (lives as long as the node)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "5s"],
+            [sys.executable, "-m", "sllm_cli.main", "-v", "node", "start", "--drain", "5s"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -299,7 +299,7 @@ def main() -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     image = runtime_image() if "container" in modes else ""
     logging.getLogger("sllm.nats_bus").setLevel(logging.ERROR)  # bench clients disconnecting
-    from sllm.servers import start_nats, start_seaweedfs
+    from sllm_cli.servers import start_nats, start_seaweedfs
 
     DATA.mkdir(parents=True, exist_ok=True)
     os.environ.update({"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET})

@@ -50,7 +50,7 @@ from sllm.messages import (
 )
 from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import free_port, nats_client_env, port_open, start_nats
+from sllm_cli.servers import free_port, nats_client_env, port_open, start_nats
 
 TOKEN = "bench-token"
 ANSWER = {

@@ -70,8 +70,8 @@ from sllm.messages import (  # noqa: E402
 )
 from sllm.nats_auth import NatsCredentials  # noqa: E402
 from sllm.nats_bus import NatsBus  # noqa: E402
-from sllm.servers import nats_client_env, start_nats  # noqa: E402
 from sllm.spec import FunctionRecord, FunctionSpec  # noqa: E402
+from sllm_cli.servers import nats_client_env, start_nats  # noqa: E402
 
 KEY = "checkpoints/bench/migration"
 PROMPT = "Once upon a time in a land far away, "
@@ -258,7 +258,7 @@ def start_node(root: Path) -> tuple[Any, subprocess.Popen[bytes], dict[str, str]
     }
     with open(root / "node.log", "wb") as log:
         node = subprocess.Popen(
-            [sys.executable, "-m", "sllm.cli.main", "node", "start", "--drain", "1s"],
+            [sys.executable, "-m", "sllm_cli.main", "node", "start", "--drain", "1s"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -47,9 +47,9 @@ from gateway.scheduler.snapshot import SnapshotCache, snapshot_from_heartbeats  
 from gateway.scheduler.types import ClusterSnapshot, Placement, PlacementRequest  # noqa: E402
 from sllm.messages import CacheEntryState, DeviceState, InstanceState, NodeHeartbeat  # noqa: E402
 from sllm.settings import POLICIES  # noqa: E402
-from sllm.sim.config import load_config  # noqa: E402
-from sllm.sim.engine import Simulation  # noqa: E402
-from sllm.sim.workload import build_trace  # noqa: E402
+from sllm_sim.config import load_config  # noqa: E402
+from sllm_sim.engine import Simulation  # noqa: E402
+from sllm_sim.workload import build_trace  # noqa: E402
 
 SIZES = (13_400_000_000, 26_000_000_000, 60_000_000_000)  # OPT-6.7B/13B/30B fp16
 SCALE_CONFIG = Path(__file__).parent / "sim" / "scale.yaml"

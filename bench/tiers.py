@@ -4,7 +4,7 @@ against a model ready from SSD.
 
     .venv/bin/python bench/tiers.py --size-gb 1 --json bench/.data/tiers.json
 
-Starts a real SeaweedFS S3 server on loopback (sllm.servers.start_seaweedfs), writes a random
+Starts a real SeaweedFS S3 server on loopback (sllm_cli.servers.start_seaweedfs), writes a random
 Llama-shaped model of about N GB, converts it (partitions of --partition-mb), pushes it, then
 per repetition runs three pairs, each pair in ABBA order over the repetitions (A B, B A, B A,
 A B, ...) so each contender follows the other equally often:
@@ -52,7 +52,7 @@ from runtime.ckpt.index import CheckpointIndex, image_layout
 from runtime.store.base import join_key
 from runtime.store.push import push_checkpoint
 from runtime.store.s3 import S3Store, make_client
-from sllm.servers import start_seaweedfs
+from sllm_cli.servers import start_seaweedfs
 
 MiB = 1 << 20
 KEY = "checkpoints/bench/0000000000000001"

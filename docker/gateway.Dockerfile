@@ -25,6 +25,8 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     pip install -q "$(grep -o '^uv==[^ ]*' requirements.lock)" \
     && uv pip install -q -c requirements.lock setuptools -r pyproject.toml --extra server
 COPY sllm ./sllm
+COPY sllm_cli ./sllm_cli
+COPY sllm_sim ./sllm_sim
 COPY gateway ./gateway
 # runtime/ is part of the distribution's packages; the gateway never imports it.
 COPY runtime ./runtime

@@ -57,6 +57,8 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     && uv pip install -q -c requirements.lock --find-links /wheels setuptools \
        -r pyproject.toml $(for e in $(echo "$EXTRAS" | tr , ' '); do echo --extra "$e"; done)
 COPY sllm ./sllm
+COPY sllm_cli ./sllm_cli
+COPY sllm_sim ./sllm_sim
 COPY gateway ./gateway
 COPY runtime ./runtime
 RUN uv pip install -q --no-deps --no-build-isolation . && rm -rf build *.egg-info

@@ -23,6 +23,8 @@ MAX_TOOLS = 128
 
 
 def tools_field(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The body's ``tools``, checked (1-128 function tools, each named, with a schema); None
+    when there are none."""
     raw = body.get("tools")
     if raw is None:
         return None

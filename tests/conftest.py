@@ -18,7 +18,7 @@ import pytest
 
 from runtime.container.podman import Podman
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import ManagedServer, nats_client_env, start_nats, start_seaweedfs
+from sllm_cli.servers import ManagedServer, nats_client_env, start_nats, start_seaweedfs
 from tests import secret_scan
 from tests.leaks import LeakCheck, free_dram_tiers
 

@@ -1,7 +1,7 @@
 """Tests that call an instance directly (to watch its engine, or to check it refuses strangers)
 need its secret, which only the gateway role may read: from the nodes' heartbeats, as a
 restarted gateway does. ``env`` holds ``SLLM_NATS_URL`` and the gateway's
-``SLLM_NATS_SEED_FILE`` (``sllm.servers.nats_client_env``)."""
+``SLLM_NATS_SEED_FILE`` (``sllm_cli.servers.nats_client_env``)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ down, it looks for what the tests added and did not remove:
   session's lie under its temporary directory. Other programs' entries, and tiers of another
   test session running at the same time (a second checkout), are not this session's;
 - open sockets of the test process;
-- network namespaces (``sllm.netns`` topologies) the test process made and did not remove.
+- network namespaces (``sllm_cli.netns`` topologies) the test process made and did not remove.
 
 Each leak is named in the report, removed (processes killed, entries deleted) so nothing
 outlives the run, and the run fails. ``SLLM_LEAK_CHECK=0`` turns the check off (for a run that
@@ -116,7 +116,7 @@ def finish(baseline: Baseline, basetemp: Path) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-    from sllm import netns
+    from sllm_cli import netns
 
     for tag in netns.tags_of(os.getpid()):
         problems.append(f"network topology left: {tag} ({', '.join(netns.namespaces(tag))})")

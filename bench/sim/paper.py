@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sllm.sim.config import load_config
-from sllm.sim.report import plot_cdf, plot_sweep, ratios, run_policies, run_sweep, table
+from sllm_sim.config import load_config
+from sllm_sim.report import plot_cdf, plot_sweep, ratios, run_policies, run_sweep, table
 
 REFERENCE = "locality+migration"
 

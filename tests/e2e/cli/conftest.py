@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm.servers import free_port
+from sllm_cli.servers import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 SLLM = str(Path(sys.executable).parent / "sllm")

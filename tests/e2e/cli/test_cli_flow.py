@@ -42,7 +42,7 @@ def test_up_prints_url_and_token_and_writes_the_config(
 def test_a_second_up_is_refused_clearly(
     platform: Up, user: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from sllm.servers import free_port
+    from sllm_cli.servers import free_port
 
     same_home = subprocess.run(
         [SLLM, "up", "--port", str(free_port())], env=platform.env, capture_output=True,
@@ -161,7 +161,7 @@ def write_yaml(cli: Cli, folder: str, text: str) -> str:
 
 
 def test_bad_input(cli: Cli, tiny_model_dir: Path) -> None:
-    from sllm.servers import free_port
+    from sllm_cli.servers import free_port
 
     one_line_error(cli("fn", "new", "Bad_Name"), "'Bad_Name' is not a DNS-1123 label")
     one_line_error(cli("fn", "new", "fine", "--template", "nope"), "template 'nope' does not exist")

@@ -15,7 +15,7 @@ import pytest
 
 from runtime.container.images import function_image_name
 from runtime.container.podman import ContainerError, Podman
-from sllm.servers import free_port
+from sllm_cli.servers import free_port
 
 from .conftest import Cli, Up, user_env
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from sllm.nats_bus import NatsBus
-from sllm.servers import free_port
+from sllm_cli.servers import free_port
 from tests.e2e.cli.conftest import Up, user_env
 
 pytestmark = pytest.mark.e2e

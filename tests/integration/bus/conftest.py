@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import NatsCluster, nats_members, start_nats_cluster
+from sllm_cli.servers import NatsCluster, nats_members, start_nats_cluster
 
 
 @pytest.fixture(scope="module")

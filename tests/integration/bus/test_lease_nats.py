@@ -17,7 +17,7 @@ from gateway.leadership import LEASE_BUCKET, Leadership, open_lease_bucket
 from gateway.lease import LeaseConfig
 from sllm.clock import SystemClock
 from sllm.nats_bus import NatsBus
-from sllm.servers import NatsCluster, nats_client_env
+from sllm_cli.servers import NatsCluster, nats_client_env
 
 pytestmark = pytest.mark.integration
 

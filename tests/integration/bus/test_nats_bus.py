@@ -14,7 +14,7 @@ from sllm.errors import Unavailable
 from sllm.messages import GATEWAY_LOAD_SUBJECT
 from sllm.nats_auth import new_seed
 from sllm.nats_bus import NatsBus
-from sllm.servers import ManagedServer, nats_client_env
+from sllm_cli.servers import ManagedServer, nats_client_env
 
 
 def node_seed(server: ManagedServer, node_id: str) -> str:

@@ -22,8 +22,8 @@ from gateway.registry import Registry
 from sllm.bus import Message
 from sllm.errors import StaleRevision
 from sllm.nats_bus import NatsBus, NatsKeyValue
-from sllm.servers import NatsCluster, find_binary, free_port, nats_client_env, stop_process
 from sllm.spec import FunctionRecord, FunctionSpec
+from sllm_cli.servers import NatsCluster, find_binary, free_port, nats_client_env, stop_process
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 from gateway.registry import BUCKET, Registry
 from sllm.errors import Unavailable
 from sllm.nats_bus import NatsBus
-from sllm.servers import free_port, start_nats
 from sllm.spec import FunctionRecord, FunctionSpec
+from sllm_cli.servers import free_port, start_nats
 
 pytestmark = pytest.mark.integration
 

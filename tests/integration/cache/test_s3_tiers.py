@@ -20,7 +20,7 @@ from runtime.ckpt.index import CheckpointIndex, image_layout
 from runtime.store.push import push_checkpoint
 from runtime.store.s3 import S3Store, make_client
 from sllm.errors import CheckpointError, StoreError
-from sllm.servers import free_port
+from sllm_cli.servers import free_port
 from tests.synthetic_checkpoint import write_random_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -126,7 +126,7 @@ def test_pipelined_pull_from_s3(
 def test_cli_push(s3_env: Any, ckpt: tuple[Path, CheckpointIndex]) -> None:
     url = f"s3://{BUCKET}/cli/ck"
     done = subprocess.run(
-        [sys.executable, "-m", "sllm.cli.main", "ckpt", "push", str(ckpt[0]), url, "--no-progress"],
+        [sys.executable, "-m", "sllm_cli.main", "ckpt", "push", str(ckpt[0]), url, "--no-progress"],
         capture_output=True,
         text=True,
         env=dict(os.environ),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm import deploy
+from sllm_cli import deploy
 from tests.conftest import S3Server
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,8 @@ import pytest
 from runtime.container.podman import Podman
 from sllm.instance_auth import auth_header
 from sllm.messages import LoadCmd, encode
-from sllm.servers import ManagedServer, nats_client_env
 from sllm.spec import FunctionRecord, FunctionSpec, Resources
+from sllm_cli.servers import ManagedServer, nats_client_env
 from tests.integration.node.conftest import (
     CHECKPOINT_KEY,
     NodeClient,

@@ -18,7 +18,7 @@ import pytest
 
 from runtime.container.images import REPO, STANDINS, ensure_gateway_image
 from runtime.container.podman import Podman
-from sllm.servers import free_port
+from sllm_cli.servers import free_port
 
 # 1200 s: the first test also waits for the session's images (a fresh machine: apt, debootstrap
 # and the runtime image, minutes)
@@ -109,7 +109,7 @@ def test_function_image_builds_from_each_template(
     podman: Podman, runtime_image: str, tmp_path: Path, template: str
 ) -> None:
     from runtime.container.images import FUNCTION_DOCKERFILE
-    from sllm.cli.misc import scaffold
+    from sllm_cli.misc import scaffold
 
     folder = scaffold("fn-image", template, tmp_path)
     dockerfile = folder / "Dockerfile"

@@ -1,6 +1,6 @@
 """One platform of real processes for the fault tests (issue 14), shared by the package:
 nats-server, `sllm gateway start` and `sllm node start` (node ``a``), each killed and
-restarted by pid by the tests (``sllm.cluster.LocalCluster``). Every test starts from a
+restarted by pid by the tests (``tests.cluster.LocalCluster``). Every test starts from a
 running platform (``up`` restarts what an earlier test left down) and two tiny checkpoints
 in the store. Timing settings are short so faults show within seconds: heartbeats every
 0.3 s, a node silent for 2 s is health-checked directly."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cluster import LocalCluster
+from tests.cluster import LocalCluster
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import asyncio
 import httpx
 import pytest
 
-from sllm.chaos import body
-from sllm.cluster import AUTH
+from tests.chaos import body
+from tests.cluster import AUTH
 
 from .conftest import Stage
 

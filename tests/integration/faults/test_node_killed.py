@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from sllm.chaos import Tally, clients, references
-from sllm.cluster import AUTH
+from tests.chaos import Tally, clients, references
+from tests.cluster import AUTH
 
 from .conftest import Stage
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from sllm_cli.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
 from tests import secret_scan
 
 TOKEN = "it-token"
@@ -50,7 +50,7 @@ class Cluster:
         env = {**self.env, "SLLM_GATEWAY_PORT": str(self.port)}
         with open(self.root / "gateway.log", "ab") as log:
             self.gateway = subprocess.Popen(
-                [sys.executable, "-m", "sllm.cli.main", "gateway", "start"],
+                [sys.executable, "-m", "sllm_cli.main", "gateway", "start"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -139,7 +139,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     c = Cluster(root, nats, env, index.total_bytes)
     with open(root / "node.log", "ab") as log:
         c.node = subprocess.Popen(
-            [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "2s"],
+            [sys.executable, "-m", "sllm_cli.main", "-v", "node", "start", "--drain", "2s"],
             env={**env, **nats_client_env(nats, node_id)},
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 """One platform of real processes for the HA tests (issue 16), shared by the package: NATS as a
 cluster of three (routes authenticated, JetStream replicas 3), two gateways (``gw-0``,
 ``gw-1``) and one node (``a``), each killed and restarted by pid by the tests
-(``sllm.cluster.LocalCluster``). Every test starts from a running platform (``up`` restarts
+(``tests.cluster.LocalCluster``). Every test starts from a running platform (``up`` restarts
 what an earlier test left down) with no function deployed. Timing settings are short so
 faults show within seconds."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cluster import LocalCluster
-from sllm.servers import NatsCluster
+from sllm_cli.servers import NatsCluster
+from tests.cluster import LocalCluster
 
 GATEWAYS = ("gw-0", "gw-1")
 

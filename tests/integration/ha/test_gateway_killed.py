@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from sllm.chaos import Tally, body, clients, references
+from tests.chaos import Tally, body, clients, references
 
 from .conftest import Stage
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from gateway.scale_state import SCALE_BUCKET, START
-from sllm.cluster import AUTH, LocalCluster
 from sllm.nats_bus import NatsBus
-from sllm.servers import nats_client_env
+from sllm_cli.servers import nats_client_env
+from tests.cluster import AUTH, LocalCluster
 
 from .conftest import Stage
 

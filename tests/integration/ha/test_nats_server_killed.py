@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from sllm.chaos import Tally, clients, references
-from sllm.cluster import AUTH
-from sllm.servers import NatsCluster
+from sllm_cli.servers import NatsCluster
+from tests.chaos import Tally, clients, references
+from tests.cluster import AUTH
 
 from .conftest import Stage
 

@@ -1,4 +1,4 @@
-"""Hosts as network namespaces (``sllm.netns``): made by the tests, removed by them, even when a
+"""Hosts as network namespaces (``sllm_cli.netns``): made by the tests, removed by them, even when a
 test fails. Needs root and iproute2 (``ip``, ``tc``), as CI and this machine have."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sllm import netns
+from sllm_cli import netns
 
 
 def _can_make_hosts() -> str | None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from sllm import netns
-from sllm.cli.main import main
 from sllm.errors import Unavailable
 from sllm.nats_bus import NatsBus
-from sllm.servers import find_binary, nats_healthy, stop_process
+from sllm_cli import netns
+from sllm_cli.main import main
+from sllm_cli.servers import find_binary, nats_healthy, stop_process
 from tests.integration.hosts.conftest import MakeTopology
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
 """Issue 16, done when #4: a node on its own host is killed, and its function is placed on the
 other node, whose host pulls the checkpoint from the store over its shaped link.
 
-Hosts (network namespaces, ``sllm.netns``): ``store`` (SeaweedFS S3, 1gbit), ``node-a`` and
+Hosts (network namespaces, ``sllm_cli.netns``): ``store`` (SeaweedFS S3, 1gbit), ``node-a`` and
 ``node-b`` (a node each, 40mbit = 5 MB/s). NATS (a cluster of three) and two gateways run in
 this namespace, on the bridge's address. The host of node ``a`` dies: the node and its
 instance processes are SIGKILLed. Requests sent meanwhile wait and are served by node ``b``."""
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from sllm import netns
-from sllm.chaos import Tally, clients, references
-from sllm.cluster import AUTH, LocalCluster
-from sllm.servers import ManagedServer, start_seaweedfs
+from sllm_cli import netns
+from sllm_cli.servers import ManagedServer, start_seaweedfs
+from tests.chaos import Tally, clients, references
+from tests.cluster import AUTH, LocalCluster
 from tests.integration.hosts.conftest import MakeTopology
 from tests.integration.hosts.test_node_on_a_host import ALPHA, S3_ENV, SEED_BW, _make_bucket
 

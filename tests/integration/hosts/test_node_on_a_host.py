@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sllm import netns
 from sllm.bus import Message
 from sllm.instance_auth import auth_header
 from sllm.messages import (
@@ -36,14 +35,15 @@ from sllm.messages import (
 )
 from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import (
+from sllm.spec import FunctionRecord, FunctionSpec
+from sllm_cli import netns
+from sllm_cli.servers import (
     ManagedServer,
     nats_client_env,
     start_nats,
     start_seaweedfs,
     stop_process,
 )
-from sllm.spec import FunctionRecord, FunctionSpec
 from tests.integration.hosts.conftest import MakeTopology
 
 pytestmark = pytest.mark.integration
@@ -129,7 +129,7 @@ def world(make_topology: MakeTopology, tmp_path_factory: pytest.TempPathFactory)
                     *node_host.wrap,
                     sys.executable,
                     "-m",
-                    "sllm.cli.main",
+                    "sllm_cli.main",
                     "node",
                     "start",
                     "--drain",

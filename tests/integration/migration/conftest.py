@@ -20,7 +20,7 @@ import pytest
 
 from sllm.instance_auth import auth_header
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from sllm_cli.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
 from tests import secret_scan
 from tests.instance_secrets import instance_secret
 
@@ -169,7 +169,7 @@ def stage_env(nats: ManagedServer, store: Path, policy: str) -> dict[str, str]:
 def _start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "sllm.cli.main", *argv],
+            [sys.executable, "-m", "sllm_cli.main", *argv],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

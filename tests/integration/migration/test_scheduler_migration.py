@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
+from sllm_cli.servers import ManagedServer, free_port, nats_client_env, start_nats, stop_process
 from tests.listeners import pid_on
 
 from .conftest import AUTH, _start, stage_env

@@ -32,8 +32,8 @@ from sllm.messages import (
     node_cmd_subject,
 )
 from sllm.nats_bus import NatsBus
-from sllm.servers import ManagedServer, nats_client_env
 from sllm.spec import FunctionRecord, FunctionSpec
+from sllm_cli.servers import ManagedServer, nats_client_env
 
 CHECKPOINT_KEY = "checkpoints/tiny/0000000000000000"
 
@@ -90,7 +90,7 @@ def node_process(
     log_path = root / "node.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "2s"],
+            [sys.executable, "-m", "sllm_cli.main", "-v", "node", "start", "--drain", "2s"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -27,8 +27,8 @@ from sllm.messages import (
 )
 from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import ManagedServer, free_port, nats_client_env, start_nats
 from sllm.settings import NodeSettings
+from sllm_cli.servers import ManagedServer, free_port, nats_client_env, start_nats
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def outage(tmp_path: Path) -> Iterator[Outage]:
         "SLLM_HEARTBEAT_INTERVAL": "0.2s",
     }
     node = subprocess.Popen(
-        [sys.executable, "-m", "sllm.cli.main", "node", "start", "--drain", "1s"],
+        [sys.executable, "-m", "sllm_cli.main", "node", "start", "--drain", "1s"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

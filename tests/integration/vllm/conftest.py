@@ -34,8 +34,8 @@ from sllm.messages import (
 )
 from sllm.nats_auth import NatsCredentials
 from sllm.nats_bus import NatsBus
-from sllm.servers import ManagedServer, nats_client_env, start_nats
 from sllm.spec import FunctionRecord, FunctionSpec
+from sllm_cli.servers import ManagedServer, nats_client_env, start_nats
 from tests.integration.gateway.conftest import AUTH, TOKEN, Cluster
 from tests.integration.node.conftest import NodeClient, NodeProcess
 
@@ -166,7 +166,7 @@ def vllm_node(
     log_path = root / "node.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm.cli.main", "-v", "node", "start", "--drain", "2s"],
+            [sys.executable, "-m", "sllm_cli.main", "-v", "node", "start", "--drain", "2s"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -55,7 +55,7 @@ def test_load_format_registers_through_the_general_plugin_entry_point() -> None:
 DEPLOY_CHECK = """
 import sys
 from pathlib import Path
-from sllm.deploy import check_backend
+from sllm_cli.deploy import check_backend
 from sllm.errors import ValidationFailed
 from sllm.spec import FunctionSpec
 

@@ -15,7 +15,7 @@ import pytest
 
 from sllm.instance_auth import auth_header
 from sllm.messages import InstanceEvent
-from sllm.servers import ManagedServer
+from sllm_cli.servers import ManagedServer
 from tests.listeners import pid_on
 
 from .conftest import VllmNode, VllmNodeClient, load_ready, vllm_record

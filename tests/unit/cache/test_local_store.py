@@ -67,7 +67,7 @@ def test_join_key_skips_empty_parts() -> None:
 
 
 def test_cli_push_to_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sllm.cli.app import run
+    from sllm_cli.app import run
 
     write_random_checkpoint(tmp_path / "ck", (5000,))
     dst = tmp_path / "store" / "checkpoints" / "x"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cli.app import run
+from sllm_cli.app import run
 
 
 def test_convert_inspect_verify(
@@ -65,7 +65,7 @@ def test_verify_failure_is_one_line_naming_the_partition(dtype_ckpt: Path, tmp_p
     data[-1] ^= 0xFF
     part.write_bytes(bytes(data))
     proc = subprocess.run(
-        [sys.executable, "-m", "sllm.cli.main", "ckpt", "verify", str(ckpt)],
+        [sys.executable, "-m", "sllm_cli.main", "ckpt", "verify", str(ckpt)],
         capture_output=True,
         text=True,
         check=False,

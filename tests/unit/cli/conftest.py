@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cli import app
+from sllm_cli import app
 
-CLI_MODULES = ("sllm.cli.fn", "sllm.cli.up", "sllm.cli.misc")
+CLI_MODULES = ("sllm_cli.fn", "sllm_cli.up", "sllm_cli.misc")
 
 RunCli = Callable[..., tuple[int, str, str]]
 

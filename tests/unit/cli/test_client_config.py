@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sllm.client import DEFAULT_URL, ClientConfig, config_path, write_config_file
 from sllm.errors import ValidationFailed
+from sllm_cli.client import DEFAULT_URL, ClientConfig, config_path, write_config_file
 
 
 def test_config_path_follows_home_and_xdg(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ import json
 import httpx
 import pytest
 
-from sllm.client import ClientConfig, Event, GatewayClient
 from sllm.errors import Conflict, NotFound, Overloaded, SllmError, Unauthorized, Unavailable
-from sllm.servers import free_port
+from sllm_cli.client import ClientConfig, Event, GatewayClient
+from sllm_cli.servers import free_port
 
 URL = "http://gw.test"
 
@@ -124,7 +124,7 @@ def test_invoke_json_answer_and_error_before_stream() -> None:
 
 
 def test_printing_answers(capsys: pytest.CaptureFixture[str]) -> None:
-    from sllm.cli.fn import print_events
+    from sllm_cli.fn import print_events
 
     print_events([Event(delta="Par"), Event(delta="is"), Event(finish_reason="stop")], False)
     assert capsys.readouterr().out == "Paris\n"

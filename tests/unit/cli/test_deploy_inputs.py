@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sllm import deploy
-from sllm.cli.fn import invoke_body
 from sllm.errors import InvalidInput, ValidationFailed
+from sllm_cli import deploy
+from sllm_cli.fn import invoke_body
 
 from .conftest import RunCli
 
@@ -204,7 +204,7 @@ def test_deploy_cli_reports_bad_input_without_a_gateway(run_cli: RunCli, tmp_pat
 
 
 def test_commands_without_gateway_say_how_to_start_it(run_cli: RunCli) -> None:
-    from sllm.servers import free_port
+    from sllm_cli.servers import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     for argv in (["fn", "list"], ["fn", "describe", "x"], ["nodes"], ["fn", "remove", "x"]):

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from sllm import deploy
 from sllm.errors import InvalidInput
+from sllm_cli import deploy
 
 FUNCTIONS = Path(__file__).resolve().parents[3] / "functions"
 

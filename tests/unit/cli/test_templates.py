@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cli.misc import TEMPLATES_DIR, scaffold, template_names
 from sllm.errors import Conflict, InvalidInput, ValidationFailed
 from sllm.spec import parse_spec_yaml
+from sllm_cli.misc import TEMPLATES_DIR, scaffold, template_names
 
 from .conftest import RunCli
 

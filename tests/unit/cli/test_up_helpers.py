@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cli import supervisor, up
 from sllm.errors import Conflict, Unavailable
 from sllm.settings import GatewaySettings, NodeSettings
+from sllm_cli import supervisor, up
 
 
 def test_token_is_created_once_and_kept_private(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_ha_children_get_every_nats_server_and_three_replicas(tmp_path: Path) ->
 def test_a_child_dying_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
     import subprocess
 
-    from sllm.servers import ManagedServer
+    from sllm_cli.servers import ManagedServer
 
     log = tmp_path / "child.log"
     log.write_text("boom: port taken\n")
@@ -89,7 +89,7 @@ def test_supervise_restarts_a_dead_child_and_gives_up_on_a_crash_loop(
     # backoff, and only a child that keeps dying right after its start ends `sllm up`
     import subprocess
 
-    from sllm.servers import ManagedServer
+    from sllm_cli.servers import ManagedServer
 
     log = tmp_path / "node.log"
     log.write_text("node: out of memory\n")
@@ -123,7 +123,7 @@ def test_sigterm_during_a_restart_stops_the_platform(tmp_path: Path) -> None:
     it is healthy) ends `sllm up`; it was taken for a failed start, and `sllm up` went on."""
     import subprocess
 
-    from sllm.servers import ManagedServer
+    from sllm_cli.servers import ManagedServer
 
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])
     dead.wait()

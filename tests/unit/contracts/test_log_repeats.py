@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sllm.log_repeats import RepeatFilter
+from sllm_cli.log_repeats import RepeatFilter
 
 
 def record(msg: str, level: int = logging.WARNING) -> logging.LogRecord:

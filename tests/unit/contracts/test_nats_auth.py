@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sllm.cli.main import main
 from sllm.nats_auth import ROUTE_USER, NatsCredentials, public_key
+from sllm_cli.main import main
 
 
 def test_seeds_are_private_and_the_config_holds_public_keys_only(tmp_path: Path) -> None:

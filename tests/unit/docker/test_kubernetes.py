@@ -13,10 +13,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from sllm.cli.gateway import STOP_BACKSTOP_S
 from sllm.nats_auth import ROUTE_USER
 from sllm.settings import ENVIRONMENT, as_nats_urls
 from sllm.spec import parse_duration, parse_memory
+from sllm_cli.gateway import STOP_BACKSTOP_S
 
 DEPLOY = Path(__file__).resolve().parents[3] / "docker" / "kubernetes"
 MANIFESTS = ["config.yaml", "secrets.yaml", "gateway.yaml", "node.yaml"]

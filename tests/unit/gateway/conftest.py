@@ -39,8 +39,8 @@ from sllm.messages import (
     heartbeat_subject,
     node_cmd_subject,
 )
-from sllm.servers import free_port
 from sllm.settings import GatewaySettings
+from sllm_cli.servers import free_port
 from tests import secret_scan
 
 TOKEN = "test-token"

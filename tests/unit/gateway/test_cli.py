@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sllm.cli.app import build_parser
-from sllm.cli.gateway import settings_from_args
 from sllm.errors import ValidationFailed
+from sllm_cli.app import build_parser
+from sllm_cli.gateway import settings_from_args
 
 
 def parse(argv: list[str]):  # type: ignore[no-untyped-def]

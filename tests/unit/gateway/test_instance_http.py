@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from gateway.instance_http import InstanceHttpClient, NoResponse, ResponseBroken, ResponseTimeout
-from sllm.servers import free_port
+from sllm_cli.servers import free_port
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

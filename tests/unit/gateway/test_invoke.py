@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from sllm.servers import free_port
+from sllm_cli.servers import free_port
 from tests.unit.gateway.conftest import AUTH, Harness, ScriptedNode, harness
 
 
@@ -171,7 +171,7 @@ async def test_a_stopping_gateway_ends_streams_with_an_error_event_after_its_gra
 ) -> None:
     await h.deploy()
     await h.client.post("/function/chat", json={"prompt": "warm"})
-    h.gateway.begin_stop(0.0)  # what SIGTERM does (sllm.cli.gateway), with no grace
+    h.gateway.begin_stop(0.0)  # what SIGTERM does (sllm_cli.gateway), with no grace
     await wait_for(h.gateway.proxy.streams_end.is_set)
     # the non-streamed answer is whole; the stream ends at its next chunk, with a clear error
     whole = await h.client.post("/function/chat", json={"prompt": "a b c"})

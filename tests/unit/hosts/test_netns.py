@@ -1,11 +1,11 @@
-"""sllm.netns, the pure parts: tc rates, the qdiscs a shape becomes, and bad input."""
+"""sllm_cli.netns, the pure parts: tc rates, the qdiscs a shape becomes, and bad input."""
 
 from __future__ import annotations
 
 import pytest
 
-from sllm import netns
 from sllm.errors import ValidationFailed
+from sllm_cli import netns
 
 
 @pytest.mark.parametrize(

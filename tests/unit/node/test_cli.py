@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sllm.cli.app import run
+from sllm_cli.app import run
 
 
 @pytest.mark.parametrize(

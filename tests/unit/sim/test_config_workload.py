@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sllm.errors import ValidationFailed
-from sllm.sim.config import load_config, parse_config
-from sllm.sim.workload import build_trace
+from sllm_sim.config import load_config, parse_config
+from sllm_sim.workload import build_trace
 
 MODELS = [
     {"name": "opt-6.7b", "bytes": "13.4G"},

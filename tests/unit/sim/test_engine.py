@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from sllm.sim.config import ClusterConfig, ModelConfig, SimConfig, parse_config
-from sllm.sim.engine import Simulation
-from sllm.sim.report import run_policies
-from sllm.sim.workload import SimFunction, Trace
+from sllm_sim.config import ClusterConfig, ModelConfig, SimConfig, parse_config
+from sllm_sim.engine import Simulation
+from sllm_sim.report import run_policies
+from sllm_sim.workload import SimFunction, Trace
 
 GB = 10**9
 # Store 1 GB/s, SSD 5 GB/s, DRAM 10 GB/s, 1 s to start an instance.
@@ -155,7 +155,7 @@ def test_same_seed_same_results_across_processes(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "sllm.cli.main",
+                "sllm_cli.main",
                 "sim",
                 "--config",
                 str(cfg_file),
@@ -180,7 +180,7 @@ def test_same_seed_same_results_across_processes(tmp_path: Path) -> None:
 
 
 def test_cli_writes_table_summary_and_plots(tmp_path: Path) -> None:
-    from sllm.cli.app import run
+    from sllm_cli.app import run
 
     cfg_file = tmp_path / "sim.yaml"
     cfg_file.write_text(SIM_YAML)
@@ -222,7 +222,7 @@ def test_busy_cluster_never_double_books_and_finishes_every_request(policy: str)
             },
         }
     )
-    from sllm.sim.workload import build_trace
+    from sllm_sim.workload import build_trace
 
     tr = build_trace(cfg.workload, cfg.models, cfg.seed)
     sim = Simulation(cfg, tr, policy)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sllm.cli.app import Groups, group
 from sllm.errors import ValidationFailed
 from sllm.nats_auth import NatsCredentials
 from sllm.settings import as_nats_urls
+from sllm_cli.app import Groups, group
 
 
 def cmd_creds(args: argparse.Namespace) -> int:

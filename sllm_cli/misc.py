@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sllm.cli.app import Groups, group
-from sllm.cli.output import add_gateway_flags, gateway_client, print_table
 from sllm.errors import Conflict, InvalidInput
 from sllm.settings import ENVIRONMENT
 from sllm.spec import validate_name
+from sllm_cli.app import Groups, group
+from sllm_cli.output import add_gateway_flags, gateway_client, print_table
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES_DIR = REPO_ROOT / "templates"
 _NAME_LINE = re.compile(r"^name:.*$", re.MULTILINE)
 _MODEL_LINE = re.compile(r"^model:.*$", re.MULTILINE)

@@ -7,9 +7,9 @@ import argparse
 import json
 import time
 
-from sllm.cli.app import Groups, group
-from sllm.cli.output import add_gateway_flags, gateway_client, print_table
 from sllm.spec import validate_name
+from sllm_cli.app import Groups, group
+from sllm_cli.output import add_gateway_flags, gateway_client, print_table
 
 
 def cmd_create(args: argparse.Namespace) -> int:

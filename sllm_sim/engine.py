@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from gateway.scheduler.estimators import BandwidthModel, MigrationModels
 from gateway.scheduler.policies import place
 from gateway.scheduler.types import MigrationFit, NoCapacity, PlacementRequest
-from sllm.sim.cluster import LoadJob, SimCluster, SimInstance, SimNode
-from sllm.sim.config import SimConfig
-from sllm.sim.results import SimResult
-from sllm.sim.workload import Trace
+from sllm_sim.cluster import LoadJob, SimCluster, SimInstance, SimNode
+from sllm_sim.config import SimConfig
+from sllm_sim.results import SimResult
+from sllm_sim.workload import Trace
 
 _ARRIVAL, _LOAD_DONE, _RESUME_DONE, _REQUEST_DONE, _KEEPALIVE = range(5)
 

@@ -9,9 +9,9 @@ import argparse
 import dataclasses
 from types import FrameType
 
-from sllm.cli.app import Groups, group
 from sllm.errors import Unavailable, ValidationFailed
 from sllm.settings import GatewaySettings, as_nats_urls
+from sllm_cli.app import Groups, group
 
 
 def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: Groups) -> None:

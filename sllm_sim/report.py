@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sllm.sim.config import SimConfig
-from sllm.sim.engine import Simulation
-from sllm.sim.results import SimResult
-from sllm.sim.workload import build_trace
+from sllm_sim.config import SimConfig
+from sllm_sim.engine import Simulation
+from sllm_sim.results import SimResult
+from sllm_sim.workload import build_trace
 
 
 def run_policies(config: SimConfig, rps: float | None = None) -> list[SimResult]:

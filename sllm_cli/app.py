@@ -21,19 +21,19 @@ from typing import Any
 
 from sllm import __version__
 from sllm.errors import SllmError
-from sllm.log_repeats import RepeatFilter
+from sllm_cli.log_repeats import RepeatFilter
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "sllm.cli.ckpt",
-    "sllm.cli.fn",
-    "sllm.cli.key",
-    "sllm.cli.gateway",
-    "sllm.cli.up",
-    "sllm.cli.misc",
-    "sllm.cli.nats",
-    "sllm.cli.store",
-    "sllm.cli.sim",
-    "sllm.cli.node",
+    "sllm_cli.ckpt",
+    "sllm_cli.fn",
+    "sllm_cli.key",
+    "sllm_cli.gateway",
+    "sllm_cli.up",
+    "sllm_cli.misc",
+    "sllm_cli.nats",
+    "sllm_cli.store",
+    "sllm_cli.sim",
+    "sllm_cli.node",
 )
 
 Groups = dict[str, "argparse._SubParsersAction[argparse.ArgumentParser]"]

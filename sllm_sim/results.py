@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllm.sim.workload import Trace
+from sllm_sim.workload import Trace
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -1,7 +1,7 @@
 """A platform on this machine made of real processes that can each be killed and restarted:
 nats-server (JetStream in a data directory) or a cluster of them, any number of
 `sllm gateway start` and of `sllm node start`, on loopback or with nodes on hosts of a
-``sllm.netns`` topology, with a local-directory store (or any store ``env`` names). For fault
+``sllm_cli.netns`` topology, with a local-directory store (or any store ``env`` names). For fault
 tests (``tests/integration/faults``, ``tests/integration/ha``), ``bench/chaos.py`` and
 ``bench/cluster.py``; `sllm up` is the user's form of it.
 
@@ -28,8 +28,8 @@ import httpx
 
 from sllm.errors import Unavailable
 from sllm.nats_auth import NatsCredentials
-from sllm.netns import Host
-from sllm.servers import (
+from sllm_cli.netns import Host
+from sllm_cli.servers import (
     ManagedServer,
     NatsCluster,
     free_port,
@@ -271,7 +271,7 @@ class LocalCluster:
         log_path = self.root / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [*wrap, sys.executable, "-m", "sllm.cli.main", *args],
+                [*wrap, sys.executable, "-m", "sllm_cli.main", *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

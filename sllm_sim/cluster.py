@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from gateway.scheduler.types import ClusterSnapshot, MigrationFit, NodeView, RunningInstance
-from sllm.sim.config import ClusterConfig
+from sllm_sim.config import ClusterConfig
 
 
 class LruCache:

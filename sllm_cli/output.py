@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import TextIO
 
-from sllm.client import ClientConfig, GatewayClient
+from sllm_cli.client import ClientConfig, GatewayClient
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:

@@ -108,7 +108,7 @@ class NatsMember:
     """One nats-server: its name in the cluster, where it listens, where JetStream stores.
 
     ``wrap`` prefixes the command, e.g. ``("ip", "netns", "exec", "h1")`` to run it on a host
-    of a ``sllm.netns`` topology (``ip netns exec`` execs, so the pid is the server's)."""
+    of a ``sllm_cli.netns`` topology (``ip netns exec`` execs, so the pid is the server's)."""
 
     name: str
     data_dir: Path
@@ -337,7 +337,7 @@ def start_seaweedfs(
     env: Mapping[str, str] | None = None,
 ) -> ManagedServer:
     """``weed mini``: master, volume, filer and S3 gateway in one process, on loopback or on
-    ``host`` (with ``wrap`` running it on a host of a ``sllm.netns`` topology).
+    ``host`` (with ``wrap`` running it on a host of a ``sllm_cli.netns`` topology).
 
     Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of ``env`` (default: this process's
     environment); the server enforces them when both are set."""

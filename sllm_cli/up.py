@@ -42,12 +42,12 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from sllm.cli.app import Groups
-from sllm.cli.supervisor import supervise
-from sllm.client import ClientConfig, GatewayClient, config_path, write_config_file
 from sllm.errors import Conflict, Unavailable
 from sllm.nats_auth import NatsCredentials
-from sllm.servers import (
+from sllm.settings import ENVIRONMENT, home
+from sllm_cli.app import Groups
+from sllm_cli.client import ClientConfig, GatewayClient, config_path, write_config_file
+from sllm_cli.servers import (
     ManagedServer,
     NatsCluster,
     nats_members,
@@ -55,11 +55,11 @@ from sllm.servers import (
     start_nats,
     start_nats_cluster,
 )
-from sllm.settings import ENVIRONMENT, home
+from sllm_cli.supervisor import supervise
 
 DEMO_FUNCTION = "smollm2-chat"
 DEMO_QUESTION = "What is the capital of France?"
-FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
+FUNCTIONS_DIR = Path(__file__).resolve().parents[1] / "functions"
 # 120 s: a cold node imports torch and transformers (~2.5 s here) and probes its tiers; on a
 # loaded 2-core machine that has taken tens of seconds, so allow ample headroom.
 START_TIMEOUT_S = 120.0
@@ -150,10 +150,10 @@ def child_env(
 
 
 def start_child(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> ManagedServer:
-    """`python -m sllm.cli.main <args>` with its output appended to ``log_dir/<name>.log``."""
+    """`python -m sllm_cli.main <args>` with its output appended to ``log_dir/<name>.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", "sllm.cli.main", *args]
+    cmd = [sys.executable, "-m", "sllm_cli.main", *args]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             cmd,
@@ -278,7 +278,7 @@ def start_platform(args: argparse.Namespace, sllm_home: Path, platform: Platform
 
 def run_demo(platform: Platform) -> None:
     """Deploy functions/smollm2-chat and ask it one question (greedy, so the answer is stable)."""
-    from sllm.cli.fn import deploy_folder, print_events
+    from sllm_cli.fn import deploy_folder, print_events
 
     folder = FUNCTIONS_DIR / DEMO_FUNCTION
     print(f"\ndeploying {folder} ...", flush=True)

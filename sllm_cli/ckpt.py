@@ -17,7 +17,7 @@ Groups = dict[str, "argparse._SubParsersAction[argparse.ArgumentParser]"]
 
 
 def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: Groups) -> None:
-    from sllm.cli.app import group
+    from sllm_cli.app import group
 
     ckpt = group(root, groups, "ckpt", "convert, inspect and verify sllm checkpoints")
     p = ckpt.add_parser(

@@ -34,8 +34,8 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
 
 def cmd_sim(args: argparse.Namespace) -> int:
     from sllm.settings import POLICIES
-    from sllm.sim.config import load_config
-    from sllm.sim.report import run_policies, run_sweep, table, write_outputs
+    from sllm_sim.config import load_config
+    from sllm_sim.report import run_policies, run_sweep, table, write_outputs
 
     config = load_config(str(args.config))
     if args.policy:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from sllm.servers import ManagedServer
+from sllm_cli.servers import ManagedServer
 
 # Restarts: the first after 0.5 s (a crashed node should be back at once), doubling up to
 # 30 s while the child keeps dying within STABLE_S of its start; a child that stayed up that

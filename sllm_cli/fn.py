@@ -1,7 +1,7 @@
 """`sllm fn ...`: create, deploy, list, describe, invoke, remove and read the logs of functions.
 
-Every verb but `new` talks to the gateway over HTTP only (sllm.client). `deploy` also converts
-the model locally and uploads it to the platform's store (sllm.deploy).
+Every verb but `new` talks to the gateway over HTTP only (sllm_cli.client). `deploy` also converts
+the model locally and uploads it to the platform's store (sllm_cli.deploy).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from sllm.cli.app import Groups, group
-from sllm.cli.misc import scaffold
-from sllm.cli.output import add_gateway_flags, gateway_client, human_bytes, print_table
-from sllm.client import Event, GatewayClient
 from sllm.errors import Conflict, InvalidInput, Unauthorized
 from sllm.spec import validate_name
+from sllm_cli.app import Groups, group
+from sllm_cli.client import Event, GatewayClient
+from sllm_cli.misc import scaffold
+from sllm_cli.output import add_gateway_flags, gateway_client, human_bytes, print_table
 
 
 def _progress_bar(desc: str) -> Callable[[int], Callable[[int], None]]:
@@ -71,9 +71,9 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def deploy_folder(client: GatewayClient, path: Path) -> dict[str, Any]:
-    """Everything `sllm fn deploy` does (see sllm.deploy); returns the registered record.
+    """Everything `sllm fn deploy` does (see sllm_cli.deploy); returns the registered record.
     Bad input (yaml, model path, handler module) fails before the gateway is contacted."""
-    from sllm import deploy
+    from sllm_cli import deploy
 
     folder = deploy.load_function(path)
     name = folder.spec.name

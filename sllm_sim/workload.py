@@ -7,7 +7,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from sllm.sim.config import Distribution, ModelConfig, WorkloadConfig
+from sllm_sim.config import Distribution, ModelConfig, WorkloadConfig
 
 
 @dataclass(frozen=True)

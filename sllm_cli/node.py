@@ -14,7 +14,7 @@ Groups = dict[str, "argparse._SubParsersAction[argparse.ArgumentParser]"]
 
 
 def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: Groups) -> None:
-    from sllm.cli.app import group
+    from sllm_cli.app import group
 
     node = group(root, groups, "node", "run a runtime node (instances on this machine's devices)")
     p = node.add_parser(

@@ -21,7 +21,7 @@ servers, the nodes and the gateways talk over real interfaces at a chosen rate a
 - ``remove`` kills what still runs in the namespaces, then deletes them (their veth ends go
   with them) and the bridge. Needs root (CAP_NET_ADMIN).
 
-``python -m sllm.netns up|down|list`` does the same for people (see docs/deploy-kubernetes.md,
+``python -m sllm_cli.netns up|down|list`` does the same for people (see docs/deploy-kubernetes.md,
 "Many hosts on one machine").
 """
 
@@ -297,7 +297,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"topology {topo.tag}: bridge {topo.bridge} {topo.address}/24 (this namespace)")
     for host in topo.hosts.values():
         print(f"  {host.name:<12} {host.address:<15} ip netns exec {host.netns} <command>")
-    print(f"remove it with: python -m sllm.netns down {topo.tag}")
+    print(f"remove it with: python -m sllm_cli.netns down {topo.tag}")
     return 0
 
 
@@ -317,7 +317,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sllm.netns", description=__doc__.split("\n\n")[0] if __doc__ else None
+        prog="python -m sllm_cli.netns", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     sub = parser.add_subparsers(required=True)
     up = sub.add_parser("up", help="create hosts joined by shaped links")
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except (Unavailable, ValidationFailed) as exc:
-        print(f"sllm.netns: error: {exc}", file=sys.stderr)
+        print(f"sllm_cli.netns: error: {exc}", file=sys.stderr)
         return 1
     return code
 
