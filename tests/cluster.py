@@ -44,6 +44,14 @@ TOKEN = "cluster-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint in the cluster's store: its key and its tensor bytes."""
+
+    key: str
+    nbytes: int
+
+
 @dataclass
 class LocalCluster:
     """``env`` applies to every gateway and node (SLLM_* settings); ``node_env`` adds to a
@@ -169,6 +177,28 @@ class LocalCluster:
         if wait:
             self.wait_node(node_id, timeout_s)
 
+    def restore(
+        self, gateways: tuple[str, ...] = ("gw-0",), nodes: tuple[str, ...] = ("a",)
+    ) -> LocalCluster:
+        """What an earlier fault test left down runs again (NATS or its dead members, the
+        ``gateways``, the ``nodes``); one gateway decides; every function is deleted and the
+        nodes are empty, so the next test starts with all their slots."""
+        if isinstance(self.nats, NatsCluster):
+            for i, server in enumerate(self.nats.servers):
+                if not server.alive():
+                    self.nats.restart(i)
+        elif self.nats is None or not self.nats.alive():
+            self.start_nats()
+        for name in gateways:
+            if name not in self.gateways or not self.gateways[name].alive():
+                self.start_gateway(name)
+        for node_id in nodes:
+            if node_id not in self.nodes or not self.nodes[node_id].alive():
+                self.start_node(node_id)
+        self.leader()
+        self.clear()
+        return self
+
     def kill(self, part: ManagedServer | None, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to a part by pid; for SIGKILL, also reap it. Returns the pid."""
         assert part is not None, "that part is not running"
@@ -206,6 +236,18 @@ class LocalCluster:
         if self.nats is not None:
             self.nats.stop()
         self._reap_orphans()
+        self._drop_dram()
+
+    def _drop_dram(self) -> None:
+        """The nodes' DRAM tiers (in /dev/shm, outside ``root``) go with the cluster."""
+        import shutil
+
+        from runtime.node.main import dram_root
+        from sllm.settings import NodeSettings
+
+        for node_id in self.nodes:
+            env = {"SLLM_NODE_ID": node_id, "SLLM_CACHE_DIR": str(self.root / "cache" / node_id)}
+            shutil.rmtree(dram_root(NodeSettings.from_env(env)), ignore_errors=True)
 
     def _reap_orphans(self, grace_s: float = 20.0) -> None:
         """Instance processes of SIGKILLed nodes still alive after ``grace_s`` (one still
@@ -303,6 +345,10 @@ class LocalCluster:
             return not left
 
         self._until(empty, timeout_s, lambda: f"every instance to stop (left: {', '.join(left)})")
+
+    def checkpoint(self, hf_dir: Path, key: str) -> Checkpoint:
+        """``add_checkpoint``, named with its key."""
+        return Checkpoint(key, self.add_checkpoint(hf_dir, key))
 
     def add_checkpoint(self, hf_dir: Path, key: str) -> int:
         """Convert a Hugging Face directory and push it into the store; its tensor bytes."""

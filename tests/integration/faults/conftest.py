@@ -13,13 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import LocalCluster
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    key: str
-    nbytes: int
+from tests.cluster import Checkpoint, LocalCluster
 
 
 @dataclass
@@ -29,17 +23,7 @@ class Stage:
     other: Checkpoint  # another tiny model (other weights, same size)
 
     def up(self) -> LocalCluster:
-        c = self.cluster
-        if c.nats is None or not c.nats.alive():
-            c.start_nats()
-        if c.gateway is None or not c.gateway.alive():
-            c.start_gateway()
-        if "a" not in c.nodes or not c.nodes["a"].alive():
-            c.start_node("a")
-        # the earlier tests' functions go, and the node is empty: each test has its slots (their
-        # idle instances held both, and a test's first cold start waited for capacity)
-        c.clear()
-        return c
+        return self.cluster.restore()
 
 
 @pytest.fixture(scope="package")
@@ -61,22 +45,10 @@ def stage(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             "SLLM_SSD_CAPACITY": "256Mi",
         },
     )
-    tiny = Checkpoint(
-        "checkpoints/tiny/faults", cluster.add_checkpoint(tiny_model_dir, "checkpoints/tiny/faults")
-    )
+    tiny = cluster.checkpoint(tiny_model_dir, "checkpoints/tiny/faults")
     other_dir = build_tiny_llama(root / "other-hf", seed=7)
-    other = Checkpoint(
-        "checkpoints/other/faults", cluster.add_checkpoint(other_dir, "checkpoints/other/faults")
-    )
+    other = cluster.checkpoint(other_dir, "checkpoints/other/faults")
     try:
         yield Stage(cluster, tiny, other)
     finally:
         cluster.stop()
-        import shutil
-
-        from runtime.node.main import dram_root
-        from sllm.settings import NodeSettings
-
-        for node_id in cluster.nodes:
-            env = {"SLLM_NODE_ID": node_id, "SLLM_CACHE_DIR": str(root / "cache" / node_id)}
-            shutil.rmtree(dram_root(NodeSettings.from_env(env)), ignore_errors=True)

@@ -13,16 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sllm_cli.servers import NatsCluster
-from tests.cluster import LocalCluster
+from tests.cluster import Checkpoint, LocalCluster
 
 GATEWAYS = ("gw-0", "gw-1")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    key: str
-    nbytes: int
 
 
 @dataclass
@@ -31,21 +24,7 @@ class Stage:
     tiny: Checkpoint
 
     def up(self) -> LocalCluster:
-        c = self.cluster
-        if c.nats is None:
-            c.start_nats()
-        assert isinstance(c.nats, NatsCluster)
-        for i, server in enumerate(c.nats.servers):
-            if not server.alive():
-                c.nats.restart(i)
-        for name in GATEWAYS:
-            if name not in c.gateways or not c.gateways[name].alive():
-                c.start_gateway(name)
-        if "a" not in c.nodes or not c.nodes["a"].alive():
-            c.start_node("a")
-        c.leader()  # one of them decides before a test begins
-        c.clear()  # and the node is empty: each test has its slots
-        return c
+        return self.cluster.restore(gateways=GATEWAYS)
 
 
 @pytest.fixture(scope="package")
@@ -70,17 +49,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             "SLLM_SHUTDOWN_GRACE": "1s",
         },
     )
-    key = "checkpoints/tiny/ha"
-    tiny = Checkpoint(key, cluster.add_checkpoint(tiny_model_dir, key))
+    tiny = cluster.checkpoint(tiny_model_dir, "checkpoints/tiny/ha")
     try:
         yield Stage(cluster, tiny)
     finally:
         cluster.stop()
-        import shutil
-
-        from runtime.node.main import dram_root
-        from sllm.settings import NodeSettings
-
-        for node_id in cluster.nodes:
-            env = {"SLLM_NODE_ID": node_id, "SLLM_CACHE_DIR": str(root / "cache" / node_id)}
-            shutil.rmtree(dram_root(NodeSettings.from_env(env)), ignore_errors=True)
