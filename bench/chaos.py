@@ -46,7 +46,7 @@ import httpx
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 from sllm_cli.servers import free_port, stop_process
-from tests.chaos import Tally, clients, invoke, references
+from tests.chaos import Tally, clients_on, invoke, references
 from tests.cluster import AUTH, LocalCluster
 
 SETTINGS = {
@@ -73,13 +73,7 @@ async def under_load(
     cluster: LocalCluster, function: str, n_clients: int, fault: Callable[[Tally], Awaitable[str]]
 ) -> dict[str, Any]:
     """Clients on ``function`` while ``fault`` runs (it returns its notes); then 6 more ok."""
-    async with httpx.AsyncClient() as client:
-        expected = await references(client, cluster.url, function)
-    tally, stop = Tally(), asyncio.Event()
-    run = asyncio.create_task(
-        clients(cluster.url, function, expected, stop, count=n_clients, tally=tally)
-    )
-    try:
+    async with clients_on(cluster.url, function, count=n_clients) as tally:
         await tally.until("ok", 6)
         started = time.monotonic()
         notes = await fault(tally)
@@ -88,9 +82,6 @@ async def under_load(
         first_ok = min(
             o.started + o.seconds for o in tally.between(recovered).outcomes if o.kind == "ok"
         )
-    finally:
-        stop.set()
-        await run
     return row(
         tally,
         notes,
@@ -262,13 +253,7 @@ async def up_node_killed(root: Path, args: argparse.Namespace) -> dict[str, Any]
                 json={"spec": spec, "checkpoint": KEY, "checkpoint_bytes": NBYTES},
             )
         assert r.status_code == 201, r.text
-        async with httpx.AsyncClient() as client:
-            expected = await references(client, url, "ck-up")
-        tally, stop = Tally(), asyncio.Event()
-        run = asyncio.create_task(
-            clients(url, "ck-up", expected, stop, count=args.clients, tally=tally)
-        )
-        try:
+        async with clients_on(url, "ck-up", count=args.clients) as tally:
             await tally.until("ok", 6)
             node = next(
                 p
@@ -280,9 +265,6 @@ async def up_node_killed(root: Path, args: argparse.Namespace) -> dict[str, Any]
             await until(lambda: printed("node restarted"), 120.0, "the node's restart")
             restarted = time.monotonic()
             await tally.until("ok", 6, since=restarted, timeout_s=300)
-        finally:
-            stop.set()
-            await run
         alive = up.poll() is None
         result = row(
             tally,

@@ -21,7 +21,8 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,3 +207,23 @@ async def clients(
 
     await asyncio.gather(*(one(i) for i in range(count)))
     return tally
+
+
+@asynccontextmanager
+async def clients_on(
+    url: str, function: str, *, to: str | list[str] | None = None, count: int = 4
+) -> AsyncIterator[Tally]:
+    """``clients`` on ``function`` for as long as the block runs, its reference answers taken
+    at ``url`` first; they send to ``to`` (``url`` by default, or one URL per gateway). Yields
+    their tally; on the way out the clients are stopped and awaited."""
+    async with httpx.AsyncClient() as client:
+        expected = await references(client, url, function)
+    tally, stop = Tally(), asyncio.Event()
+    run = asyncio.create_task(
+        clients(to or url, function, expected, stop, count=count, tally=tally)
+    )
+    try:
+        yield tally
+    finally:
+        stop.set()
+        await run

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.chaos import Tally, clients, references
+from tests.chaos import clients_on
 from tests.cluster import AUTH
 
 from .conftest import Stage
@@ -23,12 +23,9 @@ async def test_a_restarted_gateway_adopts_the_instance_and_nothing_is_wrong(stag
     cluster = stage.up()
     cluster.deploy("kg", stage.tiny.key, stage.tiny.nbytes, min=0, max=1, keep_alive="10m")
     async with httpx.AsyncClient() as client:
-        expected = await references(client, cluster.url, "kg")
         described = await client.get(f"{cluster.url}/system/functions/kg", headers=AUTH)
     (before,) = described.json()["instances"]
-    tally, stop = Tally(), asyncio.Event()
-    run = asyncio.create_task(clients(cluster.url, "kg", expected, stop, count=3, tally=tally))
-    try:
+    async with clients_on(cluster.url, "kg", count=3) as tally:
         await tally.until("ok", 4)
         cluster.kill(cluster.gateway)
         killed = time.monotonic()
@@ -36,9 +33,6 @@ async def test_a_restarted_gateway_adopts_the_instance_and_nothing_is_wrong(stag
         await asyncio.to_thread(cluster.start_gateway)
         back = time.monotonic()
         await tally.until("ok", 6, since=back)
-    finally:
-        stop.set()
-        await run
     assert tally.wrong() == [], tally.wrong()
     after = tally.between(back).counts()
     assert after["ok"] == sum(after.values()), after

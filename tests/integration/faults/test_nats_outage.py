@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.chaos import Tally, clients, references
+from tests.chaos import clients_on
 from tests.cluster import AUTH
 
 from .conftest import Stage
@@ -30,12 +30,10 @@ async def test_a_nats_outage_is_not_a_serving_outage(stage: Stage) -> None:
     cluster = stage.up()
     cluster.deploy("no", stage.tiny.key, stage.tiny.nbytes, min=0, max=1, keep_alive="10m")
     cluster.deploy("keep", stage.tiny.key, stage.tiny.nbytes, min=0, max=1)
-    async with httpx.AsyncClient() as client:
-        expected = await references(client, cluster.url, "no")
-    tally, stop = Tally(), asyncio.Event()
-    run = asyncio.create_task(clients(cluster.url, "no", expected, stop, count=3, tally=tally))
-    admin = httpx.AsyncClient(base_url=cluster.url, headers=AUTH, timeout=10)
-    try:
+    async with (
+        httpx.AsyncClient(base_url=cluster.url, headers=AUTH, timeout=10) as admin,
+        clients_on(cluster.url, "no", count=3) as tally,
+    ):
         await tally.until("ok", 4)
         cluster.kill(cluster.nats, signal.SIGKILL)
         down = time.monotonic()
@@ -66,10 +64,6 @@ async def test_a_nats_outage_is_not_a_serving_outage(stage: Stage) -> None:
         assert "keep" in names and "late" not in names
         r = await admin.delete("/system/functions/keep")
         assert r.status_code == 204, r.text
-    finally:
-        stop.set()
-        await run
-        await admin.aclose()
     assert tally.wrong() == [], tally.wrong()
     assert tally.counts()["ok"] == len(tally.outcomes), tally.counts()
     assert tally.between(down, back).counts()["ok"] >= 8

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.chaos import Tally, clients, references
+from tests.chaos import clients_on
 from tests.cluster import AUTH
 
 from .conftest import Stage
@@ -28,11 +28,7 @@ async def node_live(url: str, node_id: str) -> bool:
 async def test_a_killed_node_is_waited_for_and_nothing_is_served_wrong(stage: Stage) -> None:
     cluster = stage.up()
     cluster.deploy("kn", stage.tiny.key, stage.tiny.nbytes, min=0, max=1, keep_alive="10m")
-    async with httpx.AsyncClient() as client:
-        expected = await references(client, cluster.url, "kn")
-    tally, stop = Tally(), asyncio.Event()
-    run = asyncio.create_task(clients(cluster.url, "kn", expected, stop, count=3, tally=tally))
-    try:
+    async with clients_on(cluster.url, "kn", count=3) as tally:
         await tally.until("ok", 6)
         cluster.kill_node("a")  # SIGKILL, with requests in flight
         killed = time.monotonic()
@@ -46,9 +42,6 @@ async def test_a_killed_node_is_waited_for_and_nothing_is_served_wrong(stage: St
         await asyncio.to_thread(cluster.start_node, "a")
         restarted = time.monotonic()
         await tally.until("ok", 6, since=restarted)
-    finally:
-        stop.set()
-        await run
     assert tally.wrong() == [], tally.wrong()
     counts = tally.counts()
     assert counts["cut"] == 0 and counts["refused"] == 0, counts

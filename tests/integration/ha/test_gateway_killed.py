@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.chaos import Tally, body, clients, references
+from tests.chaos import body, clients_on
 
 from .conftest import Stage
 
@@ -41,13 +41,9 @@ async def long_stream(url: str, opened: asyncio.Event) -> list[dict[str, object]
 async def test_a_gateway_stopped_under_load_loses_no_accepted_request(stage: Stage) -> None:
     cluster = stage.up()
     cluster.deploy("gk", stage.tiny.key, stage.tiny.nbytes, min=1, max=1, keep_alive="10m")
-    async with httpx.AsyncClient() as client:
-        expected = await references(client, cluster.url, "gk")
-    tally, stop = Tally(), asyncio.Event()
-    run = asyncio.create_task(clients(cluster.urls, "gk", expected, stop, count=4, tally=tally))
     victim = cluster.gateways["gw-1"]
     opened = asyncio.Event()
-    try:
+    async with clients_on(cluster.url, "gk", to=cluster.urls, count=4) as tally:
         await tally.until("ok", 8)
         # the long stream opens only now and the stop follows its first event: the stream has
         # to outlast just the grace (1 s), not also the wait above (it once ended first)
@@ -62,9 +58,6 @@ async def test_a_gateway_stopped_under_load_loses_no_accepted_request(stage: Sta
         await asyncio.to_thread(cluster.start_gateway, "gw-1")
         back = time.monotonic()
         await tally.until("ok", 8, since=back)
-    finally:
-        stop.set()
-        await run
     # a clean exit (uvicorn re-raises the signal it shut down on once it is done)
     assert victim.process.returncode in (0, -signal.SIGTERM)
     assert tally.wrong() == [], tally.wrong()
@@ -87,12 +80,8 @@ async def test_a_gateway_stopped_under_load_loses_no_accepted_request(stage: Sta
 async def test_a_gateway_killed_outright_cuts_only_what_it_had_in_flight(stage: Stage) -> None:
     cluster = stage.up()
     cluster.deploy("gx", stage.tiny.key, stage.tiny.nbytes, min=1, max=1, keep_alive="10m")
-    async with httpx.AsyncClient() as client:
-        expected = await references(client, cluster.url, "gx")
-    tally, stop = Tally(), asyncio.Event()
     count = 4
-    run = asyncio.create_task(clients(cluster.urls, "gx", expected, stop, count=count, tally=tally))
-    try:
+    async with clients_on(cluster.url, "gx", to=cluster.urls, count=count) as tally:
         await tally.until("ok", 8)
         cluster.kill(cluster.gateways["gw-0"])  # SIGKILL
         killed = time.monotonic()
@@ -100,9 +89,6 @@ async def test_a_gateway_killed_outright_cuts_only_what_it_had_in_flight(stage: 
         await asyncio.to_thread(cluster.start_gateway, "gw-0")
         back = time.monotonic()
         await tally.until("ok", 8, since=back)
-    finally:
-        stop.set()
-        await run
     assert tally.wrong() == [], tally.wrong()
     # what it had in flight (at most one request per client) is cut; everything sent after
     # the kill is answered by the other gateway (a refused connection is sent there at once)

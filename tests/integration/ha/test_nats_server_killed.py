@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from sllm_cli.servers import NatsCluster
-from tests.chaos import Tally, clients, references
+from tests.chaos import clients_on
 from tests.cluster import AUTH
 
 from .conftest import Stage
@@ -24,12 +24,8 @@ async def test_losing_any_one_nats_server_fails_no_request(stage: Stage) -> None
     cluster = stage.up()
     assert isinstance(cluster.nats, NatsCluster)
     cluster.deploy("nk", stage.tiny.key, stage.tiny.nbytes, min=1, max=1, keep_alive="10m")
-    async with httpx.AsyncClient() as client:
-        expected = await references(client, cluster.url, "nk")
-    tally, stop = Tally(), asyncio.Event()
-    run = asyncio.create_task(clients(cluster.urls, "nk", expected, stop, count=3, tally=tally))
     woken: list[int] = []
-    try:
+    async with clients_on(cluster.url, "nk", to=cluster.urls, count=3) as tally:
         await tally.until("ok", 6)
         for i in range(3):
             cluster.kill(cluster.nats.servers[i])
@@ -54,9 +50,6 @@ async def test_losing_any_one_nats_server_fails_no_request(stage: Stage) -> None
             await asyncio.to_thread(cluster.nats.restart, i)
             back = time.monotonic()
             await tally.until("ok", 6, since=back)
-    finally:
-        stop.set()
-        await run
     assert woken == [200]
     assert tally.wrong() == [], tally.wrong()
     counts = tally.counts()

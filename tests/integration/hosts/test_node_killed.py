@@ -20,7 +20,7 @@ import pytest
 
 from sllm_cli import netns
 from sllm_cli.servers import ManagedServer, start_seaweedfs
-from tests.chaos import Tally, clients, references
+from tests.chaos import clients_on
 from tests.cluster import AUTH, LocalCluster
 from tests.integration.hosts.conftest import MakeTopology
 from tests.integration.hosts.test_node_on_a_host import ALPHA, S3_ENV, SEED_BW, _make_bucket
@@ -135,11 +135,7 @@ async def test_a_dead_hosts_function_moves_to_the_other_node_over_its_link(
         await until_placed_on(admin, "nk", "a")
         await asyncio.to_thread(cluster.start_node, "b", host=topo["node-b"])
         assert await store_bandwidth(admin, "b") == SEED_BW  # b has pulled nothing yet
-        async with httpx.AsyncClient() as client:
-            expected = await references(client, cluster.url, "nk")
-        tally, stop = Tally(), asyncio.Event()
-        run = asyncio.create_task(clients(cluster.urls, "nk", expected, stop, count=2, tally=tally))
-        try:
+        async with clients_on(cluster.url, "nk", to=cluster.urls, count=2) as tally:
             await tally.until("ok", 4)
             # the host dies: its instance processes and its node, all at once
             for pid in cluster.instance_pids("a"):
@@ -149,9 +145,6 @@ async def test_a_dead_hosts_function_moves_to_the_other_node_over_its_link(
             await until_placed_on(admin, "nk", "b")
             moved_s = time.monotonic() - killed
             await tally.until("ok", 4, since=time.monotonic())
-        finally:
-            stop.set()
-            await run
         bandwidth = await store_bandwidth(admin, "b")
         metrics = (await admin.get("/metrics")).text
     assert tally.wrong() == [], tally.wrong()
