@@ -6,6 +6,8 @@ lease over with the scale state; the leader counts the followers' queued request
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -30,10 +32,10 @@ class Gateway:
     scales: list[tuple[str, int]] = field(default_factory=list)
     follows: int = 0
     queued: dict[str, FunctionLoad] = field(default_factory=dict)
-    peers: Peers | None = None
+    peers: Peers = field(init=False)
 
     async def on_lead(self, resumed: Resumed) -> None:
-        assert self.peers is not None and not self.peers.deciding()  # not before it is done
+        assert not self.peers.deciding()  # not before it is done
         self.resumed.append(resumed)
 
     def on_follow(self) -> None:
@@ -64,14 +66,22 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_one_decides_after_reading_what_the_last_leader_left() -> None:
-    world = World()
-    a, b = world.gateway("a"), world.gateway("b")
-    assert a.peers is not None and b.peers is not None
-    await a.peers.start()
-    await b.peers.start()
-    await settle()
+@asynccontextmanager
+async def running(world: World, *names: str) -> AsyncIterator[list[Gateway]]:
+    """Gateways ``names`` started in that order (the first leads), stopped on the way out."""
+    gateways = [world.gateway(name) for name in names]
     try:
+        for gw in gateways:
+            await gw.peers.start()
+        await settle()
+        yield gateways
+    finally:
+        for gw in reversed(gateways):
+            await gw.peers.stop()
+
+
+async def test_one_decides_after_reading_what_the_last_leader_left() -> None:
+    async with running(World(), "a", "b") as (a, b):
         assert a.peers.deciding() and not b.peers.deciding()
         assert a.resumed == [Resumed()]
         # the leader keeps its state in KV; a clean stop hands the lease over at once
@@ -84,49 +94,27 @@ async def test_one_decides_after_reading_what_the_last_leader_left() -> None:
         await settle()
         assert b.peers.deciding()
         assert b.resumed == [Resumed({"chat": 3}, [started])]
-    finally:
-        await b.peers.stop()
 
 
 async def test_a_follower_hands_a_manual_scale_to_the_leader() -> None:
-    world = World()
-    a, b = world.gateway("a"), world.gateway("b")
-    assert a.peers is not None and b.peers is not None
-    await a.peers.start()
-    await b.peers.start()
-    await settle()
-    try:
+    async with running(World(), "a", "b") as (a, b):
         await b.peers.scale("chat", 2)
         await a.peers.scale("code", 1)
         assert a.scales == [("chat", 2), ("code", 1)] and b.scales == []
-    finally:
-        await b.peers.stop()
-        await a.peers.stop()
 
 
 async def test_no_leader_is_a_clear_error() -> None:
     world = World()
-    b = world.gateway("b")
-    assert b.peers is not None
     # someone else holds the lease and has stopped answering (dead, not yet expired)
     await world.lease.create("leader", encode(LeaseRecord("dead")))
-    await b.peers.start()
-    try:
+    async with running(world, "b") as (b,):
         assert not b.peers.deciding()
         with pytest.raises(Unavailable, match="no gateway leads right now"):
             await b.peers.scale("chat", 2)
-    finally:
-        await b.peers.stop()
 
 
 async def test_the_leader_counts_what_waits_at_the_followers() -> None:
-    world = World()
-    a, b = world.gateway("a"), world.gateway("b")
-    assert a.peers is not None and b.peers is not None
-    await a.peers.start()
-    await b.peers.start()
-    await settle()
-    try:
+    async with running(World(), "a", "b") as (a, b):
         a.queued = {"chat": FunctionLoad(1, 0)}
         b.queued = {"chat": FunctionLoad(0, 2)}
         b.peers.waiting()  # a request started waiting at b: reported at once
@@ -136,6 +124,3 @@ async def test_the_leader_counts_what_waits_at_the_followers() -> None:
         a.peers.waiting()  # but the leader sends no extra report to itself
         await settle()
         assert b.peers.reports.reports["a"].report.seq == seen
-    finally:
-        await b.peers.stop()
-        await a.peers.stop()
