@@ -72,7 +72,24 @@ def node_process(
     store_dir = root / "store"
     store_dir.mkdir()
     push_checkpoint(root / "ckpt", LocalStore(store_dir), CHECKPOINT_KEY)
-    node_id = f"it-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    started = started_node(root, nats_server, store_dir, "it", extra_env, stop_timeout_s)
+    with started as (node_id, proc, _):
+        yield NodeProcess(node_id, proc, root / "node.log", index.total_bytes)
+
+
+@contextlib.contextmanager
+def started_node(
+    root: Path,
+    nats_server: ManagedServer,
+    store_dir: Path,
+    prefix: str,
+    extra_env: dict[str, str] | None = None,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[tuple[str, subprocess.Popen[bytes], dict[str, str]]]:
+    """`sllm node start` (id ``prefix``-pid-time, log ``root``/node.log) on ``store_dir``,
+    the transformers backend only unless ``extra_env`` says otherwise; yields its id, process
+    and environment. Stopped (SIGTERM) and its DRAM tier removed on exit."""
+    node_id = f"{prefix}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
     env = {
         **os.environ,
         "SLLM_NODE_ID": node_id,
@@ -87,8 +104,7 @@ def node_process(
         "SLLM_HEARTBEAT_INTERVAL": "0.3s",
         **(extra_env or {}),
     }
-    log_path = root / "node.log"
-    with open(log_path, "wb") as log:
+    with open(root / "node.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sllm_cli.main", "-v", "node", "start", "--drain", "2s"],
             env=env,
@@ -96,7 +112,7 @@ def node_process(
             stderr=subprocess.STDOUT,
         )
     try:
-        yield NodeProcess(node_id, proc, log_path, index.total_bytes)
+        yield node_id, proc, env
     finally:
         _stop(proc, env, stop_timeout_s)
 

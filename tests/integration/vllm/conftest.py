@@ -9,12 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +31,7 @@ from sllm.nats_bus import NatsBus
 from sllm.spec import FunctionRecord, FunctionSpec
 from sllm_cli.servers import ManagedServer, nats_client_env, start_nats
 from tests.integration.gateway.conftest import AUTH, TOKEN, Cluster
-from tests.integration.node.conftest import NodeClient, NodeProcess
+from tests.integration.node.conftest import NodeClient, NodeProcess, started_node
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -129,10 +123,8 @@ def vllm_node(
     tmp_path_factory: pytest.TempPathFactory, vllm_nats: ManagedServer
 ) -> Iterator[VllmNode]:
     from runtime.ckpt.convert import convert_checkpoint
-    from runtime.node.main import dram_root
     from runtime.store.local import LocalStore
     from runtime.store.push import push_checkpoint
-    from sllm.settings import NodeSettings
     from tests.tiny_model import VLLM_TINY, TinyConfig, build_tiny_llama
 
     root = tmp_path_factory.mktemp("vllm-node")
@@ -148,37 +140,9 @@ def vllm_node(
     for name, hf in hf_dirs.items():
         convert_checkpoint(hf, root / f"ckpt-{name}")
         push_checkpoint(root / f"ckpt-{name}", LocalStore(store_dir), CHECKPOINTS[name])
-    node_id = f"vllm-{os.getpid()}-{int(time.time() * 1000) % 100000}"
-    env = {
-        **os.environ,
-        "SLLM_NODE_ID": node_id,
-        **nats_client_env(vllm_nats, node_id),
-        "SLLM_STORE_URL": str(store_dir),
-        "SLLM_CACHE_DIR": str(root / "cache"),
-        "SLLM_DRAM_CAPACITY": "256Mi",
-        "SLLM_SSD_CAPACITY": "256Mi",
-        "SLLM_CPU_SLOTS": "2",
-        "SLLM_POOL_SIZE": "1",
-        "SLLM_VLLM": "on",
-        "SLLM_VLLM_POOL_SIZE": "1",
-        "SLLM_HEARTBEAT_INTERVAL": "0.3s",
-    }
-    log_path = root / "node.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sllm_cli.main", "-v", "node", "start", "--drain", "2s"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    yield VllmNode(NodeProcess(node_id, proc, log_path, 0), hf_dirs, store_dir, env)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(dram_root(NodeSettings.from_env(env)), ignore_errors=True)
+    extra = {"SLLM_VLLM": "on", "SLLM_VLLM_POOL_SIZE": "1"}
+    with started_node(root, vllm_nats, store_dir, "vllm", extra) as (node_id, proc, env):
+        yield VllmNode(NodeProcess(node_id, proc, root / "node.log", 0), hf_dirs, store_dir, env)
 
 
 def vllm_record(
