@@ -9,8 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from runtime.engine.engine import EngineLoad
-    from runtime.engine.request import RequestState, Sink
+    from runtime.engine.request import EngineLoad, RequestState, Sink
 
 
 class Staging(Protocol):

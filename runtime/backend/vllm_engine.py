@@ -22,8 +22,9 @@ from typing import Any
 
 from runtime.backend.base import Staging
 from runtime.engine.detokenize import TextStream
-from runtime.engine.engine import EngineLoad
 from runtime.engine.request import (
+    Admitted,
+    EngineLoad,
     ErrorEvent,
     FinishEvent,
     RequestState,
@@ -38,10 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Active:
-    state: RequestState
-    sink: Sink
-    text: TextStream
+class _Active(Admitted):
     internal: bool = False  # a migration staging prefill: not a client's request
 
 
@@ -127,12 +125,7 @@ class VllmBackend:
 
     def load(self) -> EngineLoad:
         with self._cv:
-            items = [a for a in self._known.values() if not a.internal]
-            return EngineLoad(
-                in_flight=len(items),
-                tokens_in=sum(len(a.state.prompt_ids) for a in items),
-                tokens_out=sum(len(a.state.output_ids) for a in items),
-            )
+            return EngineLoad.of(a.state for a in self._known.values() if not a.internal)
 
     def snapshot(self, request_id: str) -> dict[str, Any] | None:
         return next((s for s in self.snapshots() if s["request_id"] == request_id), None)

@@ -31,6 +31,8 @@ from runtime.engine.detokenize import TextStream
 from runtime.engine.forward import forward, new_cache
 from runtime.engine.kv_batch import KVBatch, check_batchable
 from runtime.engine.request import (
+    Admitted,
+    EngineLoad,
     ErrorEvent,
     FinishEvent,
     RequestState,
@@ -46,22 +48,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Active:
-    state: RequestState
-    sink: Sink
-    text: TextStream
+class _Active(Admitted):
     next_input: int = -1
     cache: Any = None  # while prefilling: its own batch-1 cache, holding ``prefilled`` positions
     prefilled: int = 0
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """In-flight requests and their token counts (the migration cost model's t_in, t_out)."""
-
-    in_flight: int
-    tokens_in: int
-    tokens_out: int
 
 
 class Engine:
@@ -158,12 +148,7 @@ class Engine:
 
     def load(self) -> EngineLoad:
         with self._cv:
-            items = [*self._pending, *self._active.values()]
-            return EngineLoad(
-                in_flight=len(items),
-                tokens_in=sum(len(a.state.prompt_ids) for a in items),
-                tokens_out=sum(len(a.state.output_ids) for a in items),
-            )
+            return EngineLoad.of(a.state for a in [*self._pending, *self._active.values()])
 
     def snapshot(self, request_id: str) -> dict[str, Any] | None:
         """The exportable state of an in-flight request (issue 7), or None if unknown."""

@@ -9,10 +9,11 @@ released. The number of sampled steps is ``len(output_ids)``; with ``sample_toke
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.engine.detokenize import TextStream
 from runtime.engine.sampling import SamplingParams
 from sllm.errors import InvalidInput
 
@@ -134,3 +135,31 @@ def deliver(sink: Sink, event: Event) -> None:
         sink(event)
     except Exception:
         log.debug("dropping an event for a gone consumer", exc_info=True)
+
+
+@dataclass
+class Admitted:
+    """A request an engine has taken (either backend): its state, the sink its events go to,
+    and its text released so far."""
+
+    state: RequestState
+    sink: Sink
+    text: TextStream
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """In-flight requests and their token counts (the migration cost model's t_in, t_out)."""
+
+    in_flight: int
+    tokens_in: int
+    tokens_out: int
+
+    @classmethod
+    def of(cls, states: Iterable[RequestState]) -> EngineLoad:
+        items = list(states)
+        return cls(
+            in_flight=len(items),
+            tokens_in=sum(len(s.prompt_ids) for s in items),
+            tokens_out=sum(len(s.output_ids) for s in items),
+        )
