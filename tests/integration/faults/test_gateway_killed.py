@@ -22,11 +22,10 @@ pytestmark = pytest.mark.integration
 async def test_a_restarted_gateway_adopts_the_instance_and_nothing_is_wrong(stage: Stage) -> None:
     cluster = stage.up()
     cluster.deploy("kg", stage.tiny.key, stage.tiny.nbytes, min=0, max=1, keep_alive="10m")
-    async with httpx.AsyncClient() as client:
-        described = await client.get(f"{cluster.url}/system/functions/kg", headers=AUTH)
-    (before,) = described.json()["instances"]
-    async with clients_on(cluster.url, "kg", count=3) as tally:
+    async with clients_on(cluster.url, "kg", count=3) as tally:  # its references wake it
         await tally.until("ok", 4)
+        async with httpx.AsyncClient(base_url=cluster.url, headers=AUTH) as admin:
+            (before,) = (await admin.get("/system/functions/kg")).json()["instances"]
         cluster.kill(cluster.gateway)
         killed = time.monotonic()
         await tally.until("refused", 2, since=killed)
