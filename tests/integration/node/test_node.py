@@ -195,6 +195,8 @@ async def test_malformed_and_unknown_version_commands_get_error_replies(
     reply = await client.command(wrong)
     assert not reply.ok and "version" in reply.message
     reply = await client.command(msgpack.packb({"v": 1, "type": "load", "body": {"x": 1}}))
+    assert not reply.ok and "unknown field(s) 'x'" in reply.message  # strict on receipt
+    reply = await client.command(msgpack.packb({"v": 1, "type": "load", "body": {}}))
     assert not reply.ok and "missing field" in reply.message
     bad_record = LoadCmd("bad-rec", "tiny", {"spec": {}}, "")
     reply = await client.command(encode(bad_record))
