@@ -207,7 +207,7 @@ class NatsBus:
         up to 5) and, with ``ttl_s``, a maximum age per value. A bucket that exists with other
         replicas or TTL is updated to these (JetStream moves the replicas), so a registry made
         on one server follows it onto a cluster. ``retry_s``: how long its operations wait out
-        a JetStream election (``sllm.nats_kv``)."""
+        a JetStream election (``sllm.nats_kv``); opening it waits at least ``KV_RETRY_S``."""
         js = self.nc.jetstream(timeout=KV_ATTEMPT_S)
         config = KeyValueConfig(bucket=bucket, history=history, replicas=replicas, ttl=ttl_s)
 
@@ -229,7 +229,10 @@ class NatsBus:
                 await js.update_stream(info.config)
             return kv
 
-        kv = await retrying(f"open kv bucket {bucket}", open_bucket, self, retry_s)
+        # Opening waits out an election as long as any bucket's operations may (KV_RETRY_S): a
+        # gateway started with a cluster that is still electing (seen in a full test run: the
+        # lease bucket, whose operations retry 1 s, failed to open) must not give up at once.
+        kv = await retrying(f"open kv bucket {bucket}", open_bucket, self, max(retry_s, KV_RETRY_S))
         return NatsKeyValue(kv, bucket, self, retry_s)
 
 
