@@ -163,19 +163,12 @@ class Controller:
         for inst in [*change.became_ready, *(i for i, _, _ in change.failed), *change.removed]:
             self._role.gone(inst.instance_id)
         for inst in change.adopted:
-            # Running before this gateway knew it (a restart): count it as wanted, and let
-            # keep_alive run from now, so it is not drained as surplus on the next tick. At
-            # least what runs is wanted, not one more: the count resumed from the last leader
-            # may count it already (a heartbeat after the takeover), and one more started a
-            # second instance and drained the adopted one.
+            # Running before this gateway knew it (a restart): what runs is wanted (not one more:
+            # the count resumed from the last leader may include it), keep_alive from now.
             record = self._registry.find(inst.function)
             state = self._scalers.get(inst.function)
             if record is not None and state is not None and inst.revision == record.revision:
-                running = sum(
-                    1
-                    for i in self._table.of(inst.function)
-                    if i.revision == record.revision and i.state in ("ready", "starting")
-                )
+                running = len(self._table.serving(inst.function, record.revision))
                 self._scalers[inst.function] = replace(
                     state, desired=max(state.desired, running), last_active=now
                 )
@@ -211,7 +204,7 @@ class Controller:
         itself failed: a broken checkpoint) and nothing else is starting, queued requests get
         503 now rather than at the wake deadline; otherwise (a node died, NATS is down, no
         room yet) they keep waiting for the instance a later tick starts."""
-        left = [i for i in self._table.of(function) if i.state in ("ready", "starting")]
+        left = self._table.serving(function)
         state = self._scalers.get(function)
         if state is not None:
             self._scalers[function] = replace(state, desired=len(left))

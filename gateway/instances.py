@@ -100,6 +100,14 @@ class InstanceTable:
     def of(self, function: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.function == function]
 
+    def serving(self, function: str, revision: int | None = None) -> list[Instance]:
+        """Its instances that serve or start (of ``revision`` only, when given)."""
+        return [
+            i
+            for i in self.of(function)
+            if i.state in ("ready", "starting") and revision in (None, i.revision)
+        ]
+
     def routable(self, function: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.function == function and i.state == "ready"]
 
