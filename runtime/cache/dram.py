@@ -266,6 +266,8 @@ class DramWriter:
         finally:
             os.close(fd)
         self.buffer = memoryview(self._mm) if self._mm is not None else memoryview(b"")
+        # bytes from the start whose page tables a reused slab brought populated
+        self.populated = populated if self._mm is not None else 0
         self._stop_populate = threading.Event()
         self._populator: threading.Thread | None = None
         if populate and self._mm is not None and populated < self.size:

@@ -166,7 +166,13 @@ class TieredCache:
         writer = self.dram.writer(key, index, extra, populate=False)
         try:
             # the loader's one reader, the same code bench/load.py measures
-            read_checkpoint(ssd_dir, index, writer.buffer, executor=self._disk_reads)
+            read_checkpoint(
+                ssd_dir,
+                index,
+                writer.buffer,
+                executor=self._disk_reads,
+                populated=writer.populated,
+            )
         except BaseException:
             writer.abort()
             raise

@@ -123,3 +123,45 @@ def test_an_error_waits_for_the_reads_in_flight() -> None:
         bounded_map(work, range(50), 2, pool, "t")
     assert 0 in finished  # the slow read was waited for
     assert len(finished) <= 3  # the rest was cancelled, not run
+
+
+def test_a_slow_call_does_not_hold_back_the_next_items() -> None:
+    """A worker takes the next item as soon as its call returns: while item 0 is slow, the
+    other worker goes through the rest (a caller waiting on results in order left it idle)."""
+    last_ran = threading.Event()
+
+    def work(i: int) -> int:
+        if i == 0:
+            assert last_ran.wait(10), "items behind the slow one waited for it"
+        if i == 9:
+            last_ran.set()
+        return i * i
+
+    with ThreadPoolExecutor(2) as pool:
+        assert bounded_map(work, range(10), 2, pool, "t") == [i * i for i in range(10)]
+
+
+def test_populated_destination_pages_are_not_populated_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buffered read populates only the destination pages past ``populated`` (a reused
+    slab's are mapped already; walking them again cost 25-90 ms per 2 GB)."""
+    import runtime.loader.read as read
+
+    index = write_random_checkpoint(tmp_path, (4 << 20,))
+    calls: list[tuple[int, int]] = []
+    buf = mmap.mmap(-1, image_layout(index)[1])
+    view = memoryview(buf)
+    anchor = ctypes.c_char.from_buffer(buf)
+    base = ctypes.addressof(anchor)
+    monkeypatch.setattr(read, "populate_write", lambda a, n: calls.append((a - base, n)))
+    try:
+        read_checkpoint(
+            tmp_path, index, view, chunk_bytes=1 << 20, direct=False, populated=(2 << 20) + 4096
+        )
+        assert view[: 4 << 20] == (tmp_path / index.partitions[0].file).read_bytes()
+    finally:
+        del anchor
+        view.release()
+        buf.close()
+    assert sorted(calls) == [((2 << 20) + 4096, (1 << 20) - 4096), (3 << 20, 1 << 20)]
