@@ -90,3 +90,36 @@ def test_deploy_refuses_backend_vllm_for_a_model_vllm_cannot_run(
     assert verdict.startswith("refused: backend: vllm: vLLM ")
     assert "no kernel for head size 16" in verdict
     assert "backend: auto would serve it with transformers" in verdict
+
+
+WARM_UP = """
+import gc, json, sys
+from runtime.backend.vllm_process import _WORKER_MODULES, pool_warm_up
+from vllm.platforms import current_platform
+support = pool_warm_up()
+print(json.dumps({
+    "worker": _WORKER_MODULES[str(current_platform.device_type)],
+    "imported": sorted(m for m in _WORKER_MODULES.values() if m in sys.modules),
+    "frozen": gc.get_freeze_count(),
+    "llama": "LlamaForCausalLM" in support["architectures"],
+}))
+"""
+
+
+def test_an_idle_vllm_process_imports_its_worker_and_freezes_the_heap() -> None:
+    """What a pool process does before any load: the worker module the locked vLLM resolves
+    for this platform is imported (a module renamed by a vLLM bump would leave it to the
+    first build, 1.0-1.3 s of it), and the post-import heap is frozen for the build's five
+    ``gc.collect`` calls."""
+    run = subprocess.run(
+        [sys.executable, "-c", WARM_UP],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["worker"] in found["imported"]
+    assert found["frozen"] > 100_000
+    assert found["llama"]
