@@ -161,7 +161,7 @@ def open_vllm(
         warm.backend.call(lambda engine: reload_into(engine, entry))
         return warm.backend, "reloaded"
     if warm is not None:  # another configuration: free its memory before building
-        warm.backend.stop("replaced by an engine for another model")
+        warm.backend.close("replaced by an engine for another model")
     return _build(entry, tokenizer, options, plan), "built"
 
 

@@ -155,7 +155,7 @@ class Idle:
         if self.warm is not None and self.warm.entry == spec.entry_dir:
             return
         if self.warm is not None:
-            self.warm.backend.stop("replaced by another prebuild")
+            self.warm.backend.close("replaced by another prebuild")
             self.warm = None
         try:
             self.warm = prebuild_vllm(spec, self.premapper.images.get(spec.entry_dir))
@@ -218,7 +218,10 @@ def main() -> int:
         spec = LoadSpec.from_json(command)
         if not spec.secret:
             raise ValueError("the load command has no instance secret; refusing to serve")
-        loaded = load_instance(spec, idle.premapper.take(spec.entry_dir), idle.warm)
+        # the warm engine goes to the load: kept, reloaded, or closed there for another model
+        warm, idle.warm = idle.warm, None
+        loaded = load_instance(spec, idle.premapper.take(spec.entry_dir), warm)
+        del warm
     except Exception as exc:
         from sllm.errors import SllmError
 

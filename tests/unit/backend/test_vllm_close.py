@@ -1,0 +1,50 @@
+"""Closing a replaced vLLM engine frees it at once (pure logic: a stand-in engine object, no
+vLLM). A stopped engine still referenced by its backend held its weights and KV cache while
+the next engine was built, and for the rest of the instance's life."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from types import SimpleNamespace
+from typing import Any
+
+from runtime.backend.vllm_engine import VllmBackend
+
+
+class _Engine:
+    """What ``VllmBackend`` reads of a built engine, with a reference cycle as vLLM's objects
+    have (refcounting alone never frees it)."""
+
+    def __init__(self) -> None:
+        model = SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 32)
+        self.vllm_config = SimpleNamespace(
+            model_config=model, cache_config=SimpleNamespace(block_size=16)
+        )
+        self.me = self
+
+
+def _started() -> tuple[VllmBackend, weakref.ref[Any]]:
+    made = [_Engine()]
+    ref = weakref.ref(made[0])
+    backend = VllmBackend(made.pop, lambda ids: "", eos_ids=[0])  # built: only it holds one
+    backend.start()
+    return backend, ref
+
+
+def test_close_frees_the_engine_while_the_backend_is_still_referenced() -> None:
+    gc.disable()  # only close's own collection may free it
+    try:
+        backend, ref = _started()
+        backend.close("replaced by an engine for another model")
+        assert ref() is None
+        assert backend.engine is None
+    finally:
+        gc.enable()
+
+
+def test_stop_alone_keeps_the_engine_for_the_running_instance() -> None:
+    backend, ref = _started()
+    backend.stop("instance is stopping")
+    gc.collect()
+    assert ref() is not None  # an instance that stops keeps its engine until the process ends
