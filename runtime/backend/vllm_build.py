@@ -180,6 +180,7 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
     from vllm.v1.engine.llm_engine import LLMEngine
 
     from runtime.backend.vllm_engine import VllmBackend
+    from runtime.backend.vllm_kv import ARENA, KvLease
     from runtime.backend.vllm_loader import LOAD_FORMAT
 
     os.environ.update(compile_cache_env(options.cache_dir))
@@ -209,15 +210,20 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
         ),
     )
 
+    lease = KvLease()
+
     def build() -> Any:  # on the backend's thread
+        nonlocal lease
         import torch
 
-        if options.on_cpu:
-            # One torch (OpenMP) thread, as vLLM's own CPU serving uses: with two, the idle
-            # one spin-waits against the step's serial Python (SmolLM2 here: 2.8 tok/s with
-            # two threads, 23.8 with one, one stream; 22 vs 160 tok/s with eight)
-            torch.set_num_threads(1)
-        return LLMEngine.from_engine_args(args)
+        if not options.on_cpu:
+            return LLMEngine.from_engine_args(args)
+        # One torch (OpenMP) thread, as vLLM's own CPU serving uses: with two, the idle
+        # one spin-waits against the step's serial Python (SmolLM2 here: 2.8 tok/s with
+        # two threads, 23.8 with one, one stream; 22 vs 160 tok/s with eight)
+        torch.set_num_threads(1)
+        with ARENA.lending(plan.kv_bytes) as lease:
+            return LLMEngine.from_engine_args(args)
 
     backend = VllmBackend(
         build,
@@ -225,8 +231,13 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
         eos_ids=eos_ids(entry, tokenizer),
     )
     backend.start()
+    if lease.nbytes:
+        backend.when_freed(lambda: ARENA.release(lease))
+    backend.kv_lease = lease
     log.info(
-        "vLLM engine built: dtype=%s kv_cache=%d MiB max_model_len=%d block_size=%d",
-        plan.dtype, plan.kv_bytes >> 20, backend.max_context, backend.block_size,
+        "vLLM engine built: dtype=%s kv_cache=%d MiB (%s) max_model_len=%d block_size=%d",
+        plan.dtype, plan.kv_bytes >> 20,
+        "reused" if lease.reused else "allocated" if lease.nbytes else "vLLM's own",
+        backend.max_context, backend.block_size,
     )  # fmt: skip
     return backend

@@ -81,6 +81,8 @@ class VllmBackend:
         self._stopping = False
         self._stop_reason = "instance is stopping"
         self._thread: threading.Thread | None = None
+        self._on_freed: list[Callable[[], None]] = []
+        self.kv_lease: Any = None  # runtime.backend.vllm_kv.KvLease of a CPU build
 
     # -- Backend, any thread ----------------------------------------------------------------
     def start(self) -> None:
@@ -112,6 +114,13 @@ class VllmBackend:
             return
         self.engine = None
         gc.collect()
+        for release in self._on_freed:  # memory lent to the engine (its KV cache's arena)
+            release()
+        self._on_freed.clear()
+
+    def when_freed(self, release: Callable[[], None]) -> None:
+        """Call ``release`` once ``close`` freed the engine (not when it could not)."""
+        self._on_freed.append(release)
 
     def submit(self, state: RequestState, sink: Sink, *, internal: bool = False) -> None:
         check_runnable(state, self.max_context, self.vocab_size)

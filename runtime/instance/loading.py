@@ -181,6 +181,10 @@ def load_instance(
         from runtime.backend.vllm_build import open_vllm
 
         engine, how = open_vllm(entry, mapped, tokenizer, vllm_options(spec), warm)
+        lease = engine.kv_lease
+        if how == "built" and lease is not None and lease.nbytes:
+            # within build_s: the KV cache taken from the process's arena (zeroed) or allocated
+            timings["kv_cache_reused_s" if lease.reused else "kv_cache_s"] = lease.seconds
     else:
         eos = eos_ids_of(model, tokenizer)
         engine = TransformersBackend(model, tok.decode, eos_ids=eos, max_batch=spec.max_batch)

@@ -146,13 +146,17 @@ def vllm_node(
 
 
 def vllm_record(
-    function: str, checkpoint: str = "vtiny", backend: str = "vllm", **spec: Any
+    function: str,
+    checkpoint: str = "vtiny",
+    backend: str = "vllm",
+    memory_bytes: int = 256 << 20,
+    **spec: Any,
 ) -> dict[str, Any]:
-    """A registry record of ``function`` serving ``checkpoint``; 256Mi of memory: weights plus
-    a KV cache kept small (several engines and test runs share this machine)."""
+    """A registry record of ``function`` serving ``checkpoint``; 256Mi of memory by default:
+    weights plus a KV cache kept small (several engines and test runs share this machine)."""
     from sllm.spec import Resources
 
-    resources = Resources(memory_bytes=256 << 20)
+    resources = Resources(memory_bytes=memory_bytes)
     fspec = FunctionSpec(
         name=function, model=checkpoint, backend=backend, resources=resources, **spec
     )

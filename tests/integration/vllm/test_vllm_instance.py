@@ -157,13 +157,22 @@ def _engine_of(vllm_node: VllmNode, instance_id: str) -> str:
     raise AssertionError(f"no ready line for {instance_id}")
 
 
+def _timings_of(vllm_node: VllmNode, instance_id: str) -> dict[str, float]:
+    """The instance's load timings, from the node's ready log line."""
+    for line in vllm_node.process.log_path.read_text().splitlines():
+        if f"instance {instance_id} ready" in line:
+            return dict(json.loads(line.split(" timings=", 1)[1]))
+    raise AssertionError(f"no ready line for {instance_id}")
+
+
 async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
     served: InstanceEvent, vllm_node: VllmNode, vclient: VllmNodeClient
 ) -> None:
     """After ``served`` came up, the idle vLLM process built an engine for its model: a second
     instance of the same model takes it as it is; one of another checkpoint with the same
     configuration gets its weights replaced in place (and computes with those, not the old
-    ones: its greedy tokens are transformers' for its own checkpoint)."""
+    ones: its greedy tokens are transformers' for its own checkpoint); one of another
+    configuration is built on the KV cache memory the freed engine held."""
     same = vllm_record("vchat")
     assert (await vclient.load_record("v-kept", same)).ok
     kept = await vclient.event("v-kept", timeout_s=300.0)
@@ -183,6 +192,19 @@ async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
     )
     assert (await vclient.unload("v-reload", 1.0)).ok
     assert (await vclient.event("v-reload")).kind == "stopped"
+
+    # Another configuration (a smaller KV cache): the idle process frees its prebuilt engine
+    # and builds this one on the KV cache memory that engine held (runtime.backend.vllm_kv),
+    # zeroed: the greedy tokens are still transformers' own.
+    smaller = vllm_record("vchat3", memory_bytes=192 << 20)
+    assert (await vclient.load_record("v-other", smaller)).ok
+    other_ready = await vclient.event("v-other", timeout_s=300.0)
+    assert other_ready.kind == "ready", other_ready.error
+    assert _engine_of(vllm_node, "v-other") == "built"
+    assert "kv_cache_reused_s" in _timings_of(vllm_node, "v-other")
+    assert await _greedy_tokens(other_ready, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
+    assert (await vclient.unload("v-other", 1.0)).ok
+    assert (await vclient.event("v-other")).kind == "stopped"
 
 
 async def test_auto_falls_back_for_a_model_vllm_cannot_run(vclient: VllmNodeClient) -> None:

@@ -1,0 +1,154 @@
+"""The vLLM KV cache allocated once per process (CPU): ``KvArena``.
+
+vLLM allocates its KV cache as one ``torch.zeros(n, dtype=int8)`` per engine build
+(``vllm.v1.worker.utils.allocate_kv_cache``). On this 2-core VM that call was most of a
+build: SmolLM2 with a 2 GiB budget, 4.8 of a 6.4 s first build (cProfile), because every page
+of fresh memory faults and is zeroed one at a time; freeing it again when an engine was
+replaced took 0.7 s more. An idle vLLM process builds one engine after another (the node's
+prebuild hint, then the load's own model when it is another configuration), so the process
+keeps the memory of the first KV cache and lends it to each later build: the mapping stays
+faulted in, a reuse only zeroes it (0.22 s for 1.8 GiB), and the same engine rebuild took
+1.8-2.4 s instead of 4.8-5.6 s (measured, ``bench/backends.py``'s built cold start).
+
+The lending is a ``TorchFunctionMode`` around the engine build on the building thread: it
+answers the one ``torch.zeros`` of the KV cache's size with a view of the arena, and lets every
+other call through. No vLLM code is patched: when a vLLM version allocates differently, the
+mode sees no such call and the build allocates as before (slower, still correct);
+tests/integration/vllm pins the reuse against the locked vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KvLease:
+    """What one engine build got from the arena: ``reused`` (memory an earlier engine of this
+    process held, zeroed) or fresh; ``nbytes`` 0 when the build allocated no KV cache through
+    the arena (it was lent to another engine, or vLLM never asked)."""
+
+    nbytes: int = 0
+    reused: bool = False
+    seconds: float = 0.0  # allocating (faulting in) or zeroing it
+    released: bool = field(default=False, repr=False)
+
+
+class KvArena:
+    """One private anonymous mapping that the engines of this process take their KV cache
+    from, one engine at a time. ``lending`` wraps a build; ``release`` hands the memory back
+    once that engine is stopped and dropped (``VllmBackend.close``). The mapping grows when a
+    build asks for more than it holds (the old one is unmapped when nothing refers to it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._map: mmap.mmap | None = None
+        self._dirty = False  # an engine wrote into it: zero before the next lend
+        self._lent: KvLease | None = None
+
+    @property
+    def capacity(self) -> int:
+        return len(self._map) if self._map is not None else 0
+
+    @contextmanager
+    def lending(self, kv_bytes: int) -> Iterator[KvLease]:
+        """Within this block, on this thread, the first ``torch.zeros(n, dtype=torch.int8)``
+        on the CPU with ``kv_bytes // 2 < n <= kv_bytes`` (vLLM's KV cache: its budget
+        ``kv_bytes`` rounded down to whole blocks) returns the arena's first ``n`` bytes, zeroed.
+        When the arena is still lent to a live engine, nothing is intercepted."""
+        lease = KvLease()
+        with self._lock:
+            if self._lent is not None:
+                yield lease
+                return
+            self._lent = lease
+        try:
+            with _KvAllocation(self, lease, kv_bytes):
+                yield lease
+        except BaseException:
+            self.release(lease)  # the build failed: no engine runs on the memory
+            raise
+        if lease.nbytes == 0:  # the build never asked: nothing lent
+            self.release(lease)
+
+    def release(self, lease: KvLease) -> None:
+        """The engine holding ``lease`` is gone: the next build may take the memory."""
+        with self._lock:
+            if self._lent is lease:
+                self._lent = None
+            lease.released = True
+
+    def _take(self, lease: KvLease, n: int) -> torch.Tensor:
+        started = time.monotonic()
+        if self._map is None or len(self._map) < n:
+            self._map = None  # unmapped once the engine that used it is gone
+            mapping = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            view = torch.frombuffer(mapping, dtype=torch.int8, count=n)
+            view.zero_()  # fault every page in now, as torch.zeros would
+            self._map = mapping
+            lease.reused = False
+        else:
+            view = torch.frombuffer(self._map, dtype=torch.int8, count=n)
+            if self._dirty:
+                view.zero_()
+            lease.reused = True
+        self._dirty = True
+        lease.nbytes = n
+        lease.seconds = time.monotonic() - started
+        log.info(
+            "vLLM KV cache: %d MiB %s in %.2f s",
+            n >> 20, "from the process's arena" if lease.reused else "allocated", lease.seconds,
+        )  # fmt: skip
+        return view
+
+
+class _KvAllocation(TorchFunctionMode):
+    """Answers the KV cache's ``torch.zeros`` from the arena (``KvArena.lending``)."""
+
+    def __init__(self, arena: KvArena, lease: KvLease, kv_bytes: int) -> None:
+        super().__init__()
+        self.arena = arena
+        self.lease = lease
+        self.kv_bytes = kv_bytes
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        n = _kv_zeros_size(func, args, kwargs)
+        if n is not None and self.lease.nbytes == 0 and self.kv_bytes // 2 < n <= self.kv_bytes:
+            return self.arena._take(self.lease, n)
+        return func(*args, **kwargs)
+
+
+def _kv_zeros_size(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """``n`` for ``torch.zeros(n, dtype=torch.int8)`` on the CPU (no other keyword), else None."""
+    if func is not torch.zeros or kwargs.get("dtype") is not torch.int8:
+        return None
+    if set(kwargs) - {"dtype", "device"}:
+        return None
+    if torch.device(kwargs.get("device") or "cpu").type != "cpu":
+        return None
+    size = args[0] if len(args) == 1 else None
+    if isinstance(size, (tuple, list, torch.Size)) and len(size) == 1:
+        size = size[0]
+    return size if isinstance(size, int) else None
+
+
+ARENA = KvArena()  # the process's: one vLLM engine serves at a time in an instance process

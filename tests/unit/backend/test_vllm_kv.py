@@ -1,0 +1,87 @@
+"""The KV cache arena (runtime.backend.vllm_kv) with plain torch calls standing in for vLLM's
+one ``torch.zeros(n, dtype=torch.int8)``: what is intercepted, what is reused, and when."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from runtime.backend.vllm_kv import KvArena
+
+KV = 1 << 20
+
+
+def test_the_kv_cache_zeros_come_from_the_arena_and_nothing_else_does() -> None:
+    arena = KvArena()
+    with arena.lending(KV) as lease:
+        small = torch.zeros(1024, dtype=torch.int8)  # not the KV cache's size
+        floats = torch.zeros(KV - 4096, dtype=torch.float32)
+        kv = torch.zeros(KV - 4096, dtype=torch.int8)
+        second = torch.zeros(KV - 4096, dtype=torch.int8)  # one lend per build
+    assert lease.nbytes == KV - 4096 and not lease.reused
+    assert arena.capacity == KV - 4096
+    assert kv.numel() == KV - 4096 and not kv.any()
+    for t in (small, floats, second):
+        assert t.untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()
+    assert torch.zeros(8, dtype=torch.int8).sum() == 0  # outside the block: plain torch
+
+
+def test_a_released_arena_is_lent_again_zeroed_on_the_same_memory() -> None:
+    arena = KvArena()
+    with arena.lending(KV) as first:
+        kv = torch.zeros(KV, dtype=torch.int8)
+    kv.fill_(7)  # the engine wrote its keys and values
+    address = kv.data_ptr()
+    arena.release(first)
+    with arena.lending(KV) as again:
+        kv2 = torch.zeros(KV - 8192, dtype=torch.int8)
+    assert again.reused and again.nbytes == KV - 8192
+    assert kv2.data_ptr() == address
+    assert not kv2.any()
+
+
+def test_an_arena_still_lent_is_not_lent_twice() -> None:
+    """The engine holding it was not freed (its thread did not stop): the next build
+    allocates as vLLM would."""
+    arena = KvArena()
+    with arena.lending(KV):
+        held = torch.zeros(KV, dtype=torch.int8)
+    with arena.lending(KV) as lease:
+        other = torch.zeros(KV, dtype=torch.int8)
+    assert lease.nbytes == 0
+    assert other.data_ptr() != held.data_ptr()
+
+
+def test_a_larger_kv_cache_grows_the_arena_and_the_old_memory_stays_valid() -> None:
+    arena = KvArena()
+    with arena.lending(KV) as first:
+        small = torch.zeros(KV, dtype=torch.int8)
+    small.fill_(3)
+    arena.release(first)
+    with arena.lending(4 * KV) as lease:
+        big = torch.zeros(4 * KV, dtype=torch.int8)
+    assert not lease.reused and arena.capacity == 4 * KV
+    assert not big.any()
+    assert int(small.sum()) == 3 * KV  # the older engine's view still reads its memory
+
+
+def test_a_failed_build_gives_the_memory_back() -> None:
+    arena = KvArena()
+    with pytest.raises(RuntimeError), arena.lending(KV):
+        torch.zeros(KV, dtype=torch.int8)
+        raise RuntimeError("the build failed after allocating its KV cache")
+    with arena.lending(KV) as lease:
+        torch.zeros(KV, dtype=torch.int8)
+    assert lease.reused
+
+
+def test_only_the_building_thread_is_intercepted() -> None:
+    arena = KvArena()
+    seen: list[torch.Tensor] = []
+    with arena.lending(KV) as lease:
+        thread = threading.Thread(target=lambda: seen.append(torch.zeros(KV, dtype=torch.int8)))
+        thread.start()
+        thread.join()
+    assert lease.nbytes == 0 and arena.capacity == 0 and not seen[0].any()
