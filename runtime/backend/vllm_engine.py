@@ -114,6 +114,11 @@ class VllmBackend:
             return
         self.engine = None
         gc.collect()
+        # vLLM's shutdown unfroze the whole heap (EngineCore.shutdown: gc.unfreeze), so every
+        # full collection after it, the next build's own among them, walked each import-time
+        # object again (~690k here, 0.28 s a collection, measured): freeze what survived, as
+        # the idle process froze it after its imports (runtime.backend.vllm_process)
+        gc.freeze()
         for release in self._on_freed:  # memory lent to the engine (its KV cache's arena)
             release()
         self._on_freed.clear()

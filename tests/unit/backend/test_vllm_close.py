@@ -40,7 +40,23 @@ def test_close_frees_the_engine_while_the_backend_is_still_referenced() -> None:
         assert ref() is None
         assert backend.engine is None
     finally:
+        gc.unfreeze()
         gc.enable()
+
+
+def test_close_freezes_what_survives_so_later_collections_skip_it() -> None:
+    """vLLM's shutdown unfreezes the heap; close freezes the survivors again (after freeing
+    the garbage: a frozen cycle would never be freed)."""
+    gc.unfreeze()
+    try:
+        backend, ref = _started()
+        survivor = [object()]
+        backend.close("replaced by an engine for another model")
+        assert ref() is None
+        assert gc.get_freeze_count() > 0
+        assert not any(o is survivor for o in gc.get_objects())  # frozen: not walked
+    finally:
+        gc.unfreeze()
 
 
 def test_stop_alone_keeps_the_engine_for_the_running_instance() -> None:
