@@ -231,13 +231,12 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
         eos_ids=eos_ids(entry, tokenizer),
     )
     backend.start()
-    if lease.nbytes:
-        backend.when_freed(lambda: ARENA.release(lease))
     backend.kv_lease = lease
     log.info(
         "vLLM engine built: dtype=%s kv_cache=%d MiB (%s) max_model_len=%d block_size=%d",
         plan.dtype, plan.kv_bytes >> 20,
-        "reused" if lease.reused else "allocated" if lease.nbytes else "vLLM's own",
+        (f"{'reused' if lease.reused else 'allocated'} in {lease.seconds:.2f} s"
+         if lease.nbytes else "vLLM's own"),
         backend.max_context, backend.block_size,
     )  # fmt: skip
     return backend

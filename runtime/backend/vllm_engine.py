@@ -81,7 +81,6 @@ class VllmBackend:
         self._stopping = False
         self._stop_reason = "instance is stopping"
         self._thread: threading.Thread | None = None
-        self._on_freed: list[Callable[[], None]] = []
         self.kv_lease: Any = None  # runtime.backend.vllm_kv.KvLease of a CPU build
 
     # -- Backend, any thread ----------------------------------------------------------------
@@ -119,13 +118,10 @@ class VllmBackend:
         # object again (~690k here, 0.28 s a collection, measured): freeze what survived, as
         # the idle process froze it after its imports (runtime.backend.vllm_process)
         gc.freeze()
-        for release in self._on_freed:  # memory lent to the engine (its KV cache's arena)
-            release()
-        self._on_freed.clear()
+        if self.kv_lease is not None:  # the KV cache memory lent to it: the next build's
+            from runtime.backend.vllm_kv import ARENA
 
-    def when_freed(self, release: Callable[[], None]) -> None:
-        """Call ``release`` once ``close`` freed the engine (not when it could not)."""
-        self._on_freed.append(release)
+            ARENA.release(self.kv_lease)
 
     def submit(self, state: RequestState, sink: Sink, *, internal: bool = False) -> None:
         check_runnable(state, self.max_context, self.vocab_size)

@@ -19,19 +19,16 @@ tests/integration/vllm pins the reuse against the locked vLLM.
 
 from __future__ import annotations
 
-import logging
 import mmap
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +40,6 @@ class KvLease:
     nbytes: int = 0
     reused: bool = False
     seconds: float = 0.0  # allocating (faulting in) or zeroing it
-    released: bool = field(default=False, repr=False)
 
 
 class KvArena:
@@ -55,7 +51,6 @@ class KvArena:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._map: mmap.mmap | None = None
-        self._dirty = False  # an engine wrote into it: zero before the next lend
         self._lent: KvLease | None = None
 
     @property
@@ -70,10 +65,12 @@ class KvArena:
         When the arena is still lent to a live engine, nothing is intercepted."""
         lease = KvLease()
         with self._lock:
-            if self._lent is not None:
-                yield lease
-                return
-            self._lent = lease
+            free = self._lent is None
+            if free:
+                self._lent = lease
+        if not free:
+            yield lease
+            return
         try:
             with _KvAllocation(self, lease, kv_bytes):
                 yield lease
@@ -84,33 +81,23 @@ class KvArena:
             self.release(lease)
 
     def release(self, lease: KvLease) -> None:
-        """The engine holding ``lease`` is gone: the next build may take the memory."""
+        """The engine holding ``lease`` is gone: the next build may take the memory (a lease
+        that does not hold it: nothing)."""
         with self._lock:
             if self._lent is lease:
                 self._lent = None
-            lease.released = True
 
     def _take(self, lease: KvLease, n: int) -> torch.Tensor:
         started = time.monotonic()
-        if self._map is None or len(self._map) < n:
-            self._map = None  # unmapped once the engine that used it is gone
-            mapping = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            view = torch.frombuffer(mapping, dtype=torch.int8, count=n)
-            view.zero_()  # fault every page in now, as torch.zeros would
-            self._map = mapping
-            lease.reused = False
-        else:
-            view = torch.frombuffer(self._map, dtype=torch.int8, count=n)
-            if self._dirty:
-                view.zero_()
-            lease.reused = True
-        self._dirty = True
+        lease.reused = self._map is not None and len(self._map) >= n
+        if not lease.reused:  # the old mapping is unmapped once the engine that used it is gone
+            self._map = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        assert self._map is not None
+        view = torch.frombuffer(self._map, dtype=torch.int8, count=n)
+        # fresh: faults every page in now, as torch.zeros would; reused: an engine wrote it
+        view.zero_()
         lease.nbytes = n
         lease.seconds = time.monotonic() - started
-        log.info(
-            "vLLM KV cache: %d MiB %s in %.2f s",
-            n >> 20, "from the process's arena" if lease.reused else "allocated", lease.seconds,
-        )  # fmt: skip
         return view
 
 

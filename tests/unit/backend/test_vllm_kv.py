@@ -85,3 +85,19 @@ def test_only_the_building_thread_is_intercepted() -> None:
         thread.start()
         thread.join()
     assert lease.nbytes == 0 and arena.capacity == 0 and not seen[0].any()
+
+
+def test_a_build_that_finds_the_arena_lent_does_not_hold_its_lock() -> None:
+    """The engine holding the arena is closed on another thread while a build that found it
+    lent runs: the release must not wait for that build to end."""
+    arena = KvArena()
+    with arena.lending(KV) as first:
+        torch.zeros(KV, dtype=torch.int8)
+    with arena.lending(KV):
+        releaser = threading.Thread(target=arena.release, args=(first,))
+        releaser.start()
+        releaser.join(timeout=5)
+        assert not releaser.is_alive()
+    with arena.lending(KV) as again:
+        torch.zeros(KV, dtype=torch.int8)
+    assert again.reused
