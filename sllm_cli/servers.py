@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -25,12 +27,54 @@ from pathlib import Path
 from sllm.errors import Unavailable
 from sllm.nats_auth import GATEWAY_FILE, NatsCredentials, cluster_block, node_file
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000  # below: well-known and commonly configured services
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+_rng = random.Random()  # its own: a test that seeds `random` must not make two runs collide
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local end of outgoing connections (inclusive)."""
+    try:
+        low, high = (int(x) for x in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port on 127.0.0.1 that nothing holds now, for a server about to be started.
+
+    It is chosen outside the kernel's ephemeral range. A port from ``bind(0)`` comes from that
+    range, and so does the local end of every ``connect()``: between this call and the
+    server's own bind, any outgoing connection could take it ("address already in use").
+    Outside the range only another listener can, so a port is never handed out twice by one
+    process, and one that is bound now is skipped."""
+    low, high = ephemeral_range()
+    candidates = [(_LOWEST_PORT, low - 1), (high + 1, 65535)]
+    spans = [(a, b) for a, b in candidates if b - a >= 1000]
+    if spans:
+        with _handed_out_lock:
+            for _ in range(200):
+                a, b = _rng.choice(spans)
+                port = _rng.randint(a, b)
+                if port not in _handed_out and _bindable(port):
+                    _handed_out.add(port)
+                    return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the ephemeral range is all
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def port_open(host: str, port: int) -> bool:
