@@ -19,6 +19,7 @@ tests/integration/vllm pins the reuse against the locked vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
 import time
@@ -86,6 +87,18 @@ class KvArena:
         with self._lock:
             if self._lent is lease:
                 self._lent = None
+
+    def free(self) -> int:
+        """Give the memory back to the system (the node needs it); its size, 0 while an
+        engine holds it. The next build allocates afresh."""
+        with self._lock:
+            if self._lent is not None or self._map is None:
+                return 0
+            mapping, self._map = self._map, None
+        size = len(mapping)
+        with contextlib.suppress(BufferError):  # a view still alive: unmapped when it dies
+            mapping.close()
+        return size
 
     def _take(self, lease: KvLease, n: int) -> torch.Tensor:
         started = time.monotonic()

@@ -327,8 +327,11 @@ class ContainerBackend:
             seen = self.seen.get(image, set())
             await pool.set_premap([dram[key] for key in sorted(dram) if key in seen])
 
-    async def set_prebuild(self, spec: dict[str, Any]) -> None:
+    async def set_prebuild(self, spec: dict[str, Any], room_bytes: int) -> None:
         """Nothing: no vLLM instances run in containers (``VLLM_IN_CONTAINERS``)."""
+
+    async def fit_prebuild(self, room_bytes: int) -> None:
+        """Nothing: no idle process here holds a warm engine."""
 
     @property
     def idle(self) -> int:

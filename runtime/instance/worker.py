@@ -166,9 +166,23 @@ class Idle:
             "prebuilt a vLLM engine for %s (key %s)", spec.entry_dir, self.warm.key
         )
 
+    def release(self) -> None:
+        """The node needs the memory (``release`` line): free the warm engine and the KV cache
+        memory this process keeps for its builds."""
+        if self.warm is None:
+            return
+        from runtime.backend.vllm_kv import ARENA
+
+        self.warm.backend.close("released: the node needs its memory")
+        self.warm = None
+        freed = ARENA.free()
+        logging.getLogger(__name__).info(
+            "released the warm vLLM engine and %d MiB of KV cache memory", freed >> 20
+        )
+
     def wait_for_load(self) -> dict[str, Any] | None:
-        """Apply ``premap`` and ``prebuild`` lines until the ``load`` line (None: stdin
-        closed)."""
+        """Apply ``premap``, ``prebuild`` and ``release`` lines until the ``load`` line
+        (None: stdin closed)."""
         for line in sys.stdin:
             try:
                 command = json.loads(line)
@@ -180,6 +194,8 @@ class Idle:
                 self.premapper.update([str(e) for e in command.get("entries", [])])
             elif command.get("cmd") == "prebuild":
                 self.prebuild(command.get("spec"))
+            elif command.get("cmd") == "release":
+                self.release()
             elif command.get("cmd") == "load":
                 return command
         return None

@@ -110,6 +110,7 @@ class NodeAgent:
             cpu_slots=max(slots, 1),
             handler_root=Path(settings.cache_dir) / "handlers",
             cache_dir=str(settings.cache_dir),
+            dram_capacity=settings.dram_capacity,
         )
         self.seq = 0
         self.draining = False

@@ -40,10 +40,15 @@ class InstanceBackend(Protocol):
         """The DRAM tier's entries (checkpoint key -> node path) idle processes may map."""
         ...
 
-    async def set_prebuild(self, spec: dict[str, Any]) -> None:
-        """The load spec of the latest vLLM instance: idle vLLM processes build its engine
-        while they wait (a scale-up or a cold start after scale-to-zero then takes it;
-        ``WorkerPool.set_prebuild``). Its ``secret`` is the running instance's: dropped."""
+    async def set_prebuild(self, spec: dict[str, Any], room_bytes: int) -> None:
+        """The load spec of the latest vLLM instance on a CPU: idle vLLM processes build its
+        engine while they wait (a scale-up or a cold start after scale-to-zero then takes
+        it), when those engines fit in ``room_bytes`` (``WorkerPool.set_prebuild``). Its
+        ``secret`` is the running instance's: dropped."""
+        ...
+
+    async def fit_prebuild(self, room_bytes: int) -> None:
+        """Idle processes free their warm engines when those no longer fit in ``room_bytes``."""
         ...
 
     @property
@@ -120,9 +125,14 @@ class ProcessBackend:
         for pool in self._pools():
             await pool.set_premap([dram[key] for key in sorted(dram)])
 
-    async def set_prebuild(self, spec: dict[str, Any]) -> None:
+    async def set_prebuild(self, spec: dict[str, Any], room_bytes: int) -> None:
         if self.vllm_pool is not None:
-            await self.vllm_pool.set_prebuild({k: v for k, v in spec.items() if k != "secret"})
+            kept = {k: v for k, v in spec.items() if k != "secret"}
+            await self.vllm_pool.set_prebuild(kept, room_bytes)
+
+    async def fit_prebuild(self, room_bytes: int) -> None:
+        if self.vllm_pool is not None:
+            await self.vllm_pool.fit_prebuild(room_bytes)
 
     @property
     def idle(self) -> int:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import psutil
+
 from runtime.backend.choice import BackendChoice, ModelFacts, choose_backend
 from runtime.instance.load_spec import LoadSpec
 from runtime.node.devices import DeviceTable, threads_per_slot
@@ -110,6 +112,8 @@ class Supervisor:
         cpu_slots: int,
         handler_root: Path,
         cache_dir: str = "",
+        memory_bytes: int = 0,
+        dram_capacity: int = 0,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -121,6 +125,10 @@ class Supervisor:
         self.publish_log = publish_log
         self.cpu_slots = cpu_slots
         self.handler_root = handler_root  # per-instance dirs of custom handlers' files
+        # the machine's memory (0: all of it) and what the DRAM tier may fill of it: what is
+        # left once the CPU instances' budgets are counted is what warm engines may hold
+        self.memory_bytes = memory_bytes or int(psutil.virtual_memory().total)
+        self.dram_capacity = dram_capacity
         self.instances: dict[str, Instance] = {}
         self.ended: dict[str, Instance] = {}
         self.recent_load_s: list[float] = []
@@ -210,6 +218,17 @@ class Supervisor:
             self.devices.allocate(inst.device, inst.instance_id)
         inst.queued = False
 
+    def prebuild_room(self) -> int:
+        """Memory (bytes) that idle processes may hold as warm engines: the machine's, less
+        the DRAM tier's capacity and the ``resources.memory`` of every CPU instance this node
+        runs, loads or stops (each may use all of its budget)."""
+        promised = sum(
+            inst.record.spec.resources.memory_bytes
+            for inst in self.instances.values()
+            if inst.device.startswith("cpu")
+        )
+        return self.memory_bytes - self.dram_capacity - promised
+
     def states(self) -> list[InstanceState]:
         return [i.to_state() for i in self.instances.values()]
 
@@ -231,6 +250,8 @@ class Supervisor:
                 raise asyncio.CancelledError
             worker, inst.pre_started = await self.backend.take(inst.record, inst.backend)
             inst.worker = worker
+            # the other idle processes' warm engines give way to the instance now counted
+            await self.backend.fit_prebuild(self.prebuild_room())
             if inst.stopping:  # unloaded while an image was built or a process started
                 raise asyncio.CancelledError
             worker.on_log = lambda line: self._log(inst, line)
@@ -258,8 +279,11 @@ class Supervisor:
                 json.dumps({k: round(v, 3) for k, v in inst.timings.items()}),
             )  # fmt: skip
             await self._event(inst, "ready")
-            if inst.backend == "vllm":  # the next vLLM load is likely this model again
-                await self.backend.set_prebuild(self._load_spec(inst, entry_dir, threads))
+            # the next vLLM load is likely this model again; an idle process holds no device,
+            # so only a CPU engine is built ahead (on CUDA it would take the instance's GPU)
+            if inst.backend == "vllm" and inst.device.startswith("cpu"):
+                spec = self._load_spec(inst, entry_dir, threads)
+                await self.backend.set_prebuild(spec, self.prebuild_room())
             self.backend.replenish()
             await self._follow(inst, worker)
             code = await worker.wait()

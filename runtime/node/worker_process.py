@@ -202,13 +202,46 @@ class WorkerPool:
         except OSError as exc:  # a container's mounts: the load maps what it needs itself
             log.warning("premap of worker %s failed: %s", worker.pid, exc)
 
-    async def set_prebuild(self, spec: dict[str, Any]) -> None:
+    async def set_prebuild(self, spec: dict[str, Any], room_bytes: int) -> None:
         """Ask the idle processes (and later ones) to build an engine for ``spec``'s model
         while they wait (vLLM processes; runtime/instance/worker.py): a load of the same model
-        then takes it as it is, one of the same configuration with its weights replaced."""
+        then takes it as it is, one of the same configuration with its weights replaced.
+
+        Only when one such engine per process of the pool (``spec``'s ``memory_bytes`` each:
+        its weights and KV cache) fits in ``room_bytes``, the node's memory that no instance
+        and no DRAM tier was promised; otherwise the idle processes free the one they hold."""
+        if self._prebuild_bytes(spec) > room_bytes:
+            log.info(
+                "no warm engine for %s: %d processes x %d MiB do not fit in the %d MiB that no "
+                "instance or cache holds",
+                spec.get("function"), self.size, int(spec.get("memory_bytes", 0)) >> 20,
+                max(room_bytes, 0) >> 20,
+            )  # fmt: skip
+            await self.release_prebuild()
+            return
         self.prebuild = dict(spec)
         for worker in list(self._idle):
             await self._send_prebuild(worker)
+
+    async def fit_prebuild(self, room_bytes: int) -> None:
+        """Free the idle processes' warm engines when they no longer fit in ``room_bytes``
+        (an instance was started since they were built)."""
+        if self.prebuild is not None and self._prebuild_bytes(self.prebuild) > room_bytes:
+            log.info("freeing the idle processes' warm engines: an instance needs the memory")
+            await self.release_prebuild()
+
+    async def release_prebuild(self) -> None:
+        """No warm engine: the idle processes free theirs (``release`` line) and later ones
+        build none."""
+        if self.prebuild is None:
+            return
+        self.prebuild = None
+        for worker in list(self._idle):
+            with contextlib.suppress(Unavailable):
+                await worker.send({"cmd": "release"})
+
+    def _prebuild_bytes(self, spec: dict[str, Any]) -> int:
+        return int(spec.get("memory_bytes", 0)) * self.size
 
     async def _send_prebuild(self, worker: WorkerProcess) -> None:
         if self.prebuild is not None:

@@ -206,6 +206,27 @@ async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
     assert (await vclient.unload("v-other", 1.0)).ok
     assert (await vclient.event("v-other")).kind == "stopped"
 
+    # An instance whose budget leaves no room for a warm engine (more than this machine has):
+    # the idle vLLM process frees its engine and its KV cache memory (it got the prebuild
+    # line when it became idle, the release line after it), so the next load of that model
+    # builds its engine, on freshly allocated KV cache memory.
+    while (await vclient.heartbeat()).pool_idle < 2:  # both pools' processes idle
+        pass
+    greedy = vllm_record("tbig", backend="transformers", memory_bytes=1 << 50)
+    assert (await vclient.load_record("t-big", greedy)).ok
+    big = await vclient.event("t-big", timeout_s=300.0)
+    assert big.kind == "ready", big.error
+    assert (await vclient.unload("t-big", 1.0)).ok  # its CPU slot, for the next load
+    assert (await vclient.event("t-big")).kind == "stopped"
+    assert (await vclient.load_record("v-again", smaller)).ok
+    again = await vclient.event("v-again", timeout_s=300.0)
+    assert again.kind == "ready", again.error
+    assert _engine_of(vllm_node, "v-again") == "built"
+    assert "kv_cache_s" in _timings_of(vllm_node, "v-again")
+    assert await _greedy_tokens(again, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
+    assert (await vclient.unload("v-again", 1.0)).ok
+    assert (await vclient.event("v-again")).kind == "stopped"
+
 
 async def test_auto_falls_back_for_a_model_vllm_cannot_run(vclient: VllmNodeClient) -> None:
     """Head size 16: vLLM supports the architecture, its CPU attention not the head size."""

@@ -1,0 +1,140 @@
+"""Warm engines are held only in memory nobody else was promised: the pool sends ``prebuild``
+when one engine per idle process fits, ``release`` when an instance needs that memory, and
+an idle process frees its engine and KV cache memory on ``release``. The pool talks to real
+child processes that echo what they are sent."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.backend.vllm_kv import KvArena
+from runtime.instance.worker import Idle
+from runtime.node.supervisor import Instance, Supervisor
+from runtime.node.worker_process import WorkerPool, WorkerProcess
+from sllm.spec import FunctionRecord, FunctionSpec, Resources
+
+GiB = 1 << 30
+
+# an idle process that says it is idle, then sends back every line it is sent
+ECHO = """
+import json, sys
+print(json.dumps({"event": "idle"}), flush=True)
+for line in sys.stdin:
+    print(json.dumps({"event": "got", "line": json.loads(line)}), flush=True)
+"""
+
+
+class EchoLauncher:
+    async def spawn(self) -> WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", ECHO,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        return WorkerProcess(proc, time.monotonic())
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[WorkerPool]:
+    pool = WorkerPool(1, EchoLauncher(), backend="vllm")
+    pool.replenish()
+    worker, _ = await pool.take()  # started: back into the pool as its idle process
+    pool._idle.append(worker)
+    yield pool
+    await pool.close()
+
+
+async def received(worker: WorkerProcess) -> dict[str, Any]:
+    message = await worker.next_event(10.0)
+    assert message["event"] == "got"
+    line: dict[str, Any] = message["line"]
+    return line
+
+
+SPEC = {"function": "chat", "entry_dir": "/dram/chat", "memory_bytes": 2 * GiB}
+
+
+async def test_a_warm_engine_that_fits_is_built_and_given_back_when_an_instance_needs_it(
+    pool: WorkerPool,
+) -> None:
+    [worker] = pool._idle
+    await pool.set_prebuild(SPEC, room_bytes=3 * GiB)
+    assert await received(worker) == {"cmd": "prebuild", "spec": SPEC}
+    await pool.fit_prebuild(room_bytes=2 * GiB)  # still fits: nothing sent
+    await pool.fit_prebuild(room_bytes=1 * GiB)  # an instance took the rest
+    assert await received(worker) == {"cmd": "release"}
+    assert pool.prebuild is None
+    await pool.set_prebuild(SPEC, room_bytes=3 * GiB)  # the next ready instance asks again
+    assert await received(worker) == {"cmd": "prebuild", "spec": SPEC}
+
+
+async def test_a_warm_engine_that_does_not_fit_is_not_built(pool: WorkerPool) -> None:
+    [worker] = pool._idle
+    await pool.set_prebuild(SPEC, room_bytes=2 * GiB - 1)
+    assert pool.prebuild is None
+    await pool.set_prebuild({**SPEC, "memory_bytes": GiB}, room_bytes=2 * GiB - 1)
+    # the first line the process got is the prebuild that fits: nothing was sent before it
+    assert (await received(worker))["spec"]["memory_bytes"] == GiB
+    # a later one that does not fit frees the engine the process holds
+    await pool.set_prebuild(SPEC, room_bytes=2 * GiB - 1)
+    assert await received(worker) == {"cmd": "release"}
+
+
+class Held:
+    """A warm engine's stand-in: records that it was closed."""
+
+    def __init__(self) -> None:
+        self.closed = ""
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+
+def test_an_idle_process_frees_its_warm_engine_and_kv_memory_on_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from runtime.backend import vllm_kv
+
+    arena = KvArena()
+    with arena.lending(1 << 20) as lease:
+        kv = torch.zeros(1 << 20, dtype=torch.int8)
+    assert arena.capacity == 1 << 20
+    assert arena.free() == 0  # an engine still holds it
+    del kv
+    arena.release(lease)
+    monkeypatch.setattr(vllm_kv, "ARENA", arena)
+    idle = Idle()
+    engine = Held()
+    idle.warm = type("Warm", (), {"backend": engine, "entry": "/dram/chat"})()
+    idle.release()
+    assert idle.warm is None and engine.closed.startswith("released")
+    assert arena.capacity == 0
+    idle.release()  # nothing held: nothing to do
+
+
+def test_room_is_the_memory_no_cpu_instance_and_no_dram_tier_was_promised(
+    tmp_path: Path,
+) -> None:
+    supervisor = Supervisor(
+        "n", "127.0.0.1", cache=None, backend=None, devices=None,  # type: ignore[arg-type]
+        publish_event=None, publish_log=None, cpu_slots=2,  # type: ignore[arg-type]
+        handler_root=tmp_path, memory_bytes=16 * GiB, dram_capacity=4 * GiB,
+    )  # fmt: skip
+    assert supervisor.prebuild_room() == 12 * GiB
+
+    def instance(name: str, device: str, memory: int) -> Instance:
+        spec = FunctionSpec(name=name, model="m", resources=Resources(memory_bytes=memory))
+        return Instance(name, name, device, FunctionRecord(spec, f"checkpoints/{name}", 1))
+
+    supervisor.instances["a"] = instance("a", "cpu:0", 3 * GiB)
+    supervisor.instances["b"] = instance("b", "cuda:0", 40 * GiB)  # the GPU's memory
+    assert supervisor.prebuild_room() == 9 * GiB
