@@ -235,7 +235,7 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
     log.info(
         "vLLM engine built: dtype=%s kv_cache=%d MiB (%s) max_model_len=%d block_size=%d",
         plan.dtype, plan.kv_bytes >> 20,
-        (f"{'reused' if lease.reused else 'allocated'} in {lease.seconds:.2f} s"
+        (f"{lease.how} in {lease.seconds:.2f} s"
          if lease.nbytes else "vLLM's own"),
         backend.max_context, backend.block_size,
     )  # fmt: skip

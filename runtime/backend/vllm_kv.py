@@ -19,8 +19,8 @@ tests/integration/vllm pins the reuse against the locked vLLM.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,12 +35,25 @@ from torch.overrides import TorchFunctionMode
 @dataclass
 class KvLease:
     """What one engine build got from the arena: ``reused`` (memory an earlier engine of this
-    process held, zeroed) or fresh; ``nbytes`` 0 when the build allocated no KV cache through
-    the arena (it was lent to another engine, or vLLM never asked)."""
+    process held, zeroed), ``grown`` (that memory and more: the mapping was extended in place)
+    or fresh; ``nbytes`` 0 when the build allocated no KV cache through the arena (it was lent
+    to another engine, or vLLM never asked)."""
 
     nbytes: int = 0
     reused: bool = False
+    grown: bool = False
     seconds: float = 0.0  # allocating (faulting in) or zeroing it
+
+    @property
+    def how(self) -> str:
+        return "reused" if self.reused else "grown" if self.grown else "allocated"
+
+    @property
+    def timing_key(self) -> str:
+        """The key of ``seconds`` in an instance's load timings."""
+        return {"reused": "kv_cache_reused_s", "grown": "kv_cache_grown_s"}.get(
+            self.how, "kv_cache_s"
+        )
 
 
 class KvArena:
@@ -94,16 +107,26 @@ class KvArena:
         with self._lock:
             if self._lent is not None or self._map is None:
                 return 0
-            mapping, self._map = self._map, None
-        size = len(mapping)
-        with contextlib.suppress(BufferError):  # a view still alive: unmapped when it dies
-            mapping.close()
+            size, self._map = len(self._map), None  # unmapped with its last tensor
         return size
 
     def _take(self, lease: KvLease, n: int) -> torch.Tensor:
         started = time.monotonic()
         lease.reused = self._map is not None and len(self._map) >= n
-        if not lease.reused:  # the old mapping is unmapped once the engine that used it is gone
+        if self._map is not None and not lease.reused:
+            # a larger KV cache: extend the mapping in place (mremap), so only the added part
+            # is fresh memory to fault in (1.1B model after SmolLM2 here: 576 of 2367 MiB);
+            # while an older engine's tensor still refers to it, a new mapping (the old one is
+            # unmapped once that tensor is gone: it keeps the mmap object alive)
+            if _unshared(self._map):
+                try:
+                    self._map.resize(n)
+                    lease.grown = True
+                except (BufferError, OSError, ValueError, SystemError):
+                    self._map = None
+            else:
+                self._map = None
+        if self._map is None:
             self._map = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         assert self._map is not None
         view = torch.frombuffer(self._map, dtype=torch.int8, count=n)
@@ -112,6 +135,14 @@ class KvArena:
         lease.nbytes = n
         lease.seconds = time.monotonic() - started
         return view
+
+
+def _unshared(mapping: mmap.mmap) -> bool:
+    """Whether no tensor refers to ``mapping``. ``torch.frombuffer`` takes no buffer export
+    (``mmap.resize`` and ``close`` would go ahead under a live tensor) but its storage holds a
+    reference to the mmap object. With no tensor, the references are the arena's attribute,
+    this call's argument and getrefcount's own."""
+    return sys.getrefcount(mapping) <= 3
 
 
 class _KvAllocation(TorchFunctionMode):

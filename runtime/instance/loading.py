@@ -184,7 +184,7 @@ def load_instance(
         lease = engine.kv_lease
         if how == "built" and lease is not None and lease.nbytes:
             # within build_s: the KV cache taken from the process's arena (zeroed) or allocated
-            timings["kv_cache_reused_s" if lease.reused else "kv_cache_s"] = lease.seconds
+            timings[lease.timing_key] = lease.seconds
     else:
         eos = eos_ids_of(model, tokenizer)
         engine = TransformersBackend(model, tok.decode, eos_ids=eos, max_batch=spec.max_batch)

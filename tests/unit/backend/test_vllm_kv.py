@@ -62,9 +62,37 @@ def test_a_larger_kv_cache_grows_the_arena_and_the_old_memory_stays_valid() -> N
     arena.release(first)
     with arena.lending(4 * KV) as lease:
         big = torch.zeros(4 * KV, dtype=torch.int8)
-    assert not lease.reused and arena.capacity == 4 * KV
+    assert not lease.reused and not lease.grown and arena.capacity == 4 * KV
     assert not big.any()
     assert int(small.sum()) == 3 * KV  # the older engine's view still reads its memory
+
+
+def test_a_larger_kv_cache_extends_the_freed_arena_in_place() -> None:
+    """No engine refers to the memory any more: the mapping is extended (mremap), so the
+    pages the last engine touched are not faulted in again; all of it comes back zeroed."""
+    arena = KvArena()
+    with arena.lending(KV) as first:
+        small = torch.zeros(KV, dtype=torch.int8)
+    small.fill_(3)
+    del small
+    arena.release(first)
+    with arena.lending(4 * KV) as lease:
+        big = torch.zeros(4 * KV, dtype=torch.int8)
+    assert lease.grown and not lease.reused and lease.timing_key == "kv_cache_grown_s"
+    assert arena.capacity == 4 * KV and not big.any()
+
+
+def test_freeing_the_arena_leaves_a_live_tensor_valid() -> None:
+    """``free`` drops the arena's mapping; a tensor that still refers to it (an engine that
+    leaked one) keeps the memory mapped: nothing is unmapped under it."""
+    arena = KvArena()
+    with arena.lending(KV) as lease:
+        kv = torch.zeros(KV, dtype=torch.int8)
+    kv.fill_(5)
+    assert arena.free() == 0  # lent: an engine holds it
+    arena.release(lease)
+    assert arena.free() == KV and arena.capacity == 0
+    assert int(kv.sum()) == 5 * KV
 
 
 def test_a_failed_build_gives_the_memory_back() -> None:
