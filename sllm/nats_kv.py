@@ -64,9 +64,13 @@ KV_ATTEMPT_S = 1.0
 # closes at once and nats-py tries the next server without waiting); longer is an outage, and
 # the caller hears so (an admin write answers 503 within about a second).
 RECONNECT_GRACE_S = 1.0
-# JetStream's "temporarily unavailable" answers: 503, and error 10008 (no leader yet).
+# JetStream's "temporarily unavailable" answers: 503; error 10008 (no leader yet); and
+# error 10005, "no suitable peers for placement" (a 400), which a cluster that has just
+# elected its meta leader answers a replicated create until every peer has reported in (a
+# gateway started with its cluster exited on it once in a full test run). A peer that stays
+# away makes it permanent: the retries end at their deadline with its description.
 _RETRY_STATUS = (503,)
-_RETRY_ERR_CODES = (10008,)
+_RETRY_ERR_CODES = (10008, 10005)
 # Not sent at all (no connection, nobody to take it): retrying cannot make it happen twice.
 _NOT_SENT = (
     NoRespondersError,
@@ -80,6 +84,13 @@ _NOT_SENT = (
 
 class Unanswered(Unavailable):
     """A conditional write got no answer in time: it may or may not have been made."""
+
+
+def _describe(exc: Exception) -> str:
+    """JetStream's own words for an API error (nats-py's repr drops them), else the repr."""
+    if isinstance(exc, APIError) and exc.description:
+        return f"{type(exc).__name__} {exc.err_code}: {exc.description}"
+    return repr(exc)
 
 
 def _not_taken(exc: Exception) -> bool:
@@ -122,8 +133,8 @@ async def retrying(
             reason = "no answer in time"
         except NatsError as exc:
             if not _not_taken(exc):
-                raise Unavailable(f"{what}: {exc!r}") from None
-            reason = repr(exc)
+                raise Unavailable(f"{what}: {_describe(exc)}") from None
+            reason = _describe(exc)
         if time.monotonic() + delay > deadline:
             raise Unavailable(f"{what}: NATS did not take it for {retry_s:.0f}s ({reason})")
         log.info("%s: retrying (%s)", what, reason)
