@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from types import FrameType
+from typing import Any
 
 from sllm.errors import Unavailable, ValidationFailed
 from sllm.settings import GatewaySettings, as_nats_urls
@@ -79,9 +80,43 @@ def start_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+# seconds a stopping gateway keeps serving the connections it has, each answer closing its
+# connection, before uvicorn closes the idle ones
+STOP_DRAIN_S = 1.0
+
+
+class _Draining:
+    """ASGI wrapper: once ``on`` is set, every answer carries ``Connection: close``.
+
+    uvicorn closes a stopping server's idle keep-alive connections at once; a client that
+    sent its next request on one just then got no answer and cannot know whether it was taken
+    (one such request counted as cut in a gateway-stop test). While the gateway drains, the
+    connections it has keep working and each closes after its answer, so a client's next
+    request opens a new connection: refused here, it goes to another gateway."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.on = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: Any) -> None:
+            if self.on and message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
 async def _serve(settings: GatewaySettings, log_level: str) -> None:
     """Connect to NATS first, so an unreachable server is one clear error line (not a failed
     lifespan with a traceback), then serve until SIGINT/SIGTERM."""
+    import asyncio
+
     import uvicorn
 
     from gateway.app import Connection, connect_nats, create_app
@@ -92,8 +127,9 @@ async def _serve(settings: GatewaySettings, log_level: str) -> None:
         return connection
 
     app = create_app(settings, connect=connected)
+    draining = _Draining(app)
     config = uvicorn.Config(
-        app,
+        draining,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
@@ -103,16 +139,29 @@ async def _serve(settings: GatewaySettings, log_level: str) -> None:
         # ended with an error event at the grace already)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + STOP_BACKSTOP_S,
     )
+    loop = asyncio.get_running_loop()
 
     class Server(uvicorn.Server):
-        """On SIGTERM/SIGINT uvicorn stops accepting connections and waits for the requests
-        in flight; the gateway is told too, so it can end long streams with an error event."""
+        """On SIGTERM/SIGINT the gateway stops accepting connections, serves the ones it has
+        for ``STOP_DRAIN_S`` (each answer closing its connection: ``_Draining``), then lets
+        uvicorn close the idle ones and wait for the requests in flight; the gateway is told
+        at once, so it can end long streams with an error event. A second signal stops at
+        once."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             gateway = getattr(app.state, "gateway", None)
-            if gateway is not None and not self.should_exit:
+            if gateway is not None and not self.should_exit and not draining.on:
                 gateway.begin_stop(settings.shutdown_grace_s)
-            super().handle_exit(sig, frame)
+            if draining.on or self.should_exit or not self.started:
+                super().handle_exit(sig, frame)
+                return
+            draining.on = True
+            loop.call_soon_threadsafe(self._drain, sig, frame)
+
+        def _drain(self, sig: int, frame: FrameType | None) -> None:
+            for listening in self.servers:
+                listening.close()  # new connections are refused from now on
+            loop.call_later(STOP_DRAIN_S, super().handle_exit, sig, frame)
 
     server = Server(config)
     await server.serve()

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import httpx
 import openai
 import pytest
+
+from sllm_cli.servers import port_open
 
 from .conftest import AUTH, Cluster
 
@@ -169,3 +172,22 @@ def test_a_gateway_restart_keeps_the_registry_and_finds_running_instances(cluste
     assert r.status_code == 200, r.text + cluster.log_tail("gateway.log")
     assert [i["id"] for i in describe(cluster, "tiny")["instances"]] == running  # type: ignore[union-attr]
     assert metric(cluster, 'sllm_wakes_total{function="tiny"}') == 0
+
+
+def test_a_stopping_gateway_answers_on_the_connections_it_has(cluster: Cluster) -> None:
+    """SIGTERM: new connections are refused at once, but a request a client sends on its
+    kept-alive connection still gets its answer, with ``Connection: close``, rather than a
+    connection closed under it (the client could not tell whether it had been taken)."""
+    assert cluster.gateway is not None
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200  # its connection is kept, idle
+        cluster.gateway.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while port_open("127.0.0.1", cluster.port):  # until new connections are refused
+            assert time.monotonic() < deadline, "the stopping gateway still accepts connections"
+            time.sleep(0.01)
+        r = client.get("/healthz")
+        assert r.status_code == 200 and r.headers["connection"] == "close"
+    assert cluster.gateway.wait(30) in (0, -signal.SIGTERM)
+    cluster.gateway = None
+    cluster.start_gateway()
