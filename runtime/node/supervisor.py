@@ -16,7 +16,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -26,10 +25,10 @@ from runtime.backend.choice import BackendChoice, ModelFacts, choose_backend
 from runtime.instance.load_spec import LoadSpec
 from runtime.node.devices import DeviceTable, threads_per_slot
 from runtime.node.instance_backend import InstanceBackend
+from runtime.node.instance_record import Instance
 from runtime.node.worker_process import WorkerProcess
 from sllm.errors import Conflict, SllmError, Unavailable, ValidationFailed
-from sllm.instance_auth import new_secret
-from sllm.messages import EventKind, InstanceEvent, InstanceState, InstanceStatus, LoadCmd, LogLine
+from sllm.messages import EventKind, InstanceEvent, InstanceState, LoadCmd, LogLine
 from sllm.spec import FunctionRecord
 
 log = logging.getLogger(__name__)
@@ -48,52 +47,6 @@ class CheckpointCache(Protocol):
     def fetch(self, key: str) -> Any: ...
 
     def release(self, key: str) -> None: ...
-
-
-@dataclass
-class Instance:
-    instance_id: str
-    function: str
-    device: str
-    record: FunctionRecord
-    state: InstanceStatus = "loading"
-    address: str | None = None
-    tier: str = ""
-    load_s: float = 0.0
-    pre_started: bool = False
-    backend: str = ""  # chosen once the checkpoint is fetched (runtime.backend.choice)
-    backend_reason: str = ""
-    engine: str = ""  # vLLM: built, or kept / reloaded from an idle process's warm engine
-    queued: bool = False  # waiting for a stopping instance to give its device back
-    timings: dict[str, float] = field(default_factory=dict)
-    worker: WorkerProcess | None = None
-    fetched: bool = False
-    stopping: bool = False
-    error: str = ""
-    error_code: str = ""
-    in_flight: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    task: asyncio.Task[None] | None = None
-    drain_started: asyncio.Event = field(default_factory=asyncio.Event)
-    # what every caller of the instance must send (sllm.instance_auth)
-    secret: str = field(default_factory=new_secret, repr=False)
-
-    def to_state(self) -> InstanceState:
-        return InstanceState(
-            instance_id=self.instance_id,
-            function=self.function,
-            device=self.device,
-            state=self.state,
-            address=self.address,
-            in_flight=self.in_flight,
-            tokens_in=self.tokens_in,
-            tokens_out=self.tokens_out,
-            revision=self.record.revision,
-            secret=self.secret if self.address else "",
-            backend=self.backend,
-            backend_reason=self.backend_reason,
-        )
 
 
 Publish = Callable[[object], Coroutine[Any, Any, None]]

@@ -16,7 +16,8 @@ import pytest
 
 from runtime.backend.vllm_kv import KvArena
 from runtime.instance.worker import Idle
-from runtime.node.supervisor import Instance, Supervisor
+from runtime.node.instance_record import Instance
+from runtime.node.supervisor import Supervisor
 from runtime.node.worker_process import WorkerPool, WorkerProcess
 from sllm.spec import FunctionRecord, FunctionSpec, Resources
 
