@@ -149,10 +149,11 @@ async def _serve(settings: GatewaySettings, log_level: str) -> None:
         once."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not (draining.on or self.should_exit)
             gateway = getattr(app.state, "gateway", None)
-            if gateway is not None and not self.should_exit and not draining.on:
+            if first and gateway is not None:
                 gateway.begin_stop(settings.shutdown_grace_s)
-            if draining.on or self.should_exit or not self.started:
+            if not first or not self.started:  # a second signal, or not serving yet
                 super().handle_exit(sig, frame)
                 return
             draining.on = True

@@ -34,26 +34,27 @@ from torch.overrides import TorchFunctionMode
 
 @dataclass
 class KvLease:
-    """What one engine build got from the arena: ``reused`` (memory an earlier engine of this
-    process held, zeroed), ``grown`` (that memory and more: the mapping was extended in place)
-    or fresh; ``nbytes`` 0 when the build allocated no KV cache through the arena (it was lent
-    to another engine, or vLLM never asked)."""
+    """What one engine build got from the arena: ``how`` is ``reused`` (memory an earlier
+    engine of this process held, zeroed), ``grown`` (that memory and more: the mapping was
+    extended in place) or ``allocated`` (fresh); ``nbytes`` 0 when the build allocated no KV
+    cache through the arena (it was lent to another engine, or vLLM never asked)."""
 
     nbytes: int = 0
-    reused: bool = False
-    grown: bool = False
+    how: str = "allocated"
     seconds: float = 0.0  # allocating (faulting in) or zeroing it
 
     @property
-    def how(self) -> str:
-        return "reused" if self.reused else "grown" if self.grown else "allocated"
+    def reused(self) -> bool:
+        return self.how == "reused"
+
+    @property
+    def grown(self) -> bool:
+        return self.how == "grown"
 
     @property
     def timing_key(self) -> str:
         """The key of ``seconds`` in an instance's load timings."""
-        return {"reused": "kv_cache_reused_s", "grown": "kv_cache_grown_s"}.get(
-            self.how, "kv_cache_s"
-        )
+        return "kv_cache_s" if self.how == "allocated" else f"kv_cache_{self.how}_s"
 
 
 class KvArena:
@@ -112,21 +113,14 @@ class KvArena:
 
     def _take(self, lease: KvLease, n: int) -> torch.Tensor:
         started = time.monotonic()
-        lease.reused = self._map is not None and len(self._map) >= n
-        if self._map is not None and not lease.reused:
-            # a larger KV cache: extend the mapping in place (mremap), so only the added part
-            # is fresh memory to fault in (1.1B model after SmolLM2 here: 576 of 2367 MiB);
-            # while an older engine's tensor still refers to it, a new mapping (the old one is
-            # unmapped once that tensor is gone: it keeps the mmap object alive)
-            if _unshared(self._map):
-                try:
-                    self._map.resize(n)
-                    lease.grown = True
-                except (BufferError, OSError, ValueError, SystemError):
-                    self._map = None
-            else:
-                self._map = None
-        if self._map is None:
+        if self._map is not None and len(self._map) >= n:
+            lease.how = "reused"
+        elif self._map is not None and _unshared(self._map) and _extended(self._map, n):
+            # a larger KV cache, in place (mremap): only the added part is fresh memory to
+            # fault in (1.1B model after SmolLM2 here: 576 of 2367 MiB)
+            lease.how = "grown"
+        else:  # the first build, or an older engine's tensor still uses the old mapping (it
+            # is unmapped with that tensor)
             self._map = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         assert self._map is not None
         view = torch.frombuffer(self._map, dtype=torch.int8, count=n)
@@ -135,6 +129,14 @@ class KvArena:
         lease.nbytes = n
         lease.seconds = time.monotonic() - started
         return view
+
+
+def _extended(mapping: mmap.mmap, n: int) -> bool:
+    try:
+        mapping.resize(n)
+    except (BufferError, OSError, ValueError, SystemError):
+        return False
+    return True
 
 
 def _unshared(mapping: mmap.mmap) -> bool:

@@ -217,7 +217,7 @@ class WorkerPool:
                 spec.get("function"), self.size, int(spec.get("memory_bytes", 0)) >> 20,
                 max(room_bytes, 0) >> 20,
             )  # fmt: skip
-            await self.release_prebuild()
+            await self._release_prebuild()
             return
         self.prebuild = dict(spec)
         for worker in list(self._idle):
@@ -228,9 +228,9 @@ class WorkerPool:
         (an instance was started since they were built)."""
         if self.prebuild is not None and self._prebuild_bytes(self.prebuild) > room_bytes:
             log.info("freeing the idle processes' warm engines: an instance needs the memory")
-            await self.release_prebuild()
+            await self._release_prebuild()
 
-    async def release_prebuild(self) -> None:
+    async def _release_prebuild(self) -> None:
         """No warm engine: the idle processes free theirs (``release`` line) and later ones
         build none."""
         if self.prebuild is None:
