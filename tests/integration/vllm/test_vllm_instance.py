@@ -174,37 +174,23 @@ async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
     ones: its greedy tokens are transformers' for its own checkpoint); one of another
     configuration is built on the KV cache memory the freed engine held."""
     same = vllm_record("vchat")
-    assert (await vclient.load_record("v-kept", same)).ok
-    kept = await vclient.event("v-kept", timeout_s=300.0)
-    assert kept.kind == "ready", kept.error
+    kept = await _ready(vclient, "v-kept", same)
     assert _engine_of(vllm_node, "v-kept") == "kept"
     assert await _greedy_tokens(kept, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
-    assert (await vclient.unload("v-kept", 1.0)).ok
-    assert (await vclient.event("v-kept")).kind == "stopped"
+    await _stopped(vclient, "v-kept")
 
-    other = vllm_record("vchat2", checkpoint="vtiny2")
-    assert (await vclient.load_record("v-reload", other)).ok
-    reloaded = await vclient.event("v-reload", timeout_s=300.0)
-    assert reloaded.kind == "ready", reloaded.error
+    reloaded = await _ready(vclient, "v-reload", vllm_record("vchat2", checkpoint="vtiny2"))
     assert _engine_of(vllm_node, "v-reload") == "reloaded"
     assert await _greedy_tokens(reloaded, 8) == _transformers_greedy(
         vllm_node, PROMPT, 8, checkpoint="vtiny2"
     )
-    assert (await vclient.unload("v-reload", 1.0)).ok
-    assert (await vclient.event("v-reload")).kind == "stopped"
+    await _stopped(vclient, "v-reload")
 
     # Another configuration (a smaller KV cache): the idle process frees its prebuilt engine
     # and builds this one on the KV cache memory that engine held (runtime.backend.vllm_kv),
     # zeroed: the greedy tokens are still transformers' own.
     smaller = vllm_record("vchat3", memory_bytes=192 << 20)
-    assert (await vclient.load_record("v-other", smaller)).ok
-    other_ready = await vclient.event("v-other", timeout_s=300.0)
-    assert other_ready.kind == "ready", other_ready.error
-    assert _engine_of(vllm_node, "v-other") == "built"
-    assert "kv_cache_reused_s" in _timings_of(vllm_node, "v-other")
-    assert await _greedy_tokens(other_ready, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
-    assert (await vclient.unload("v-other", 1.0)).ok
-    assert (await vclient.event("v-other")).kind == "stopped"
+    await _built_greedy(vllm_node, vclient, "v-other", smaller, "kv_cache_reused_s")
 
     # An instance whose budget leaves no room for a warm engine (more than this machine has):
     # the idle vLLM process frees its engine and its KV cache memory (it got the prebuild
@@ -212,20 +198,41 @@ async def test_idle_vllm_process_keeps_an_engine_for_the_next_load(
     # builds its engine, on freshly allocated KV cache memory.
     while (await vclient.heartbeat()).pool_idle < 2:  # both pools' processes idle
         pass
-    greedy = vllm_record("tbig", backend="transformers", memory_bytes=1 << 50)
-    assert (await vclient.load_record("t-big", greedy)).ok
-    big = await vclient.event("t-big", timeout_s=300.0)
-    assert big.kind == "ready", big.error
-    assert (await vclient.unload("t-big", 1.0)).ok  # its CPU slot, for the next load
-    assert (await vclient.event("t-big")).kind == "stopped"
-    assert (await vclient.load_record("v-again", smaller)).ok
-    again = await vclient.event("v-again", timeout_s=300.0)
-    assert again.kind == "ready", again.error
-    assert _engine_of(vllm_node, "v-again") == "built"
-    assert "kv_cache_s" in _timings_of(vllm_node, "v-again")
-    assert await _greedy_tokens(again, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
-    assert (await vclient.unload("v-again", 1.0)).ok
-    assert (await vclient.event("v-again")).kind == "stopped"
+    await _ready(
+        vclient, "t-big", vllm_record("tbig", backend="transformers", memory_bytes=1 << 50)
+    )
+    await _stopped(vclient, "t-big")  # its CPU slot, for the next load
+    await _built_greedy(vllm_node, vclient, "v-again", smaller, "kv_cache_s")
+
+
+async def _ready(
+    vclient: VllmNodeClient, instance_id: str, record: dict[str, Any]
+) -> InstanceEvent:
+    assert (await vclient.load_record(instance_id, record)).ok
+    ready = await vclient.event(instance_id, timeout_s=300.0)
+    assert ready.kind == "ready", ready.error
+    return ready
+
+
+async def _stopped(vclient: VllmNodeClient, instance_id: str) -> None:
+    assert (await vclient.unload(instance_id, 1.0)).ok
+    assert (await vclient.event(instance_id)).kind == "stopped"
+
+
+async def _built_greedy(
+    vllm_node: VllmNode,
+    vclient: VllmNodeClient,
+    instance_id: str,
+    record: dict[str, Any],
+    kv_timing: str,
+) -> None:
+    """``record`` loads with an engine built, its KV cache as ``kv_timing`` says, and answers
+    transformers' greedy tokens; then it is stopped."""
+    ready = await _ready(vclient, instance_id, record)
+    assert _engine_of(vllm_node, instance_id) == "built"
+    assert kv_timing in _timings_of(vllm_node, instance_id)
+    assert await _greedy_tokens(ready, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
+    await _stopped(vclient, instance_id)
 
 
 async def test_auto_falls_back_for_a_model_vllm_cannot_run(vclient: VllmNodeClient) -> None:
