@@ -42,6 +42,38 @@ def test_a_released_arena_is_lent_again_zeroed_on_the_same_memory() -> None:
     assert not kv2.any()
 
 
+def _resident(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s pages in memory (mincore over its mapping)."""
+    import ctypes
+    import mmap as _mmap
+
+    page = _mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    pages = (t.data_ptr() + t.nbytes - start + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), vec) == 0
+    return sum(v & 1 for v in vec) * page
+
+
+def test_fresh_kv_memory_is_left_to_fault_in_as_it_is_used() -> None:
+    """Fresh anonymous memory reads as zeros: the build does not touch it (torch.zeros would
+    fault in every page); memory an engine wrote is zeroed, and only that."""
+    arena = KvArena()
+    with arena.lending(64 * KV) as first:
+        kv = torch.zeros(64 * KV, dtype=torch.int8)
+    assert first.how == "allocated" and _resident(kv) < KV
+    assert not kv.any()
+    kv[: 2 * KV].fill_(5)  # the engine used the first blocks
+    del kv
+    arena.release(first)
+    with arena.lending(128 * KV) as grown:
+        kv = torch.zeros(128 * KV, dtype=torch.int8)
+    assert grown.grown
+    assert _resident(kv[64 * KV :]) < KV  # the added part: untouched
+    assert not kv[: 64 * KV].any()
+
+
 def test_an_arena_still_lent_is_not_lent_twice() -> None:
     """The engine holding it was not freed (its thread did not stop): the next build
     allocates as vLLM would."""
