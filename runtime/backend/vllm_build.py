@@ -154,7 +154,8 @@ def open_vllm(
     from runtime.backend.vllm_loader import offer_image, reload_into
 
     plan = engine_plan(entry, mapped.index, options)
-    offer_image(mapped)
+    # the instance keeps ``mapped`` (and the node the entry) while it serves: bind to it
+    offer_image(mapped, bind=True)
     if warm is not None and warm.key == plan.key:
         if warm.entry == str(entry):
             return warm.backend, "kept"
@@ -170,7 +171,9 @@ def prebuild(entry: Path, mapped: MappedImage, tokenizer: Any, options: VllmOpti
     from runtime.backend.vllm_loader import offer_image
 
     plan = engine_plan(entry, mapped.index, options)
-    offer_image(mapped)
+    # an idle process pins no entry: the image may be recycled under a waiting engine, so the
+    # engine gets its own copy of the weights
+    offer_image(mapped, bind=False)
     return WarmEngine(str(entry), plan.key, _build(entry, tokenizer, options, plan))
 
 

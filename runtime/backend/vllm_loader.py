@@ -7,6 +7,15 @@ checkpoint's tensors to the model's ``load_weights`` as zero-copy views. vLLM's 
 copy each view into its parameter (fusing q/k/v, gate/up as its layout needs): one memory copy,
 no read of any file.
 
+An engine built to serve (not a prebuild, whose image nobody pins) skips even that copy where it
+can: ``bind_views`` points a parameter at the image's bytes when the image holds them exactly as
+vLLM lays the parameter out (same dtype and shape; a fused parameter's parts adjacent, which
+``runtime.ckpt.convert.serving_order`` arranges). Copying 1.8 GB into freshly allocated
+parameters is most of a built engine's start on this kind of machine. The node pins the entry
+for as long as the instance runs, so the image outlives the engine. Only model classes whose
+weight loading of such parameters is a plain copy are bound (``_BINDABLE``); the rest, and every
+parameter that does not match, are copied as before.
+
 Registered with vLLM's model-loader registry (``register_model_loader``) by ``register``, which
 vLLM calls through its general-plugin entry point (``vllm.general_plugins`` in
 pyproject.toml) in every process it starts: no patch to vLLM, no copy of its code. An engine
@@ -15,6 +24,7 @@ picks it with ``load_format="sllm_dram"`` and the DRAM entry directory as its mo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -29,44 +39,117 @@ log = logging.getLogger(__name__)
 
 LOAD_FORMAT = "sllm_dram"
 
+# vLLM model classes whose weight loaders, for parameters bound by ``bind_views``, only copy
+# (LlamaForCausalLM: q/k/v and gate/up stacked, the rest as they are; no permutation or scaling)
+_BINDABLE = frozenset({"LlamaForCausalLM"})
+
 _lock = threading.Lock()
-_offered: dict[str, MappedImage] = {}  # entry dir -> image this process mapped already
+# entry dir -> (image this process mapped already, whether parameters may be bound to it)
+_offered: dict[str, tuple[MappedImage, bool]] = {}
+# entry dir -> (bytes bound, bytes copied) of the latest engine built to serve it
+_reports: dict[str, tuple[int, int]] = {}
 _registered = False
 
 
-def offer_image(mapped: MappedImage) -> None:
+def offer_image(mapped: MappedImage, *, bind: bool) -> None:
     """Let the loader use an image this process mapped (and populated) ahead of the load,
-    instead of mapping the entry again."""
+    instead of mapping the entry again. ``bind``: the caller keeps ``mapped`` (and the node
+    the entry) for the engine's life, so parameters may be views of it."""
     with _lock:
-        _offered[str(Path(mapped.entry).resolve())] = mapped
+        _offered[str(Path(mapped.entry).resolve())] = (mapped, bind)
 
 
-def take_image(entry: Path) -> MappedImage:
-    """The mapped image of the DRAM entry ``entry``: the one offered, else a new mapping."""
+def take_image(entry: Path) -> tuple[MappedImage, bool]:
+    """The mapped image of the DRAM entry ``entry`` and whether parameters may be bound to it:
+    the one offered, else a new mapping (not bound: nobody keeps it)."""
     from runtime.instance.premap import map_entry
 
     with _lock:
         offered = _offered.pop(str(Path(entry).resolve()), None)
-    return offered if offered is not None else map_entry(Path(entry), fill=True)
+    return offered if offered is not None else (map_entry(Path(entry), fill=True), False)
 
 
-def load_into(model: Any, entry: Path) -> int:
-    """Feed the entry's tensors to a vLLM model's ``load_weights``; returns the bytes fed.
+def bind_views(model: Any, tensors: dict[str, Any], image: Any) -> tuple[set[str], set[str]]:
+    """Point each CPU parameter of ``model`` whose bytes ``image`` holds as vLLM lays them out
+    at those bytes (see the module doc). Returns the parameter names bound and the checkpoint
+    tensors they took."""
+    from runtime.ckpt.convert import FUSED_PARTS
+
+    bound: set[str] = set()
+    used: set[str] = set()
+    if type(model).__name__ not in _BINDABLE:
+        return bound, used
+    for name, param in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        layer, _, part = module.rpartition(".")
+        parts = (
+            [f"{layer}.{p}.{leaf}" for p in FUSED_PARTS[part]] if part in FUSED_PARTS else [name]
+        )
+        views = [tensors[p] for p in parts if p in tensors]
+        if param.device.type != "cpu" or len(views) != len(parts):
+            continue
+        view = _joined(views, param, image)
+        if view is not None:
+            param.data = view
+            bound.add(name)
+            used.update(parts)
+    return bound, used
+
+
+def _joined(views: list[Any], param: Any, image: Any) -> Any:
+    """``views`` (adjacent in ``image``) as one tensor shaped like ``param``, else None."""
+    if any(v.dtype != param.dtype for v in views):
+        return None
+    if len(views) == 1:
+        return views[0] if views[0].shape == param.shape else None
+    if param.dim() == 0 or any(v.shape[1:] != param.shape[1:] for v in views):
+        return None
+    if sum(v.shape[0] for v in views) != param.shape[0]:
+        return None
+    for a, b in itertools.pairwise(views):
+        if a.data_ptr() + a.nbytes != b.data_ptr():
+            return None
+    begin = views[0].data_ptr() - image.data_ptr()
+    nbytes = sum(v.nbytes for v in views)
+    return image[begin : begin + nbytes].view(param.dtype).view(param.shape)
+
+
+def load_into(model: Any, entry: Path) -> tuple[int, int]:
+    """Give a vLLM model the entry's weights: parameters bound to the image where allowed
+    (``bind_views``), the other tensors fed to its ``load_weights``. Returns the bytes bound
+    and the bytes fed.
 
     CheckpointError names parameters the checkpoint did not fill."""
     from runtime.loader.cpu import tensor_views
 
-    mapped = take_image(entry)
+    mapped, bind = take_image(entry)
     tensors = tensor_views(mapped.index, mapped.image)
-    loaded = model.load_weights(iter(tensors.items()))
+    bound, used = bind_views(model, tensors, mapped.image) if bind else (set(), set())
+    # an alias of a bound tensor (tied embeddings) is not fed: that would write into the image
+    taken = {id(tensors[n]) for n in used}
+    rest = {n: t for n, t in tensors.items() if id(t) not in taken}
+    loaded = model.load_weights(iter(rest.items()))
     if loaded is not None:
-        missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
+        missing = sorted({name for name, _ in model.named_parameters()} - set(loaded) - bound)
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise CheckpointError(
                 f"{entry}: checkpoint lacks {len(missing)} weight(s) the vLLM model needs: {shown}"
             )
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    unique = {id(t): t.nbytes for t in tensors.values()}
+    copied = {id(t) for t in rest.values()}
+    report = sum(unique[i] for i in taken), sum(unique[i] for i in copied)
+    if bind:  # an engine built to serve: its instance reports how its weights came
+        with _lock:
+            _reports[str(Path(entry).resolve())] = report
+    return report
+
+
+def load_report(entry: Path) -> tuple[int, int] | None:
+    """``(bytes bound, bytes copied)`` of the latest engine built in this process to serve
+    ``entry`` (taken: None once read, or when none was built)."""
+    with _lock:
+        return _reports.pop(str(Path(entry).resolve()), None)
 
 
 def reload_into(engine: Any, entry: Path) -> None:
@@ -76,7 +159,7 @@ def reload_into(engine: Any, entry: Path) -> None:
     that owns the engine."""
     from runtime.loader.cpu import tensor_views
 
-    mapped = take_image(entry)
+    mapped, _ = take_image(entry)  # copied into the engine's own parameters: never bound
     tensors = tensor_views(mapped.index, mapped.image)
     engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
     if not engine.reset_prefix_cache():
@@ -100,7 +183,9 @@ def register() -> None:
             """Nothing to download: the node's tiers brought the checkpoint to DRAM."""
 
         def load_weights(self, model: Any, model_config: Any) -> None:
-            nbytes = load_into(model, Path(model_config.model))
-            log.info("loaded %d bytes of weights from the DRAM entry", nbytes)
+            bound, fed = load_into(model, Path(model_config.model))
+            log.info(
+                "weights from the DRAM entry: %d bytes bound in place, %d bytes copied", bound, fed
+            )
 
     register_model_loader(LOAD_FORMAT)(SllmDramLoader)

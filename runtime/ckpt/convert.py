@@ -1,7 +1,8 @@
 """Convert a Hugging Face directory or GGUF file into the sllm checkpoint format.
 
 ``convert_checkpoint(src, dst)`` lays tensors out at 4096-aligned offsets in partitions of about
-``partition_bytes``, streams their bytes into ``data-NNNNN.bin`` while hashing them (xxh3_64)
+``partition_bytes`` (in ``serving_order``: the parts an engine fuses into one parameter side by
+side), streams their bytes into ``data-NNNNN.bin`` while hashing them (xxh3_64)
 and checking that every floating-point value is finite (``finite.FiniteCheck``: NaN weights
 are refused, naming the tensor),
 copies the non-tensor files (config, tokenizer, chat template, generation config) and writes
@@ -40,12 +41,39 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 _ZEROS = bytes(ALIGNMENT)
+# The modules vLLM's Llama-family models fuse into one (QKVParallelLinear,
+# MergedColumnParallelLinear), by fused name: their parts concatenated along the output
+# dimension in this order.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def serving_order(tensors: list[SourceTensor]) -> list[SourceTensor]:
+    """The source order, except that the parts of one fused parameter (a layer's q/k/v
+    projections, its gate/up projections; weight and bias apart) follow each other in the
+    order of ``FUSED_PARTS``, at the place of the first of them.
+
+    A row-major ``[out, in]`` matrix concatenated along ``out`` is its parts' bytes back to
+    back, so with the parts adjacent in the image (and 4096-byte multiples, as large matrices
+    are) the fused parameter is one zero-copy view of it (``runtime.backend.vllm_loader``).
+    Safetensors files usually list ``k_proj, o_proj, q_proj, v_proj``."""
+
+    def key(position: int, name: str) -> tuple[int, int]:
+        module, _, leaf = name.rpartition(".")
+        layer, _, part = module.rpartition(".")
+        for group in FUSED_PARTS.values():
+            if part in group:
+                return first.setdefault((layer, group, leaf), position), group.index(part)
+        return position, 0
+
+    first: dict[tuple[str, tuple[str, ...], str], int] = {}
+    keys = [key(i, t.name) for i, t in enumerate(tensors)]
+    return [t for _, t in sorted(zip(keys, tensors, strict=True), key=lambda kt: kt[0])]
 
 
 def plan_layout(
     tensors: list[SourceTensor], partition_bytes: int
 ) -> tuple[dict[str, TensorEntry], list[int]]:
-    """Assign each tensor a partition and an aligned offset, in source order.
+    """Assign each tensor a partition and an aligned offset, in the order given.
 
     A partition is closed when the next tensor would push it past ``partition_bytes``; a tensor
     larger than that gets a partition of its own. Returns the entries and each partition's
@@ -110,13 +138,14 @@ def convert_checkpoint(
 def _write_checkpoint(
     source: Source, tmp: Path, partition_bytes: int, progress: Progress | None, where: str
 ) -> CheckpointIndex:
-    entries, sizes = plan_layout(source.tensors, partition_bytes)
-    total = sum(t.nbytes for t in source.tensors)
+    ordered = serving_order(source.tensors)
+    entries, sizes = plan_layout(ordered, partition_bytes)
+    total = sum(t.nbytes for t in ordered)
     done = 0
     if progress:
         progress(0, total)
     by_partition: list[list[SourceTensor]] = [[] for _ in sizes]
-    for t in source.tensors:
+    for t in ordered:
         by_partition[entries[t.name].partition].append(t)
     partitions: list[PartitionEntry] = []
     for i, tensors in enumerate(by_partition):

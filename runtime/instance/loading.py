@@ -179,8 +179,12 @@ def load_instance(
     how = "built"
     if model is None:
         from runtime.backend.vllm_build import open_vllm
+        from runtime.backend.vllm_loader import load_report
 
         engine, how = open_vllm(entry, mapped, tokenizer, vllm_options(spec), warm)
+        report = load_report(entry)
+        if report is not None:  # an engine built: its weights bound to the image, or copied
+            timings["weights_bound_bytes"], timings["weights_copied_bytes"] = map(float, report)
         lease = engine.kv_lease
         if how == "built" and lease is not None and lease.nbytes:
             # within build_s: the KV cache taken from the process's arena (zeroed) or allocated
