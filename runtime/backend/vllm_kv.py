@@ -6,9 +6,16 @@ build: SmolLM2 with a 2 GiB budget, 4.8 of a 6.4 s first build (cProfile), becau
 of fresh memory faults and is zeroed one at a time; freeing it again when an engine was
 replaced took 0.7 s more. An idle vLLM process builds one engine after another (the node's
 prebuild hint, then the load's own model when it is another configuration), so the process
-keeps the memory of the first KV cache and lends it to each later build: the mapping stays
-faulted in, a reuse only zeroes it (0.22 s for 1.8 GiB), and the same engine rebuild took
-1.8-2.4 s instead of 4.8-5.6 s (measured, ``bench/backends.py``'s built cold start).
+keeps the memory of the first KV cache and lends it to each later build: the mapping stays,
+and the same engine rebuild took 1.8-2.4 s instead of 4.8-5.6 s (measured,
+``bench/backends.py``'s built cold start).
+
+No page is faulted in by the build. Fresh anonymous memory reads as zeros, so it is left to
+fault in as vLLM fills its blocks (a request touches the few it uses). A reuse zeroes only the
+pages an earlier engine touched (present or swapped out, by ``/proc/self/pagemap``): a page
+never touched is not resident and reads as zeros. Zeroing all of a reused 1.8 GiB took 1.7-2.0 s
+when most of it had never been touched (each page faulted in to be zeroed), 0.22 s when all of
+it was resident.
 
 The lending is a ``TorchFunctionMode`` around the engine build on the building thread: it
 answers the one ``torch.zeros`` of the KV cache's size with a view of the arena, and lets every
@@ -20,6 +27,7 @@ tests/integration/vllm pins the reuse against the locked vLLM.
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 import threading
 import time
@@ -129,13 +137,43 @@ class KvArena:
             written = 0
         assert self._map is not None
         view = torch.frombuffer(self._map, dtype=torch.int8, count=n)
-        # Fresh anonymous memory reads as zeros already: it is left to fault in as vLLM fills
-        # its blocks (a request touches the few it uses), not all of it now as torch.zeros
-        # would (~0.5-2 s/GB of page faults in this VM, on the build's critical path).
-        view[:written].zero_()
+        _zero_touched(view[:written])  # the rest is fresh: zeros until it faults in
         lease.nbytes = n
         lease.seconds = time.monotonic() - started
         return view
+
+
+_PRESENT = -(1 << 63)  # /proc/self/pagemap entry bits (as int64): page in memory
+_SWAPPED = 1 << 62  # page swapped out
+
+
+def _zero_touched(view: torch.Tensor) -> None:
+    """Zero the pages of ``view`` (page-aligned, private anonymous memory) that hold anything:
+    present or swapped out. A page neither was never touched (or was dropped) and reads as
+    zeros when it faults in. Where the page map cannot be read, all of it is zeroed."""
+    page = mmap.PAGESIZE
+    pages = (view.numel() + page - 1) // page
+    if pages == 0:
+        return
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            raw = os.pread(fd, pages * 8, view.data_ptr() // page * 8)
+        finally:
+            os.close(fd)
+    except OSError:
+        raw = b""
+    if view.data_ptr() % page or len(raw) != pages * 8:
+        view.zero_()
+        return
+    entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+    held = ((entries & _PRESENT) != 0) | ((entries & _SWAPPED) != 0)
+    edges = torch.diff(held.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                       append=torch.zeros(1, dtype=torch.int8))  # fmt: skip
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    for first, last in zip(starts, ends, strict=True):  # runs of touched pages
+        view[first * page : last * page].zero_()
 
 
 def _extended(mapping: mmap.mmap, n: int) -> bool:

@@ -58,15 +58,25 @@ def _resident(t: torch.Tensor) -> int:
 
 def test_fresh_kv_memory_is_left_to_fault_in_as_it_is_used() -> None:
     """Fresh anonymous memory reads as zeros: the build does not touch it (torch.zeros would
-    fault in every page); memory an engine wrote is zeroed, and only that."""
+    fault in every page); of memory an earlier engine held, the pages it touched are zeroed,
+    and only those."""
     arena = KvArena()
     with arena.lending(64 * KV) as first:
         kv = torch.zeros(64 * KV, dtype=torch.int8)
     assert first.how == "allocated" and _resident(kv) < KV
-    assert not kv.any()
-    kv[: 2 * KV].fill_(5)  # the engine used the first blocks
+    kv[: 2 * KV].fill_(5)  # the engine used the first blocks, and one further on
+    kv[40 * KV + 5] = 9
     del kv
     arena.release(first)
+    with arena.lending(64 * KV) as again:
+        kv = torch.zeros(64 * KV, dtype=torch.int8)
+    assert again.reused
+    assert _resident(kv) < 3 * KV  # the untouched pages were not faulted in to be zeroed
+    assert not kv.any()  # (reading maps every page: the checks below come after)
+    kv[: 2 * KV].fill_(5)
+    kv[40 * KV + 5] = 9
+    del kv
+    arena.release(again)
     with arena.lending(128 * KV) as grown:
         kv = torch.zeros(128 * KV, dtype=torch.int8)
     assert grown.grown
