@@ -121,6 +121,16 @@ class Platform:
         at = text.rfind("backend=vllm engine=")
         return text[at:].split()[1].removeprefix("engine=") if at >= 0 else ""
 
+    def last_timings(self) -> dict[str, float]:
+        """The latest vLLM instance's load timings (the node's ready line): how its weights
+        came (``weights_bound_bytes``, ``weights_copied_bytes``), its KV cache, its build."""
+        text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
+        at = text.rfind("backend=vllm engine=")
+        if at < 0 or " timings=" not in text[at:]:
+            return {}
+        line = text[at:].split("\n", 1)[0]
+        return dict(json.loads(line.split(" timings=", 1)[1]))
+
     def stop_node(self) -> None:
         from sllm_cli.servers import stop_process
 
@@ -294,10 +304,12 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     plat.wait_quiet()
     out["sllm_vllm_dram_built_s"] = first_token_s(plat.url, fn)
     out["dram_built_engine"] = plat.last_engine()
+    out["dram_built_timings"] = plat.last_timings()
     plat.scale_to_zero(fn)
     for tier, ssd in (("ssd", True), ("store", False)):
         plat.restart_node(ssd=ssd)
         out[f"sllm_vllm_{tier}_s"] = first_token_s(plat.url, fn)
+        out[f"{tier}_timings"] = plat.last_timings()
         plat.scale_to_zero(fn)
     first_token_s(plat.url, f"{name}-tf")  # its checkpoint is in DRAM now
     plat.scale_to_zero(f"{name}-tf")
