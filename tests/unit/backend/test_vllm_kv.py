@@ -56,31 +56,37 @@ def _resident(t: torch.Tensor) -> int:
     return sum(v & 1 for v in vec) * page
 
 
-def test_fresh_kv_memory_is_left_to_fault_in_as_it_is_used() -> None:
-    """Fresh anonymous memory reads as zeros: the build does not touch it (torch.zeros would
-    fault in every page); of memory an earlier engine held, the pages it touched are zeroed,
-    and only those."""
+def _served_arena(n: int) -> KvArena:
+    """An arena whose first engine took ``n`` fresh bytes (not faulted in by the build: torch.zeros
+    would have faulted in every page), used its first blocks and one further on, and was freed."""
     arena = KvArena()
-    with arena.lending(64 * KV) as first:
-        kv = torch.zeros(64 * KV, dtype=torch.int8)
+    with arena.lending(n) as first:
+        kv = torch.zeros(n, dtype=torch.int8)
     assert first.how == "allocated" and _resident(kv) < KV
-    kv[: 2 * KV].fill_(5)  # the engine used the first blocks, and one further on
-    kv[40 * KV + 5] = 9
-    del kv
-    arena.release(first)
-    with arena.lending(64 * KV) as again:
-        kv = torch.zeros(64 * KV, dtype=torch.int8)
-    assert again.reused
-    assert _resident(kv) < 3 * KV  # the untouched pages were not faulted in to be zeroed
-    assert not kv.any()  # (reading maps every page: the checks below come after)
     kv[: 2 * KV].fill_(5)
     kv[40 * KV + 5] = 9
     del kv
-    arena.release(again)
+    arena.release(first)
+    return arena
+
+
+def test_a_reuse_zeroes_only_the_pages_the_last_engine_touched() -> None:
+    """Untouched pages are not resident and read as zeros: they are not faulted in to be
+    zeroed."""
+    arena = _served_arena(64 * KV)
+    with arena.lending(64 * KV) as again:
+        kv = torch.zeros(64 * KV, dtype=torch.int8)
+    assert again.reused
+    assert _resident(kv) < 3 * KV
+    assert not kv.any()
+
+
+def test_the_part_a_growth_adds_is_left_to_fault_in() -> None:
+    arena = _served_arena(64 * KV)
     with arena.lending(128 * KV) as grown:
         kv = torch.zeros(128 * KV, dtype=torch.int8)
     assert grown.grown
-    assert _resident(kv[64 * KV :]) < KV  # the added part: untouched
+    assert _resident(kv[64 * KV :]) < KV
     assert not kv[: 64 * KV].any()
 
 
