@@ -114,22 +114,22 @@ class Platform:
             assert time.monotonic() < deadline, "the node did not settle"
             time.sleep(1)
 
-    def last_engine(self) -> str:
-        """How the latest vLLM instance got its engine (the node's ready line: built, kept,
-        reloaded)."""
+    def _last_vllm_ready(self) -> str:
+        """The node's ready line of the latest vLLM instance, from ``backend=vllm`` on."""
         text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
         at = text.rfind("backend=vllm engine=")
-        return text[at:].split()[1].removeprefix("engine=") if at >= 0 else ""
+        return text[at:].split("\n", 1)[0] if at >= 0 else ""
+
+    def last_engine(self) -> str:
+        """How the latest vLLM instance got its engine (built, kept, reloaded)."""
+        line = self._last_vllm_ready()
+        return line.split()[1].removeprefix("engine=") if line else ""
 
     def last_timings(self) -> dict[str, float]:
-        """The latest vLLM instance's load timings (the node's ready line): how its weights
-        came (``weights_bound_bytes``, ``weights_copied_bytes``), its KV cache, its build."""
-        text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
-        at = text.rfind("backend=vllm engine=")
-        if at < 0 or " timings=" not in text[at:]:
-            return {}
-        line = text[at:].split("\n", 1)[0]
-        return dict(json.loads(line.split(" timings=", 1)[1]))
+        """The latest vLLM instance's load timings: how its weights came
+        (``weights_bound_bytes``, ``weights_copied_bytes``), its KV cache, its build."""
+        _, found, timings = self._last_vllm_ready().partition(" timings=")
+        return dict(json.loads(timings)) if found else {}
 
     def stop_node(self) -> None:
         from sllm_cli.servers import stop_process

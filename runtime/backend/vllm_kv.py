@@ -121,21 +121,17 @@ class KvArena:
 
     def _take(self, lease: KvLease, n: int) -> torch.Tensor:
         started = time.monotonic()
-        written = 0  # bytes an earlier engine may have written: zeroed here
-        if self._map is not None and len(self._map) >= n:
-            lease.how = "reused"
-            written = n
-        elif self._map is not None and _unshared(self._map):
-            written = len(self._map)
-            if _extended(self._map, n):
-                # a larger KV cache, in place (mremap): the added part is fresh memory
-                # (1.1B model after SmolLM2 here: 576 of 2367 MiB)
-                lease.how = "grown"
-        if lease.how == "allocated":  # the first build, or an older engine's tensor still
-            # uses the old mapping (it is unmapped with that tensor)
+        old = len(self._map) if self._map is not None else 0
+        if self._map is not None and old >= n:
+            lease.how, written = "reused", n  # written: what an earlier engine may have used
+        elif self._map is not None and _unshared(self._map) and _extended(self._map, n):
+            # a larger KV cache, in place (mremap): the added part is fresh memory
+            # (1.1B model after SmolLM2 here: 576 of 2367 MiB)
+            lease.how, written = "grown", old
+        else:  # the first build, or an older engine's tensor still uses the old mapping (it
+            # is unmapped with that tensor)
             self._map = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             written = 0
-        assert self._map is not None
         view = torch.frombuffer(self._map, dtype=torch.int8, count=n)
         _zero_touched(view[:written])  # the rest is fresh: zeros until it faults in
         lease.nbytes = n
@@ -155,15 +151,17 @@ def _zero_touched(view: torch.Tensor) -> None:
     pages = (view.numel() + page - 1) // page
     if pages == 0:
         return
-    try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    raw = b""
+    if view.data_ptr() % page == 0:
         try:
-            raw = os.pread(fd, pages * 8, view.data_ptr() // page * 8)
-        finally:
-            os.close(fd)
-    except OSError:
-        raw = b""
-    if view.data_ptr() % page or len(raw) != pages * 8:
+            fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+            try:
+                raw = os.pread(fd, pages * 8, view.data_ptr() // page * 8)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+    if len(raw) != pages * 8:
         view.zero_()
         return
     entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)

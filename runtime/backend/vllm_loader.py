@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,18 +74,16 @@ def bind_views(model: Any, tensors: dict[str, Any], image: Any) -> tuple[set[str
     """Point each CPU parameter of ``model`` whose bytes ``image`` holds as vLLM lays them out
     at those bytes (see the module doc). Returns the parameter names bound and the checkpoint
     tensors they took."""
-    from runtime.ckpt.convert import FUSED_PARTS
+    from runtime.ckpt.convert import FUSED_PARTS, split_name
 
     bound: set[str] = set()
     used: set[str] = set()
     if type(model).__name__ not in _BINDABLE:
         return bound, used
     for name, param in model.named_parameters():
-        module, _, leaf = name.rpartition(".")
-        layer, _, part = module.rpartition(".")
-        parts = (
-            [f"{layer}.{p}.{leaf}" for p in FUSED_PARTS[part]] if part in FUSED_PARTS else [name]
-        )
+        layer, module, leaf = split_name(name)
+        fused = FUSED_PARTS.get(module)
+        parts = [f"{layer}.{p}.{leaf}" for p in fused] if fused else [name]
         views = [tensors[p] for p in parts if p in tensors]
         if param.device.type != "cpu" or len(views) != len(parts):
             continue
@@ -136,13 +135,16 @@ def load_into(model: Any, entry: Path) -> tuple[int, int]:
             raise CheckpointError(
                 f"{entry}: checkpoint lacks {len(missing)} weight(s) the vLLM model needs: {shown}"
             )
-    unique = {id(t): t.nbytes for t in tensors.values()}
-    copied = {id(t) for t in rest.values()}
-    report = sum(unique[i] for i in taken), sum(unique[i] for i in copied)
+    report = _distinct_bytes(tensors[n] for n in used), _distinct_bytes(rest.values())
     if bind:  # an engine built to serve: its instance reports how its weights came
         with _lock:
             _reports[str(Path(entry).resolve())] = report
     return report
+
+
+def _distinct_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of ``tensors``, each counted once (an alias is the same tensor object)."""
+    return sum({id(t): t.nbytes for t in tensors}.values())
 
 
 def load_report(entry: Path) -> tuple[int, int] | None:

@@ -47,6 +47,15 @@ _ZEROS = bytes(ALIGNMENT)
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
+def split_name(name: str) -> tuple[str, str, str]:
+    """``(layer, module, leaf)`` of a tensor name:
+    ``model.layers.0.self_attn.q_proj.weight`` -> ``model.layers.0.self_attn``, ``q_proj``,
+    ``weight``."""
+    path, _, leaf = name.rpartition(".")
+    layer, _, module = path.rpartition(".")
+    return layer, module, leaf
+
+
 def serving_order(tensors: list[SourceTensor]) -> list[SourceTensor]:
     """The source order, except that the parts of one fused parameter (a layer's q/k/v
     projections, its gate/up projections; weight and bias apart) follow each other in the
@@ -58,8 +67,7 @@ def serving_order(tensors: list[SourceTensor]) -> list[SourceTensor]:
     Safetensors files usually list ``k_proj, o_proj, q_proj, v_proj``."""
 
     def key(position: int, name: str) -> tuple[int, int]:
-        module, _, leaf = name.rpartition(".")
-        layer, _, part = module.rpartition(".")
+        layer, part, leaf = split_name(name)
         for group in FUSED_PARTS.values():
             if part in group:
                 return first.setdefault((layer, group, leaf), position), group.index(part)
