@@ -20,6 +20,10 @@ requests through the gateway's OpenAI API, checkpoints in a local-directory stor
   idle vLLM process's engine kept for the model, and built), on SSD (node restarted, DRAM tier
   removed, page cache dropped) and in the store (SSD cache removed too); against the peer's
   start-to-first-token: eager, compiled (its first start: compiles), compiled again (cached).
+  "Built" is a load right after the other model's: with one vLLM process in the node's pool
+  (``--vllm-pool-size``, default 1) its engine is the other model's; with two, the second
+  process still holds this model's engine and the load keeps it. The JSON says which
+  (``dram_built_engine``, and ``engine`` beside each target).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ SYSTEMS = ("peer", "sllm-vllm", "sllm-transformers")
 class Platform:
     """nats-server, gateway and one node (one CPU slot), a local-directory store."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, vllm_pool_size: int = 1) -> None:
         from sllm.nats_auth import NatsCredentials
         from sllm_cli.servers import free_port, nats_client_env, start_nats
 
@@ -72,8 +76,9 @@ class Platform:
         self.node_env = {**self.env, **nats_client_env(self.nats, "bench"),
                          "SLLM_NODE_ID": "bench", "SLLM_CACHE_DIR": str(root / "cache"),
                          "SLLM_CPU_SLOTS": "1", "SLLM_POOL_SIZE": "1", "SLLM_VLLM": "on",
-                         "SLLM_VLLM_POOL_SIZE": "1", "SLLM_DRAM_CAPACITY": "8Gi",
+                         "SLLM_VLLM_POOL_SIZE": str(vllm_pool_size), "SLLM_DRAM_CAPACITY": "8Gi",
                          "SLLM_SSD_CAPACITY": "10Gi", "SLLM_HEARTBEAT_INTERVAL": "0.5s"}  # fmt: skip
+        self.vllm_pool_size = vllm_pool_size
         self.gateway = self._spawn(["gateway", "start"], self.env, "gateway.log")
         self.node: subprocess.Popen[bytes] | None = None
         self.start_node()
@@ -106,13 +111,40 @@ class Platform:
                 # a prebuild vLLM refused (too little free memory here) settles it too
                 done = max(text.rfind(m) for m in ("prebuilt a vLLM", "prebuilding a vLLM"))
                 built = started < 0 or done > started
-                if any(n.get("pool_idle", 0) >= 2 for n in nodes) and built:
-                    time.sleep(2)
+                full = any(n.get("pool_idle", 0) >= 1 + self.vllm_pool_size for n in nodes)
+                if full and built:
+                    self._wait_idle_cpu()
                     return
             except (httpx.HTTPError, ValueError):
                 pass
             assert time.monotonic() < deadline, "the node did not settle"
             time.sleep(1)
+
+    def _wait_idle_cpu(self, window_s: float = 2.0, busy_s: float = 0.2) -> None:
+        """Until the node and its processes used under ``busy_s`` of CPU in ``window_s``: the
+        other idle processes' engines built too (a pool of several vLLM processes)."""
+        import psutil
+
+        assert self.node is not None
+        node = psutil.Process(self.node.pid)
+
+        def cpu() -> float:
+            total = 0.0
+            for proc in [node, *node.children(recursive=True)]:
+                try:
+                    times = proc.cpu_times()
+                except psutil.Error:
+                    continue  # ended meanwhile
+                total += times.user + times.system
+            return total
+
+        before = cpu()
+        while True:
+            time.sleep(window_s)
+            now = cpu()
+            if now - before < busy_s:
+                return
+            before = now
 
     def _last_vllm_ready(self) -> str:
         """The node's ready line of the latest vLLM instance, from ``backend=vllm`` on."""
@@ -276,9 +308,10 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         limits = {"eager": min(cold["peer_eager_s"] / 10, 4.0), "compiled": compiled / 40}
         for engine in ("kept", "built"):  # the idle vLLM process's engine: this model's, or not
             dram = cold[f"sllm_vllm_dram_{engine}_s"]
+            got = cold.get(f"dram_{engine}_engine", "")  # what the instance really got
             for peer, limit in limits.items():
                 out[f"{name}_cold_dram_{engine}_vs_{peer}"] = {
-                    "sllm_s": dram, "limit_s": limit, "met": dram <= limit}  # fmt: skip
+                    "sllm_s": dram, "limit_s": limit, "met": dram <= limit, "engine": got}  # fmt: skip
     return out
 
 
@@ -297,7 +330,8 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     plat.wait_quiet()
     out["sllm_vllm_dram_kept_s"] = first_token_s(plat.url, fn)
     out["dram_kept_engine"] = plat.last_engine()  # "built" when no warm engine was there
-    # DRAM, engine built: the idle process's engine is another model's
+    # DRAM, engine built: the idle process's engine is another model's (with a pool of two
+    # vLLM processes or more, the other process still holds this model's: kept)
     plat.scale_to_zero(fn)
     first_token_s(plat.url, other)
     plat.scale_to_zero(other)
@@ -334,6 +368,11 @@ def main() -> int:
         "--order", default="peer,sllm-vllm,sllm-transformers,sllm-vllm,peer",
         help="systems in measuring order (default: peer and sllm+vLLM ABBA, transformers once)",
     )  # fmt: skip
+    parser.add_argument(
+        "--vllm-pool-size", type=int, default=1,
+        help="the node's pre-started vLLM processes (SLLM_VLLM_POOL_SIZE); each keeps the "
+        "engine of one of the models loaded last",
+    )  # fmt: skip
     args = parser.parse_args()
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.store.local import LocalStore
@@ -346,8 +385,9 @@ def main() -> int:
     root = DATA / "run"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    plat = Platform(root)
+    plat = Platform(root, args.vllm_pool_size)
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+                              "vllm_pool_size": args.vllm_pool_size,
                               "throughput": {}, "coldstart": {}}  # fmt: skip
     try:
         for name in MODELS:

@@ -82,7 +82,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "auto",
         "the vLLM backend on this node: auto (when vllm is installed), on (required), off",
     ),
-    "SLLM_VLLM_POOL_SIZE": ("1", "pre-started vLLM instance processes (vllm imported)"),
+    "SLLM_VLLM_POOL_SIZE": (
+        "1",
+        "pre-started vLLM instance processes (vllm imported); each keeps the warm engine of "
+        "one of the models loaded last",
+    ),
     "SLLM_HEARTBEAT_INTERVAL": ("2s", "node heartbeat period"),
     "SLLM_STORE_BANDWIDTH": (
         "",

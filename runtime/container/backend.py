@@ -307,7 +307,9 @@ class ContainerBackend:
             "image of %s ready: %s (%.1fs)", record.spec.name, image, time.monotonic() - started
         )
 
-    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
+    async def take(
+        self, record: FunctionRecord, engine: str, entry: str = ""
+    ) -> tuple[WorkerProcess, bool]:
         if engine == "vllm":
             raise Unavailable(VLLM_IN_CONTAINERS)
         image = await self.image_for(record)

@@ -21,8 +21,12 @@ class InstanceBackend(Protocol):
 
     async def start(self) -> None: ...
 
-    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
-        """A process ready for ``record``'s load line, and whether it was pre-started."""
+    async def take(
+        self, record: FunctionRecord, engine: str, entry: str = ""
+    ) -> tuple[WorkerProcess, bool]:
+        """A process ready for ``record``'s load line, and whether it was pre-started.
+        ``entry``: the node's DRAM entry the load maps (a vLLM process holding that model's
+        warm engine is preferred)."""
         ...
 
     async def vllm_support(self) -> VllmSupport:
@@ -41,10 +45,10 @@ class InstanceBackend(Protocol):
         ...
 
     async def set_prebuild(self, spec: dict[str, Any], room_bytes: int) -> None:
-        """The load spec of the latest vLLM instance on a CPU: idle vLLM processes build its
-        engine while they wait (a scale-up or a cold start after scale-to-zero then takes
-        it), when those engines fit in ``room_bytes`` (``WorkerPool.set_prebuild``). Its
-        ``secret`` is the running instance's: dropped."""
+        """The load spec of the latest vLLM instance on a CPU: idle vLLM processes build
+        engines for the models loaded last, this one first, while they wait (a scale-up or a
+        cold start after scale-to-zero then takes one), as far as they fit in ``room_bytes``
+        (``WorkerPool.set_prebuild``). Its ``secret`` is the running instance's: dropped."""
         ...
 
     async def fit_prebuild(self, room_bytes: int) -> None:
@@ -91,12 +95,14 @@ class ProcessBackend:
     async def start(self) -> None:
         self.replenish()
 
-    async def take(self, record: FunctionRecord, engine: str) -> tuple[WorkerProcess, bool]:
+    async def take(
+        self, record: FunctionRecord, engine: str, entry: str = ""
+    ) -> tuple[WorkerProcess, bool]:
         if engine != "vllm":
             return await self.pool.take()
         if self.vllm_pool is None:
             raise Unavailable(self.vllm_missing)
-        return await self.vllm_pool.take()
+        return await self.vllm_pool.take(entry)
 
     async def vllm_support(self) -> VllmSupport:
         if self.vllm_pool is None:

@@ -201,7 +201,9 @@ class Supervisor:
                 await self._take_device(inst)
             if inst.stopping:  # unloaded while the checkpoint was being fetched
                 raise asyncio.CancelledError
-            worker, inst.pre_started = await self.backend.take(inst.record, inst.backend)
+            worker, inst.pre_started = await self.backend.take(
+                inst.record, inst.backend, str(fetched.directory)
+            )
             inst.worker = worker
             # the other idle processes' warm engines give way to the instance now counted
             await self.backend.fit_prebuild(self.prebuild_room())

@@ -183,7 +183,9 @@ class WorkerPool:
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
         self.premap: list[str] = []  # DRAM entry directories idle processes keep mapped
-        self.prebuild: dict[str, Any] | None = None  # the load spec idle vLLM processes build
+        # the load specs of the vLLM models idle processes build engines for, most recent first
+        self.prebuilds: list[dict[str, Any]] = []
+        self._held: dict[int, str] = {}  # idle process (pid) -> entry it was asked to build
 
     async def set_premap(self, entries: list[str]) -> None:
         """Tell the idle processes which DRAM images to keep mapped (``runtime.instance.
@@ -203,50 +205,87 @@ class WorkerPool:
             log.warning("premap of worker %s failed: %s", worker.pid, exc)
 
     async def set_prebuild(self, spec: dict[str, Any], room_bytes: int) -> None:
-        """Ask the idle processes (and later ones) to build an engine for ``spec``'s model
-        while they wait (vLLM processes; runtime/instance/worker.py): a load of the same model
-        then takes it as it is, one of the same configuration with its weights replaced.
+        """``spec`` is the latest vLLM load: the idle processes (and later ones) build engines
+        while they wait (runtime/instance/worker.py), one per model the node served last, most
+        recent first, as many models as the pool has processes. A load of one of those models
+        then takes its engine as it is, one of the same configuration with its weights
+        replaced (``take`` picks the process holding the load's entry).
 
-        Only when one such engine per process of the pool (``spec``'s ``memory_bytes`` each:
-        its weights and KV cache) fits in ``room_bytes``, the node's memory that no instance
-        and no DRAM tier was promised; otherwise the idle processes free the one they hold."""
-        if self._prebuild_bytes(spec) > room_bytes:
-            log.info(
-                "no warm engine for %s: %d processes x %d MiB do not fit in the %d MiB that no "
-                "instance or cache holds",
-                spec.get("function"), self.size, int(spec.get("memory_bytes", 0)) >> 20,
-                max(room_bytes, 0) >> 20,
-            )  # fmt: skip
-            await self._release_prebuild()
-            return
-        self.prebuild = dict(spec)
-        for worker in list(self._idle):
-            await self._send_prebuild(worker)
+        Only engines that fit in ``room_bytes`` (the node's memory that no instance and no
+        DRAM tier was promised; each engine ``memory_bytes``, its weights and KV cache) are
+        built: the least recent models give way first; when not even one engine per process
+        of the latest fits, the idle processes free the ones they hold."""
+        entry = str(spec.get("entry_dir", ""))
+        recent = [dict(spec)] + [s for s in self.prebuilds if s.get("entry_dir") != entry]
+        await self._fit(recent[: max(self.size, 1)], room_bytes)
 
     async def fit_prebuild(self, room_bytes: int) -> None:
-        """Free the idle processes' warm engines when they no longer fit in ``room_bytes``
-        (an instance was started since they were built)."""
-        if self.prebuild is not None and self._prebuild_bytes(self.prebuild) > room_bytes:
-            log.info("freeing the idle processes' warm engines: an instance needs the memory")
-            await self._release_prebuild()
+        """Free the idle processes' warm engines that no longer fit in ``room_bytes`` (an
+        instance was started since they were built), the least recent model's first."""
+        await self._fit(self.prebuilds, room_bytes)
 
-    async def _release_prebuild(self) -> None:
-        """No warm engine: the idle processes free theirs (``release`` line) and later ones
-        build none."""
-        if self.prebuild is None:
-            return
-        self.prebuild = None
+    async def _fit(self, recent: list[dict[str, Any]], room_bytes: int) -> None:
+        kept = list(recent)
+        while kept and self._prebuild_bytes(kept) > room_bytes:
+            kept.pop()
+        if recent and not kept:
+            log.info(
+                "no warm engine for %s: %d processes x %d MiB do not fit in the %d MiB that "
+                "no instance or cache holds",
+                recent[0].get("function"), self.size, int(recent[0].get("memory_bytes", 0)) >> 20,
+                max(room_bytes, 0) >> 20,
+            )  # fmt: skip
+        elif len(kept) < len(recent):
+            log.info(
+                "no warm engine for %s: it does not fit beside more recent models' in the %d "
+                "MiB that no instance or cache holds",
+                ", ".join(str(s.get("function")) for s in recent[len(kept):]),
+                max(room_bytes, 0) >> 20,
+            )  # fmt: skip
+        self.prebuilds = kept
+        await self._assign()
+
+    def _wanted(self) -> list[str]:
+        """The entry each idle process should hold an engine for: one per model in
+        ``prebuilds``, the most recent one for the processes left over."""
+        entries = [str(s.get("entry_dir", "")) for s in self.prebuilds]
+        n = max(self.size, len(self._idle))
+        return entries[:n] + entries[:1] * (n - len(entries)) if entries else []
+
+    def _prebuild_bytes(self, specs: list[dict[str, Any]]) -> int:
+        """The memory of the engines ``specs`` put into the pool's processes (``_wanted``)."""
+        if not specs:
+            return 0
+        size = max(self.size, 1)
+        memory = [int(s.get("memory_bytes", 0)) for s in specs[:size]]
+        return sum(memory) + memory[0] * (size - len(memory))
+
+    async def _assign(self) -> None:
+        """Send each idle process the ``prebuild`` line of the engine it should hold, or
+        ``release`` when it should hold none; a process already holding a wanted engine keeps
+        it (a rebuild would cost seconds of CPU)."""
+        wanted = self._wanted()
+        specs = {str(s.get("entry_dir", "")): s for s in self.prebuilds}
+        unplaced = []
         for worker in list(self._idle):
-            with contextlib.suppress(Unavailable):
-                await worker.send({"cmd": "release"})
-
-    def _prebuild_bytes(self, spec: dict[str, Any]) -> int:
-        return int(spec.get("memory_bytes", 0)) * self.size
-
-    async def _send_prebuild(self, worker: WorkerProcess) -> None:
-        if self.prebuild is not None:
-            with contextlib.suppress(Unavailable):
-                await worker.send({"cmd": "prebuild", "spec": self.prebuild})
+            held = self._held.get(worker.pid)
+            if held is not None and held in wanted:
+                wanted.remove(held)
+            else:
+                unplaced.append(worker)
+        for worker in unplaced:
+            entry = wanted.pop(0) if wanted else None
+            if worker not in self._idle or (entry is None and worker.pid not in self._held):
+                continue  # taken by a load meanwhile: its next line must be the load's
+            line = {"cmd": "prebuild", "spec": specs[entry]} if entry else {"cmd": "release"}
+            try:
+                await worker.send(line)
+            except Unavailable:
+                continue
+            if entry is None:
+                self._held.pop(worker.pid, None)
+            else:
+                self._held[worker.pid] = entry
 
     def replenish(self) -> None:
         while (
@@ -278,9 +317,9 @@ class WorkerPool:
             return
         if self.premap:
             await self._send_premap(worker)
-        await self._send_prebuild(worker)
         self.idle_line = self.idle_line or worker.idle
         self._idle.append(worker)
+        await self._assign()
 
     async def probe(self) -> dict[str, Any]:
         """The idle line of this pool's processes (a vLLM one names what that vLLM supports);
@@ -302,12 +341,15 @@ class WorkerPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    async def take(self) -> tuple[WorkerProcess, bool]:
-        """An idle process and whether it came pre-started from the pool. When the pool is
-        empty but refilling, waits for that process rather than starting a second one."""
+    async def take(self, entry: str = "") -> tuple[WorkerProcess, bool]:
+        """An idle process for a load of the DRAM entry ``entry`` and whether it came
+        pre-started from the pool: the one holding that entry's warm engine, else one holding
+        none, else the one holding the least recent model's (``set_prebuild``). When the pool
+        is empty but refilling, waits for that process rather than starting a second one."""
         while True:
             while self._idle:
-                worker = self._idle.pop(0)
+                worker = self._idle.pop(self._choose(entry))
+                self._held.pop(worker.pid, None)
                 if worker.alive():
                     return worker, True
             if not self._starting:
@@ -321,6 +363,20 @@ class WorkerPool:
             raise
         self.idle_line = self.idle_line or worker.idle
         return worker, False
+
+    def _choose(self, entry: str) -> int:
+        """The index in ``_idle`` of the process ``take`` hands out for ``entry``."""
+        order = [str(s.get("entry_dir", "")) for s in self.prebuilds]
+
+        def rank(i: int) -> tuple[int, int]:
+            held = self._held.get(self._idle[i].pid)
+            if held is not None and held == entry:
+                return (0, 0)
+            if held is None:  # no engine to free before the load builds its own
+                return (1, 0)
+            return (2, -order.index(held) if held in order else 1)
+
+        return min(range(len(self._idle)), key=rank)
 
     async def close(self) -> None:
         self._closed = True

@@ -71,7 +71,7 @@ async def test_a_warm_engine_that_fits_is_built_and_given_back_when_an_instance_
     await pool.fit_prebuild(room_bytes=2 * GiB)  # still fits: nothing sent
     await pool.fit_prebuild(room_bytes=1 * GiB)  # an instance took the rest
     assert await received(worker) == {"cmd": "release"}
-    assert pool.prebuild is None
+    assert pool.prebuilds == []
     await pool.set_prebuild(SPEC, room_bytes=3 * GiB)  # the next ready instance asks again
     assert await received(worker) == {"cmd": "prebuild", "spec": SPEC}
 
@@ -79,13 +79,105 @@ async def test_a_warm_engine_that_fits_is_built_and_given_back_when_an_instance_
 async def test_a_warm_engine_that_does_not_fit_is_not_built(pool: WorkerPool) -> None:
     [worker] = pool._idle
     await pool.set_prebuild(SPEC, room_bytes=2 * GiB - 1)
-    assert pool.prebuild is None
+    assert pool.prebuilds == []
     await pool.set_prebuild({**SPEC, "memory_bytes": GiB}, room_bytes=2 * GiB - 1)
     # the first line the process got is the prebuild that fits: nothing was sent before it
     assert (await received(worker))["spec"]["memory_bytes"] == GiB
     # a later one that does not fit frees the engine the process holds
     await pool.set_prebuild(SPEC, room_bytes=2 * GiB - 1)
     assert await received(worker) == {"cmd": "release"}
+
+
+@pytest.fixture
+async def pool2() -> AsyncIterator[WorkerPool]:
+    """A vLLM pool of two idle (echoing) processes."""
+    pool = WorkerPool(2, EchoLauncher(), backend="vllm")
+    pool.replenish()
+    await asyncio.gather(*pool._starting)
+    assert pool.idle == 2
+    yield pool
+    await pool.close()
+
+
+async def stopped(worker: WorkerProcess) -> None:
+    """A process ``take`` handed out (no longer the pool's to stop), stopped."""
+    worker.kill()
+    await worker.wait()
+
+
+CHAT, CODE = SPEC, {"function": "code", "entry_dir": "/dram/code", "memory_bytes": GiB}
+
+
+async def holders(pool: WorkerPool, lines: int) -> dict[str, int]:
+    """Read the next ``lines`` lines the idle processes got: entry -> how many now hold it."""
+    got: dict[str, int] = {}
+    for worker in pool._idle[:lines]:
+        line = await received(worker)
+        entry = line["spec"]["entry_dir"] if line["cmd"] == "prebuild" else "released"
+        got[entry] = got.get(entry, 0) + 1
+    return got
+
+
+async def test_two_processes_keep_the_engines_of_the_two_models_loaded_last(
+    pool2: WorkerPool,
+) -> None:
+    first, second = pool2._idle
+    await pool2.set_prebuild(CHAT, room_bytes=8 * GiB)
+    assert await holders(pool2, 2) == {"/dram/chat": 2}  # one model: both build it
+    await pool2.set_prebuild(CODE, room_bytes=8 * GiB)
+    # one process switches to the new model, the other keeps the one it holds
+    assert await received(second) == {"cmd": "prebuild", "spec": CODE}
+    assert [s["function"] for s in pool2.prebuilds] == ["code", "chat"]
+    # a load takes the process holding its model's engine, whichever came first
+    taken, pre_started = await pool2.take("/dram/code")
+    assert taken is second and pre_started
+    await stopped(taken)
+    # chat loaded again: the other process (chat's engine) is not asked to rebuild anything
+    await pool2.set_prebuild(CHAT, room_bytes=8 * GiB)
+    assert [s["function"] for s in pool2.prebuilds] == ["chat", "code"]
+    pool2.replenish()  # the process that replaces the taken one builds what is missing: code
+    await asyncio.gather(*pool2._starting)
+    third = pool2._idle[1]
+    assert await received(third) == {"cmd": "prebuild", "spec": CODE}
+    taken, _ = await pool2.take("/dram/chat")
+    assert taken is first
+    await stopped(taken)
+
+
+async def test_the_least_recent_model_gives_way_when_both_do_not_fit(pool2: WorkerPool) -> None:
+    first, second = pool2._idle
+    await pool2.set_prebuild(CHAT, room_bytes=8 * GiB)
+    await holders(pool2, 2)
+    await pool2.set_prebuild(CODE, room_bytes=3 * GiB)  # code + chat: 3 GiB, fits
+    assert await received(second) == {"cmd": "prebuild", "spec": CODE}
+    # an instance took memory: chat's engine (2 GiB) gives way to a second one of code's
+    await pool2.fit_prebuild(room_bytes=3 * GiB - 1)
+    assert await received(first) == {"cmd": "prebuild", "spec": CODE}
+    assert [s["function"] for s in pool2.prebuilds] == ["code"]
+    await pool2.fit_prebuild(room_bytes=2 * GiB - 1)  # not even one each: both released
+    assert await holders(pool2, 2) == {"released": 2}
+    assert pool2.prebuilds == []
+
+
+async def test_a_load_of_another_model_takes_a_process_without_an_engine_first(
+    pool2: WorkerPool,
+) -> None:
+    second = pool2._idle[1]
+    pool2._idle.reverse()  # the process without an engine is not the first in line
+    await pool2.set_prebuild(CHAT, room_bytes=8 * GiB)
+    pool2._held.pop(second.pid)  # as if it had just started, holding nothing yet
+    taken, _ = await pool2.take("/dram/other")
+    assert taken is second
+    await stopped(taken)
+    # with only engines left, the least recent model's process goes
+    await pool2.set_prebuild(CODE, room_bytes=8 * GiB)
+    pool2.replenish()
+    await asyncio.gather(*pool2._starting)
+    held = {pool2._held[w.pid]: w for w in pool2._idle}
+    assert set(held) == {"/dram/chat", "/dram/code"}
+    taken, _ = await pool2.take("/dram/other")
+    assert taken is held["/dram/chat"]
+    await stopped(taken)
 
 
 class Held:
