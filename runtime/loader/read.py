@@ -4,8 +4,8 @@ The node's SSD -> DRAM hop (``runtime.cache.tiered``) reads with it straight int
 entry's shared memory, and ``bench/load.py`` measures it on that same path. Built on
 ``direct_io``: each chunk whose pages are mostly cold is read with O_DIRECT (16 MiB requests,
 4 in flight saturate this machine's disk: DESIGN.md "This machine"); a chunk mostly in the page
-cache (``mincore``) is read buffered, since O_DIRECT would ignore the cache and run ~5x slower;
-unless the destination is a populated slab, its pages are populated first (``populate_write``),
+cache (``direct_io.Residency``: ``cachestat``, else ``mincore``) is read buffered, since
+O_DIRECT would ignore the cache and run ~5x slower; unless the destination is a populated slab, its pages are populated first (``populate_write``),
 so a copy into fresh memory does not fault once per 4 KiB. File systems that refuse O_DIRECT
 (tmpfs) and unaligned destinations are read buffered. Each partition's slot in the image is
 rounded up to 4096 (``image_layout``), so the rounded-up tail of a direct read stays inside it.
@@ -26,11 +26,10 @@ from typing import TypeVar, cast
 from runtime.ckpt.index import CheckpointIndex, check_partition_sizes, image_layout
 from runtime.loader.direct_io import (
     DIRECT_ALIGN,
+    Residency,
     open_direct,
-    page_residency,
     populate_write,
     read_into,
-    resident_fraction,
 )
 from sllm.errors import CheckpointError
 
@@ -115,12 +114,14 @@ def read_checkpoint(
             fd = os.open(path, os.O_RDONLY)
             fd_direct = open_direct(path) if aligned and direct is not False else None
             fds.append((fd, fd_direct))
-            residency = (
-                page_residency(fd, p.nbytes) if fd_direct is not None and direct is None else None
-            )
+            residency = Residency(fd, p.nbytes)
             for off in range(0, p.nbytes, chunk_bytes):
                 length = min(chunk_bytes, p.nbytes - off)
-                cached = resident_fraction(residency, off, length) >= CACHED_FRACTION
+                cached = (
+                    fd_direct is not None
+                    and direct is None
+                    and residency.fraction(off, length) >= CACHED_FRACTION
+                )
                 direct_chunk = fd_direct is not None and not cached
                 jobs.append(_Job(i, off, length, starts[i] + off, direct_chunk))
 

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from runtime.ckpt.index import image_layout
-from runtime.loader.direct_io import page_residency, populate_write, resident_fraction
+from runtime.loader.direct_io import (
+    Residency,
+    page_residency,
+    populate_write,
+    resident_fraction,
+)
 from runtime.loader.read import bounded_map, read_checkpoint
 from sllm.errors import CheckpointError
 from tests.synthetic_checkpoint import write_random_checkpoint
@@ -38,6 +43,35 @@ def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     os.close(fd)
     assert _residency(path) < 0.5
+
+
+@pytest.mark.parametrize("cachestat", [True, False])
+def test_residency_of_a_range_follows_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cachestat: bool
+) -> None:
+    """The reader's per-chunk question: cachestat where the kernel has it, else mincore."""
+    import runtime.loader.direct_io as direct_io
+
+    if not cachestat:
+        monkeypatch.setattr(direct_io, "_cachestat_missing", True)
+    elif direct_io.cached_pages(0, 0, 1) is None and direct_io._cachestat_missing:
+        pytest.skip("this kernel has no cachestat (Linux < 6.5)")
+    path = tmp_path / "f.bin"
+    half = 2 << 20
+    path.write_bytes(os.urandom(2 * half + 100))  # a partial last page
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, half, 0, os.POSIX_FADV_DONTNEED)  # the second half leaves
+        residency = Residency(fd, 2 * half + 100)
+        assert residency.fraction(0, half) == 1.0
+        assert residency.fraction(half, half + 100) < 0.5
+        os.pread(fd, 100, 2 * half)  # the partial last page comes back
+        residency = Residency(fd, 2 * half + 100)  # (mincore's answer is one per file)
+        assert residency.fraction(2 * half, 1 << 20) == 1.0  # past the end: not counted
+        assert residency.fraction(2 * half + 100, 4096) == 0.0  # nothing there
+    finally:
+        os.close(fd)
 
 
 def _faults_writing_every_page(mm: mmap.mmap) -> int:
