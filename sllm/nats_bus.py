@@ -19,6 +19,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 # default 2 minutes x 2. The cost is one PING a second per client.
 PING_INTERVAL_S = 1.0
 MAX_OUTSTANDING_PINGS = 3
+# Closing: how long draining the connection may take, then a plain close as long again.
+CLOSE_S = 5.0
 # 2 s: how long a request with nobody listening is sent again before it is ``NoResponder``. A
 # responder whose server of the cluster died listens again from another within a second;
 # one that is not running does not, and its requester hears so 2 s later rather than at once.
@@ -190,9 +193,23 @@ class NatsBus:
             return data
 
     async def close(self) -> None:
-        """Drain and close the connection."""
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        """Drain and close the connection, within ``CLOSE_S`` twice over: a drain that cannot
+        finish (its server lost meanwhile: nats-py waits on the flush of a dead connection,
+        or refuses while reconnecting) gives way to a plain close, and a close that cannot
+        finish either is left behind with a warning. A process stopping must not hang here."""
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), CLOSE_S)
+            return
+        except (TimeoutError, NatsError) as exc:
+            log.warning("nats drain did not finish (%s): closing", type(exc).__name__)
+        if self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.close(), CLOSE_S)
+        except (TimeoutError, NatsError) as exc:
+            log.warning("nats close did not finish (%s): left behind", type(exc).__name__)
 
     async def key_value(
         self,

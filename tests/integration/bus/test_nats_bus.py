@@ -6,7 +6,10 @@ commands or read other nodes' heartbeats."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -14,9 +17,9 @@ import pytest
 from sllm.bus import Message
 from sllm.errors import Unavailable
 from sllm.messages import GATEWAY_LOAD_SUBJECT
-from sllm.nats_auth import new_seed
-from sllm.nats_bus import NatsBus
-from sllm_cli.servers import ManagedServer, nats_client_env
+from sllm.nats_auth import NatsCredentials, new_seed
+from sllm.nats_bus import CLOSE_S, NatsBus
+from sllm_cli.servers import ManagedServer, nats_client_env, start_nats
 
 T = TypeVar("T")
 
@@ -186,3 +189,33 @@ async def test_gateways_share_load_reports_and_a_node_cannot_forge_one(
     finally:
         for bus in (leader, other, node):
             await bus.close()
+
+
+async def test_closing_while_the_server_is_stopped_does_not_hang(tmp_path: Path) -> None:
+    """A gateway or node stopping while its NATS server hangs (SIGSTOP) still closes: the
+    drain gives way to a plain close after ``CLOSE_S``, and that close ends as well. nats-py's
+    own drain waited 30 s on the subscriptions and then raised from its flush, never closing."""
+    creds = NatsCredentials(tmp_path / "creds")
+    creds.gateway()
+    server = start_nats(tmp_path, credentials=creds)
+    try:
+        bus = await NatsBus.connect(
+            f"nats://127.0.0.1:{server.ports['client']}", "closing",
+            seed_file=nats_client_env(server)["SLLM_NATS_SEED_FILE"],
+        )  # fmt: skip
+
+        async def handler(msg: Message) -> bytes | None:
+            return None
+
+        await bus.subscribe("sllm.gateway.test", handler)
+        await bus.nc.flush()
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            await asyncio.wait_for(bus.close(), 3 * CLOSE_S)
+            assert time.monotonic() - began < 2 * CLOSE_S + 1.0
+            assert bus.nc.is_closed
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    finally:
+        server.stop()
