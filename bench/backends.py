@@ -311,7 +311,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             got = cold.get(f"dram_{engine}_engine", "")  # what the instance really got
             for peer, limit in limits.items():
                 out[f"{name}_cold_dram_{engine}_vs_{peer}"] = {
-                    "sllm_s": dram, "limit_s": limit, "met": dram <= limit, "engine": got}  # fmt: skip
+                    "sllm_s": dram, "limit_s": limit, "met": dram <= limit,
+                    "engine": got}  # fmt: skip
     return out
 
 

@@ -3,8 +3,9 @@
 On this machine (DESIGN.md, "This machine") O_DIRECT reaches the disk limit cold but ignores a
 warm page cache (5x under the warm limit), so the loader asks the kernel which pages are
 resident (``Residency``: ``cachestat``, else ``mincore`` on a read-only mapping; neither reads
-anything) and reads resident ranges buffered, the rest direct. Every function here degrades to buffered reads: file systems without
-O_DIRECT (tmpfs, some overlays) return EINVAL on open or on the read, and the caller retries.
+anything) and reads resident ranges buffered, the rest direct. Every function here degrades
+to buffered reads: file systems without O_DIRECT (tmpfs, some overlays) return EINVAL on open
+or on the read, and the caller retries.
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ def cached_pages(fd: int, offset: int, length: int) -> int | None:
     """Pages of the file's ``[offset, offset+length)`` in the page cache (cachestat), or None
     where the kernel cannot tell that way."""
     global _cachestat_missing
-    if _cachestat_missing or length <= 0:
-        return None if _cachestat_missing else 0
+    if _cachestat_missing:
+        return None
+    if length <= 0:  # (a length of 0 would ask cachestat for the rest of the file)
+        return 0
     try:
         libc = _get_libc()
     except OSError:

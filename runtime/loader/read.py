@@ -5,8 +5,9 @@ entry's shared memory, and ``bench/load.py`` measures it on that same path. Buil
 ``direct_io``: each chunk whose pages are mostly cold is read with O_DIRECT (16 MiB requests,
 4 in flight saturate this machine's disk: DESIGN.md "This machine"); a chunk mostly in the page
 cache (``direct_io.Residency``: ``cachestat``, else ``mincore``) is read buffered, since
-O_DIRECT would ignore the cache and run ~5x slower; unless the destination is a populated slab, its pages are populated first (``populate_write``),
-so a copy into fresh memory does not fault once per 4 KiB. File systems that refuse O_DIRECT
+O_DIRECT would ignore the cache and run ~5x slower; unless the destination is a populated
+slab, its pages are populated first (``populate_write``), so a copy into fresh memory does not
+fault once per 4 KiB. File systems that refuse O_DIRECT
 (tmpfs) and unaligned destinations are read buffered. Each partition's slot in the image is
 rounded up to 4096 (``image_layout``), so the rounded-up tail of a direct read stays inside it.
 """

@@ -161,6 +161,11 @@ class ProcessLauncher:
         return WorkerProcess(proc, started)
 
 
+def _entry(spec: dict[str, Any]) -> str:
+    """The DRAM entry directory a load spec maps: what tells models apart in the pool."""
+    return str(spec.get("entry_dir", ""))
+
+
 class WorkerPool:
     """Keeps ``size`` idle pre-started processes of one backend. ``take`` hands one out
     (starting a fresh one when the pool is empty or ``size`` is 0); ``replenish`` refills in
@@ -215,9 +220,9 @@ class WorkerPool:
         DRAM tier was promised; each engine ``memory_bytes``, its weights and KV cache) are
         built: the least recent models give way first; when not even one engine per process
         of the latest fits, the idle processes free the ones they hold."""
-        entry = str(spec.get("entry_dir", ""))
-        recent = [dict(spec)] + [s for s in self.prebuilds if s.get("entry_dir") != entry]
-        await self._fit(recent[: max(self.size, 1)], room_bytes)
+        entry = _entry(spec)
+        recent = [dict(spec)] + [s for s in self.prebuilds if _entry(s) != entry]
+        await self._fit(recent, room_bytes)
 
     async def fit_prebuild(self, room_bytes: int) -> None:
         """Free the idle processes' warm engines that no longer fit in ``room_bytes`` (an
@@ -225,47 +230,31 @@ class WorkerPool:
         await self._fit(self.prebuilds, room_bytes)
 
     async def _fit(self, recent: list[dict[str, Any]], room_bytes: int) -> None:
-        kept = list(recent)
-        while kept and self._prebuild_bytes(kept) > room_bytes:
+        kept = recent[: max(self.size, 1)]
+        while kept and sum(int(s.get("memory_bytes", 0)) for s in self._spread(kept)) > room_bytes:
             kept.pop()
-        if recent and not kept:
+        if recent and len(kept) < len(recent[: max(self.size, 1)]):
             log.info(
-                "no warm engine for %s: %d processes x %d MiB do not fit in the %d MiB that "
-                "no instance or cache holds",
-                recent[0].get("function"), self.size, int(recent[0].get("memory_bytes", 0)) >> 20,
-                max(room_bytes, 0) >> 20,
-            )  # fmt: skip
-        elif len(kept) < len(recent):
-            log.info(
-                "no warm engine for %s: it does not fit beside more recent models' in the %d "
-                "MiB that no instance or cache holds",
-                ", ".join(str(s.get("function")) for s in recent[len(kept):]),
+                "no warm engine for %s: it does not fit beside the %d more recent in the %d MiB "
+                "that no instance or cache holds (one engine per idle process)",
+                ", ".join(str(s.get("function")) for s in recent[len(kept) :]), len(kept),
                 max(room_bytes, 0) >> 20,
             )  # fmt: skip
         self.prebuilds = kept
         await self._assign()
 
-    def _wanted(self) -> list[str]:
-        """The entry each idle process should hold an engine for: one per model in
-        ``prebuilds``, the most recent one for the processes left over."""
-        entries = [str(s.get("entry_dir", "")) for s in self.prebuilds]
-        n = max(self.size, len(self._idle))
-        return entries[:n] + entries[:1] * (n - len(entries)) if entries else []
-
-    def _prebuild_bytes(self, specs: list[dict[str, Any]]) -> int:
-        """The memory of the engines ``specs`` put into the pool's processes (``_wanted``)."""
-        if not specs:
-            return 0
-        size = max(self.size, 1)
-        memory = [int(s.get("memory_bytes", 0)) for s in specs[:size]]
-        return sum(memory) + memory[0] * (size - len(memory))
+    def _spread(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The spec each of the pool's processes holds an engine for: one per model of
+        ``specs``, the most recent one for the processes left over."""
+        n = max(self.size, 1)
+        return specs[:n] + specs[:1] * (n - len(specs)) if specs else []
 
     async def _assign(self) -> None:
         """Send each idle process the ``prebuild`` line of the engine it should hold, or
         ``release`` when it should hold none; a process already holding a wanted engine keeps
         it (a rebuild would cost seconds of CPU)."""
-        wanted = self._wanted()
-        specs = {str(s.get("entry_dir", "")): s for s in self.prebuilds}
+        wanted = [_entry(s) for s in self._spread(self.prebuilds)]
+        specs = {_entry(s): s for s in self.prebuilds}
         unplaced = []
         for worker in list(self._idle):
             held = self._held.get(worker.pid)
@@ -365,16 +354,17 @@ class WorkerPool:
         return worker, False
 
     def _choose(self, entry: str) -> int:
-        """The index in ``_idle`` of the process ``take`` hands out for ``entry``."""
-        order = [str(s.get("entry_dir", "")) for s in self.prebuilds]
+        """The index in ``_idle`` of the process ``take`` hands out for ``entry``: the lowest
+        rank, from holding ``entry``'s engine, none, an unwanted one, to the most recent's."""
+        order = [_entry(s) for s in self.prebuilds]
 
-        def rank(i: int) -> tuple[int, int]:
+        def rank(i: int) -> int:
             held = self._held.get(self._idle[i].pid)
-            if held is not None and held == entry:
-                return (0, 0)
-            if held is None:  # no engine to free before the load builds its own
-                return (1, 0)
-            return (2, -order.index(held) if held in order else 1)
+            if held is None:
+                return -1  # no engine to free before the load builds its own
+            if held == entry:
+                return -2
+            return len(order) - order.index(held) if held in order else 0
 
         return min(range(len(self._idle)), key=rank)
 
