@@ -223,6 +223,10 @@ class ContainerLauncher:
             env=b.podman.env(),
             limit=_LINE_LIMIT,
             start_new_session=True,
+            # conmon writes an ``oom`` marker into its working directory when the container
+            # is killed at its memory limit: the slot, removed with the container, not the
+            # directory the node was started from
+            cwd=slot,
         )
         return ContainerWorker(proc, started, b.podman, name, slot, b.view, b.tier_root)
 

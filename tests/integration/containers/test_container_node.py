@@ -225,7 +225,7 @@ def handle(request, ctx):
 
 
 async def test_memory_limit_kills_the_instance_and_the_node_goes_on(
-    client: NodeClient,
+    client: NodeClient, container_node: NodeProcess
 ) -> None:
     record = make_record("hog", "hog:handle", {"hog.py": HOG_HANDLER}, memory=1 << 30)
     instance_id = f"hog-{uuid.uuid4().hex[:6]}"
@@ -242,6 +242,8 @@ async def test_memory_limit_kills_the_instance_and_the_node_goes_on(
     failed = await client.event(instance_id, 60)
     assert failed.kind == "failed"
     assert "code 137" in failed.error and "out of memory" in failed.error, failed.error
+    # conmon's ``oom`` marker stays out of the node's working directory (its root here)
+    assert not (container_node.log_path.parent / "oom").exists()
     # the node goes on: another instance starts and answers
     after = await start(client, make_record("after-oom"))
     answer = await invoke(after, {"prompt": "hi", "max_tokens": 2, "temperature": 0})

@@ -110,6 +110,7 @@ def started_node(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            cwd=root,  # whatever a node leaves in its working directory shows up under root
         )
     try:
         yield node_id, proc, env
