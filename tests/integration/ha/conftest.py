@@ -44,6 +44,9 @@ def stage(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
             "SLLM_SCALE_DOWN_WINDOW": "120s",
             "SLLM_CPU_SLOTS": "4",
             "SLLM_POOL_SIZE": "1",
+            # the default backend (auto) serves the tiny Llama through vLLM: the faults hit
+            # the engine users run (tests/integration/hosts uses the transformers backend)
+            "SLLM_VLLM": "on",
             "SLLM_DRAM_CAPACITY": "256Mi",
             "SLLM_SSD_CAPACITY": "256Mi",
             "SLLM_SHUTDOWN_GRACE": "1s",

@@ -86,6 +86,9 @@ def platform(
                 "SLLM_POLICY": "locality",
                 "SLLM_CPU_SLOTS": "1",
                 "SLLM_POOL_SIZE": "1",
+                # the transformers backend only: no vLLM process (links and placement are what is
+                # tested here; tests/integration/faults runs its faults on the vLLM backend)
+                "SLLM_VLLM": "off",
                 "SLLM_STORE_BANDWIDTH": str(int(SEED_BW)),
             },
         )

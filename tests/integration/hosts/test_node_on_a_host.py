@@ -119,6 +119,9 @@ def world(make_topology: MakeTopology, tmp_path_factory: pytest.TempPathFactory)
             "SLLM_CACHE_DIR": str(root / "cache"),
             "SLLM_CPU_SLOTS": "1",
             "SLLM_POOL_SIZE": "1",
+            # the transformers backend only: no vLLM process (links and placement are what is
+            # tested here; tests/integration/faults runs its faults on the vLLM backend)
+            "SLLM_VLLM": "off",
             "SLLM_HEARTBEAT_INTERVAL": "0.3s",
             "SLLM_STORE_BANDWIDTH": str(int(SEED_BW)),
         }
