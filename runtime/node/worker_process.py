@@ -230,23 +230,29 @@ class WorkerPool:
         await self._fit(self.prebuilds, room_bytes)
 
     async def _fit(self, recent: list[dict[str, Any]], room_bytes: int) -> None:
-        kept = recent[: max(self.size, 1)]
+        candidates = recent[: self._slots]
+        kept = list(candidates)
         while kept and sum(int(s.get("memory_bytes", 0)) for s in self._spread(kept)) > room_bytes:
             kept.pop()
-        if recent and len(kept) < len(recent[: max(self.size, 1)]):
+        if len(kept) < len(candidates):
             log.info(
                 "no warm engine for %s: it does not fit beside the %d more recent in the %d MiB "
                 "that no instance or cache holds (one engine per idle process)",
-                ", ".join(str(s.get("function")) for s in recent[len(kept) :]), len(kept),
+                ", ".join(str(s.get("function")) for s in candidates[len(kept) :]), len(kept),
                 max(room_bytes, 0) >> 20,
             )  # fmt: skip
         self.prebuilds = kept
         await self._assign()
 
+    @property
+    def _slots(self) -> int:
+        """Warm engines the pool plans for: one per process, at least one."""
+        return max(self.size, 1)
+
     def _spread(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The spec each of the pool's processes holds an engine for: one per model of
         ``specs``, the most recent one for the processes left over."""
-        n = max(self.size, 1)
+        n = self._slots
         return specs[:n] + specs[:1] * (n - len(specs)) if specs else []
 
     async def _assign(self) -> None:
