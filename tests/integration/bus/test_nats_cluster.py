@@ -100,15 +100,27 @@ async def _kill_between_rounds(
             await asyncio.sleep(0.01)
 
 
-def _on_port(bus: NatsBus, port: int) -> bool:
+async def _until_found(registry: Registry, name: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while registry.find(name) is None:
+        assert time.monotonic() < deadline, f"{name} never reached the registry"
+        await asyncio.sleep(0.02)
+
+
+def _port(bus: NatsBus) -> int | None:
+    """The client port of the server ``bus`` is connected to (None while it is not)."""
     url = bus.nc.connected_url
-    return bool(bus.nc.is_connected and url is not None and url.port == port)
+    return url.port if bus.nc.is_connected and url is not None else None
+
+
+def _on_port(bus: NatsBus, port: int) -> bool:
+    return _port(bus) == port
 
 
 def _index_of_port(cluster: NatsCluster, bus: NatsBus) -> int:
-    url = bus.nc.connected_url
-    assert url is not None
-    return [m.client_port for m in cluster.members].index(url.port)
+    port = _port(bus)
+    assert port is not None
+    return [m.client_port for m in cluster.members].index(port)
 
 
 async def test_losing_any_one_server_is_invisible(cluster: NatsCluster, tmp_path: Path) -> None:
@@ -252,7 +264,9 @@ async def test_a_registry_whose_watch_consumer_is_lost_stays_current(
             registry = Registry(await bus.key_value("watch_test", replicas=3), retry_s=0.2)
             await registry.load()
             readers.append((bus, registry))
-            assert registry.find("a") is not None
+            # The watch's snapshot comes from its consumer's replica, which may not have
+            # applied the write yet (it was acked by two of three); the watch brings it then.
+            await _until_found(registry, "a")
             (mine,) = [c for c in await js.consumers_info("KV_watch_test") if c.name not in before]
             assert mine.cluster is not None and mine.cluster.leader is not None
             host = names.index(mine.cluster.leader)
@@ -264,10 +278,7 @@ async def test_a_registry_whose_watch_consumer_is_lost_stays_current(
         cluster.servers[host].process.wait()
         # waits out the bucket's election if its leader was there
         await writer.create(FunctionRecord(FunctionSpec(name="b", model="m"), "k", 1))
-        written = time.monotonic()
-        while found.find("b") is None:
-            assert time.monotonic() - written < 5.0, "the deploy never reached the registry"
-            await asyncio.sleep(0.02)
+        await _until_found(found, "b")
     finally:
         for bus, registry in readers:
             await registry.stop()
