@@ -19,7 +19,7 @@ import pytest
 from runtime.container.podman import Podman
 from sllm.nats_auth import NatsCredentials
 from sllm_cli.servers import ManagedServer, nats_client_env, start_nats, start_seaweedfs
-from tests import secret_scan
+from tests import secret_scan, workers
 from tests.leaks import LeakCheck, free_dram_tiers
 
 S3_KEY_ID = "sllm-test"
@@ -28,6 +28,7 @@ S3_KEY_ID = "sllm-test"
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(LeakCheck(), "sllm-leak-check")
     config.pluginmanager.register(secret_scan.SecretScan(), "sllm-secret-scan")
+    workers.register(config)
 
 
 @pytest.fixture(scope="session", autouse=True)

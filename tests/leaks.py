@@ -32,6 +32,7 @@ import psutil
 import pytest
 
 from runtime.node.main import OWNER_FILE
+from tests import workers
 
 SHM = Path("/dev/shm")
 TIER_PREFIX = f"sllm-{os.getuid()}-"  # runtime.node.main.dram_root
@@ -149,10 +150,5 @@ class LeakCheck:
         problems = finish(self.baseline, basetemp)
         if not problems:
             return
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        lines = ["the test session left things behind:", *(f"  - {p}" for p in problems)]
-        if reporter is not None:
-            reporter.write_sep("=", "leak check failed", red=True)
-            for line in lines:
-                reporter.write_line(line)
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        lines = ("the test session left things behind:", *(f"  - {p}" for p in problems))
+        workers.report(session, workers.Finding("leak check failed", lines, failed=True))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import workers
+
 PATTERNS = {
     "invocation key": re.compile(r"sllm_[0-9a-f]{12}_[A-Za-z0-9_-]{43}"),
     "instance secret": re.compile(r"sllmi_[A-Za-z0-9_-]{43}"),
@@ -104,19 +106,16 @@ class SecretScan:
             self._handler.close()
         if not self.enabled or session.config.option.collectonly:
             return
+        if workers.is_controller(session.config):
+            return  # each worker scanned its own directory, which holds every log of its tests
         basetemp = session.config._tmp_path_factory.getbasetemp().resolve()  # type: ignore[attr-defined]
         found = scan(basetemp, known_secrets(basetemp))
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if not found.problems:
-            if reporter is not None:
-                reporter.ensure_newline()
-                reporter.write_line(
-                    f"secret scan: {found.files} log files, {found.lines} lines, no secret"
-                )
+            summary = f"secret scan: {found.files} log files, {found.lines} lines, no secret"
+            workers.report(session, workers.Finding(summary, (), failed=False))
             return
-        if reporter is not None:
-            reporter.write_sep("=", "secret scan failed", red=True)
-            reporter.write_line(f"secrets in the logs of this session ({basetemp}):")
-            for problem in found.problems[:50]:
-                reporter.write_line(f"  - {problem}")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        lines = (
+            f"secrets in the logs of this session ({basetemp}):",
+            *(f"  - {problem}" for problem in found.problems[:50]),
+        )
+        workers.report(session, workers.Finding("secret scan failed", lines, failed=True))

@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+from tests import inner_session
 
 CONFTEST = """
 from tests.leaks import LeakCheck
@@ -24,14 +23,7 @@ def pytest_configure(config):
 
 
 def run_session(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_case.py").write_text(textwrap.dedent(body))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
-         str(tmp_path / "base"), "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    return inner_session.run_session(tmp_path, CONFTEST, {"test_case.py": body})
 
 
 def test_a_clean_session_passes(tmp_path: Path) -> None:
