@@ -83,15 +83,18 @@ unit: $(STAMP)
 up: $(STAMP)
 	$(BIN)/sllm up --demo --instances process
 
-# Re-resolve both locks from pyproject.toml, constraints.txt and excludes.txt, at the newest
-# versions allowed; commit the result. The CUDA lock takes torch from PyPI (its Linux build is
-# the CUDA one), for the runtime image of GPU nodes.
+# Re-resolve both locks from pyproject.toml, constraints.txt and excludes.txt; commit the
+# result. uv keeps each version a lock already pins while pyproject.toml still allows it (the
+# existing output file's pins are its preferences), so a changed requirement moves only what it
+# must; `make lock UPGRADE=1` takes the newest versions allowed instead. The CUDA lock takes
+# torch from PyPI (its Linux build is the CUDA one), for the runtime image of GPU nodes.
+UPGRADE ?=
 lock: | $(UV)
 	$(UV) pip compile -q pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
-		$(RESOLVE) $(TORCH_SOURCE) --generate-hashes --custom-compile-command 'make lock' \
-		-o $(LOCK)
+		$(RESOLVE) $(TORCH_SOURCE) $(if $(UPGRADE),--upgrade) --generate-hashes \
+		--custom-compile-command 'make lock' -o $(LOCK)
 	env -u UV_FIND_LINKS $(UV) pip compile -q pyproject.toml \
-		$(foreach e,$(subst $(comma), ,$(CUDA_EXTRAS)),--extra $(e)) $(RESOLVE) \
+		$(foreach e,$(subst $(comma), ,$(CUDA_EXTRAS)),--extra $(e)) $(RESOLVE) $(if $(UPGRADE),--upgrade) \
 		--python-platform x86_64-manylinux_2_28 --generate-hashes \
 		--custom-compile-command 'make lock' -o $(CUDA_LOCK)
 	$(PY) .ci/lockfile.py stamp $(LOCK) $(CUDA_LOCK)
