@@ -69,7 +69,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Two workers (pytest-xdist): the suite mostly waits on servers and subprocesses, and one process
-# left a 2-core machine ~40 % idle. Tests sharing a fixture instance (a module's, or a package's
+# left a 2-core machine ~35 % idle. Tests sharing a fixture instance (a module's, or a package's
 # or session's below tests/) run on one worker, and so do those needing podman (tests/workers.py).
 WORKERS ?= 2
 test: $(STAMP) lint typecheck

@@ -1,7 +1,7 @@
 """The suite on several workers (pytest-xdist; `make test` runs two, ``-n 2 --dist loadgroup``).
 
 Most of the suite waits on servers and subprocesses: one pytest process kept a 2-core machine
-about 40 % idle. Two things make the split safe and cheap:
+about 35 % idle (vmstat over a full run). Two things make the split safe and cheap:
 
 - **Work units** (``xdist_group`` marks, given at collection): a test goes where the fixture
   instances it shares with other tests live. A module is one unit, so a module's platform or
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,8 +32,9 @@ _FINDINGS = "sllm_session_checks"  # the key in a worker's output to the control
 _WIDE_SCOPES = ("package", "session")
 
 
-def work_unit(item: pytest.Item) -> str:
-    """The group ``item`` runs in (see the module docstring)."""
+def work_unit(item: pytest.Item, roots: set[Path]) -> str:
+    """The group ``item`` runs in (see the module docstring). ``roots``: the directories whose
+    session fixtures each worker makes for itself (the rootdir and tests/, ``_roots``)."""
     names = getattr(item, "fixturenames", ())
     if "podman" in names:
         return CONTAINERS
@@ -40,24 +42,27 @@ def work_unit(item: pytest.Item) -> str:
     info = getattr(item, "_fixtureinfo", None)  # which fixture definitions a test uses
     if info is None:
         return module
-    config = item.config
-    # where the session-wide fixtures live (tests/conftest.py), made by each worker
-    roots = {config.rootpath, *(config.rootpath / p for p in config.getini("testpaths"))}
-    shared = []
-    for name in names:
-        for fixturedef in info.name2fixturedefs.get(name, ()):
-            home = config.rootpath / fixturedef.baseid
-            if fixturedef.scope in _WIDE_SCOPES and home not in roots:
-                shared.append(fixturedef.baseid)
+    shared = [
+        fixturedef.baseid
+        for name in names
+        for fixturedef in info.name2fixturedefs.get(name, ())
+        if fixturedef.scope in _WIDE_SCOPES
+        and item.config.rootpath / fixturedef.baseid not in roots
+    ]
     # the widest such directory: every test under it that shares one lands in one unit
     return min(shared, key=len) if shared else module
 
 
+def _roots(config: pytest.Config) -> set[Path]:
+    return {config.rootpath, *(config.rootpath / p for p in config.getini("testpaths"))}
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (its own hook, on each worker)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    roots = _roots(config)
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(work_unit(item)))
+            item.add_marker(pytest.mark.xdist_group(work_unit(item, roots)))
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,10 @@ def report(session: pytest.Session, finding: Finding) -> None:
     if is_worker(config):
         output: dict[str, Any] = config.workeroutput  # type: ignore[attr-defined]
         worker = config.workerinput["workerid"]  # type: ignore[attr-defined]
-        entry = {"title": f"[{worker}] {finding.title}", "lines": list(finding.lines)}
-        output.setdefault(_FINDINGS, []).append({**entry, "failed": finding.failed})
+        output.setdefault(_FINDINGS, []).append(
+            {"title": f"[{worker}] {finding.title}", "lines": list(finding.lines),
+             "failed": finding.failed}
+        )  # fmt: skip
     else:
         _write(session, finding)
     if finding.failed:
@@ -119,9 +126,7 @@ class Controller:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         for finding in self.findings:
-            _write(session, finding)
-            if finding.failed:
-                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            report(session, finding)
 
 
 def register(config: pytest.Config) -> None:

@@ -95,7 +95,7 @@ async def _kill_between_rounds(
         cluster.servers[victim].process.send_signal(signal.SIGKILL)
         cluster.servers[victim].process.wait()
         deadline = time.monotonic() + 10
-        while any(_on_port(bus, port) for bus in buses):
+        while any(_port(bus) == port for bus in buses):
             assert time.monotonic() < deadline, "a client never saw its server die"
             await asyncio.sleep(0.01)
 
@@ -111,10 +111,6 @@ def _port(bus: NatsBus) -> int | None:
     """The client port of the server ``bus`` is connected to (None while it is not)."""
     url = bus.nc.connected_url
     return url.port if bus.nc.is_connected and url is not None else None
-
-
-def _on_port(bus: NatsBus, port: int) -> bool:
-    return _port(bus) == port
 
 
 def _index_of_port(cluster: NatsCluster, bus: NatsBus) -> int:

@@ -25,26 +25,23 @@ def pytest_configure(config):
     config.pluginmanager.register(SecretScan(), "sllm-secret-scan")
     workers.register(config)
 """
-# Each test writes down the worker it ran on.
-RECORD = """
+
+
+def on_two_workers(tmp_path: Path, files: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``files`` on two workers; ``record(name)`` in a test writes down its worker under
+    ``tmp_path/seen``."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    record = f"""
 import os
 from pathlib import Path
 
 def record(name):
-    seen = Path(os.environ["SEEN_DIR"])
-    (seen / name).write_text(os.environ["PYTEST_XDIST_WORKER"])
+    (Path({str(seen)!r}) / name).write_text(os.environ["PYTEST_XDIST_WORKER"])
 """
-
-
-def on_two_workers(tmp_path: Path, files: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    os.environ["SEEN_DIR"] = str(tmp_path / "seen")
-    try:
-        (tmp_path / "seen").mkdir()
-        return inner_session.run_session(
-            tmp_path, CONFTEST, {"record.py": RECORD, **files}, "-n", "2", "--dist", "loadgroup"
-        )
-    finally:
-        del os.environ["SEEN_DIR"]
+    return inner_session.run_session(
+        tmp_path, CONFTEST, {"record.py": record, **files}, "-n", "2", "--dist", "loadgroup"
+    )
 
 
 def test_tests_sharing_a_fixture_instance_run_on_one_worker(tmp_path: Path) -> None:
