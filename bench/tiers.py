@@ -19,7 +19,8 @@ A B, ...) so each contender follows the other equally often:
   pages populated, tensor views, ``build_model``), after a ``fetch`` from SSD (page cache
   dropped) against after a ``fetch`` that hits DRAM. The model class is built once before.
 
-Reports medians over --repeat runs, ratios of the medians and medians of the per-repetition
+``--dram-dir`` puts the DRAM tier in another tmpfs, as a node's SLLM_DRAM_DIR does (the JSON
+says which, and its huge-page mode). Reports medians over --repeat runs, ratios of the medians and medians of the per-repetition
 ratios (``*_paired``). Needs root for ``/proc/sys/vm/drop_caches`` (else posix_fadvise
 DONTNEED on the files it reads) and for installing fio when it is missing.
 """
@@ -47,6 +48,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 from _load_data import drop_caches, ensure_fio, fio_read
 
 from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
+from runtime.cache.hugepages import dram_pages
 from runtime.cache.pull import plan_chunks
 from runtime.ckpt.index import CheckpointIndex, image_layout
 from runtime.store.base import join_key
@@ -142,9 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=4, help="repetitions (medians are reported)")
     ap.add_argument("--concurrency", type=int, default=8, help="parallel ranged GETs")
     ap.add_argument("--part-mb", type=int, default=16, help="bytes per ranged GET, MiB")
+    ap.add_argument(
+        "--dram-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="tmpfs of the DRAM tier, as a node's SLLM_DRAM_DIR (default /dev/shm); e.g. one "
+        "mounted with huge=within_size for 2 MiB pages",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    pages = dram_pages(args.dram_dir)  # ValidationFailed: not a tmpfs directory
+    print(f"DRAM tier in {pages.describe()}", file=sys.stderr)
 
     fio = ensure_fio()
     work = DATA / "tiers"
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = TieredCache(
             store,
             SsdCache(work / "ssd", 2 * image + 64 * MiB),
-            DramCache(Path("/dev/shm") / f"sllm-bench-{os.getpid()}", 2 * image + 64 * MiB),
+            DramCache(args.dram_dir / f"sllm-bench-{os.getpid()}", 2 * image + 64 * MiB),
             BandwidthEstimator(),
         )
         cache.dram.preallocate(image)  # as a node does at start-up
@@ -273,6 +284,8 @@ def summarize(
         "concurrency": args.concurrency,
         "part_bytes": args.part_mb * MiB,
         "limit_tools": {"store": "curl", "ssd": "fio"},
+        "dram_dir": str(args.dram_dir),
+        "dram_huge_pages": dram_pages(args.dram_dir).huge,
         "store_raw_gbps": nbytes / med["store_raw"] / 1e9,
         "store_to_dram_gbps": nbytes / med["store"] / 1e9,
         "ssd_raw_gbps": nbytes / med["ssd_raw"] / 1e9,

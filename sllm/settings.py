@@ -62,6 +62,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SLLM_CACHE_DIR": ("", "node-local SSD cache directory (default: $SLLM_HOME/cache/<node>)"),
     "SLLM_SSD_CAPACITY": ("20Gi", "SSD cache capacity in bytes"),
     "SLLM_DRAM_CAPACITY": ("8Gi", "DRAM cache capacity in bytes"),
+    "SLLM_DRAM_DIR": (
+        "/dev/shm",
+        "tmpfs directory the node's DRAM tier lives in; one mounted with huge=within_size "
+        "gives the images 2 MiB pages (docs/tiers.md)",
+    ),
     "SLLM_DRAM_PREALLOCATE": (
         "0",
         "bytes of DRAM cache the node allocates, maps and writes once at start, so its first "
@@ -282,6 +287,8 @@ class NodeSettings:
     vllm_pool_size: int = 1
     # bytes of DRAM slab made at start (``DramCache.preallocate``); at most the capacity
     dram_preallocate: int = 0
+    # the tmpfs the DRAM tier's directory is made in (runtime.node.main.dram_root)
+    dram_dir: Path = Path("/dev/shm")
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -302,6 +309,9 @@ class NodeSettings:
                 f"SLLM_DRAM_PREALLOCATE={_get(env, 'SLLM_DRAM_PREALLOCATE')!r}: must be at most "
                 f"SLLM_DRAM_CAPACITY ({dram_capacity} bytes)"
             )
+        dram_dir = _get(env, "SLLM_DRAM_DIR")
+        if not os.path.isabs(dram_dir):
+            raise ValidationFailed(f"SLLM_DRAM_DIR={dram_dir!r}: must be an absolute path")
         instances = _get(env, "SLLM_INSTANCES")
         if instances not in INSTANCE_MODES:
             raise ValidationFailed(
@@ -328,6 +338,7 @@ class NodeSettings:
             vllm=vllm,
             vllm_pool_size=_parse(env, "SLLM_VLLM_POOL_SIZE", int_in(0, 64)),
             dram_preallocate=preallocate,
+            dram_dir=Path(dram_dir),
         )
 
 

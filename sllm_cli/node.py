@@ -34,6 +34,7 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument(
         "--dram-preallocate", help="DRAM slab made at start, e.g. 2Gi (SLLM_DRAM_PREALLOCATE)"
     )
+    p.add_argument("--dram-dir", help="tmpfs directory of the DRAM tier (SLLM_DRAM_DIR, /dev/shm)")
     p.add_argument("--cpu-slots", type=int, help="instances at once without CUDA")
     p.add_argument("--pool-size", type=int, help="pre-started instance processes")
     p.add_argument(
@@ -69,6 +70,7 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
         "SLLM_SSD_CAPACITY": args.ssd_capacity,
         "SLLM_DRAM_CAPACITY": args.dram_capacity,
         "SLLM_DRAM_PREALLOCATE": args.dram_preallocate,
+        "SLLM_DRAM_DIR": args.dram_dir,
         "SLLM_CPU_SLOTS": None if args.cpu_slots is None else str(args.cpu_slots),
         "SLLM_POOL_SIZE": None if args.pool_size is None else str(args.pool_size),
         "SLLM_VLLM": args.vllm,

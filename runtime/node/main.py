@@ -34,7 +34,7 @@ def dram_root(settings: NodeSettings) -> Path:
     several nodes on one machine (tests, the migration demo) keep separate DRAM caches and a
     restarted node finds its DRAM cache again."""
     tag = xxhash.xxh3_64_hexdigest(str(Path(settings.cache_dir).resolve()).encode())[:10]
-    return Path("/dev/shm") / f"sllm-{os.getuid()}-{settings.node_id}-{tag}"
+    return settings.dram_dir / f"sllm-{os.getuid()}-{settings.node_id}-{tag}"
 
 
 def node_devices(settings: NodeSettings) -> list[Device]:
@@ -66,12 +66,15 @@ def sweep_orphan_dram(shm: Path = Path("/dev/shm")) -> list[Path]:
 def build_cache(settings: NodeSettings) -> tuple[TieredCache, BandwidthEstimator]:
     """(TieredCache, BandwidthEstimator) for ``settings``; the bandwidths are probed."""
     from runtime.cache import BandwidthEstimator, DramCache, SsdCache, TieredCache
+    from runtime.cache.hugepages import dram_pages
     from runtime.store import open_store
 
+    pages = dram_pages(settings.dram_dir)  # ValidationFailed: not a usable tmpfs directory
+    log.info("DRAM tier in %s", pages.describe())
     store = open_store(settings.store)
     ssd_dir = Path(settings.cache_dir) / "ssd"
     ssd_dir.mkdir(parents=True, exist_ok=True)
-    sweep_orphan_dram()
+    sweep_orphan_dram(settings.dram_dir)
     ssd = SsdCache(ssd_dir, settings.ssd_capacity)
     root = dram_root(settings)
     dram = DramCache(root, settings.dram_capacity)
