@@ -123,10 +123,12 @@ class NodeAgent:
         await self.backend.start()
         self._sub = await self.bus.subscribe(node_cmd_subject(self.node_id), self.handle)
         self._heartbeats = asyncio.create_task(self._heartbeat_loop())
+        backend = self.backend
+        has_vllm = isinstance(backend, ProcessBackend) and backend.vllm_pool is not None
         log.info(
-            "node %s up devices=%s instances=%s pool=%d vllm_pool=%d",
-            self.node_id, ",".join(self.devices.devices), self.backend.kind,
-            self.settings.pool_size, self.settings.vllm_pool_size,
+            "node %s up devices=%s instances=%s pool=%d vllm_pool=%s",
+            self.node_id, ",".join(self.devices.devices), backend.kind, self.settings.pool_size,
+            self.settings.vllm_pool_size if has_vllm else "0 (vLLM off)",
         )  # fmt: skip
 
     async def stop(self, drain_s: float = 30.0) -> None:
