@@ -173,7 +173,13 @@ def load_instance(
 
         t1 = time.monotonic()
         model: Any = None if skeleton is None else assign_tensors(skeleton.result(), entry, tensors)
-    tokenizer = load_tokenizer(entry)
+    t_tok = time.monotonic()
+    # loaded while the process waited (``runtime.instance.premap``), else now
+    tokenizer = premapped.tokenizer if premapped is not None else None
+    timings["tokenizer_preloaded"] = float(tokenizer is not None)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(entry)
+    timings["tokenizer_s"] = time.monotonic() - t_tok
     tok = Tokenizing(tokenizer)
     engine: Backend
     how = "built"
@@ -257,7 +263,8 @@ def prebuild_vllm(spec: LoadSpec, premapped: MappedImage | None) -> Any:
 
     entry = Path(spec.entry_dir)
     mapped = premapped or map_entry(entry, fill=True)
-    return prebuild(entry, mapped, load_tokenizer(entry), vllm_options(spec))
+    tokenizer = mapped.tokenizer if mapped.tokenizer is not None else load_tokenizer(entry)
+    return prebuild(entry, mapped, tokenizer, vllm_options(spec))
 
 
 def _defaults(generation: dict[str, Any]) -> SamplingDefaults:

@@ -3,7 +3,8 @@
 Mapping a 2 GB image is instant but populating its page tables is not (~0.6-1 s here, or
 ~2-3 s of page faults in the first forward pass). An idle pool process is told which images
 the node's DRAM tier holds (``premap`` lines) and maps and populates each one while it waits,
-so a load of any of them starts from a ready mapping. The pages are shared with the DRAM tier
+so a load of any of them starts from a ready mapping (and with the checkpoint's tokenizer
+loaded: ``MappedImage.tokenizer``). The pages are shared with the DRAM tier
 (no copy, no extra memory but page tables); an image the tier dropped is unmapped at the next
 update, and all the others are unmapped once the process has loaded its model.
 
@@ -23,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime.ckpt.index import CheckpointIndex
 from sllm.errors import CheckpointError
@@ -47,6 +48,8 @@ class MappedImage:
     image: torch.Tensor
     populated: bool
     file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the image file mapped
+    # the entry's tokenizer, loaded by the idle process (``Premapper``); None: the load does it
+    tokenizer: Any = None
 
     def current(self) -> bool:
         """Whether the entry's image is still the file this maps (see the module doc)."""
@@ -94,8 +97,25 @@ def map_entry(entry: Path, *, fill: bool) -> MappedImage:
     return mapped
 
 
+def _tokenizer(entry: Path) -> Any:
+    """The entry's tokenizer, or None where it has none or it does not load (the load then
+    tries again and reports why). transformers' ``AutoTokenizer`` took 0.38-0.52 s for
+    SmolLM2's (a 3.5 MB tokenizer.json, parsed twice and deep-copied) on this VM, most of a
+    warm vLLM engine's cold start; loaded here it costs the idle process ~10 MB."""
+    from runtime.loader.model import TOKENIZER_FILES, load_tokenizer
+
+    if not any((entry / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return load_tokenizer(entry)
+    except Exception as exc:
+        log.info("tokenizer of %s not preloaded: %s", entry, exc)
+        return None
+
+
 class Premapper:
-    """The images an idle process keeps mapped, by entry directory."""
+    """The images an idle process keeps mapped, by entry directory, each with its
+    checkpoint's tokenizer loaded."""
 
     def __init__(self) -> None:
         self.images: dict[str, MappedImage] = {}
@@ -114,6 +134,7 @@ class Premapper:
             except Exception as exc:  # evicted meanwhile, or broken: the load maps it itself
                 log.info("premap of %s skipped: %s", entry, exc)
                 continue
+            self.images[entry].tokenizer = _tokenizer(Path(entry))
             log.info("premapped %s in %.3fs", entry, time.monotonic() - started)
 
     def take(self, entry: str) -> MappedImage | None:

@@ -120,6 +120,10 @@ def _materialize_buffers(model: Any, device: torch.device) -> None:
             model._init_weights(module)
 
 
+# Files a checkpoint's tokenizer loads from (any one of them means it has one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(checkpoint_dir: Path) -> Any:
     """The checkpoint's tokenizer (with its chat template) from the copied tokenizer files."""
     from transformers import AutoTokenizer

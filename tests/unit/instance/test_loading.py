@@ -42,3 +42,36 @@ def test_cpu_load_is_ready_without_a_warm_up_pass_and_generates(
         engine.stop()
         if loaded.mapped is not None:
             loaded.mapped.close()
+
+
+def test_a_load_takes_the_tokenizer_the_idle_process_loaded(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An idle process's premap loads each entry's tokenizer (transformers' AutoTokenizer took
+    0.4-0.5 s for SmolLM2's); the load then uses that object instead of loading it again."""
+    from runtime.instance.premap import Premapper
+    from runtime.loader.model import TOKENIZER_FILES
+
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(tiny_model_dir, ckpt)
+    entry = str(dram_entry(ckpt, tmp_path / f"dram-{uuid.uuid4().hex[:8]}"))
+    bare = str(dram_entry(ckpt, tmp_path / "bare"))  # no tokenizer files: mapped, no tokenizer
+    for name in TOKENIZER_FILES:
+        (Path(bare) / name).unlink(missing_ok=True)
+    premapper = Premapper()
+    premapper.update([entry, bare])
+    assert premapper.images[bare].tokenizer is None
+    preloaded = premapper.images[entry].tokenizer
+    assert preloaded is not None and preloaded.encode("hello world")
+    spec = LoadSpec(
+        instance_id="i", function="f", handler="completion", entry_dir=entry,
+        device="cpu:0", threads=1, secret="s",
+    )  # fmt: skip
+    loaded = load_instance(spec, premapper.take(entry))
+    try:
+        assert loaded.timings["tokenizer_preloaded"] == 1.0
+        assert loaded.service.context.tokenizer is preloaded
+    finally:
+        loaded.service.engine.stop()
+        if loaded.mapped is not None:
+            loaded.mapped.close()
