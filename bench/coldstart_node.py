@@ -23,6 +23,9 @@ Hugging Face safetensors directory once (bench/.data), converted, and pushed to 
 - ``hf_s3``: the same after downloading the directory from S3 (KServe's storage initializer);
   ``download_s`` apart, so its time after process start is ``download_s + load_s``.
 - ``process_start_s``: a pre-started instance process's imports and warm-up (off the path).
+
+The nodes take ``SLLM_DRAM_DIR`` from this environment (a tmpfs mounted ``huge=within_size``
+gives 2 MiB pages, docs/tiers.md); the summary records it and its huge-page mode.
 """
 
 from __future__ import annotations
@@ -347,10 +350,16 @@ def main() -> int:
     finally:
         weed.stop()
         nats.stop()
+    from runtime.cache.hugepages import dram_pages
+
+    dram_dir = Path(os.environ.get("SLLM_DRAM_DIR") or "/dev/shm")
     summary: dict[str, Any] = {
         "checkpoint_bytes": nbytes,
         "repeat": args.repeat,
         "load_average_per_rep": loads,
+        # the nodes' DRAM tier (SLLM_DRAM_DIR from this environment) and its huge-page mode
+        "dram_dir": str(dram_dir),
+        "dram_huge_pages": dram_pages(dram_dir).huge,
     }
     for mode, reps in runs.items():
         for tier in ("dram", "ssd", "store"):

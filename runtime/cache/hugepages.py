@@ -4,7 +4,9 @@ A DRAM image is a file in a tmpfs, mapped by the node (to write it) and by every
 read it). With 4 KiB pages each mapping of a 1 GB image needs 262,144 page-table entries: on
 this VM populating them took 89-158 ms per process, and allocating fresh memory 0.6-0.7 s/GB.
 A tmpfs mounted with ``huge=within_size`` (or ``always``) backs files with 2 MiB pages: the
-same mapping took 0.8 ms and the allocation 0.25 s/GB (measured, 1 GB, three runs each).
+same mapping took 0.8 ms and the allocation 0.04-0.25 s/GB (1-2 GB, several runs each),
+except the first use of memory this VM had not touched since boot (2 GB: 4.6 s, which
+``SLLM_DRAM_PREALLOCATE`` moves to the node's start).
 
 Linux decides per mount: the ``huge=`` option of a tmpfs mount, overridden by
 ``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` when that says ``force`` or ``deny``
