@@ -84,6 +84,9 @@ class ContainerWorker(WorkerProcess):
         if self.host_pid <= 0:
             raise Unavailable(f"container {self.name} has no process")
 
+    def node_pid(self) -> int:
+        return self.host_pid
+
     def _target(self, entry: Path) -> tuple[Path, str]:
         rel = Path(entry).resolve().relative_to(self.tier_root.resolve())
         return self.slot / "dram" / rel, f"{SLOT}/dram/{rel.as_posix()}"
@@ -195,8 +198,11 @@ class ContainerLauncher:
         self.backend = backend
         self.image = image
 
-    async def spawn(self) -> WorkerProcess:
+    async def spawn(self, background: bool = False) -> WorkerProcess:
+        from runtime.node.priority import ENV, idle_nice
+
         b = self.backend
+        nice = idle_nice() if background else 0
         name = f"sllm-{b.node_id}-{uuid.uuid4().hex[:10]}"
         slot = b.slots / name
         (slot / "dram").mkdir(parents=True, exist_ok=True)
@@ -211,7 +217,7 @@ class ContainerLauncher:
         ]  # fmt: skip
         if HOST_CA_BUNDLE.is_file():  # HTTPS from a handler verifies as on the host
             args += ["--volume", f"{HOST_CA_BUNDLE}:{CA_IN_IMAGE}:ro"]
-        for key, value in b.env.items():
+        for key, value in {**b.env, ENV: str(nice)}.items():
             args += ["--env", f"{key}={value}"]
         args += [self.image, "python", "-m", "runtime.instance.worker"]
         started = time.monotonic()
@@ -228,7 +234,9 @@ class ContainerLauncher:
             # directory the node was started from
             cwd=slot,
         )
-        return ContainerWorker(proc, started, b.podman, name, slot, b.view, b.tier_root)
+        worker = ContainerWorker(proc, started, b.podman, name, slot, b.view, b.tier_root)
+        worker.nice = nice
+        return worker
 
 
 class ContainerBackend:

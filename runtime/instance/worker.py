@@ -203,6 +203,11 @@ class Idle:
 
 def main() -> int:
     global _control
+    # a pool process waits at background priority (runtime.node.priority): set before the
+    # imports, so every thread started from here on inherits it; the node restores it on load
+    nice = int(os.environ.get("SLLM_WORKER_NICE") or 0)
+    if nice > 0:
+        os.nice(nice)
     _control = _take_stdout()
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s %(message)s", stream=sys.stderr

@@ -42,6 +42,7 @@ class WorkerProcess:
         self.started = started
         self.startup_s = 0.0
         self.idle: dict[str, Any] = {}  # its idle line (a vLLM process says what it supports)
+        self.nice = 0  # how far below the node's priority it runs (runtime.node.priority)
         self.on_log: LogSink = lambda line: log.info("worker %s: %s", proc.pid, line)
         self._pump = asyncio.create_task(self._pump_stderr())
 
@@ -63,6 +64,38 @@ class WorkerProcess:
     async def premap(self, entries: list[str]) -> None:
         """Tell an idle process which DRAM entries (node paths) to keep mapped."""
         await self.send({"cmd": "premap", "entries": entries})
+
+    def node_pid(self) -> int:
+        """The process's pid as the node sees it (a container's worker: its host pid)."""
+        return self.proc.pid
+
+    def foreground(self) -> None:
+        """Bring a process started at background priority back to the node's own, every
+        thread of it (``runtime.node.priority``); it is about to load and serve."""
+        if self.nice == 0:
+            return
+        from runtime.node.priority import set_nice
+
+        try:
+            set_nice(self.node_pid(), os.getpriority(os.PRIO_PROCESS, 0))
+        except OSError as exc:
+            log.warning("instance process %s stays at nice %d: %s", self.pid, self.nice, exc)
+            return
+        self.nice = 0
+
+    def background(self) -> None:
+        """Back to background priority: an idle process returned to its pool."""
+        from runtime.node.priority import idle_nice, set_nice
+
+        nice = idle_nice()
+        if self.nice or not nice:
+            return
+        try:
+            set_nice(self.node_pid(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError as exc:
+            log.warning("instance process %s stays at the node's priority: %s", self.pid, exc)
+            return
+        self.nice = nice
 
     @property
     def exit_detail(self) -> str:
@@ -133,9 +166,10 @@ class WorkerProcess:
 
 
 class Launcher(Protocol):
-    """Starts one instance process (it still has to say ``idle``)."""
+    """Starts one instance process (it still has to say ``idle``); ``background``: at
+    ``runtime.node.priority.idle_nice()`` (a pool refill), else at the node's priority."""
 
-    async def spawn(self) -> WorkerProcess: ...
+    async def spawn(self, background: bool = False) -> WorkerProcess: ...
 
 
 class ProcessLauncher:
@@ -145,8 +179,11 @@ class ProcessLauncher:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
 
-    async def spawn(self) -> WorkerProcess:
+    async def spawn(self, background: bool = False) -> WorkerProcess:
+        from runtime.node.priority import ENV, idle_nice
+
         started = time.monotonic()
+        nice = idle_nice() if background else 0
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -154,11 +191,13 @@ class ProcessLauncher:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env, ENV: str(nice)},
             limit=_LINE_LIMIT,
             start_new_session=True,  # a Ctrl-C to the node does not hit instances first
         )
-        return WorkerProcess(proc, started)
+        worker = WorkerProcess(proc, started)
+        worker.nice = nice
+        return worker
 
 
 def _entry(spec: dict[str, Any]) -> str:
@@ -294,7 +333,7 @@ class WorkerPool:
 
     async def _add(self) -> None:
         try:
-            worker = await self.launcher.spawn()
+            worker = await self.launcher.spawn(background=True)
         except Exception as exc:
             log.warning("pre-starting an instance process failed: %s", exc)
             return
@@ -328,6 +367,7 @@ class WorkerPool:
             except Unavailable as exc:
                 self.start_error = exc.message
                 raise
+            worker.background()  # idle again
             self._idle.insert(0, worker)
         assert self.idle_line is not None
         return self.idle_line
@@ -346,6 +386,7 @@ class WorkerPool:
                 worker = self._idle.pop(self._choose(entry))
                 self._held.pop(worker.pid, None)
                 if worker.alive():
+                    worker.foreground()
                     return worker, True
             if not self._starting:
                 break

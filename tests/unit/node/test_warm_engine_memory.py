@@ -33,7 +33,7 @@ for line in sys.stdin:
 
 
 class EchoLauncher:
-    async def spawn(self) -> WorkerProcess:
+    async def spawn(self, background: bool = False) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", ECHO,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

@@ -1,0 +1,49 @@
+"""Idle pool processes wait at background CPU priority and a load brings its process back
+(runtime.node.priority): a real instance process, every one of its threads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from runtime.node.priority import IDLE_NICE, _has_cap_sys_nice, idle_nice, nice_of
+from runtime.node.worker_process import ProcessLauncher, WorkerPool
+
+
+def test_cap_sys_nice_is_read_from_the_effective_set() -> None:
+    assert _has_cap_sys_nice("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert not _has_cap_sys_nice("CapEff:\t0000000000000000\n")
+    assert not _has_cap_sys_nice("CapEff:\t0000000000400000\n")  # CAP_SYS_BOOT only
+    assert _has_cap_sys_nice("CapEff:\t0000000000800000\n")
+    assert not _has_cap_sys_nice("")
+
+
+async def test_a_pool_process_idles_niced_and_serves_at_the_nodes_priority() -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = WorkerPool(1, ProcessLauncher({"SLLM_INSTANCE_THREADS": "2"}))
+    try:
+        pool.replenish()
+        worker, pre_started = await pool.take()  # waits for the refill: pre-started
+        pool._idle.append(worker)  # back into the pool, which stops it at the end
+        assert pre_started
+        # taken: every thread (torch's started during the warm-up too) at the node's priority
+        assert worker.nice == 0 and set(nice_of(worker.pid)) == {own}
+        idle = await pool.launcher.spawn(background=True)
+        try:
+            await idle.wait_idle()
+            threads = nice_of(idle.pid)
+            assert len(threads) > 1  # torch's threads exist and inherited the value
+            if idle_nice() == 0:  # no CAP_SYS_NICE: nothing could bring it back, so not niced
+                assert set(threads) == {own}
+                pytest.skip("this process lacks CAP_SYS_NICE: pool processes are not niced")
+            assert set(threads) == {own + IDLE_NICE}
+            idle.foreground()
+            assert idle.nice == 0 and set(nice_of(idle.pid)) == {own}
+            idle.background()  # returned to its pool idle (after the vLLM probe)
+            assert idle.nice == IDLE_NICE and set(nice_of(idle.pid)) == {own + IDLE_NICE}
+        finally:
+            idle.kill()
+            await idle.wait()
+    finally:
+        await pool.close()
