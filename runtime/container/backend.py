@@ -34,7 +34,8 @@ from runtime.backend.choice import VllmSupport
 from runtime.container import cgroups, mounts
 from runtime.container.images import ensure_function_image, requirement_lines
 from runtime.container.podman import CA_IN_IMAGE, HOST_CA_BUNDLE, ContainerError, Podman
-from runtime.node.worker_process import _LINE_LIMIT, WorkerPool, WorkerProcess
+from runtime.node.worker_pool import WorkerPool
+from runtime.node.worker_process import _LINE_LIMIT, WorkerProcess
 from sllm.errors import Unavailable
 from sllm.spec import FunctionRecord
 

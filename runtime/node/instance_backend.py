@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from runtime.backend.choice import VllmSupport
-from runtime.node.worker_process import ProcessLauncher, WorkerPool, WorkerProcess
+from runtime.node.worker_pool import WorkerPool
+from runtime.node.worker_process import ProcessLauncher, WorkerProcess
 from sllm.errors import Unavailable
 from sllm.spec import FunctionRecord
 

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from runtime.node.priority import IDLE_NICE, _has_cap_sys_nice, idle_nice, nice_of
-from runtime.node.worker_process import ProcessLauncher, WorkerPool
+from runtime.node.worker_pool import WorkerPool
+from runtime.node.worker_process import ProcessLauncher
 
 
 def test_cap_sys_nice_is_read_from_the_effective_set() -> None:

@@ -18,7 +18,8 @@ from runtime.backend.vllm_kv import KvArena
 from runtime.instance.worker import Idle
 from runtime.node.instance_record import Instance
 from runtime.node.supervisor import Supervisor
-from runtime.node.worker_process import WorkerPool, WorkerProcess
+from runtime.node.worker_pool import WorkerPool
+from runtime.node.worker_process import WorkerProcess
 from sllm.spec import FunctionRecord, FunctionSpec, Resources
 
 GiB = 1 << 30
