@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    pages = dram_pages(args.dram_dir)  # ValidationFailed: not a tmpfs directory
-    print(f"DRAM tier in {pages.describe()}", file=sys.stderr)
+    args.dram_pages = dram_pages(args.dram_dir)  # ValidationFailed: not a tmpfs directory
+    print(f"DRAM tier in {args.dram_pages.describe()}", file=sys.stderr)
 
     fio = ensure_fio()
     work = DATA / "tiers"
@@ -285,7 +285,7 @@ def summarize(
         "part_bytes": args.part_mb * MiB,
         "limit_tools": {"store": "curl", "ssd": "fio"},
         "dram_dir": str(args.dram_dir),
-        "dram_huge_pages": dram_pages(args.dram_dir).huge,
+        "dram_huge_pages": args.dram_pages.huge,
         "store_raw_gbps": nbytes / med["store_raw"] / 1e9,
         "store_to_dram_gbps": nbytes / med["store"] / 1e9,
         "ssd_raw_gbps": nbytes / med["ssd_raw"] / 1e9,

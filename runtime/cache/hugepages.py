@@ -104,10 +104,9 @@ class DramPages:
         return self.huge in HUGE_MODES
 
     def describe(self) -> str:
-        fs = self.mount.fstype if self.mount else "unknown file system"
-        where = (
-            f"{self.directory} ({fs} on {self.mount.point})" if self.mount else str(self.directory)
-        )
+        where = str(self.directory)
+        if self.mount is not None:
+            where += f" ({self.mount.fstype} on {self.mount.point})"
         if self.huge_pages:
             return f"{where}: 2 MiB pages (huge={self.huge})"
         return (

@@ -205,7 +205,9 @@ def main() -> int:
     global _control
     # a pool process waits at background priority (runtime.node.priority): set before the
     # imports, so every thread started from here on inherits it; the node restores it on load
-    nice = int(os.environ.get("SLLM_WORKER_NICE") or 0)
+    from runtime.node.priority import ENV  # the standard library only
+
+    nice = int(os.environ.get(ENV) or 0)
     if nice > 0:
         os.nice(nice)
     _control = _take_stdout()

@@ -47,20 +47,17 @@ def idle_nice() -> int:
     return IDLE_NICE if _has_cap_sys_nice(status) else 0
 
 
-def set_nice(pid: int, nice: int) -> int:
+def set_nice(pid: int, nice: int) -> None:
     """Give every thread of process ``pid`` the nice value ``nice`` (Linux keeps one per
-    thread: setpriority on the pid alone would leave torch's threads behind). Returns how
-    many threads were set; OSError (EPERM, EACCES) when not allowed."""
-    done = 0
+    thread: setpriority on the pid alone would leave torch's threads behind). OSError (EPERM,
+    EACCES) when not allowed; a process or thread that ended meanwhile is skipped."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
-        return 0  # gone: nothing to do
+        return
     for tid in tids:
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+        with contextlib.suppress(ProcessLookupError):
             os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            done += 1
-    return done
 
 
 def nice_of(pid: int) -> list[int]:

@@ -73,28 +73,24 @@ class WorkerProcess:
     def foreground(self) -> None:
         """Bring a process started at background priority back to the node's own, every
         thread of it (``runtime.node.priority``); it is about to load and serve."""
-        if self.nice == 0:
-            return
-        from runtime.node.priority import set_nice
-
-        try:
-            set_nice(self.node_pid(), os.getpriority(os.PRIO_PROCESS, 0))
-        except OSError as exc:
-            log.warning("instance process %s stays at nice %d: %s", self.pid, self.nice, exc)
-            return
-        self.nice = 0
+        if self.nice:
+            self._renice(0)
 
     def background(self) -> None:
         """Back to background priority: an idle process returned to its pool."""
-        from runtime.node.priority import idle_nice, set_nice
+        from runtime.node.priority import idle_nice
 
-        nice = idle_nice()
-        if self.nice or not nice:
-            return
+        if not self.nice and idle_nice():
+            self._renice(idle_nice())
+
+    def _renice(self, nice: int) -> None:
+        """Every thread at ``nice`` above the node's own; on failure it stays as it is."""
+        from runtime.node.priority import set_nice
+
         try:
             set_nice(self.node_pid(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
         except OSError as exc:
-            log.warning("instance process %s stays at the node's priority: %s", self.pid, exc)
+            log.warning("instance process %s stays at nice +%d: %s", self.pid, self.nice, exc)
             return
         self.nice = nice
 
