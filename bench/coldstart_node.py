@@ -190,7 +190,7 @@ async def load_once(nats_url: str, node: Node, instance_id: str) -> dict[str, An
 def instance_timings(node: Node, instance_id: str) -> dict[str, Any]:
     """The instance's own timings (map, build, warm-up) from the node's ready log line."""
     pattern = re.compile(
-        rf"instance {re.escape(instance_id)} ready .* pre_started=(\w+) timings=(\{{.*\}})"
+        rf"instance {re.escape(instance_id)} ready .* pre_started=(\w+) .*timings=(\{{.*\}})"
     )
     found: dict[str, Any] = {}
     for line in (DATA / f"{node.node_id}.log").read_text(errors="replace").splitlines():

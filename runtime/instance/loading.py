@@ -150,15 +150,18 @@ def load_instance(
     t0 = time.monotonic()
     entry = Path(spec.entry_dir)
     vllm = spec.backend == "vllm"
+    # built over the mapping by the idle process (``runtime.instance.premap``), else now
+    prebuilt = premapped.model if premapped is not None and on_cpu and not vllm else None
+    timings["model_prebuilt"] = float(prebuilt is not None)
     with ThreadPoolExecutor(1, thread_name_prefix="sllm-skeleton") as pool:
-        skeleton = None if vllm else pool.submit(build_skeleton, entry)
+        skeleton = None if vllm or prebuilt is not None else pool.submit(build_skeleton, entry)
         mapped = premapped or map_entry(entry, fill=on_cpu)
         kept: MappedImage | None = mapped
         tensors: dict[str, Any] = {}
         if on_cpu:
             if not mapped.populated:
                 mapped.populated = populate(mapped.mapping)
-            if not vllm:
+            if skeleton is not None:
                 tensors = tensor_views(mapped.index, mapped.image)
         elif not vllm:  # vLLM copies the weights to its device through the sllm_dram loader
             from runtime.loader.cuda import image_to_device
@@ -172,7 +175,9 @@ def load_instance(
         timings["map_s"] = time.monotonic() - t0
 
         t1 = time.monotonic()
-        model: Any = None if skeleton is None else assign_tensors(skeleton.result(), entry, tensors)
+        model: Any = prebuilt
+        if skeleton is not None:
+            model = assign_tensors(skeleton.result(), entry, tensors)
     t_tok = time.monotonic()
     # loaded while the process waited (``runtime.instance.premap``), else now
     tokenizer = premapped.tokenizer if premapped is not None else None

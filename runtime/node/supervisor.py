@@ -52,6 +52,20 @@ class CheckpointCache(Protocol):
 Publish = Callable[[object], Coroutine[Any, Any, None]]
 
 
+class Laps:
+    """Seconds between successive marks, by the name of the stage each mark ends (a load's
+    stages on the node, reported with the instance's own timings)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage] = now - self.last
+        self.last = now
+
+
 class Supervisor:
     def __init__(
         self,
@@ -192,13 +206,16 @@ class Supervisor:
     async def _run(self, inst: Instance) -> None:
         started = time.monotonic()
         try:
+            laps = Laps()
             fetched = await asyncio.to_thread(self.cache.fetch, inst.record.checkpoint)
+            laps.mark("fetch_s")
             inst.fetched = True
             inst.tier = str(fetched.tier)
             choice = await self._choose_backend(inst, Path(fetched.directory))
             inst.backend, inst.backend_reason = choice.backend, choice.reason
             if inst.queued:
                 await self._take_device(inst)
+            laps.mark("backend_s")  # with the wait for a stopping instance's device
             if inst.stopping:  # unloaded while the checkpoint was being fetched
                 raise asyncio.CancelledError
             worker, inst.pre_started = await self.backend.take(
@@ -207,21 +224,22 @@ class Supervisor:
             inst.worker = worker
             # the other idle processes' warm engines give way to the instance now counted
             await self.backend.fit_prebuild(self.prebuild_room())
+            laps.mark("take_s")
             if inst.stopping:  # unloaded while an image was built or a process started
                 raise asyncio.CancelledError
             worker.on_log = lambda line: self._log(inst, line)
             threads = self._threads(inst)
-            attach_started = time.monotonic()
             entry_dir = await worker.attach(Path(fetched.directory), inst.record, threads)
-            attach_s = time.monotonic() - attach_started  # a container's mounts and limits
+            laps.mark("attach_s")  # a container's mounts and limits
             await worker.send(self._load_spec(inst, entry_dir, threads))
             message = await worker.next_event(READY_TIMEOUT_S)
+            laps.mark("instance_s")  # from the load spec sent to the instance's ready line
             if message.get("event") != "ready":
                 failure = str(message.get("code") or "load_failed")
                 raise SllmError(str(message.get("error") or message), code=failure)
             inst.address = f"http://{self.host}:{int(message['port'])}"
             inst.timings = {k: float(v) for k, v in dict(message.get("timings", {})).items()}
-            inst.timings["attach_s"] = attach_s
+            inst.timings.update(laps.seconds)
             inst.engine = str(message.get("engine", ""))
             inst.load_s = time.monotonic() - started
             self._remember_load(inst.load_s)

@@ -75,3 +75,65 @@ def test_a_load_takes_the_tokenizer_the_idle_process_loaded(
         loaded.service.engine.stop()
         if loaded.mapped is not None:
             loaded.mapped.close()
+
+
+def _greedy(loaded: object, prompt: list[int], n: int) -> list[int]:
+    engine = loaded.service.engine  # type: ignore[attr-defined]
+    events: queue.Queue[object] = queue.Queue()
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    engine.submit(RequestState(uuid.uuid4().hex, prompt, params), events.put)
+    tokens: list[int] = []
+    while not isinstance(event := events.get(timeout=60), FinishEvent):
+        assert isinstance(event, TokenEvent), event
+        tokens.extend(event.token_ids)
+    return tokens
+
+
+def test_a_cpu_load_takes_the_model_the_idle_process_built(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A transformers idle process builds each premapped entry's model over the mapping; a CPU
+    load hands that very model to its engine (no views made, no skeleton built), and it
+    generates what a model built at load time generates. A vLLM process builds none, and an
+    entry without a model config gets none."""
+    from runtime.instance.premap import Premapper
+
+    ckpt = tmp_path / "ckpt"
+    convert_checkpoint(tiny_model_dir, ckpt)
+    entry = str(dram_entry(ckpt, tmp_path / f"dram-{uuid.uuid4().hex[:8]}"))
+    no_config = str(dram_entry(ckpt, tmp_path / "no-config"))
+    (Path(no_config) / "config.json").unlink()
+    premapper = Premapper(build_models=True)
+    premapper.update([entry, no_config])
+    assert premapper.images[no_config].model is None
+    prebuilt = premapper.images[entry].model
+    assert prebuilt is not None
+    image = premapper.images[entry].image
+    weight = next(iter(prebuilt.parameters()))
+    base = image.untyped_storage().data_ptr()
+    assert base <= weight.data_ptr() < base + image.numel()  # a view of the DRAM image
+    vllm_side = Premapper()
+    vllm_side.update([entry])
+    assert vllm_side.images[entry].model is None
+    vllm_side.take(entry)
+
+    def spec(instance_id: str) -> LoadSpec:
+        return LoadSpec(
+            instance_id=instance_id, function="f", handler="completion", entry_dir=entry,
+            device="cpu:0", threads=1, secret="s",
+        )  # fmt: skip
+
+    loaded = load_instance(spec("a"), premapper.take(entry))
+    built = load_instance(spec("b"))
+    try:
+        assert loaded.timings["model_prebuilt"] == 1.0
+        assert built.timings["model_prebuilt"] == 0.0
+        assert loaded.service.context.model is prebuilt
+        assert built.service.context.model is not prebuilt
+        prompt = [1, 7, 3, 11]
+        assert _greedy(loaded, prompt, 6) == _greedy(built, prompt, 6)
+    finally:
+        for one in (loaded, built):
+            one.service.engine.stop()
+            if one.mapped is not None:
+                one.mapped.close()
