@@ -74,6 +74,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "SLLM_CPU_SLOTS": ("2", "instances a node without CUDA runs at once"),
     "SLLM_POOL_SIZE": ("1", "pre-started instance processes waiting for a model (per image)"),
+    "SLLM_POOL_REFILL_AFTER": (
+        "5s",
+        "after a load, the pool is refilled once the new instance answered its first request, "
+        "or this long after it became ready if no request came",
+    ),
     "SLLM_INSTANCES": (
         "process",
         "how a node runs instances: process (children of the node), container (one podman "
@@ -289,6 +294,8 @@ class NodeSettings:
     dram_preallocate: int = 0
     # the tmpfs the DRAM tier's directory is made in (runtime.node.main.dram_root)
     dram_dir: Path = Path("/dev/shm")
+    # the longest a pool refill waits for a new instance's first answer (Supervisor._follow)
+    pool_refill_after_s: float = 5.0
 
     @staticmethod
     def from_env(env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -339,6 +346,7 @@ class NodeSettings:
             vllm_pool_size=_parse(env, "SLLM_VLLM_POOL_SIZE", int_in(0, 64)),
             dram_preallocate=preallocate,
             dram_dir=Path(dram_dir),
+            pool_refill_after_s=_parse(env, "SLLM_POOL_REFILL_AFTER", as_seconds),
         )
 
 

@@ -38,6 +38,11 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
     p.add_argument("--cpu-slots", type=int, help="instances at once without CUDA")
     p.add_argument("--pool-size", type=int, help="pre-started instance processes")
     p.add_argument(
+        "--pool-refill-after",
+        help="refill the pool this long after a load when its first request has not been "
+        "answered yet (SLLM_POOL_REFILL_AFTER, 5s)",
+    )
+    p.add_argument(
         "--vllm", choices=("auto", "on", "off"), help="the vLLM backend on this node (SLLM_VLLM)"
     )
     p.add_argument("--vllm-pool-size", type=int, help="pre-started vLLM instance processes")
@@ -73,6 +78,7 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
         "SLLM_DRAM_DIR": args.dram_dir,
         "SLLM_CPU_SLOTS": None if args.cpu_slots is None else str(args.cpu_slots),
         "SLLM_POOL_SIZE": None if args.pool_size is None else str(args.pool_size),
+        "SLLM_POOL_REFILL_AFTER": args.pool_refill_after,
         "SLLM_VLLM": args.vllm,
         "SLLM_VLLM_POOL_SIZE": None if args.vllm_pool_size is None else str(args.vllm_pool_size),
         "SLLM_HEARTBEAT_INTERVAL": args.heartbeat,

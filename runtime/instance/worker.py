@@ -3,7 +3,8 @@
 Started by the node ahead of need (the pre-started pool): it imports torch, transformers and
 uvicorn and warms them up, says ``idle`` and waits for one ``load`` line on stdin. Then it loads the
 model (``load_instance``), serves the Instance HTTP API on a free port of ``spec.host`` and
-says ``ready``; a later ``drain`` line drains and exits. stdin closing means the node died:
+says ``ready``, then ``quiet`` once its first request was answered (the node refills its
+pool then, not beside that request); a later ``drain`` line drains and exits. stdin closing means the node died:
 the requests in flight may still finish (up to ``ORPHAN_DRAIN_S``, new ones get 503), then
 it exits; control lines it can no longer send are dropped.
 
@@ -88,6 +89,34 @@ def _server(config: uvicorn.Config, up: asyncio.Event) -> uvicorn.Server:
     return Server(config)
 
 
+class FirstAnswer:
+    """ASGI wrapper whose ``answered`` is set once a request (not ``/healthz``) was answered
+    and no other is in flight: the instance then says ``quiet`` and the node refills its pool,
+    which slowed the first request when it ran beside it (``Supervisor._follow``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.active = 0
+        self.answered = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.answered.set()
+
+
+async def _say_quiet(first: FirstAnswer) -> None:
+    await first.answered.wait()
+    send({"event": "quiet"})
+
+
 async def _serve(loaded: Any, host: str, secret: str) -> int:
     from runtime.instance.server import build_app
     from sllm.instance_auth import RequireSecret
@@ -98,7 +127,8 @@ async def _serve(loaded: Any, host: str, secret: str) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    app = RequireSecret(build_app(service), secret, service.instance_id)
+    first = FirstAnswer(build_app(service))
+    app = RequireSecret(first, secret, service.instance_id)
     started = asyncio.Event()
     server = _server(_server_config(app), started)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -111,7 +141,9 @@ async def _serve(loaded: Any, host: str, secret: str) -> int:
     service.state = "ready"
     loaded.timings["serve_s"] = time.monotonic() - t0
     send({"event": "ready", "port": port, "timings": loaded.timings, "engine": loaded.engine})
+    quiet = asyncio.create_task(_say_quiet(first))
     drain_s = await _wait_for_drain(serving)
+    quiet.cancel()
     service.state = "draining"  # from here new requests get 503
     send({"event": "draining"})
     drained = await service.drain(drain_s)
@@ -224,11 +256,12 @@ def main() -> int:
     global _control
     # a pool process waits at background priority (runtime.node.priority): set before the
     # imports, so every thread started from here on inherits it; the node restores it on load
-    from runtime.node.priority import ENV  # the standard library only
+    from runtime.node.priority import ENV, idle_policy  # the standard library only
 
     nice = int(os.environ.get(ENV) or 0)
     if nice > 0:
         os.nice(nice)
+        idle_policy()
     _control = _take_stdout()
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s %(message)s", stream=sys.stderr

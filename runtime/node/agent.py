@@ -111,6 +111,7 @@ class NodeAgent:
             handler_root=Path(settings.cache_dir) / "handlers",
             cache_dir=str(settings.cache_dir),
             dram_capacity=settings.dram_capacity,
+            refill_after_s=settings.pool_refill_after_s,
         )
         self.seq = 0
         self.draining = False

@@ -4,12 +4,27 @@ counters, and the form heartbeats carry (``to_state``)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from runtime.node.worker_process import WorkerProcess
 from sllm.instance_auth import new_secret
 from sllm.messages import InstanceState, InstanceStatus
 from sllm.spec import FunctionRecord
+
+
+class Laps:
+    """Seconds between successive marks, by the name of the stage each mark ends (a load's
+    stages on the node, reported with the instance's own timings)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage] = now - self.last
+        self.last = now
 
 
 @dataclass

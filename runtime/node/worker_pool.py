@@ -26,8 +26,9 @@ def _entry(spec: dict[str, Any]) -> str:
 class WorkerPool:
     """Keeps ``size`` idle pre-started processes of one backend. ``take`` hands one out
     (starting a fresh one when the pool is empty or ``size`` is 0); ``replenish`` refills in
-    the background. The supervisor replenishes after a load finished: a process starting while
-    another loads would compete for the same cores (2 here) and slow the cold start it is
+    the background. The supervisor replenishes after a load finished and the new instance
+    answered its first request (``Supervisor._follow``): a process starting while another
+    loads or answers would compete for the same cores (2 here) and slow the cold start it is
     meant to speed. ``backend`` "vllm": the processes import vLLM (``SLLM_WORKER_BACKEND``).
     """
 

@@ -88,7 +88,7 @@ class WorkerProcess:
         from runtime.node.priority import set_nice
 
         try:
-            set_nice(self.node_pid(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+            set_nice(self.node_pid(), os.getpriority(os.PRIO_PROCESS, 0) + nice, idle=nice > 0)
         except OSError as exc:
             log.warning("instance process %s stays at nice +%d: %s", self.pid, self.nice, exc)
             return

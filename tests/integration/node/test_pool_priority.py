@@ -1,5 +1,6 @@
-"""Idle pool processes wait at background CPU priority and a load brings its process back
-(runtime.node.priority): a real instance process, every one of its threads."""
+"""Idle pool processes wait at background CPU priority (nice 10 and ``SCHED_IDLE``) and a
+load brings its process back (runtime.node.priority): a real instance process, every one of
+its threads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import pytest
 
-from runtime.node.priority import IDLE_NICE, _has_cap_sys_nice, idle_nice, nice_of
+from runtime.node.priority import IDLE_NICE, _has_cap_sys_nice, idle_nice, nice_of, policy_of
 from runtime.node.worker_pool import WorkerPool
 from runtime.node.worker_process import ProcessLauncher
 
@@ -22,6 +23,7 @@ def test_cap_sys_nice_is_read_from_the_effective_set() -> None:
 
 async def test_a_pool_process_idles_niced_and_serves_at_the_nodes_priority() -> None:
     own = os.getpriority(os.PRIO_PROCESS, 0)
+    policy = os.sched_getscheduler(0)
     pool = WorkerPool(1, ProcessLauncher({"SLLM_INSTANCE_THREADS": "2"}))
     try:
         pool.replenish()
@@ -30,6 +32,7 @@ async def test_a_pool_process_idles_niced_and_serves_at_the_nodes_priority() -> 
         assert pre_started
         # taken: every thread (torch's started during the warm-up too) at the node's priority
         assert worker.nice == 0 and set(nice_of(worker.pid)) == {own}
+        assert set(policy_of(worker.pid)) == {policy}
         idle = await pool.launcher.spawn(background=True)
         try:
             await idle.wait_idle()
@@ -39,10 +42,14 @@ async def test_a_pool_process_idles_niced_and_serves_at_the_nodes_priority() -> 
                 assert set(threads) == {own}
                 pytest.skip("this process lacks CAP_SYS_NICE: pool processes are not niced")
             assert set(threads) == {own + IDLE_NICE}
+            # a waking serving thread preempts it at once (at nice 10 it ran out its slice)
+            assert set(policy_of(idle.pid)) == {os.SCHED_IDLE}
             idle.foreground()
             assert idle.nice == 0 and set(nice_of(idle.pid)) == {own}
+            assert set(policy_of(idle.pid)) == {policy}
             idle.background()  # returned to its pool idle (after the vLLM probe)
             assert idle.nice == IDLE_NICE and set(nice_of(idle.pid)) == {own + IDLE_NICE}
+            assert set(policy_of(idle.pid)) == {os.SCHED_IDLE}
         finally:
             idle.kill()
             await idle.wait()
