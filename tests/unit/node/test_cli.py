@@ -12,6 +12,7 @@ from sllm_cli.app import run
     [
         (["--cpu-slots", "-1"], "SLLM_CPU_SLOTS='-1'"),
         (["--pool-size", "100"], "SLLM_POOL_SIZE='100'"),
+        (["--pool-refill-after", "soon"], "SLLM_POOL_REFILL_AFTER='soon'"),
         (["--node-id", "Not_A_Label"], "SLLM_NODE_ID='Not_A_Label'"),
         (["--dram-capacity", "lots"], "SLLM_DRAM_CAPACITY='lots'"),
         (["--heartbeat", "0s"], "SLLM_HEARTBEAT_INTERVAL"),
