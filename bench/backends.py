@@ -23,7 +23,9 @@ requests through the gateway's OpenAI API, checkpoints in a local-directory stor
   "Built" is a load right after the other model's: with one vLLM process in the node's pool
   (``--vllm-pool-size``, default 1) its engine is the other model's; with two, the second
   process still holds this model's engine and the load keeps it. The JSON says which
-  (``dram_built_engine``, and ``engine`` beside each target).
+  (``dram_built_engine``, and ``engine`` beside each target). After the kept engine's and the
+  transformers backend's cold starts, back-to-back requests for 8 s (``*_following``: offset,
+  TTFT): the node refills its pool once the first request was answered, beside these.
 """
 
 from __future__ import annotations
@@ -260,6 +262,15 @@ def first_token_s(url: str, model: str) -> float:
     return asyncio.run(run())
 
 
+def following(url: str, model: str, seconds: float = 8.0) -> list[list[float]]:
+    """[seconds since the first, TTFT] of back-to-back requests for ``seconds`` right after a
+    cold start's first answer: the node refills its pool then, beside these requests."""
+    start, out = time.monotonic(), []
+    while (at := time.monotonic() - start) < seconds:
+        out.append([round(at, 3), first_token_s(url, model)])
+    return out
+
+
 # -- phases -------------------------------------------------------------------------------------
 def throughput(
     plat: Platform, hf: Path, name: str, tokens: int, compiled: bool, order: tuple[str, ...]
@@ -303,6 +314,11 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             out[f"{name}_c{c}_tok_s"] = {**med, "vllm_vs_peer": ratio, "target": 0.95,
                                          "met": ratio >= 0.95}  # fmt: skip
     for name, cold in report["coldstart"].items():
+        for key in ("vllm_kept_following", "transformers_following"):
+            ttfts = [ttft for _, ttft in cold.get(key, [])]
+            if ttfts:  # the requests after a cold start, beside the pool's refill
+                out[f"{name}_{key}_ttft_s"] = {"n": len(ttfts), "median": statistics.median(ttfts),
+                                               "max": max(ttfts)}  # fmt: skip
         # the stricter of the compiled peer's starts (the first compiles, the second has a cache)
         compiled = min(cold["peer_compiled_s"], cold.get("peer_compiled_warm_s", float("inf")))
         limits = {"eager": min(cold["peer_eager_s"] / 10, 4.0), "compiled": compiled / 40}
@@ -331,6 +347,7 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     plat.wait_quiet()
     out["sllm_vllm_dram_kept_s"] = first_token_s(plat.url, fn)
     out["dram_kept_engine"] = plat.last_engine()  # "built" when no warm engine was there
+    out["vllm_kept_following"] = following(plat.url, fn)
     # DRAM, engine built: the idle process's engine is another model's (with a pool of two
     # vLLM processes or more, the other process still holds this model's: kept)
     plat.scale_to_zero(fn)
@@ -350,6 +367,7 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     plat.scale_to_zero(f"{name}-tf")
     plat.wait_quiet()  # the pool refilled, as before the vLLM measurement
     out["sllm_transformers_dram_s"] = first_token_s(plat.url, f"{name}-tf")
+    out["transformers_following"] = following(plat.url, f"{name}-tf")
     plat.scale_to_zero(f"{name}-tf")
     return out
 
