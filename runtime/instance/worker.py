@@ -256,8 +256,9 @@ def main() -> int:
     global _control
     # a pool process waits at background priority (runtime.node.priority): set before the
     # imports, so every thread started from here on inherits it; the node restores it on load
-    from runtime.node.priority import ENV, idle_policy  # the standard library only
+    from runtime.node.priority import ENV, idle_policy, omp_spin  # the standard library only
 
+    omp_spin(os.environ, os.environ.get("SLLM_WORKER_BACKEND", ""))  # read when torch loads
     nice = int(os.environ.get(ENV) or 0)
     if nice > 0:
         os.nice(nice)

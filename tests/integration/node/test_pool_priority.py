@@ -55,3 +55,19 @@ async def test_a_pool_process_idles_niced_and_serves_at_the_nodes_priority() -> 
             await idle.wait()
     finally:
         await pool.close()
+
+
+def test_a_transformers_instance_spins_briefly_at_omp_barriers() -> None:
+    """libgomp's spin count for a transformers instance (set before torch loads libgomp):
+    10000 unless the operator chose one; vLLM's processes keep their own thread setup."""
+    from runtime.node.priority import OMP_SPIN, OMP_SPIN_ENV, omp_spin
+
+    environ: dict[str, str] = {}
+    omp_spin(environ, "transformers")
+    assert environ == {OMP_SPIN_ENV: OMP_SPIN} and OMP_SPIN == "10000"
+    chosen = {OMP_SPIN_ENV: "300000"}
+    omp_spin(chosen, "transformers")
+    assert chosen == {OMP_SPIN_ENV: "300000"}
+    vllm: dict[str, str] = {}
+    omp_spin(vllm, "vllm")
+    assert vllm == {}
