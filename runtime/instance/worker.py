@@ -100,8 +100,8 @@ class FirstAnswer:
         self.answered = asyncio.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") == "/healthz":
-            await self.app(scope, receive, send)
+        if self.answered.is_set() or scope["type"] != "http" or scope.get("path") == "/healthz":
+            await self.app(scope, receive, send)  # said once: nothing left to count
             return
         self.active += 1
         try:
@@ -189,18 +189,19 @@ class Idle:
     and, in a vLLM process, an engine built for the model the node expects next
     (``prebuild`` lines: the load spec of the latest vLLM instance it started)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, vllm: bool) -> None:
         from runtime.instance.premap import Premapper
 
+        self.vllm = vllm
         # a transformers process also builds each entry's CPU model over its mapping
-        self.premapper = Premapper(build_models=os.environ.get("SLLM_WORKER_BACKEND") != "vllm")
+        self.premapper = Premapper(build_models=not vllm)
         self.warm: Any = None  # runtime.backend.vllm_build.WarmEngine
 
     def prebuild(self, raw: object) -> None:
         from runtime.instance.load_spec import LoadSpec
         from runtime.instance.loading import prebuild_vllm
 
-        if not isinstance(raw, dict) or os.environ.get("SLLM_WORKER_BACKEND") != "vllm":
+        if not isinstance(raw, dict) or not self.vllm:
             return
         spec = LoadSpec.from_json(raw)
         if self.warm is not None and self.warm.entry == spec.entry_dir:
@@ -258,7 +259,8 @@ def main() -> int:
     # imports, so every thread started from here on inherits it; the node restores it on load
     from runtime.node.priority import ENV, idle_policy, omp_spin  # the standard library only
 
-    omp_spin(os.environ, os.environ.get("SLLM_WORKER_BACKEND", ""))  # read when torch loads
+    backend = os.environ.get("SLLM_WORKER_BACKEND", "")
+    omp_spin(os.environ, backend)  # read when torch loads
     nice = int(os.environ.get(ENV) or 0)
     if nice > 0:
         os.nice(nice)
@@ -277,7 +279,7 @@ def main() -> int:
 
         torch.set_num_threads(threads)
     idle_line: dict[str, Any] = {"event": "idle", "pid": os.getpid()}
-    if os.environ.get("SLLM_WORKER_BACKEND") == "vllm":
+    if backend == "vllm":
         from runtime.backend.vllm_process import pool_warm_up as vllm_warm_up
 
         idle_line["vllm"] = vllm_warm_up()
@@ -286,7 +288,7 @@ def main() -> int:
     server_warm_up()
     send({**idle_line, "startup_s": time.monotonic() - started})
 
-    idle = Idle()
+    idle = Idle(vllm=backend == "vllm")
     command = idle.wait_for_load()
     if command is None:
         return 0

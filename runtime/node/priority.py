@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,19 @@ def set_nice(pid: int, nice: int, *, idle: bool) -> None:
             os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
-def policy_of(pid: int) -> list[int]:
-    """The scheduling policy of each thread of ``pid`` (for tests and diagnostics)."""
+def _per_thread(pid: int, read: Callable[[int], int]) -> list[int]:
     values = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):
-            values.append(os.sched_getscheduler(int(tid)))
+            values.append(read(int(tid)))
     return values
+
+
+def policy_of(pid: int) -> list[int]:
+    """The scheduling policy of each thread of ``pid`` (for tests and diagnostics)."""
+    return _per_thread(pid, os.sched_getscheduler)
 
 
 def nice_of(pid: int) -> list[int]:
     """The nice value of each thread of ``pid`` (for tests and diagnostics)."""
-    values = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            values.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
-    return values
+    return _per_thread(pid, lambda tid: os.getpriority(os.PRIO_PROCESS, tid))

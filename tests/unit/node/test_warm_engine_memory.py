@@ -206,7 +206,7 @@ def test_an_idle_process_frees_its_warm_engine_and_kv_memory_on_release(
     del kv
     arena.release(lease)
     monkeypatch.setattr(vllm_kv, "ARENA", arena)
-    idle = Idle()
+    idle = Idle(vllm=True)
     engine = Held()
     idle.warm = type("Warm", (), {"backend": engine, "entry": "/dram/chat"})()
     idle.release()
