@@ -53,6 +53,9 @@ class MappedImage:
     # the entry's transformers model on CPU, its weights views of ``image``, built by an idle
     # transformers process (``Premapper(build_models=True)``); None: the load builds it
     model: Any = None
+    # vLLM's own tokenizer of the entry, in vLLM's tokenizer cache, loaded by an idle vLLM
+    # process (``Premapper(engine_tokenizers=True)``); None: an engine build loads it
+    engine_tokenizer: Any = None
 
     def current(self) -> bool:
         """Whether the entry's image is still the file this maps (see the module doc)."""
@@ -60,6 +63,7 @@ class MappedImage:
 
     def close(self) -> None:
         self.model = None  # its weights are views of the mapping
+        self.engine_tokenizer = None
         del self.image
         with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it later
             self.mapping.close()
@@ -135,20 +139,45 @@ def _cpu_model(mapped: MappedImage) -> Any:
         return None
 
 
+def _engine_tokenizer(entry: Path) -> Any:
+    """vLLM's tokenizer of ``entry``, cached for the next engine build
+    (``runtime.backend.vllm_build.preload_engine_tokenizer``), or None where it does not load
+    (the build then tries again and reports why)."""
+    from runtime.backend.vllm_build import preload_engine_tokenizer
+
+    if not (entry / "config.json").is_file():
+        return None
+    try:
+        return preload_engine_tokenizer(entry)
+    except Exception as exc:
+        log.info("vLLM tokenizer of %s not preloaded: %s", entry, exc)
+        return None
+
+
 class Premapper:
     """The images an idle process keeps mapped, by entry directory, each with its
     checkpoint's tokenizer loaded and, with ``build_models`` (a transformers process), its
-    model built on CPU over the mapping."""
+    model built on CPU over the mapping, or, with ``engine_tokenizers`` (a vLLM process),
+    vLLM's tokenizer in vLLM's cache."""
 
-    def __init__(self, *, build_models: bool = False) -> None:
+    def __init__(self, *, build_models: bool = False, engine_tokenizers: bool = False) -> None:
         self.images: dict[str, MappedImage] = {}
         self.build_models = build_models
+        self.engine_tokenizers = engine_tokenizers
 
     def update(self, entries: list[str]) -> None:
         """Map (and populate) the listed entries not mapped yet; unmap the ones not listed."""
         wanted = set(entries)
-        for entry in [e for e, m in self.images.items() if e not in wanted or not m.current()]:
+        dropped = [e for e, m in self.images.items() if e not in wanted or not m.current()]
+        for entry in dropped:
             self.images.pop(entry).close()
+        if self.engine_tokenizers and dropped:
+            # vLLM's cache cannot drop one entry: empty it and load the kept entries' again
+            from runtime.backend.vllm_build import forget_engine_tokenizers
+
+            forget_engine_tokenizers()
+            for entry, mapped in self.images.items():
+                mapped.engine_tokenizer = _engine_tokenizer(Path(entry))
         for entry in entries:
             if entry in self.images:
                 continue
@@ -162,6 +191,8 @@ class Premapper:
             mapped.tokenizer = _tokenizer(Path(entry))
             if self.build_models and mapped.populated:
                 mapped.model = _cpu_model(mapped)
+            if self.engine_tokenizers:
+                mapped.engine_tokenizer = _engine_tokenizer(Path(entry))
             log.info("premapped %s in %.3fs", entry, time.monotonic() - started)
 
     def take(self, entry: str) -> MappedImage | None:

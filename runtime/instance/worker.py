@@ -193,8 +193,9 @@ class Idle:
         from runtime.instance.premap import Premapper
 
         self.vllm = vllm
-        # a transformers process also builds each entry's CPU model over its mapping
-        self.premapper = Premapper(build_models=not vllm)
+        # a transformers process also builds each entry's CPU model over its mapping, a vLLM
+        # one loads vLLM's tokenizer of each entry for the next engine build
+        self.premapper = Premapper(build_models=not vllm, engine_tokenizers=vllm)
         self.warm: Any = None  # runtime.backend.vllm_build.WarmEngine
 
     def prebuild(self, raw: object) -> None:

@@ -123,3 +123,52 @@ def test_an_idle_vllm_process_imports_its_worker_and_freezes_the_heap() -> None:
     assert found["worker"] in found["imported"]
     assert found["frozen"] > 100_000
     assert found["llama"]
+
+
+ENGINE_TOKENIZER = """
+import json, sys
+from pathlib import Path
+from runtime.backend.vllm_build import (
+    VllmOptions, engine_args, engine_plan, forget_engine_tokenizers, preload_engine_tokenizer)
+from runtime.ckpt.index import read_index
+from vllm.tokenizers.registry import cached_get_tokenizer, cached_tokenizer_from_config
+
+entry = Path(sys.argv[1])
+preloaded = preload_engine_tokenizer(entry)
+before = cached_get_tokenizer.cache_info()
+# the model configuration a real build makes, and the call its engine makes with it
+options = VllmOptions(on_cpu=True, memory_bytes=256 << 20)
+config = engine_args(entry, options, engine_plan(entry, read_index(entry), options))
+asked = cached_tokenizer_from_config(config.create_model_config())
+after = cached_get_tokenizer.cache_info()
+forget_engine_tokenizers()
+print(json.dumps({
+    "same": asked is preloaded, "hits": after.hits - before.hits,
+    "misses": after.misses - before.misses,
+    "left": cached_get_tokenizer.cache_info().currsize,
+}))
+"""
+
+
+def test_an_engine_build_takes_the_tokenizer_an_idle_process_preloaded(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """An idle vLLM process loads vLLM's tokenizer of each DRAM entry into vLLM's cache
+    (0.25-0.3 s of a build here). This pins the cache key against the locked vLLM: the
+    engine of a real build asks with its own model configuration and gets the same object,
+    a hit, not a second load."""
+    from runtime.ckpt.convert import convert_checkpoint
+    from tests.tiny_model import VLLM_TINY, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("engine-tokenizer")
+    convert_checkpoint(build_tiny_llama(root / "hf", config=VLLM_TINY), root / "ckpt")
+    run = subprocess.run(
+        [sys.executable, "-c", ENGINE_TOKENIZER, str(root / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found == {"same": True, "hits": 1, "misses": 0, "left": 0}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from runtime.ckpt.index import image_layout
 from runtime.instance.premap import Premapper
 from tests.synthetic_checkpoint import write_random_checkpoint
@@ -77,3 +79,36 @@ def test_a_recycled_image_is_never_handed_over_as_another_entrys(tmp_path: Path)
         cache.release("a")
     finally:
         cache.close()
+
+
+def test_a_vllm_premapper_keeps_vllms_tokenizer_of_each_current_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vLLM process loads vLLM's tokenizer of each premapped entry into vLLM's cache (the
+    real cache and its key are pinned in tests/integration/vllm/test_loader_plugin.py). The
+    cache cannot drop one entry: when one leaves, it is emptied and the others' loaded again."""
+    from runtime.backend import vllm_build
+
+    cache: dict[str, str] = {}
+    loads: list[str] = []
+
+    def preload(entry: Path, task: str = "generate") -> str:
+        loads.append(entry.name)
+        cache[str(entry)] = f"tokenizer of {entry.name}"
+        return cache[str(entry)]
+
+    monkeypatch.setattr(vllm_build, "preload_engine_tokenizer", preload)
+    monkeypatch.setattr(vllm_build, "forget_engine_tokenizers", cache.clear)
+    a, b, c = (dram_entry(tmp_path, n) for n in ("a", "bb", "ccc"))
+    (c / "config.json").unlink(missing_ok=True)  # c has no model config: nothing to load
+    premapper = Premapper(engine_tokenizers=True)
+    premapper.update([str(a), str(b), str(c)])
+    assert loads == ["a", "bb"]
+    assert premapper.images[str(a)].engine_tokenizer == "tokenizer of a"
+    assert premapper.images[str(c)].engine_tokenizer is None
+    premapper.update([str(a), str(b), str(c)])  # nothing changed: nothing loaded again
+    assert loads == ["a", "bb"]
+    premapper.update([str(b), str(c)])  # a left the DRAM tier
+    assert loads == ["a", "bb", "bb"] and set(cache) == {str(b)}
+    assert premapper.images[str(b)].engine_tokenizer == "tokenizer of bb"
+    assert not Premapper().engine_tokenizers  # off by default
