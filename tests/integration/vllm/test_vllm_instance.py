@@ -235,6 +235,7 @@ async def _built_greedy(
     # every weight a view of the DRAM image (the checkpoint laid out as vLLM fuses it), none
     # copied: the greedy tokens below are read through those views
     assert timings["weights_bound_bytes"] > 0 and timings["weights_copied_bytes"] == 0
+    assert "warm_up_s" not in timings  # on CPU the first request is the first step
     assert await _greedy_tokens(ready, 8) == _transformers_greedy(vllm_node, PROMPT, 8)
     await _stopped(vclient, instance_id)
 
