@@ -12,6 +12,20 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+
+def _last_line(code: str, *args: str) -> str:
+    """The last line ``code`` prints, run in a fresh interpreter with vLLM's offline settings."""
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()[-1]
+
+
 PROBE = """
 import importlib.metadata, inspect, json
 from vllm.config.load import LoadConfig
@@ -34,15 +48,7 @@ print(json.dumps({
 
 
 def test_load_format_registers_through_the_general_plugin_entry_point() -> None:
-    run = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    found = json.loads(_last_line(PROBE))
     assert found["group"] == "vllm.general_plugins"
     assert found["entry_point"] == "runtime.backend.vllm_loader:register"
     assert found["loader"] == "SllmDramLoader" and found["is_base_loader"]
@@ -78,15 +84,7 @@ def test_deploy_refuses_backend_vllm_for_a_model_vllm_cannot_run(
 
     root = tmp_path_factory.mktemp("deploy-check")
     convert_checkpoint(build_tiny_llama(root / "hf", config=TinyConfig()), root / "ckpt")
-    run = subprocess.run(
-        [sys.executable, "-c", DEPLOY_CHECK, str(root / "ckpt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    verdict = run.stdout.strip().splitlines()[-1]
+    verdict = _last_line(DEPLOY_CHECK, str(root / "ckpt"))
     assert verdict.startswith("refused: backend: vllm: vLLM ")
     assert "no kernel for head size 16" in verdict
     assert "backend: auto would serve it with transformers" in verdict
@@ -111,15 +109,7 @@ def test_an_idle_vllm_process_imports_its_worker_and_freezes_the_heap() -> None:
     for this platform is imported (a module renamed by a vLLM bump would leave it to the
     first build, 1.0-1.3 s of it), and the post-import heap is frozen for the build's five
     ``gc.collect`` calls."""
-    run = subprocess.run(
-        [sys.executable, "-c", WARM_UP],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    found = json.loads(_last_line(WARM_UP))
     assert found["worker"] in found["imported"]
     assert found["frozen"] > 100_000
     assert found["llama"]
@@ -162,13 +152,5 @@ def test_an_engine_build_takes_the_tokenizer_an_idle_process_preloaded(
 
     root = tmp_path_factory.mktemp("engine-tokenizer")
     convert_checkpoint(build_tiny_llama(root / "hf", config=VLLM_TINY), root / "ckpt")
-    run = subprocess.run(
-        [sys.executable, "-c", ENGINE_TOKENIZER, str(root / "ckpt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
+    found = json.loads(_last_line(ENGINE_TOKENIZER, str(root / "ckpt")))
     assert found == {"same": True, "hits": 1, "misses": 0, "left": 0}
