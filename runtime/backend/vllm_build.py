@@ -49,6 +49,9 @@ class VllmOptions:
     memory_bytes: int  # the function's resources.memory: weights + KV cache
     cache_dir: str = ""  # the node's cache directory (compile caches on CUDA)
     task: str = "generate"  # "embed": an embedding function's engine (vLLM's pooling runner)
+    # CPU: the torch (OpenMP) threads the engine computes with, the node's share of the cores
+    # for the instance's slot (``LoadSpec.threads``); 0: one
+    threads: int = 0
 
 
 def checkpoint_dtype(index: CheckpointIndex) -> str:
@@ -252,10 +255,14 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
 
         if not options.on_cpu:
             return LLMEngine.from_engine_args(args)
-        # One torch (OpenMP) thread, as vLLM's own CPU serving uses: with two, the idle
-        # one spin-waits against the step's serial Python (SmolLM2 here: 2.8 tok/s with
-        # two threads, 23.8 with one, one stream; 22 vs 160 tok/s with eight)
-        torch.set_num_threads(1)
+        # The node's share of the cores. vLLM's CPU worker binds the OpenMP threads the first
+        # engine of a process is built with, and from then on makes torch.set_num_threads a
+        # no-op: later engines of the process compute with the same threads. SmolLM2 in one
+        # process (01:30 one-off): two threads 40 / 273 / 535 tok/s at 1 / 8 / 32 streams
+        # against 31 / 195 / 335 with one, the same greedy tokens
+        threads = options.threads or 1
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         with ARENA.lending(plan.kv_bytes) as lease:
             return LLMEngine.from_engine_args(args)
 

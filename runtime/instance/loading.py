@@ -261,7 +261,7 @@ def vllm_options(spec: LoadSpec) -> Any:
 
     on_cpu = spec.device.startswith("cpu")
     task = "embed" if spec.handler == "embedding" else "generate"
-    return VllmOptions(on_cpu, spec.memory_bytes, spec.cache_dir, task)
+    return VllmOptions(on_cpu, spec.memory_bytes, spec.cache_dir, task, spec.threads)
 
 
 def prebuild_vllm(spec: LoadSpec, premapped: MappedImage | None) -> Any:
