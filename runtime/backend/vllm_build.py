@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from runtime.backend.choice import ModelFacts
 from runtime.ckpt.index import DTYPE_SIZES, CheckpointIndex
 from sllm.errors import ValidationFailed
@@ -34,6 +36,11 @@ if TYPE_CHECKING:
     from runtime.instance.premap import MappedImage
 
 log = logging.getLogger(__name__)
+
+# torch's own setter, taken before any engine is built: vLLM's CPU worker replaces
+# torch.set_num_threads with a no-op during a process's first build (after binding its OpenMP
+# threads), and the engine's serving threads are set after the build (``serving_threads``)
+_set_torch_threads = torch.set_num_threads
 
 # The least KV cache worth starting an engine with: 64 MiB holds a few thousand tokens of a
 # small model; a smaller budget means resources.memory is set below the model's own size.
@@ -49,8 +56,8 @@ class VllmOptions:
     memory_bytes: int  # the function's resources.memory: weights + KV cache
     cache_dir: str = ""  # the node's cache directory (compile caches on CUDA)
     task: str = "generate"  # "embed": an embedding function's engine (vLLM's pooling runner)
-    # CPU: the torch (OpenMP) threads the engine computes with, the node's share of the cores
-    # for the instance's slot (``LoadSpec.threads``); 0: one
+    # CPU: the node's share of the cores for the instance's slot (``LoadSpec.threads``): the
+    # build's torch threads, the serving's less one (``serving_threads``); 0: one
     threads: int = 0
 
 
@@ -238,6 +245,18 @@ def engine_args(entry: Path, options: VllmOptions, plan: EnginePlan) -> Any:
     )
 
 
+def serving_threads(share: int) -> int:
+    """The torch (OpenMP) threads a CPU engine serves with, out of the node's ``share`` of
+    the cores for its slot: one less, at least one. The core left over runs the instance's
+    own Python (HTTP, the step's scheduling) and the node's background work, as plain
+    ``vllm serve`` keeps one core for its scheduler and API processes. An OpenMP team that
+    uses every core stalls whenever anything else runs: SmolLM2 with two threads on this
+    2-core VM served 1.23-1.33x plain vLLM's tokens/s, but the requests right after a cold
+    start, beside the pool's refill, took up to 4.4 s for 8 tokens instead of 0.13 s
+    (bench/RESULTS.md)."""
+    return max(1, share - 1)
+
+
 def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) -> VllmBackend:
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -251,20 +270,15 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
 
     def build() -> Any:  # on the backend's thread
         nonlocal lease
-        import torch
-
         if not options.on_cpu:
             return LLMEngine.from_engine_args(args)
-        # The node's share of the cores. vLLM's CPU worker binds the OpenMP threads the first
-        # engine of a process is built with, and from then on makes torch.set_num_threads a
-        # no-op: later engines of the process compute with the same threads. SmolLM2 in one
-        # process (01:30 one-off): two threads 40 / 273 / 535 tok/s at 1 / 8 / 32 streams
-        # against 31 / 195 / 335 with one, the same greedy tokens
-        threads = options.threads or 1
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        # The build (weights packed for oneDNN, vLLM's profile run) uses the node's share of
+        # the cores; serving keeps one of them free (``serving_threads``)
+        _set_torch_threads(options.threads or 1)
         with ARENA.lending(plan.kv_bytes) as lease:
-            return LLMEngine.from_engine_args(args)
+            engine = LLMEngine.from_engine_args(args)
+        _set_torch_threads(serving_threads(options.threads))
+        return engine
 
     backend = VllmBackend(
         build,

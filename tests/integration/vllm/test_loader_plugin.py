@@ -154,3 +154,46 @@ def test_an_engine_build_takes_the_tokenizer_an_idle_process_preloaded(
     convert_checkpoint(build_tiny_llama(root / "hf", config=VLLM_TINY), root / "ckpt")
     found = json.loads(_last_line(ENGINE_TOKENIZER, str(root / "ckpt")))
     assert found == {"same": True, "hits": 1, "misses": 0, "left": 0}
+
+
+SERVING_THREADS = """
+import json, sys
+from pathlib import Path
+import torch
+from runtime.backend.vllm_process import pool_warm_up
+pool_warm_up()
+from runtime.backend.vllm_build import VllmOptions, prebuild
+from runtime.ckpt.index import image_layout, read_index
+from runtime.instance.premap import map_entry
+from runtime.loader.model import load_tokenizer
+
+entry = Path(sys.argv[1])
+index = read_index(entry)
+starts, size = image_layout(index)
+with open(entry / "image.bin", "wb") as f:  # the DRAM tier's image of the checkpoint
+    f.truncate(size)
+    for start, part in zip(starts, index.partitions):
+        f.seek(start)
+        f.write((entry / part.file).read_bytes())
+options = VllmOptions(on_cpu=True, memory_bytes=256 << 20, threads=2)
+warm = prebuild(entry, map_entry(entry, fill=True), load_tokenizer(entry), options)
+print(json.dumps({
+    "serving": warm.backend.call(lambda engine: torch.get_num_threads()),
+    "setter_replaced": torch.set_num_threads is not torch._C.set_num_threads,
+}))
+"""
+
+
+def test_a_cpu_engine_built_on_two_cores_serves_on_one(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The build uses the node's share of the cores and serving leaves one free
+    (``serving_threads``), although vLLM's CPU worker replaces ``torch.set_num_threads`` with
+    a no-op during the build (checked too: the reason sllm keeps torch's own setter)."""
+    from runtime.ckpt.convert import convert_checkpoint
+    from tests.tiny_model import VLLM_TINY, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("serving-threads")
+    convert_checkpoint(build_tiny_llama(root / "hf", config=VLLM_TINY), root / "ckpt")
+    found = json.loads(_last_line(SERVING_THREADS, str(root / "ckpt")))
+    assert found == {"serving": 1, "setter_replaced": True}
