@@ -97,7 +97,16 @@ def test_a_killed_gateway_is_restarted_and_finds_the_running_instance(
     platform: Up, tiny: str, cli: Cli
 ) -> None:
     before = chat(platform, tiny)
-    running = json.loads(ok(cli("fn", "describe", tiny, "--json")).stdout)["instances"]
+    # The instance the killed node of the first test left may still be listed: an orphan
+    # that drains on its own, which the restarted node does not report and the gateway drops
+    # only after the launch grace (LAUNCH_GRACE_S). Wait for the one instance scale 1 keeps.
+    deadline = time.monotonic() + 60
+    while True:
+        running = json.loads(ok(cli("fn", "describe", tiny, "--json")).stdout)["instances"]
+        if [i["state"] for i in running] == ["ready"]:
+            break
+        assert time.monotonic() < deadline, f"instances do not settle: {running}"
+        time.sleep(0.5)
     pid = kill(platform, "gateway start")
     restarted(platform, "gateway", pid)
     deadline = time.monotonic() + 60
