@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,20 +106,26 @@ def map_entry(entry: Path, *, fill: bool) -> MappedImage:
     return mapped
 
 
+def _ahead(what: str, entry: Path, make: Callable[[], Any]) -> Any:
+    """``make()``, what an idle process prepares for ``entry``, or None where it fails (the
+    load then makes it itself and reports why)."""
+    try:
+        return make()
+    except Exception as exc:
+        log.info("%s of %s not prepared ahead: %s", what, entry, exc)
+        return None
+
+
 def _tokenizer(entry: Path) -> Any:
-    """The entry's tokenizer, or None where it has none or it does not load (the load then
-    tries again and reports why). transformers' ``AutoTokenizer`` took 0.38-0.52 s for
-    SmolLM2's (a 3.5 MB tokenizer.json, parsed twice and deep-copied) on this VM, most of a
-    warm vLLM engine's cold start; loaded here it costs the idle process ~10 MB."""
+    """The entry's tokenizer, or None where it has none or it does not load. transformers'
+    ``AutoTokenizer`` took 0.38-0.52 s for SmolLM2's (a 3.5 MB tokenizer.json, parsed twice
+    and deep-copied) on this VM, most of a warm vLLM engine's cold start; loaded here it
+    costs the idle process ~10 MB."""
     from runtime.loader.model import TOKENIZER_FILES, load_tokenizer
 
     if not any((entry / name).is_file() for name in TOKENIZER_FILES):
         return None
-    try:
-        return load_tokenizer(entry)
-    except Exception as exc:
-        log.info("tokenizer of %s not preloaded: %s", entry, exc)
-        return None
+    return _ahead("tokenizer", entry, lambda: load_tokenizer(entry))
 
 
 def _cpu_model(mapped: MappedImage) -> Any:
@@ -132,26 +139,21 @@ def _cpu_model(mapped: MappedImage) -> Any:
 
     if not (mapped.entry / "config.json").is_file():
         return None
-    try:
-        return build_model(mapped.entry, tensor_views(mapped.index, mapped.image))
-    except Exception as exc:
-        log.info("model of %s not prebuilt: %s", mapped.entry, exc)
-        return None
+    return _ahead(
+        "model",
+        mapped.entry,
+        lambda: build_model(mapped.entry, tensor_views(mapped.index, mapped.image)),
+    )
 
 
 def _engine_tokenizer(entry: Path) -> Any:
     """vLLM's tokenizer of ``entry``, cached for the next engine build
-    (``runtime.backend.vllm_build.preload_engine_tokenizer``), or None where it does not load
-    (the build then tries again and reports why)."""
+    (``runtime.backend.vllm_build.preload_engine_tokenizer``), or None where it does not load."""
     from runtime.backend.vllm_build import preload_engine_tokenizer
 
     if not (entry / "config.json").is_file():
         return None
-    try:
-        return preload_engine_tokenizer(entry)
-    except Exception as exc:
-        log.info("vLLM tokenizer of %s not preloaded: %s", entry, exc)
-        return None
+    return _ahead("vLLM tokenizer", entry, lambda: preload_engine_tokenizer(entry))
 
 
 class Premapper:
