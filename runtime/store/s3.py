@@ -1,9 +1,8 @@
 """``Store`` on any S3-compatible server (AWS, MinIO, SeaweedFS) through boto3.
 
-- Downloads are ranged GETs read into the caller's buffer (``readinto``: no per-chunk
-  buffer of ours; urllib3 copies once from its read buffer, ~0.2 s CPU/GB here, while the
-  S3 server, not the client, is the loopback bottleneck);
-  callers run ``concurrency`` of them at once (runtime.cache.pull).
+- Downloads are ranged GETs of URLs the boto3 client presigns, read from the socket straight
+  into the caller's buffer (runtime.store.ranged says why and what it measured); callers run
+  ``concurrency`` of them at once (runtime.cache.pull). Everything else goes through boto3.
 - Uploads of files larger than one part are multipart, ``concurrency`` parts in parallel.
 - Every request is retried ``retries`` times with exponential backoff on 5xx answers and
   connection errors (botocore's own retries are off so the bound is ours), then fails with a
@@ -17,6 +16,7 @@ import logging
 import math
 import os
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from runtime.store.base import (
     not_found,
     validate_key,
 )
+from runtime.store.ranged import RangeAnswerError, RangedGetter, RangeTransferError
 from sllm.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ _MIN_PART = 5 << 20
 _MAX_PARTS = 10_000
 _RETRY_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
+# A presigned URL is made for one request and used at once; this only bounds a slow answer.
+_PRESIGN_S = 900
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -72,6 +75,8 @@ def make_client(
         connect_timeout=5,
         read_timeout=60,
         s3={"addressing_style": "path" if path_style else "auto"},
+        # Presigned URLs too (read_range): botocore presigns with SigV2 unless told.
+        signature_version="s3v4",
     )
     key_id, secret = credentials if credentials is not None else (None, None)
     return boto3.session.Session().client(
@@ -95,8 +100,10 @@ class S3Store:
         retries: int = 4,
         backoff_s: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
+        ranged: RangedGetter | None = None,
     ) -> None:
         self.client = client
+        self._ranged = ranged or RangedGetter()
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._concurrency = concurrency
@@ -155,6 +162,8 @@ class S3Store:
                 ) from None
             except BotoCoreError as exc:
                 last = f"{type(exc).__name__}: {exc}"
+            except RangeTransferError as exc:
+                last = str(exc)
             if attempt + 1 < self.retries:
                 delay = min(self.backoff_s * 2**attempt, 5.0)
                 log.info("store retry %s attempt=%d cause=%s", what, attempt + 1, last)
@@ -216,24 +225,19 @@ class S3Store:
             return
         what = self.describe(key)
         end = offset + len(buf) - 1
+        params = {"Bucket": self.bucket, "Key": self._obj(key)}
 
         def run() -> None:
-            resp = self.client.get_object(
-                Bucket=self.bucket, Key=self._obj(key), Range=f"bytes={offset}-{end}"
+            url = self.client.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=_PRESIGN_S
             )
-            body = resp["Body"]
             try:
-                pos = 0
-                while pos < len(buf):
-                    n = body.readinto(buf[pos:])
-                    if not n:
-                        break
-                    pos += n
-            finally:
-                body.close()
-            if pos != len(buf):
+                got = self._ranged.read_into(url, offset, buf)
+            except RangeAnswerError as exc:
+                raise _client_error(exc) from None
+            if got != len(buf):
                 raise StoreError(
-                    f"{what}: object ends at byte {offset + pos}, expected at least {end + 1}"
+                    f"{what}: object ends at byte {offset + got}, expected at least {end + 1}"
                 )
 
         self._call(f"{what} bytes {offset}-{end}", run)
@@ -315,3 +319,30 @@ class S3Store:
                     Bucket=self.bucket, Delete={"Objects": b}
                 ),
             )
+
+
+def _client_error(exc: RangeAnswerError) -> Exception:
+    """A ranged GET's error answer as the ``ClientError`` boto3 would raise for it (the S3
+    error document's Code and Message), so that ``S3Store._call`` maps both alike."""
+    from botocore.exceptions import ClientError
+
+    code, message = str(exc.status), exc.body[:200].decode("utf-8", "replace")
+    try:
+        doc = ET.fromstring(exc.body)
+        code = doc.findtext("Code") or code
+        message = doc.findtext("Message") or ""
+    except ET.ParseError:
+        pass
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {
+                "HTTPStatusCode": exc.status,
+                "HTTPHeaders": {},
+                "RequestId": "",
+                "HostId": "",
+                "RetryAttempts": 0,
+            },
+        },
+        "GetObject",
+    )

@@ -1,17 +1,23 @@
 """The store port and the tiered cache against a real S3 server (SeaweedFS on loopback).
 
-Faults a real server will not produce on demand (5xx answers) are injected with a botocore
-``before-send`` hook on the client: every other byte goes through the real server.
+Faults a real server will not produce on demand (5xx answers) come from a forward HTTP proxy
+on loopback (``HTTP_PROXY``), which answers some ranged GETs itself and relays every other
+request to the real server: the checkpoint's ranged GETs honour the environment's proxy, as
+boto3's requests do.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -151,6 +157,31 @@ def test_missing_bucket_and_object(s3_env: Any, pushed: str, tiered: Any, tmp_pa
     with pytest.raises(StoreError, match=rf"s3://{BUCKET}/tests/absent/index\.json not found"):
         cache.fetch("absent")
     assert nothing_cached(cache, tmp_path)
+    # the checkpoint's bytes come by ranged GETs of presigned URLs: the same errors
+    buf = memoryview(bytearray(16))
+    with pytest.raises(
+        StoreError, match=rf"s3://{BUCKET}/tests/absent/data\.bin bytes 0-15 not found"
+    ):
+        cache.store.read_range("absent/data.bin", 0, buf)
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist") as err:
+        s3_store(s3_env, bucket="no-such-bucket").read_range(f"{KEY}/data-00001.bin", 0, buf)
+    assert err.value.code == "store_bucket_not_found"
+
+
+def test_ranges_at_and_past_the_end(
+    s3_env: Any, pushed: str, ckpt: tuple[Path, CheckpointIndex]
+) -> None:
+    store = s3_store(s3_env)
+    data = (ckpt[0] / "data-00001.bin").read_bytes()  # 100 000 bytes
+    buf = bytearray(1000)
+    store.read_range(f"{KEY}/data-00001.bin", 99_000, memoryview(buf))
+    assert bytes(buf) == data[99_000:]
+    with pytest.raises(
+        StoreError, match=r"data-00001\.bin: object ends at byte 100000, expected at least 100500"
+    ):
+        store.read_range(f"{KEY}/data-00001.bin", 99_500, memoryview(buf))
+    with pytest.raises(StoreError, match=r"data-00001\.bin bytes 200000-200999: InvalidRange"):
+        store.read_range(f"{KEY}/data-00001.bin", 200_000, memoryview(buf))
 
 
 def test_corrupt_object(
@@ -167,43 +198,114 @@ def test_corrupt_object(
     assert nothing_cached(cache, tmp_path)
 
 
-def fail_gets(store: S3Store, times: int) -> list[float]:
-    """Answer the next ``times`` ranged GETs with 503; returns the list of backoff sleeps."""
-    from botocore.awsrequest import AWSResponse
+class FaultProxy(ThreadingHTTPServer):
+    """A forward HTTP proxy: answers the next ``fail`` ranged GETs with 503 (an S3 error
+    document), relays every other request to its origin; ``ranged`` counts the ranged GETs
+    it saw."""
 
-    class Raw:
-        def stream(self, **_: Any) -> Iterator[bytes]:
-            yield b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+    daemon_threads = True
 
-    left = [times]
+    def __init__(self, fail: int) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.fail = fail
+        self.ranged = 0
+        self.lock = threading.Lock()
 
-    def before_send(request: Any, **_: Any) -> AWSResponse | None:
-        if "Range" in request.headers and left[0] > 0:
-            left[0] -= 1
-            return AWSResponse(request.url, 503, {}, Raw())
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FaultProxy
+
+    def log_message(self, *_: Any) -> None:
         return None
 
-    store.client.meta.events.register("before-send.s3.GetObject", before_send)
+    def do_GET(self) -> None:
+        self._relay("GET")
+
+    def do_HEAD(self) -> None:
+        self._relay("HEAD")
+
+    def _relay(self, method: str) -> None:
+        url = urlsplit(self.path)  # absolute form: this is a proxy
+        with self.server.lock:
+            ranged = "Range" in self.headers
+            self.server.ranged += ranged
+            fail = ranged and self.server.fail > 0
+            self.server.fail -= fail
+        if fail:
+            body = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        origin = http.client.HTTPConnection(url.hostname or "", url.port, timeout=30)
+        skip = {"connection", "proxy-connection", "keep-alive", "transfer-encoding"}
+        origin.request(
+            method,
+            f"{url.path}?{url.query}" if url.query else url.path,
+            headers={k: v for k, v in self.headers.items() if k.lower() not in skip},
+        )
+        answer = origin.getresponse()
+        data = answer.read()
+        self.send_response(answer.status, answer.reason)
+        for k, v in answer.getheaders():
+            if k.lower() not in skip | {"content-length"}:
+                self.send_header(k, v)
+        self.send_header("Content-Length", answer.getheader("Content-Length") or str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        origin.close()
+
+
+@pytest.fixture
+def fault_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], FaultProxy]]:
+    """``start(fail)``: a FaultProxy set as this test's HTTP_PROXY."""
+    started: list[FaultProxy] = []
+
+    def start(fail: int) -> FaultProxy:
+        proxy = FaultProxy(fail)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        started.append(proxy)
+        for var in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def no_sleeps(store: S3Store) -> list[float]:
+    """Record the store's backoff sleeps instead of sleeping."""
     sleeps: list[float] = []
     store._sleep = sleeps.append
     return sleeps
 
 
 def test_5xx_is_retried_with_backoff(
-    s3_env: Any, pushed: str, ckpt: tuple[Path, CheckpointIndex], tiered: Any
+    s3_env: Any, pushed: str, ckpt: tuple[Path, CheckpointIndex], tiered: Any, fault_proxy: Any
 ) -> None:
+    proxy = fault_proxy(2)
     store = s3_store(s3_env, concurrency=1)
-    sleeps = fail_gets(store, times=2)
+    sleeps = no_sleeps(store)
     result = tiered(store).fetch(pushed)
     assert result.tier == "store" and image_ok(result.image_path, *ckpt)
     assert sleeps == [0.2, 0.4]
+    # through the proxy: 2 refused, then the 3 ranges of the first partition and 1 of the second
+    assert proxy.ranged == 2 + 3 + 1
 
 
-def test_5xx_until_retries_run_out(s3_env: Any, pushed: str, tiered: Any, tmp_path: Path) -> None:
+def test_5xx_until_retries_run_out(
+    s3_env: Any, pushed: str, tiered: Any, tmp_path: Path, fault_proxy: Any
+) -> None:
+    fault_proxy(1000)
     store = s3_store(s3_env, concurrency=1)
-    sleeps = fail_gets(store, times=1000)
+    sleeps = no_sleeps(store)
     cache = tiered(store)
-    with pytest.raises(StoreError, match=r"unavailable after 3 attempts \(HTTP 503"):
+    with pytest.raises(StoreError, match=r"unavailable after 3 attempts \(HTTP 503 ServiceUnav"):
         cache.fetch(pushed)
     assert len(sleeps) == 2
     assert nothing_cached(cache, tmp_path)
@@ -241,3 +343,8 @@ def test_open_store_with_credentials_from_settings(
     wrong = open_store(StoreSettings.from_env({**env, "SLLM_S3_SECRET_ACCESS_KEY": "nope"}))
     with pytest.raises(StoreError, match="access denied"):
         wrong.get_bytes("a/b.txt")
+    with pytest.raises(StoreError, match=r"a/b\.txt bytes 0-2: .*access denied"):
+        wrong.read_range("a/b.txt", 0, memoryview(bytearray(3)))
+    got = bytearray(3)
+    store.read_range("a/b.txt", 1, memoryview(got))
+    assert got == b"ell"

@@ -1,0 +1,122 @@
+"""runtime.store.ranged against a small HTTP server on loopback that misbehaves on demand: a
+keep-alive connection it closes while idle, a Range it ignores, a body cut short, an encoded
+body. (The S3 path, with a real server, is in test_s3_tiers.py.)"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from runtime.store.ranged import RangeAnswerError, RangedGetter, RangeTransferError
+
+pytestmark = pytest.mark.integration
+DATA = bytes(range(256)) * 64  # 16 KiB
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.mode = "ok"
+        self.connections = 0
+        self.requests = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/obj?X-Amz-Signature=x"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def log_message(self, *_: Any) -> None:
+        return None
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def do_GET(self) -> None:
+        self.server.requests += 1
+        mode = self.server.mode
+        first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
+        last = min(last, len(DATA) - 1)
+        body = DATA if mode == "no-range" else DATA[first : last + 1]
+        self.send_response(200 if mode == "no-range" else 206)
+        if mode != "no-range":
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}")
+        if mode == "gzip":
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if mode == "cut" else body)
+        if mode in ("cut", "idle-close"):
+            self.close_connection = True  # no "Connection: close": the client cannot know
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def read(getter: RangedGetter, url: str, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    got = getter.read_into(url, offset, memoryview(buf))
+    return bytes(buf[:got])
+
+
+def test_keeps_the_connection_and_reads_the_range(server: Server) -> None:
+    getter = RangedGetter()
+    assert read(getter, server.url, 100, 1000) == DATA[100:1100]
+    assert read(getter, server.url, 16_000, 1000) == DATA[16_000:]  # the object ends first
+    assert (server.requests, server.connections) == (2, 1)
+    getter.close()
+
+
+def test_a_connection_closed_while_idle_is_replaced(server: Server) -> None:
+    getter = RangedGetter()
+    server.mode = "idle-close"
+    assert read(getter, server.url, 0, 10) == DATA[:10]
+    server.mode = "ok"
+    # the pooled connection is dead: sent once more, on a new one
+    assert read(getter, server.url, 10, 10) == DATA[10:20]
+    assert server.connections == 2
+    getter.close()
+
+
+def test_an_ignored_range_is_an_error(server: Server) -> None:
+    server.mode = "no-range"
+    with pytest.raises(RangeAnswerError, match="HTTP 200") as err:
+        read(RangedGetter(), server.url, 100, 10)
+    assert err.value.status == 200
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("cut", r"connection closed after 500 of 1000 bytes"),
+        ("gzip", r"answer is encoded \(gzip\)"),
+    ],
+)
+def test_broken_answers(server: Server, mode: str, message: str) -> None:
+    server.mode = mode
+    with pytest.raises(RangeTransferError, match=message):
+        read(RangedGetter(), server.url, 0, 1000)
+
+
+def test_nobody_listening(server: Server) -> None:
+    port = server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(RangeTransferError, match=rf"cannot connect to 127\.0\.0\.1:{port}"):
+        read(RangedGetter(), f"http://127.0.0.1:{port}/obj", 0, 10)
