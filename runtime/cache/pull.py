@@ -1,12 +1,11 @@
-"""Pipelined store pull: parallel ranged GETs straight into the DRAM image, each chunk handed
-on to the SSD write-behind as soon as it lands, partition checksums computed in order as
-chunks complete. DRAM-ready time is therefore about the download time (issue 3, "Pipelining").
+"""Pipelined store pull: parallel ranged GETs straight into the DRAM image, partition
+checksums computed in order as chunks complete, so DRAM-ready time is about the download time
+(issue 3, "Pipelining"). The SSD copy starts once the image is complete
+(``writeback.SsdWriteBehind``; tiered.py says why).
 
 Threads: ``store.concurrency`` workers each GET one chunk into its place in the image; the
-calling thread walks the chunks in order, waits for each, feeds it to the partition's hasher
-(xxh3 runs at >10 GB/s, far above loopback S3 rates) and hands it to ``on_chunk`` (the SSD
-write-behind, ``writeback.SsdWriteBehind``), which never slows the download: this disk
-writes at ~100 MB/s sustained, far below the store's rate.
+calling thread walks the chunks in order, waits for each and feeds it to the partition's
+hasher (xxh3 runs at >10 GB/s, far above loopback S3 rates).
 On any failure the remaining chunks are cancelled and running ones awaited before the error
 is raised, so the caller can abort both writers with no thread still writing.
 """
@@ -49,12 +48,10 @@ def pull_partitions(
     key: str,
     index: CheckpointIndex,
     dram: DramWriter,
-    on_chunk: Callable[[Chunk], None] | None = None,
     progress: Progress = no_progress,
     executor: ThreadPoolExecutor | None = None,
 ) -> None:
-    """Download every partition of checkpoint ``key`` into ``dram``, verifying checksums;
-    ``on_chunk`` gets each chunk once its bytes are in place and hashed, in order. Raises
+    """Download every partition of checkpoint ``key`` into ``dram``, verifying checksums. Raises
     ``CheckpointError`` on a mismatch, ``StoreError`` from the store. Does not finish or
     abort the writer. ``executor``: a long-lived pool of ``store.concurrency`` threads (one
     per pull is made otherwise; starting threads took ~30 ms each on the loaded 2-core VM)."""
@@ -76,8 +73,6 @@ def pull_partitions(
                 hasher.update(piece)
                 piece.release()
             view.release()
-            if on_chunk is not None:
-                on_chunk(chunk)
             part = index.partitions[chunk.partition]
             if chunk.offset + chunk.nbytes == part.nbytes:
                 got = hasher.hexdigest()

@@ -129,6 +129,38 @@ def test_pipelined_pull_from_s3(
     assert cache.bandwidths.snapshot()["store"] > 0
 
 
+def test_a_failed_ssd_copy_leaves_dram_served(
+    s3_env: Any,
+    pushed: str,
+    ckpt: tuple[Path, CheckpointIndex],
+    tiered: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fills during the SSD copy (which starts once DRAM is complete): the SSD entry
+    is discarded, the DRAM entry serves, nothing is left half-written."""
+    from runtime.cache.ssd import SsdWriter
+
+    real_write, writes = SsdWriter.write, []
+
+    def write(self: SsdWriter, *args: Any) -> None:
+        writes.append(args[:2])
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(self, *args)
+
+    monkeypatch.setattr(SsdWriter, "write", write)
+    cache = tiered(s3_store(s3_env))
+    result = cache.fetch(pushed)
+    assert result.tier == "store" and image_ok(result.image_path, *ckpt)
+    cache.flush()
+    assert writes == [(0, 0), (1, 0)]  # one write per partition (each under 16 MiB)
+    assert cache.contents()["ssd"] == [] and not list((tmp_path / "ssd" / "tmp").iterdir())
+    assert [k for k, _, _ in cache.contents()["dram"]] == [pushed]
+    assert image_ok(result.image_path, *ckpt)
+    cache.release(pushed)
+
+
 def test_cli_push(s3_env: Any, ckpt: tuple[Path, CheckpointIndex]) -> None:
     url = f"s3://{BUCKET}/cli/ck"
     done = subprocess.run(
