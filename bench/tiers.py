@@ -11,7 +11,9 @@ A B, ...) so each contender follows the other equally often:
 
 - ``store_raw`` / ``store``: curl (another client: its own processes, SigV4 signing, ranged
   GETs of the same chunks, ``--concurrency`` processes at once, bodies to /dev/null) against
-  ``TieredCache.fetch`` with empty tiers (pipelined pull into DRAM + SSD);
+  ``TieredCache.fetch`` with empty tiers (the pull into DRAM; the SSD copy after it is
+  awaited, untimed), each repetition's pair after an untimed curl pass that brings the
+  server's objects back into its page cache (the SSD pairs drop every cache as root);
 - ``ssd_raw`` / ``ssd``: fio (O_DIRECT, libaio, bench/_load_data.py's job shapes, the faster)
   over the SSD entry's partitions against ``fetch`` from SSD (DRAM entry removed), page cache
   dropped before each;
@@ -251,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].clear()
         for rep in range(args.repeat):
             loads.append(os.getloadavg()[0])
+            # The previous repetition's SSD pairs dropped every page cache as root, the S3
+            # server's objects too: warm them again (not timed), or whichever contender ran
+            # first read from the server's disk (the first of each pair was 0.2-0.3 s slower).
+            curl_get(endpoint, "bench", index, args.part_mb * MiB, args.concurrency)
             pair(rep, store_raw, store_fetch)
             pair(rep, ssd_raw, ssd_fetch)
             pair(rep, ready_ssd, ready_dram)
