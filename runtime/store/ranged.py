@@ -13,8 +13,8 @@ credentials, their refresh and the bucket addressing stay boto3's.
   closed by ``close()`` or when the getter is collected. A request on a reused connection that
   fails before an answer came is sent once more on a new connection (the server may have
   closed it while idle), as HTTP clients do.
-- Proxies: taken from the environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``), as
-  botocore takes them. TLS: the system's trust store, or ``AWS_CA_BUNDLE``.
+- Proxies: taken from the environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``; Basic
+  credentials in the proxy's URL), as botocore takes them. TLS: the system's trust store, or ``AWS_CA_BUNDLE``.
 - Errors: an answer other than ``206`` with the asked range raises ``RangeAnswerError`` (its
   status and body, for the caller to read the S3 error code from); a connection or protocol
   failure raises ``RangeTransferError``. Neither is retried here: the caller's retry loop owns
@@ -23,6 +23,7 @@ credentials, their refresh and the bucket addressing stay boto3's.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import re
@@ -30,7 +31,7 @@ import ssl
 import threading
 import urllib.request
 import weakref
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # An error answer is a short XML document; more is not read.
@@ -73,6 +74,7 @@ class RangedGetter:
         proxy = _proxy_for(parts.scheme, parts.hostname)
         if proxy is not None and parts.scheme == "http":
             target = f"http://{parts.netloc}{target}"  # absolute form, to the proxy
+            headers.update(_proxy_auth(proxy))
         key = (parts.scheme, parts.hostname, parts.port, proxy)
         for attempt in (0, 1):
             conn, reused = self._take(key, parts, proxy, fresh=attempt > 0)
@@ -148,14 +150,17 @@ class RangedGetter:
         self, scheme: str, host: str, port: int | None, proxy: str | None
     ) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection
+        port = port or (443 if scheme == "https" else 80)
+        where = f"{host}:{port}"
         if proxy is not None:
             pp = urlsplit(proxy)
+            where += f" via the proxy at {pp.hostname}:{pp.port or 8080}"  # not its credentials
             if scheme == "https":
                 conn = http.client.HTTPSConnection(
                     pp.hostname or "", pp.port or 8080, timeout=self.connect_timeout_s,
                     context=self._ssl_context(),
                 )  # fmt: skip
-                conn.set_tunnel(host, port or 443)
+                conn.set_tunnel(host, port, headers=_proxy_auth(proxy))
             else:
                 conn = http.client.HTTPConnection(
                     pp.hostname or "", pp.port or 8080, timeout=self.connect_timeout_s
@@ -170,7 +175,6 @@ class RangedGetter:
             conn.connect()
         except OSError as exc:
             conn.close()
-            where = f"{host}:{port}" if proxy is None else f"{host}:{port} via {proxy}"
             raise RangeTransferError(f"cannot connect to {where}: {exc}") from None
         assert conn.sock is not None
         conn.sock.settimeout(self.read_timeout_s)
@@ -190,6 +194,15 @@ def _close_idle(
         idle.clear()
     for conn in conns:
         conn.close()
+
+
+def _proxy_auth(proxy: str) -> dict[str, str]:
+    """Basic credentials for a proxy URL that carries them (``http://user:pass@host:port``)."""
+    pp = urlsplit(proxy)
+    if pp.username is None:
+        return {}
+    pair = f"{unquote(pp.username)}:{unquote(pp.password or '')}".encode()
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:

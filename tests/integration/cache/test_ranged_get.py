@@ -25,6 +25,7 @@ class Server(ThreadingHTTPServer):
         self.mode = "ok"
         self.connections = 0
         self.requests = 0
+        self.seen: list[tuple[str, str | None]] = []  # (request target, Proxy-Authorization)
 
     @property
     def url(self) -> str:
@@ -44,6 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests += 1
+        self.server.seen.append((self.path, self.headers.get("Proxy-Authorization")))
         mode = self.server.mode
         first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
         last = min(last, len(DATA) - 1)
@@ -114,9 +116,26 @@ def test_broken_answers(server: Server, mode: str, message: str) -> None:
         read(RangedGetter(), server.url, 0, 1000)
 
 
+def test_through_the_environments_proxy(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server plays the proxy (it answers absolute-form requests itself): the GET goes
+    to it, with the proxy URL's credentials; NO_PROXY sends it direct again."""
+    port = server.server_address[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://us%40er:p%3Ass@127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    getter = RangedGetter()
+    assert read(getter, "http://objects.invalid:9000/obj?sig=1", 5, 5) == DATA[5:10]
+    # base64 of "us@er:p:ss"
+    assert server.seen[-1] == ("http://objects.invalid:9000/obj?sig=1", "Basic dXNAZXI6cDpzcw==")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert read(getter, server.url, 0, 5) == DATA[:5]
+    assert server.seen[-1] == ("/obj?X-Amz-Signature=x", None)
+    getter.close()
+
+
 def test_nobody_listening(server: Server) -> None:
     port = server.server_address[1]
     server.shutdown()
     server.server_close()
-    with pytest.raises(RangeTransferError, match=rf"cannot connect to 127\.0\.0\.1:{port}"):
+    with pytest.raises(RangeTransferError, match=rf"cannot connect to 127\.0\.0\.1:{port}:"):
         read(RangedGetter(), f"http://127.0.0.1:{port}/obj", 0, 10)
