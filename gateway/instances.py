@@ -206,12 +206,20 @@ class InstanceTable:
         change = ReadyChange()
         # Every beat is taken as the latest (one publisher per node; NATS keeps its order), so
         # a restarted node whose seq starts again from 1 is heard at once.
+        before = self.nodes.get(hb.node_id)
+        restarted = before is not None and hb.seq < before.heartbeat.seq
         self.nodes[hb.node_id] = NodeInfo(hb, now)
         reported = {s.instance_id: s for s in hb.instances}
         for state in hb.instances:
             self._apply_reported(hb.node_id, state, now, change)
         for inst in [i for i in self.instances.values() if i.node == hb.node_id]:
-            if inst.instance_id not in reported and now - inst.since > LAUNCH_GRACE_S:
+            if inst.instance_id in reported:
+                continue
+            # A restarted node does not know the instances of the process before it: those
+            # drain on their own, so none is routed to from its first beat on. Only a load
+            # still starting may be one the new process has not reported yet.
+            orphan = restarted and inst.state != "starting"
+            if orphan or now - inst.since > LAUNCH_GRACE_S:
                 del self.instances[inst.instance_id]
                 change.removed.append(inst)
         return change

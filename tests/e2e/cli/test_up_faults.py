@@ -98,8 +98,8 @@ def test_a_killed_gateway_is_restarted_and_finds_the_running_instance(
 ) -> None:
     before = chat(platform, tiny)
     # The instance the killed node of the first test left may still be listed: an orphan
-    # that drains on its own, which the restarted node does not report and the gateway drops
-    # only after the launch grace (LAUNCH_GRACE_S). Wait for the one instance scale 1 keeps.
+    # that drains on its own, which the gateway drops at the restarted node's first heartbeat
+    # (and a replacement may still be starting). Wait for the one instance scale 1 keeps.
     deadline = time.monotonic() + 60
     while True:
         running = json.loads(ok(cli("fn", "describe", tiny, "--json")).stdout)["instances"]
