@@ -153,11 +153,6 @@ class InstanceTable:
         self.instances[instance_id] = inst
         return inst
 
-    def set_state(self, instance_id: str, state: str) -> None:
-        inst = self.instances.get(instance_id)
-        if inst is not None:
-            inst.state = state
-
     def forget(self, instance_id: str) -> Instance | None:
         return self.instances.pop(instance_id, None)
 

@@ -204,10 +204,6 @@ class EntryDirectory:
             rows = sorted(self._entries.items(), key=lambda kv: -kv[1].last_used)
             return [(k, e.nbytes, e.refs > 0) for k, e in rows]
 
-    def holds(self, key: str) -> bool:
-        with self._lock:
-            return key in self._entries
-
 
 def _remove(path: Path) -> None:
     if path.is_dir():

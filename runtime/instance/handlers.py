@@ -25,7 +25,7 @@ from runtime.engine.consumers import aiter_events, generate, generate_blocking, 
 from runtime.engine.prompts import Tokenizing, build_request
 from runtime.engine.request import ErrorEvent, TokenEvent
 from runtime.engine.sampling import SamplingDefaults
-from sllm.errors import InvalidInput, SllmError, ValidationFailed
+from sllm.errors import SllmError, ValidationFailed
 
 BUILTIN = ("chat", "completion", "embedding")
 
@@ -148,9 +148,3 @@ def load_custom_handler(
                 f"handler {module_name}.load failed: {type(exc).__name__}: {exc}"
             ) from None
     return CustomHandler(function, inspect.iscoroutinefunction(function)), state
-
-
-def check_builtin_body(body: object) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidInput("body: expected a JSON object")
-    return body

@@ -92,7 +92,3 @@ class Store(Protocol):
     def put_file(self, key: str, path: str, progress: Progress = no_progress) -> None:
         """Upload a local file (large files in parallel parts); ``progress`` gets byte counts."""
         ...
-
-    def delete_prefix(self, prefix: str) -> None:
-        """Remove every object under ``prefix`` (tests, re-pushes)."""
-        ...

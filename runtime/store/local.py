@@ -7,7 +7,6 @@ object; reads are ``preadv`` straight into the caller's buffer (no intermediate 
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -115,10 +114,3 @@ class LocalStore:
                     progress(len(chunk))
 
         self._write_atomic(key, copy)
-
-    def delete_prefix(self, prefix: str) -> None:
-        target = self._path(prefix)
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()

@@ -309,17 +309,6 @@ class S3Store:
         finally:
             os.close(fd)
 
-    def delete_prefix(self, prefix: str) -> None:
-        keys = self.list(prefix)
-        for i in range(0, len(keys), 1000):
-            batch = [{"Key": self._obj(k)} for k in keys[i : i + 1000]]
-            self._call(
-                self.url,
-                lambda b=batch: self.client.delete_objects(  # type: ignore[misc]
-                    Bucket=self.bucket, Delete={"Objects": b}
-                ),
-            )
-
 
 def _client_error(exc: RangeAnswerError) -> Exception:
     """A ranged GET's error answer as the ``ClientError`` boto3 would raise for it (the S3
