@@ -4,9 +4,13 @@ body. (The S3 path, with a real server, is in test_s3_tiers.py.)"""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import ssl
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,3 +143,60 @@ def test_nobody_listening(server: Server) -> None:
     server.server_close()
     with pytest.raises(RangeTransferError, match=rf"cannot connect to 127\.0\.0\.1:{port}:"):
         read(RangedGetter(), f"http://127.0.0.1:{port}/obj", 0, 10)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1, signed by its own key: (cert.pem, key.pem)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sllm-test-s3")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_checks_the_certificate(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS against the system's trust store, or AWS_CA_BUNDLE, as boto3 does."""
+    cert, key = self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    url = f"https://127.0.0.1:{server.server_address[1]}/obj?X-Amz-Signature=x"
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    with pytest.raises(RangeTransferError, match="CERTIFICATE_VERIFY_FAILED"):
+        read(RangedGetter(), url, 0, 10)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+    getter = RangedGetter()
+    assert read(getter, url, 100, 10) == DATA[100:110]
+    assert read(getter, url, 200, 10) == DATA[200:210]
+    assert server.connections == 1  # kept alive (the refused handshake never got a handler)
+    getter.close()
