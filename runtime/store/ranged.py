@@ -91,7 +91,7 @@ class RangedGetter:
             except BaseException:
                 conn.close()
                 raise
-            if resp.will_close:
+            if resp.will_close or not resp.isclosed():  # bytes left unread: not reusable
                 conn.close()
             else:
                 with self._lock:
@@ -111,7 +111,7 @@ class RangedGetter:
                 body = b""
             raise RangeAnswerError(resp.status, resp.reason, body)
         match = _CONTENT_RANGE.fullmatch(resp.getheader("Content-Range", ""))
-        if match is None or int(match[1]) != offset:
+        if match is None or int(match[1]) != offset or int(match[2]) >= offset + len(buf):
             raise RangeTransferError(
                 f"answer to a ranged GET from byte {offset} has Content-Range "
                 f"{resp.getheader('Content-Range')!r}"

@@ -52,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.seen.append((self.path, self.headers.get("Proxy-Authorization")))
         mode = self.server.mode
         first, last = (int(x) for x in self.headers["Range"].removeprefix("bytes=").split("-"))
-        last = min(last, len(DATA) - 1)
+        last = min(last + (mode == "more") * 10, len(DATA) - 1)
         body = DATA if mode == "no-range" else DATA[first : last + 1]
         self.send_response(200 if mode == "no-range" else 206)
         if mode != "no-range":
@@ -112,6 +112,7 @@ def test_an_ignored_range_is_an_error(server: Server) -> None:
     [
         ("cut", r"connection closed after 500 of 1000 bytes"),
         ("gzip", r"answer is encoded \(gzip\)"),
+        ("more", r"from byte 0 has Content-Range 'bytes 0-1009/16384'"),
     ],
 )
 def test_broken_answers(server: Server, mode: str, message: str) -> None:
