@@ -100,10 +100,9 @@ class S3Store:
         retries: int = 4,
         backoff_s: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
-        ranged: RangedGetter | None = None,
     ) -> None:
         self.client = client
-        self._ranged = ranged or RangedGetter()
+        self._ranged = RangedGetter()
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._concurrency = concurrency
@@ -140,22 +139,11 @@ class S3Store:
                 return fn()
             except ClientError as exc:
                 err = exc.response.get("Error", {})
-                code = str(err.get("Code", ""))
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-                if code == "NoSuchBucket":
-                    raise self._no_bucket(what) from None
-                if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-                    raise self._missing(what) from None
-                if code in _AUTH_CODES or status == 403:
-                    raise StoreError(
-                        f"{what}: access denied ({code}); check AWS_ACCESS_KEY_ID / "
-                        "AWS_SECRET_ACCESS_KEY"
-                    ) from None
-                if status < 500 and code not in _RETRY_CODES:
-                    raise StoreError(
-                        f"{what}: {code or status}: {err.get('Message', '')}"
-                    ) from None
-                last = f"HTTP {status} {code}".strip()
+                code, message = str(err.get("Code", "")), str(err.get("Message", ""))
+                last = self._refused(what, code, message, status=status)
+            except RangeAnswerError as exc:  # read_range's GET, answered by the server
+                last = self._refused(what, *_error_document(exc.body), status=exc.status)
             except NoCredentialsError:
                 raise StoreError(
                     f"{what}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -169,6 +157,22 @@ class S3Store:
                 log.info("store retry %s attempt=%d cause=%s", what, attempt + 1, last)
                 self._sleep(delay)
         raise StoreError(f"{what}: store unavailable after {self.retries} attempts ({last})")
+
+    def _refused(self, what: str, code: str, message: str = "", *, status: int) -> str:
+        """An S3 error answer (``code`` from its error document, may be empty): raises the
+        StoreError that names it, unless trying again may help; then returns the cause."""
+        if code == "NoSuchBucket":
+            raise self._no_bucket(what) from None
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            raise self._missing(what) from None
+        if code in _AUTH_CODES or status == 403:
+            raise StoreError(
+                f"{what}: access denied ({code or status}); check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY"
+            ) from None
+        if status < 500 and code not in _RETRY_CODES:
+            raise StoreError(f"{what}: {code or status}: {message}") from None
+        return f"HTTP {status} {code}".strip()
 
     def _no_bucket(self, what: str) -> StoreError:
         return StoreError(
@@ -231,10 +235,7 @@ class S3Store:
             url = self.client.generate_presigned_url(
                 "get_object", Params=params, ExpiresIn=_PRESIGN_S
             )
-            try:
-                got = self._ranged.read_into(url, offset, buf)
-            except RangeAnswerError as exc:
-                raise _client_error(exc) from None
+            got = self._ranged.read_into(url, offset, buf)
             if got != len(buf):
                 raise StoreError(
                     f"{what}: object ends at byte {offset + got}, expected at least {end + 1}"
@@ -310,28 +311,10 @@ class S3Store:
             os.close(fd)
 
 
-def _client_error(exc: RangeAnswerError) -> Exception:
-    """A ranged GET's error answer as the ``ClientError`` boto3 would raise for it (the S3
-    error document's Code and Message), so that ``S3Store._call`` maps both alike."""
-    from botocore.exceptions import ClientError
-
-    code, message = str(exc.status), exc.body[:200].decode("utf-8", "replace")
+def _error_document(body: bytes) -> tuple[str, str]:
+    """(Code, Message) of an S3 error document; ("", the body's start) when it is not one."""
     try:
-        doc = ET.fromstring(exc.body)
-        code = doc.findtext("Code") or code
-        message = doc.findtext("Message") or ""
+        doc = ET.fromstring(body)
     except ET.ParseError:
-        pass
-    return ClientError(
-        {
-            "Error": {"Code": code, "Message": message},
-            "ResponseMetadata": {
-                "HTTPStatusCode": exc.status,
-                "HTTPHeaders": {},
-                "RequestId": "",
-                "HostId": "",
-                "RetryAttempts": 0,
-            },
-        },
-        "GetObject",
-    )
+        return "", body[:200].decode("utf-8", "replace")
+    return doc.findtext("Code") or "", doc.findtext("Message") or ""
