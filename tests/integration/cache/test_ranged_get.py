@@ -7,25 +7,21 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from runtime.store.ranged import RangeAnswerError, RangedGetter, RangeTransferError
+from tests.loopback_http import LoopbackServer, QuietHandler
 
 pytestmark = pytest.mark.integration
 DATA = bytes(range(256)) * 64  # 16 KiB
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class Server(LoopbackServer):
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.mode = "ok"
         self.connections = 0
         self.requests = 0
@@ -33,15 +29,11 @@ class Server(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/obj?X-Amz-Signature=x"
+        return f"http://127.0.0.1:{self.port}/obj?X-Amz-Signature=x"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(QuietHandler):
     server: Server
-
-    def log_message(self, *_: Any) -> None:
-        return None
 
     def setup(self) -> None:
         super().setup()
@@ -69,10 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[Server]:
     srv = Server()
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv.start()
     yield srv
-    srv.shutdown()
-    srv.server_close()
+    srv.stop()
 
 
 def read(getter: RangedGetter, url: str, offset: int, n: int) -> bytes:
@@ -124,7 +115,7 @@ def test_broken_answers(server: Server, mode: str, message: str) -> None:
 def test_through_the_environments_proxy(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server plays the proxy (it answers absolute-form requests itself): the GET goes
     to it, with the proxy URL's credentials; NO_PROXY sends it direct again."""
-    port = server.server_address[1]
+    port = server.port
     monkeypatch.setenv("HTTP_PROXY", f"http://us%40er:p%3Ass@127.0.0.1:{port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
@@ -139,9 +130,8 @@ def test_through_the_environments_proxy(server: Server, monkeypatch: pytest.Monk
 
 
 def test_nobody_listening(server: Server) -> None:
-    port = server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    port = server.port
+    server.stop()
     with pytest.raises(RangeTransferError, match=rf"cannot connect to 127\.0\.0\.1:{port}:"):
         read(RangedGetter(), f"http://127.0.0.1:{port}/obj", 0, 10)
 
@@ -191,7 +181,7 @@ def test_https_checks_the_certificate(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    url = f"https://127.0.0.1:{server.server_address[1]}/obj?X-Amz-Signature=x"
+    url = f"https://127.0.0.1:{server.port}/obj?X-Amz-Signature=x"
     monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
     with pytest.raises(RangeTransferError, match="CERTIFICATE_VERIFY_FAILED"):
         read(RangedGetter(), url, 0, 10)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,6 +26,7 @@ from runtime.store.push import push_checkpoint
 from runtime.store.s3 import S3Store, make_client
 from sllm.errors import CheckpointError, StoreError
 from sllm_cli.servers import free_port
+from tests.loopback_http import LoopbackServer, QuietHandler
 from tests.synthetic_checkpoint import write_random_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -230,26 +230,20 @@ def test_corrupt_object(
     assert nothing_cached(cache, tmp_path)
 
 
-class FaultProxy(ThreadingHTTPServer):
+class FaultProxy(LoopbackServer):
     """A forward HTTP proxy: answers the next ``fail`` ranged GETs with 503 (an S3 error
     document), relays every other request to its origin; ``ranged`` counts the ranged GETs
     it saw."""
 
-    daemon_threads = True
-
     def __init__(self, fail: int) -> None:
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        super().__init__(_ProxyHandler)
         self.fail = fail
         self.ranged = 0
         self.lock = threading.Lock()
 
 
-class _ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _ProxyHandler(QuietHandler):
     server: FaultProxy
-
-    def log_message(self, *_: Any) -> None:
-        return None
 
     def do_GET(self) -> None:
         self._relay("GET")
@@ -265,11 +259,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             fail = ranged and self.server.fail > 0
             self.server.fail -= fail
         if fail:
-            body = b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
-            self.send_response(503)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(
+                503, b"<Error><Code>ServiceUnavailable</Code><Message>injected</Message></Error>"
+            )
             return
         origin = http.client.HTTPConnection(url.hostname or "", url.port, timeout=30)
         skip = {"connection", "proxy-connection", "keep-alive", "transfer-encoding"}
@@ -297,17 +289,16 @@ def fault_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], Fau
 
     def start(fail: int) -> FaultProxy:
         proxy = FaultProxy(fail)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        proxy.start()
         started.append(proxy)
         for var in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
         return proxy
 
     yield start
     for proxy in started:
-        proxy.shutdown()
-        proxy.server_close()
+        proxy.stop()
 
 
 def no_sleeps(store: S3Store) -> list[float]:
