@@ -13,9 +13,17 @@ and the node sets every thread of the process it takes for a load back to the no
 priority and policy. ``SCHED_IDLE`` because a serving thread woken beside a nice-10 process
 waits for the end of that process's slice, and beside a ``SCHED_IDLE`` one preempts it at once:
 8 tokens in a loop beside a starting pool process took 0.361-0.367 s (median) against
-0.356-0.371 s alone and 0.400-0.420 s beside one at nice 10 only. Lowering a nice value needs CAP_SYS_NICE:
-a node without it starts pool processes at its own priority, as before, rather than leave
-instances at a lower one.
+0.356-0.371 s alone and 0.400-0.420 s beside one at nice 10 only. Lowering a nice value needs
+CAP_SYS_NICE: a node without it starts pool processes at its own priority, as before, rather
+than leave instances at a lower one.
+
+``SCHED_IDLE`` and nice order threads within one scheduling group only. Linux's autogroups
+(``kernel.sched_autogroup_enabled``, on by default) give each session its own group, and the
+groups share the CPUs as equals: a pool process in a session of its own took a full core of
+two, and a transformers instance's two torch threads shared the other (the requests after a
+cold start came 1.7-1.9 s apart instead of 0.6 s; 2026-12-05). So the node starts instance
+processes in its own session, each in a process group of its own (``worker_process``); a
+container's cgroup is such a group too (``runtime.container.backend``).
 """
 
 from __future__ import annotations

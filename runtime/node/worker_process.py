@@ -190,7 +190,9 @@ class ProcessLauncher:
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, **self.env, ENV: str(nice)},
             limit=_LINE_LIMIT,
-            start_new_session=True,  # a Ctrl-C to the node does not hit instances first
+            # a Ctrl-C to the node does not hit instances first; the node's session (not a
+            # new one, see runtime.node.priority), so that SCHED_IDLE yields to its instances
+            process_group=0,
         )
         worker = WorkerProcess(proc, started)
         worker.nice = nice

@@ -5,12 +5,22 @@ its threads."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from runtime.node.priority import IDLE_NICE, _has_cap_sys_nice, idle_nice, nice_of, policy_of
 from runtime.node.worker_pool import WorkerPool
 from runtime.node.worker_process import ProcessLauncher
+
+
+def same_autogroup(a: int, b: int) -> bool:
+    """Both processes in one autogroup (true where the kernel has none)."""
+    try:
+        return Path(f"/proc/{a}/autogroup").read_text().split()[0] == Path(
+            f"/proc/{b}/autogroup").read_text().split()[0]  # fmt: skip
+    except FileNotFoundError:
+        return True
 
 
 def test_cap_sys_nice_is_read_from_the_effective_set() -> None:
@@ -36,6 +46,11 @@ async def test_a_pool_process_idles_niced_and_serves_at_the_nodes_priority() -> 
         idle = await pool.launcher.spawn(background=True)
         try:
             await idle.wait_idle()
+            # the node's session, so its scheduling group (autogroup): SCHED_IDLE ranks it
+            # below the node's instances, not beside them as a group of its own; its own
+            # process group, so a Ctrl-C to the node's terminal does not reach it
+            assert os.getsid(idle.pid) == os.getsid(0) and os.getpgid(idle.pid) == idle.pid
+            assert same_autogroup(idle.pid, os.getpid())
             threads = nice_of(idle.pid)
             assert len(threads) > 1  # torch's threads exist and inherited the value
             if idle_nice() == 0:  # no CAP_SYS_NICE: nothing could bring it back, so not niced
