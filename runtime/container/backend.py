@@ -88,6 +88,15 @@ class ContainerWorker(WorkerProcess):
     def node_pid(self) -> int:
         return self.host_pid
 
+    def _renice(self, nice: int) -> None:
+        """The threads' priority, and the container cgroup's CPU weight with it: the
+        container started at the background weight (``--cpu-shares``, ``ContainerLauncher``)."""
+        super()._renice(nice)
+        try:
+            cgroups.set_background(self.host_pid, nice > 0)
+        except OSError as exc:
+            log.warning("container %s keeps its CPU weight: %s", self.name, exc)
+
     def _target(self, entry: Path) -> tuple[Path, str]:
         rel = Path(entry).resolve().relative_to(self.tier_root.resolve())
         return self.slot / "dram" / rel, f"{SLOT}/dram/{rel.as_posix()}"
@@ -216,6 +225,8 @@ class ContainerLauncher:
             "--volume", f"{slot}:{SLOT}:ro,rslave",
             "--env", "HOME=/tmp", "--env", "HF_HOME=/tmp/huggingface",
         ]  # fmt: skip
+        if nice:  # its cgroup's weight: SCHED_IDLE inside it does not rank it below instances
+            args += ["--cpu-shares", str(cgroups.SHARES[True])]
         if HOST_CA_BUNDLE.is_file():  # HTTPS from a handler verifies as on the host
             args += ["--volume", f"{HOST_CA_BUNDLE}:{CA_IN_IMAGE}:ro"]
         for key, value in {**b.env, ENV: str(nice)}.items():

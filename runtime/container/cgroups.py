@@ -53,6 +53,29 @@ def set_limits(pid: int, memory_bytes: int, cpus: int, root: Path = CGROUP_ROOT)
         (dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(cpus * CFS_PERIOD_US))
 
 
+# a background cgroup's CPU weight against its siblings, and a normal one: v1 ``cpu.shares``
+# (its least, 2) and v2 ``cpu.weight`` (its least, 1), the kernel's defaults for normal
+SHARES = {True: 2, False: 1024}
+WEIGHT = {True: 1, False: 100}
+
+
+def set_background(pid: int, background: bool, root: Path = CGROUP_ROOT) -> None:
+    """Weigh ``pid``'s cgroup (a container's) against its siblings (the other containers) as a
+    background one or a normal one. SCHED_IDLE and nice rank threads within one cgroup only:
+    an idle container at equal weight takes as much CPU as an instance's (runtime.node.
+    priority). OSError when the kernel refuses; nothing where the cgroup has no CPU
+    controller."""
+    dirs = cgroup_dirs(pid, root)
+    if "" in dirs:
+        path, value = dirs[""] / "cpu.weight", WEIGHT[background]
+    elif "cpu" in dirs:
+        path, value = dirs["cpu"] / "cpu.shares", SHARES[background]
+    else:
+        return
+    if path.exists():
+        path.write_text(str(value))
+
+
 class OomWatch:
     """Notices the kernel's OOM killer in a container's memory cgroup (v1: an eventfd
     registered on memory.oom_control, which fires while the cgroup still exists, so its

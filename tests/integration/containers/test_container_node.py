@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -130,7 +131,35 @@ async def test_instance_runs_in_a_container_and_answers(
         "ps", "--format", "{{.Image}}", "--filter", f"name=^sllm-{container_node.node_id}-"
     ).stdout.decode()
     assert "sllm-runtime" in running  # the instance and the refilled pool's container
+    await weights_follow_priority(client, container_node, podman)
     await stop(client, other)
+
+
+async def weights_follow_priority(client: NodeClient, node: NodeProcess, podman: Podman) -> None:
+    """A pool container's cgroup weighs as a background one against the instance's:
+    SCHED_IDLE inside a cgroup ranks it below that cgroup's threads only."""
+    from runtime.container.cgroups import SHARES, WEIGHT, cgroup_dirs
+    from runtime.node.priority import idle_nice, policy_of
+
+    if not idle_nice():
+        pytest.skip("no CAP_SYS_NICE: pool containers start at the node's priority")
+    for _ in range(120):  # the refill, after the first answer (a heartbeat each)
+        if (await client.heartbeat()).pool_idle >= 1:
+            break
+    else:
+        raise AssertionError("the pool did not refill")
+    names = podman.run("ps", "--format", "{{.Names}}", "--filter", f"name=^sllm-{node.node_id}-")
+    seen = set()
+    for name in names.stdout.decode().split():
+        pid = int(podman.run("inspect", "--format", "{{.State.Pid}}", name).stdout)
+        idle = set(policy_of(pid)) == {os.SCHED_IDLE}
+        dirs = cgroup_dirs(pid)
+        if "" in dirs:
+            assert (dirs[""] / "cpu.weight").read_text().strip() == str(WEIGHT[idle])
+        else:
+            assert (dirs["cpu"] / "cpu.shares").read_text().strip() == str(SHARES[idle])
+        seen.add(idle)
+    assert seen == {True, False}  # the idle container and the instance's
 
 
 PROBE_HANDLER = """
