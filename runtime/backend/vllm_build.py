@@ -38,8 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # torch's own setter, taken before any engine is built: vLLM's CPU worker replaces
-# torch.set_num_threads with a no-op during a process's first build (after binding its OpenMP
-# threads), and the engine's serving threads are set after the build (``serving_threads``)
+# torch.set_num_threads with a no-op during a process's first build
 _set_torch_threads = torch.set_num_threads
 
 # The least KV cache worth starting an engine with: 64 MiB holds a few thousand tokens of a
@@ -57,7 +56,7 @@ class VllmOptions:
     cache_dir: str = ""  # the node's cache directory (compile caches on CUDA)
     task: str = "generate"  # "embed": an embedding function's engine (vLLM's pooling runner)
     # CPU: the node's share of the cores for the instance's slot (``LoadSpec.threads``): the
-    # build's torch threads, the serving's less one (``serving_threads``); 0: one
+    # engine's torch threads, for its build and its serving; 0: one
     threads: int = 0
 
 
@@ -245,18 +244,6 @@ def engine_args(entry: Path, options: VllmOptions, plan: EnginePlan) -> Any:
     )
 
 
-def serving_threads(share: int) -> int:
-    """The torch (OpenMP) threads a CPU engine serves with, out of the node's ``share`` of
-    the cores for its slot: one less, at least one. The core left over runs the instance's
-    own Python (HTTP, the step's scheduling) and the node's background work, as plain
-    ``vllm serve`` keeps one core for its scheduler and API processes. An OpenMP team that
-    uses every core stalls whenever anything else runs: SmolLM2 with two threads on this
-    2-core VM served 1.23-1.33x plain vLLM's tokens/s, but the requests right after a cold
-    start, beside the pool's refill, took up to 4.4 s for 8 tokens instead of 0.13 s
-    (bench/RESULTS.md)."""
-    return max(1, share - 1)
-
-
 def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) -> VllmBackend:
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -272,13 +259,11 @@ def _build(entry: Path, tokenizer: Any, options: VllmOptions, plan: EnginePlan) 
         nonlocal lease
         if not options.on_cpu:
             return LLMEngine.from_engine_args(args)
-        # The build (weights packed for oneDNN, vLLM's profile run) uses the node's share of
-        # the cores; serving keeps one of them free (``serving_threads``)
+        # The build (weights packed for oneDNN, vLLM's profile run) and the serving use the
+        # node's share of the cores for the slot
         _set_torch_threads(options.threads or 1)
         with ARENA.lending(plan.kv_bytes) as lease:
-            engine = LLMEngine.from_engine_args(args)
-        _set_torch_threads(serving_threads(options.threads))
-        return engine
+            return LLMEngine.from_engine_args(args)
 
     backend = VllmBackend(
         build,

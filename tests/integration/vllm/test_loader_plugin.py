@@ -184,16 +184,16 @@ print(json.dumps({
 """
 
 
-def test_a_cpu_engine_built_on_two_cores_serves_on_one(
+def test_a_cpu_engine_builds_and_serves_on_the_nodes_share_of_the_cores(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """The build uses the node's share of the cores and serving leaves one free
-    (``serving_threads``), although vLLM's CPU worker replaces ``torch.set_num_threads`` with
-    a no-op during the build (checked too: the reason sllm keeps torch's own setter)."""
+    """The engine's thread builds and serves with the node's share of the cores (2 here),
+    although vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op during the
+    build (checked too: the reason sllm keeps torch's own setter)."""
     from runtime.ckpt.convert import convert_checkpoint
     from tests.tiny_model import VLLM_TINY, build_tiny_llama
 
     root = tmp_path_factory.mktemp("serving-threads")
     convert_checkpoint(build_tiny_llama(root / "hf", config=VLLM_TINY), root / "ckpt")
     found = json.loads(_last_line(SERVING_THREADS, str(root / "ckpt")))
-    assert found == {"serving": 1, "setter_replaced": True}
+    assert found == {"serving": 2, "setter_replaced": True}

@@ -56,9 +56,3 @@ def test_plan_key_names_the_configuration_not_the_weights(tmp_path: Path) -> Non
     # another share of the cores: the engine's threads differ
     shared = VllmOptions(on_cpu=True, memory_bytes=256 << 20, threads=2)
     assert engine_plan(a, read_index(a), shared).key != plan_a.key
-
-
-def test_a_cpu_engine_serves_with_one_core_of_its_share_left_free() -> None:
-    from runtime.backend.vllm_build import serving_threads
-
-    assert [serving_threads(n) for n in (0, 1, 2, 16)] == [1, 1, 1, 15]
