@@ -194,19 +194,25 @@ class Controller:
             )
         for inst in change.removed:
             log.info("instance stopped function=%s instance=%s", inst.function, inst.instance_id)
-            self._lost(inst.function, f"instance {inst.instance_id} stopped", wake_failed=False)
+            # still starting: a load no node reported (sent by a leader that died, or lost by a
+            # restarted node); the decision that launched it stands: another replaces it
+            lost_load = inst.state == "starting"
+            self._lost(
+                inst.function, f"instance {inst.instance_id} stopped", wake_failed=False,
+                start_failed=lost_load, keep_desired=lost_load,
+            )  # fmt: skip
 
-    def _lost(
-        self, function: str, reason: str, *, wake_failed: bool, start_failed: bool = False
-    ) -> None:
+    def _lost(self, function: str, reason: str, *, wake_failed: bool, start_failed: bool = False,
+              keep_desired: bool = False) -> None:  # fmt: skip
         """An instance went away (or never came): re-base the scaler on what is left, so the
-        next tick places a new one. When a wake failed for good (the node reported the load
+        next tick places a new one as the load needs (``keep_desired``: the count stays, so
+        the next tick places one whatever the load). When a wake failed for good (the node reported the load
         itself failed: a broken checkpoint) and nothing else is starting, queued requests get
         503 now rather than at the wake deadline; otherwise (a node died, NATS is down, no
         room yet) they keep waiting for the instance a later tick starts."""
         left = self._table.serving(function)
         state = self._scalers.get(function)
-        if state is not None:
+        if state is not None and not keep_desired:
             self._scalers[function] = replace(state, desired=len(left))
         if wake_failed and not left and self._dispatcher.queued(function):
             self._dispatcher.fail_waiters(
