@@ -205,11 +205,11 @@ class Controller:
     def _lost(self, function: str, reason: str, *, wake_failed: bool, start_failed: bool = False,
               keep_desired: bool = False) -> None:  # fmt: skip
         """An instance went away (or never came): re-base the scaler on what is left, so the
-        next tick places a new one as the load needs (``keep_desired``: the count stays, so
-        the next tick places one whatever the load). When a wake failed for good (the node reported the load
-        itself failed: a broken checkpoint) and nothing else is starting, queued requests get
-        503 now rather than at the wake deadline; otherwise (a node died, NATS is down, no
-        room yet) they keep waiting for the instance a later tick starts."""
+        next tick places a new one as the load needs (``keep_desired``: the count stays, and
+        the next tick places one whatever the load). When a wake failed for good (the node
+        reported the load itself failed: a broken checkpoint) and nothing else is starting,
+        queued requests get 503 now rather than at the wake deadline; otherwise (a node died,
+        NATS is down, no room yet) they keep waiting for the instance a later tick starts."""
         left = self._table.serving(function)
         state = self._scalers.get(function)
         if state is not None and not keep_desired:

@@ -14,7 +14,8 @@ credentials, their refresh and the bucket addressing stay boto3's.
   fails before an answer came is sent once more on a new connection (the server may have
   closed it while idle), as HTTP clients do.
 - Proxies: taken from the environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``NO_PROXY``; Basic
-  credentials in the proxy's URL), as botocore takes them. TLS: the system's trust store, or ``AWS_CA_BUNDLE``.
+  credentials in the proxy's URL), as botocore takes them. TLS: the system's trust store, or
+  ``AWS_CA_BUNDLE``.
 - Errors: an answer other than ``206`` with the asked range raises ``RangeAnswerError`` (its
   status and body, for the caller to read the S3 error code from); a connection or protocol
   failure raises ``RangeTransferError``. Neither is retried here: the caller's retry loop owns

@@ -1,6 +1,7 @@
-"""A node that restarts (its heartbeat's seq starts again) no longer knows the instances of
-the process before it: they drain on their own and are dropped at its first beat, not after
-the launch grace; a load still starting there keeps its grace."""
+"""Instances a node does not report. A node that restarts (its heartbeat's seq starts again)
+no longer knows the instances of the process before it: they drain on their own and are
+dropped at its first beat, not after the launch grace; a load still starting there keeps its
+grace. A load no node ever reported is dropped after the grace and replaced."""
 
 from __future__ import annotations
 
