@@ -14,16 +14,18 @@ requests through the gateway's OpenAI API, checkpoints in a local-directory stor
   concurrent clients: output tokens/s (usage, over the wave's wall time) and TTFT p50/p99.
   Systems run in ``--order``: by default peer, sllm+vLLM, sllm+transformers, sllm+vLLM, peer
   (ABBA for the pair the target compares; transformers once, to keep a run under ~1 h here);
-  each visit runs every concurrency; medians. The peer runs eager (what sllm's vLLM backend runs on CPU; ``--peer-compiled`` adds the
-  default compiled peer).
+  each visit runs every concurrency; medians. The peer runs eager (what sllm's vLLM backend
+  runs on CPU; ``--peer-compiled`` adds the default compiled peer).
 - ``coldstart``: request to first token from zero replicas with the checkpoint in DRAM (the
   idle vLLM process's engine kept for the model, and built), on SSD (node restarted, DRAM tier
   removed, page cache dropped) and in the store (SSD cache removed too); against the peer's
   start-to-first-token: eager, compiled (its first start: compiles), compiled again (cached).
   "Built" is a load right after the other model's: with one vLLM process in the node's pool
-  (``--vllm-pool-size``, default 1) its engine is the other model's; with two, the second
-  process still holds this model's engine and the load keeps it. The JSON says which
-  (``dram_built_engine``, and ``engine`` beside each target). After the kept engine's and the
+  (``--vllm-pool-size``, default 1) its engine is the other model's, and the load takes the
+  spare process (``--vllm-spare``, default 1, the node's default) and builds there, or with no
+  spare frees that engine first; with two, the second process still holds this model's engine
+  and the load keeps it. The JSON says which (``dram_built_engine``, and ``engine`` beside
+  each target). After the kept engine's and the
   transformers backend's cold starts, back-to-back requests for 8 s (``*_following``: offset,
   TTFT): the node refills its pool once the first request was answered, beside these.
 """
@@ -62,7 +64,7 @@ SYSTEMS = ("peer", "sllm-vllm", "sllm-transformers")
 class Platform:
     """nats-server, gateway and one node (one CPU slot), a local-directory store."""
 
-    def __init__(self, root: Path, vllm_pool_size: int = 1) -> None:
+    def __init__(self, root: Path, vllm_pool_size: int = 1, vllm_spare: int = 1) -> None:
         from sllm.nats_auth import NatsCredentials
         from sllm_cli.servers import free_port, nats_client_env, start_nats
 
@@ -78,9 +80,10 @@ class Platform:
         self.node_env = {**self.env, **nats_client_env(self.nats, "bench"),
                          "SLLM_NODE_ID": "bench", "SLLM_CACHE_DIR": str(root / "cache"),
                          "SLLM_CPU_SLOTS": "1", "SLLM_POOL_SIZE": "1", "SLLM_VLLM": "on",
-                         "SLLM_VLLM_POOL_SIZE": str(vllm_pool_size), "SLLM_DRAM_CAPACITY": "8Gi",
+                         "SLLM_VLLM_POOL_SIZE": str(vllm_pool_size),
+                         "SLLM_VLLM_SPARE": str(vllm_spare), "SLLM_DRAM_CAPACITY": "8Gi",
                          "SLLM_SSD_CAPACITY": "10Gi", "SLLM_HEARTBEAT_INTERVAL": "0.5s"}  # fmt: skip
-        self.vllm_pool_size = vllm_pool_size
+        self.vllm_processes = vllm_pool_size + (vllm_spare if vllm_pool_size else 0)
         self.gateway = self._spawn(["gateway", "start"], self.env, "gateway.log")
         self.node: subprocess.Popen[bytes] | None = None
         self.start_node()
@@ -113,7 +116,7 @@ class Platform:
                 # a prebuild vLLM refused (too little free memory here) settles it too
                 done = max(text.rfind(m) for m in ("prebuilt a vLLM", "prebuilding a vLLM"))
                 built = started < 0 or done > started
-                full = any(n.get("pool_idle", 0) >= 1 + self.vllm_pool_size for n in nodes)
+                full = any(n.get("pool_idle", 0) >= 1 + self.vllm_processes for n in nodes)
                 if full and built:
                     self._wait_idle_cpu()
                     return
@@ -392,6 +395,10 @@ def main() -> int:
         help="the node's pre-started vLLM processes (SLLM_VLLM_POOL_SIZE); each keeps the "
         "engine of one of the models loaded last",
     )  # fmt: skip
+    parser.add_argument(
+        "--vllm-spare", type=int, default=1,
+        help="the node's vLLM processes kept without an engine (SLLM_VLLM_SPARE)",
+    )  # fmt: skip
     args = parser.parse_args()
     from runtime.ckpt.convert import convert_checkpoint
     from runtime.store.local import LocalStore
@@ -404,9 +411,10 @@ def main() -> int:
     root = DATA / "run"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    plat = Platform(root, args.vllm_pool_size)
+    plat = Platform(root, args.vllm_pool_size, args.vllm_spare)
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
                               "vllm_pool_size": args.vllm_pool_size,
+                              "vllm_spare": args.vllm_spare,
                               "throughput": {}, "coldstart": {}}  # fmt: skip
     try:
         for name in MODELS:

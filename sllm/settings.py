@@ -40,14 +40,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "NATS server URLs, comma-separated (for a cluster, several of its servers: a client "
         "reconnects across them)",
     ),
-    "SLLM_NATS_REPLICAS": (
-        "1",
-        "JetStream replicas of the gateway's KV buckets (3 on a three-server NATS cluster)",
-    ),
-    "SLLM_NATS_SEED_FILE": (
-        "",
-        "this gateway's or node's NKey seed file (sllm nats creds; empty: no credentials)",
-    ),
+    "SLLM_NATS_REPLICAS": ("1", "JetStream replicas of the gateway's KV buckets (3 on 3 servers)"),
+    "SLLM_NATS_SEED_FILE": ("", "NKey seed file (sllm nats creds) of this process; empty: none"),
     "SLLM_STORE_URL": ("", "model store: a local directory or s3://bucket/prefix"),
     "SLLM_S3_ENDPOINT": ("", "S3 endpoint URL (empty: AWS); also AWS_ENDPOINT_URL"),
     "SLLM_S3_REGION": ("us-east-1", "S3 region; also AWS_REGION / AWS_DEFAULT_REGION"),
@@ -88,14 +82,16 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "",
         "runtime image of container instances (empty: build this checkout's, cached by digest)",
     ),
-    "SLLM_VLLM": (
-        "auto",
-        "the vLLM backend on this node: auto (when vllm is installed), on (required), off",
-    ),
+    "SLLM_VLLM": ("auto", "the vLLM backend: auto (when vllm is installed), on (required), off"),
     "SLLM_VLLM_POOL_SIZE": (
         "1",
         "pre-started vLLM instance processes (vllm imported); each keeps the warm engine of "
         "one of the models loaded last",
+    ),
+    "SLLM_VLLM_SPARE": (
+        "1",
+        "pre-started vLLM processes kept without an engine besides those: a model no idle "
+        "process holds builds at once, without freeing another model's engine first",
     ),
     "SLLM_HEARTBEAT_INTERVAL": ("2s", "node heartbeat period"),
     "SLLM_STORE_BANDWIDTH": (
@@ -290,6 +286,7 @@ class NodeSettings:
     instance_image: str = ""
     vllm: str = "auto"  # auto | on | off
     vllm_pool_size: int = 1
+    vllm_spare: int = 1
     # bytes of DRAM slab made at start (``DramCache.preallocate``); at most the capacity
     dram_preallocate: int = 0
     # the tmpfs the DRAM tier's directory is made in (runtime.node.main.dram_root)
@@ -344,6 +341,7 @@ class NodeSettings:
             instance_image=_get(env, "SLLM_INSTANCE_IMAGE"),
             vllm=vllm,
             vllm_pool_size=_parse(env, "SLLM_VLLM_POOL_SIZE", int_in(0, 64)),
+            vllm_spare=_parse(env, "SLLM_VLLM_SPARE", int_in(0, 8)),
             dram_preallocate=preallocate,
             dram_dir=Path(dram_dir),
             pool_refill_after_s=_parse(env, "SLLM_POOL_REFILL_AFTER", as_seconds),

@@ -46,6 +46,9 @@ def register(root: argparse._SubParsersAction[argparse.ArgumentParser], groups: 
         "--vllm", choices=("auto", "on", "off"), help="the vLLM backend on this node (SLLM_VLLM)"
     )
     p.add_argument("--vllm-pool-size", type=int, help="pre-started vLLM instance processes")
+    p.add_argument(
+        "--vllm-spare", type=int, help="vLLM processes kept without an engine (SLLM_VLLM_SPARE)"
+    )
     p.add_argument("--heartbeat", help="heartbeat period, e.g. 2s")
     p.add_argument(
         "--instances",
@@ -81,6 +84,7 @@ def _settings(args: argparse.Namespace) -> NodeSettings:
         "SLLM_POOL_REFILL_AFTER": args.pool_refill_after,
         "SLLM_VLLM": args.vllm,
         "SLLM_VLLM_POOL_SIZE": None if args.vllm_pool_size is None else str(args.vllm_pool_size),
+        "SLLM_VLLM_SPARE": None if args.vllm_spare is None else str(args.vllm_spare),
         "SLLM_HEARTBEAT_INTERVAL": args.heartbeat,
         "SLLM_STORE_BANDWIDTH": args.store_bandwidth,
         "SLLM_INSTANCES": args.instances,

@@ -70,6 +70,7 @@ def process_backend(settings: NodeSettings, devices: list[Device]) -> ProcessBac
         instance_env(devices),
         settings.vllm_pool_size,
         vllm_unavailable(settings.vllm),
+        settings.vllm_spare,
     )
 
 
@@ -125,11 +126,11 @@ class NodeAgent:
         self._sub = await self.bus.subscribe(node_cmd_subject(self.node_id), self.handle)
         self._heartbeats = asyncio.create_task(self._heartbeat_loop())
         backend = self.backend
-        has_vllm = isinstance(backend, ProcessBackend) and backend.vllm_pool is not None
+        vllm = backend.vllm_pool if isinstance(backend, ProcessBackend) else None
         log.info(
             "node %s up devices=%s instances=%s pool=%d vllm_pool=%s",
             self.node_id, ",".join(self.devices.devices), backend.kind, self.settings.pool_size,
-            self.settings.vllm_pool_size if has_vllm else "0 (vLLM off)",
+            f"{vllm.size} (+{vllm.spare} spare)" if vllm is not None else "0 (vLLM off)",
         )  # fmt: skip
 
     async def stop(self, drain_s: float = 30.0) -> None:

@@ -75,6 +75,7 @@ class ProcessBackend:
         env: dict[str, str],
         vllm_pool_size: int = 1,
         vllm_missing: str | None = "vLLM is not installed on this node",
+        vllm_spare: int = 0,
     ) -> None:
         self.pool = WorkerPool(
             pool_size, ProcessLauncher({**env, "SLLM_WORKER_BACKEND": "transformers"})
@@ -85,6 +86,7 @@ class ProcessBackend:
                 vllm_pool_size,
                 ProcessLauncher({**env, "SLLM_WORKER_BACKEND": "vllm"}),
                 backend="vllm",
+                spare=vllm_spare,
             )
             if vllm_missing is None
             else None

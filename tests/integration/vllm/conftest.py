@@ -140,7 +140,8 @@ def vllm_node(
     for name, hf in hf_dirs.items():
         convert_checkpoint(hf, root / f"ckpt-{name}")
         push_checkpoint(root / f"ckpt-{name}", LocalStore(store_dir), CHECKPOINTS[name])
-    extra = {"SLLM_VLLM": "on", "SLLM_VLLM_POOL_SIZE": "1"}
+    # one vLLM process, no spare: a load of another model frees the engine that one holds
+    extra = {"SLLM_VLLM": "on", "SLLM_VLLM_POOL_SIZE": "1", "SLLM_VLLM_SPARE": "0"}
     with started_node(root, vllm_nats, store_dir, "vllm", extra) as (node_id, proc, env):
         yield VllmNode(NodeProcess(node_id, proc, root / "node.log", 0), hf_dirs, store_dir, env)
 

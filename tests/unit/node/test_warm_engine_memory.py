@@ -181,6 +181,44 @@ async def test_a_load_of_another_model_takes_a_process_without_an_engine_first(
     await stopped(taken)
 
 
+async def test_a_spare_process_holds_no_engine_and_takes_a_model_no_process_holds() -> None:
+    pool = WorkerPool(1, EchoLauncher(), backend="vllm", spare=1)
+    try:
+        pool.replenish()
+        assert len(pool._starting) == 1  # the spare starts once the other is idle
+        while pool._starting:  # the first, then the spare it started
+            await asyncio.gather(*pool._starting)
+        assert pool.idle == 2
+        await pool.set_prebuild(CHAT, room_bytes=8 * GiB)
+        [holder] = [w for w in pool._idle if w.pid in pool._held]
+        [spare] = [w for w in pool._idle if w is not holder]
+        assert await received(holder) == {"cmd": "prebuild", "spec": CHAT}
+        # another model's load takes the spare: nothing to free before its build
+        taken, pre_started = await pool.take("/dram/code")
+        assert taken is spare and pre_started
+        await stopped(taken)
+        pool.replenish()
+        while pool._starting:  # the first, then the spare it started
+            await asyncio.gather(*pool._starting)
+        assert pool.idle == 2
+        [refill] = [w for w in pool._idle if w is not holder]
+        pool._idle.reverse()  # the process without an engine is first in line
+        # the next model's engine goes to the process that holds one; the refill stays spare
+        await pool.set_prebuild(CODE, room_bytes=8 * GiB)
+        assert await received(holder) == {"cmd": "prebuild", "spec": CODE}
+        assert pool._held == {holder.pid: "/dram/code"}
+        taken, _ = await pool.take("/dram/code")
+        assert taken is holder
+        await stopped(taken)
+        assert pool._idle == [refill]
+    finally:
+        await pool.close()
+
+
+def test_a_pool_of_no_processes_keeps_no_spare() -> None:
+    assert WorkerPool(0, EchoLauncher(), backend="vllm", spare=1).spare == 0
+
+
 class Held:
     """A warm engine's stand-in: records that it was closed."""
 
