@@ -39,8 +39,8 @@ class WorkerPool:
         self.size = size
         # vLLM: processes kept beyond ``size`` that never hold a warm engine, so that a load of a
         # model no idle process holds builds at once instead of first freeing another model's
-        # engine (0.7-1.2 s of vLLM's teardown for the 1.1B model here, measured); started
-        # once the ``size`` others are idle, so they never delay those
+        # engine (vLLM's teardown: the 1.1B's first token 0.55 s sooner on average here,
+        # bench/RESULTS.md); started once the ``size`` others are idle, never delaying those
         self.spare = spare if size > 0 else 0
         self.launcher = launcher
         self.backend = backend
