@@ -66,6 +66,15 @@ def test_every_variable_is_documented() -> None:
     assert all(desc for _, desc in ENVIRONMENT.values())
 
 
+def test_node_vllm_pool_and_spare() -> None:
+    node = NodeSettings.from_env({})
+    assert (node.vllm_pool_size, node.vllm_spare) == (1, 1)
+    env = {"SLLM_VLLM_POOL_SIZE": "2", "SLLM_VLLM_SPARE": "0"}
+    assert NodeSettings.from_env(env).vllm_spare == 0
+    with pytest.raises(ValidationFailed, match="SLLM_VLLM_SPARE='-1'"):
+        NodeSettings.from_env({"SLLM_VLLM_SPARE": "-1"})
+
+
 def test_node_dram_preallocate() -> None:
     assert NodeSettings.from_env({}).dram_preallocate == 0
     assert NodeSettings.from_env({"SLLM_DRAM_PREALLOCATE": "2Gi"}).dram_preallocate == 2 << 30
