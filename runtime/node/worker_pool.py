@@ -157,11 +157,10 @@ class WorkerPool:
                 self._held[worker.pid] = entry
 
     def replenish(self) -> None:
-        caller = asyncio.current_task()  # a process just added (``_add``) is not starting
         while (
             not self._closed
             and (self.start_error is None or self.backend != "vllm")
-            and len(self._idle) + len(self._starting - {caller}) < self._target
+            and len(self._idle) + len(self._starting) < self._target
         ):
             task = asyncio.create_task(self._add())
             self._starting.add(task)
@@ -190,8 +189,9 @@ class WorkerPool:
         self.idle_line = self.idle_line or worker.idle
         self._idle.append(worker)
         await self._assign()
-        if self.spare and len(self._idle) >= self.size:
-            self.replenish()  # the spares, once the others are idle (never a refill early)
+        if self.spare and len(self._idle) >= self.size:  # the spares, once the others are idle
+            self._starting.discard(asyncio.current_task())  # this one: idle, not starting
+            self.replenish()
 
     async def probe(self) -> dict[str, Any]:
         """The idle line of this pool's processes (a vLLM one names what that vLLM supports);
