@@ -39,7 +39,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,174 +49,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _backends_setup import DATA, Peer, build_models  # noqa: E402
+from _backends_setup import DATA, MODELS, Peer, Platform, build_models, deploy_models  # noqa: E402
 
-TOKEN = "bench-token"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 CONCURRENCY = (1, 8, 32)
-MODELS = ("smollm2", "llama1b")
 SYSTEMS = ("peer", "sllm-vllm", "sllm-transformers")
-
-
-# -- the platform ------------------------------------------------------------------------------
-class Platform:
-    """nats-server, gateway and one node (one CPU slot), a local-directory store."""
-
-    def __init__(self, root: Path, vllm_pool_size: int = 1, vllm_spare: int = 1) -> None:
-        from sllm.nats_auth import NatsCredentials
-        from sllm_cli.servers import free_port, nats_client_env, start_nats
-
-        self.root = root
-        self.store = root / "store"
-        self.store.mkdir(parents=True, exist_ok=True)
-        self.nats = start_nats(root / "nats", credentials=NatsCredentials(root / "creds"))
-        self.port = free_port()
-        self.env = {**os.environ, **nats_client_env(self.nats), "SLLM_TOKEN": TOKEN,
-                    "SLLM_STORE_URL": str(self.store), "SLLM_GATEWAY_PORT": str(self.port),
-                    "SLLM_WAKE_TIMEOUT": "900s", "SLLM_REQUEST_TIMEOUT": "1800s",
-                    "SLLM_SCALE_DOWN_WINDOW": "1s"}  # fmt: skip
-        self.node_env = {**self.env, **nats_client_env(self.nats, "bench"),
-                         "SLLM_NODE_ID": "bench", "SLLM_CACHE_DIR": str(root / "cache"),
-                         "SLLM_CPU_SLOTS": "1", "SLLM_POOL_SIZE": "1", "SLLM_VLLM": "on",
-                         "SLLM_VLLM_POOL_SIZE": str(vllm_pool_size),
-                         "SLLM_VLLM_SPARE": str(vllm_spare), "SLLM_DRAM_CAPACITY": "8Gi",
-                         "SLLM_SSD_CAPACITY": "10Gi", "SLLM_HEARTBEAT_INTERVAL": "0.5s"}  # fmt: skip
-        self.vllm_processes = vllm_pool_size + (vllm_spare if vllm_pool_size else 0)
-        self.gateway = self._spawn(["gateway", "start"], self.env, "gateway.log")
-        self.node: subprocess.Popen[bytes] | None = None
-        self.start_node()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _spawn(self, argv: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
-        with open(self.root / log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", "sllm_cli.main", "-v", *argv],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-
-    def start_node(self) -> None:
-        log = self.root / "node.log"
-        self.log_mark = log.stat().st_size if log.exists() else 0  # this node's lines start here
-        self.node = self._spawn(["node", "start", "--drain", "5s"], self.node_env, "node.log")
-        self.wait_quiet()
-
-    def wait_quiet(self, timeout_s: float = 600.0) -> None:
-        """Until both pools are full again (a vLLM process imported, a transformers one warm)
-        and, after a vLLM start, the idle vLLM process built its engine: what a load leaves
-        running for a while (tens of seconds of CPU here), done before anything is measured."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                nodes = httpx.get(f"{self.url}/system/nodes", headers=AUTH, timeout=5).json()
-                text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
-                started = text.rfind("backend=vllm engine=")  # -1: no vLLM instance yet
-                # a prebuild vLLM refused (too little free memory here) settles it too
-                done = max(text.rfind(m) for m in ("prebuilt a vLLM", "prebuilding a vLLM"))
-                built = started < 0 or done > started
-                full = any(n.get("pool_idle", 0) >= 1 + self.vllm_processes for n in nodes)
-                if full and built:
-                    self._wait_idle_cpu()
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            assert time.monotonic() < deadline, "the node did not settle"
-            time.sleep(1)
-
-    def _wait_idle_cpu(self, window_s: float = 2.0, busy_s: float = 0.2) -> None:
-        """Until the node and its processes used under ``busy_s`` of CPU in ``window_s``: the
-        other idle processes' engines built too (a pool of several vLLM processes)."""
-        import psutil
-
-        assert self.node is not None
-        node = psutil.Process(self.node.pid)
-
-        def cpu() -> float:
-            total = 0.0
-            for proc in [node, *node.children(recursive=True)]:
-                try:
-                    times = proc.cpu_times()
-                except psutil.Error:
-                    continue  # ended meanwhile
-                total += times.user + times.system
-            return total
-
-        before = cpu()
-        while True:
-            time.sleep(window_s)
-            now = cpu()
-            if now - before < busy_s:
-                return
-            before = now
-
-    def _last_vllm_ready(self) -> str:
-        """The node's ready line of the latest vLLM instance, from ``backend=vllm`` on."""
-        text = (self.root / "node.log").read_text(errors="replace")[self.log_mark :]
-        at = text.rfind("backend=vllm engine=")
-        return text[at:].split("\n", 1)[0] if at >= 0 else ""
-
-    def last_engine(self) -> str:
-        """How the latest vLLM instance got its engine (built, kept, reloaded)."""
-        line = self._last_vllm_ready()
-        return line.split()[1].removeprefix("engine=") if line else ""
-
-    def last_timings(self) -> dict[str, float]:
-        """The latest vLLM instance's load timings: how its weights came
-        (``weights_bound_bytes``, ``weights_copied_bytes``), its KV cache, its build."""
-        _, found, timings = self._last_vllm_ready().partition(" timings=")
-        return dict(json.loads(timings)) if found else {}
-
-    def stop_node(self) -> None:
-        from sllm_cli.servers import stop_process
-
-        if self.node is not None:
-            stop_process(self.node, 60)
-            self.node = None
-
-    def dram_root(self) -> Path:
-        from runtime.node.main import dram_root
-        from sllm.settings import NodeSettings
-
-        return dram_root(NodeSettings.from_env(self.node_env))
-
-    def restart_node(self, *, ssd: bool) -> None:
-        """Cold tiers: the DRAM tier removed (and the SSD cache unless ``ssd``), page cache
-        dropped."""
-        self.stop_node()
-        shutil.rmtree(self.dram_root(), ignore_errors=True)
-        if not ssd:
-            shutil.rmtree(self.root / "cache" / "ssd", ignore_errors=True)
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        self.start_node()
-
-    def deploy(self, name: str, key: str, backend: str, memory: str) -> None:
-        spec = {"name": name, "model": name, "backend": backend, "auth": "public",
-                "resources": {"memory": memory}, "scale": {"max": 1, "keep_alive": "3600s"},
-                "generation": {"max_tokens": 256, "temperature": 0.0}}  # fmt: skip
-        body = {"spec": spec, "checkpoint": key, "checkpoint_bytes": 1}
-        r = httpx.post(f"{self.url}/system/functions", json=body, headers=AUTH, timeout=30)
-        assert r.status_code in (200, 201), r.text
-
-    def scale_to_zero(self, name: str) -> None:
-        httpx.post(f"{self.url}/system/scale/{name}", json={"replicas": 0}, headers=AUTH,
-                   timeout=30)  # fmt: skip
-        deadline = time.monotonic() + 300
-        while True:
-            fn = httpx.get(f"{self.url}/system/functions/{name}", headers=AUTH, timeout=10).json()
-            if not fn.get("instances"):
-                return
-            assert time.monotonic() < deadline, f"{name} did not scale to zero"
-            time.sleep(0.5)
-
-    def close(self) -> None:
-        from sllm_cli.servers import stop_process
-
-        self.stop_node()
-        stop_process(self.gateway, 30)
-        self.nats.stop()
-        shutil.rmtree(self.dram_root(), ignore_errors=True)
 
 
 # -- load ---------------------------------------------------------------------------------------
@@ -324,7 +160,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
                                                "max": max(ttfts)}  # fmt: skip
         # the stricter of the compiled peer's starts (the first compiles, the second has a cache)
         compiled = min(cold["peer_compiled_s"], cold.get("peer_compiled_warm_s", float("inf")))
-        limits = {"eager": min(cold["peer_eager_s"] / 10, 4.0), "compiled": compiled / 40}
+        limits = peer_limits(cold["peer_eager_s"], compiled)
         for engine in ("kept", "built"):  # the idle vLLM process's engine: this model's, or not
             dram = cold[f"sllm_vllm_dram_{engine}_s"]
             got = cold.get(f"dram_{engine}_engine", "")  # what the instance really got
@@ -335,15 +171,26 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def peer_start_s(hf: Path, root: Path, *, compiled: bool) -> float:
+    """The peer's start to its first token: process start, ready, one streamed request."""
+    peer = Peer(hf, root, compiled=compiled)
+    try:
+        peer.wait_ready()
+        return time.monotonic() - peer.started + first_token_s(peer.url, peer.model)
+    finally:
+        peer.stop()
+
+
+def peer_limits(eager_s: float, compiled_s: float) -> dict[str, float]:
+    """The issue's cold-start limits: 1/10 of the eager start (at most 4 s), 1/40 of the
+    compiled one."""
+    return {"eager": min(eager_s / 10, 4.0), "compiled": compiled_s / 40}
+
+
 def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in ("eager", "compiled", "compiled_warm"):
-        peer = Peer(hf, plat.root, compiled=mode != "eager")
-        peer.wait_ready()
-        out[f"peer_{mode}_s"] = (
-            time.monotonic() - peer.started + first_token_s(peer.url, peer.model)
-        )
-        peer.stop()
+        out[f"peer_{mode}_s"] = peer_start_s(hf, plat.root, compiled=mode != "eager")
     fn = f"{name}-vllm"
     first_token_s(plat.url, fn)  # DRAM, engine kept: the idle process built this model's
     plat.scale_to_zero(fn)
@@ -375,12 +222,12 @@ def coldstart(plat: Platform, hf: Path, name: str, other: str) -> dict[str, Any]
     return out
 
 
-def _stop_on_signal(signum: int, frame: Any) -> None:
+def stop_on_signal(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # through every finally: peers and the platform stop cleanly
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--phases", default="throughput,coldstart")
@@ -400,10 +247,6 @@ def main() -> int:
         help="the node's vLLM processes kept without an engine (SLLM_VLLM_SPARE)",
     )  # fmt: skip
     args = parser.parse_args()
-    from runtime.ckpt.convert import convert_checkpoint
-    from runtime.store.local import LocalStore
-    from runtime.store.push import push_checkpoint
-
     hf = build_models()
     models = [m for m in args.models.split(",") if m]
     order = tuple(s for s in args.order.split(",") if s)
@@ -417,15 +260,7 @@ def main() -> int:
                               "vllm_spare": args.vllm_spare,
                               "throughput": {}, "coldstart": {}}  # fmt: skip
     try:
-        for name in MODELS:
-            ckpt = DATA / f"ckpt-{name}"
-            if not ckpt.exists():
-                convert_checkpoint(hf[name], ckpt)
-            key = f"checkpoints/{name}/bench"
-            push_checkpoint(ckpt, LocalStore(plat.store), key)
-            memory = "4Gi" if name == "llama1b" else "2Gi"
-            plat.deploy(f"{name}-vllm", key, "vllm", memory)
-            plat.deploy(f"{name}-tf", key, "transformers", memory)
+        deploy_models(plat, hf)
         for name in models:
             tokens = 64 if name == "llama1b" else 128
             if "throughput" in args.phases:
