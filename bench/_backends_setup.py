@@ -258,7 +258,8 @@ class Platform:
             else:
                 self.node_env.pop(key, None)
         pool = int(self.node_env["SLLM_VLLM_POOL_SIZE"])
-        self.vllm_processes = pool + (int(self.node_env["SLLM_VLLM_SPARE"]) if pool else 0)
+        spare = int(self.node_env.get("SLLM_VLLM_SPARE", "1"))  # unset: the node's default
+        self.vllm_processes = pool + (spare if pool else 0)
         self.start_node()
 
     def restart_node(self, *, ssd: bool) -> None:
