@@ -143,7 +143,6 @@ class Platform:
                          "SLLM_VLLM_POOL_SIZE": str(vllm_pool_size),
                          "SLLM_VLLM_SPARE": str(vllm_spare), "SLLM_DRAM_CAPACITY": "8Gi",
                          "SLLM_SSD_CAPACITY": "10Gi", "SLLM_HEARTBEAT_INTERVAL": "0.5s"}  # fmt: skip
-        self.vllm_processes = vllm_pool_size + (vllm_spare if vllm_pool_size else 0)
         self.gateway = self._spawn(["gateway", "start"], self.env, "gateway.log")
         self.node: subprocess.Popen[bytes] | None = None
         self.start_node()
@@ -257,10 +256,16 @@ class Platform:
                 self.node_env[key] = value
             else:
                 self.node_env.pop(key, None)
-        pool = int(self.node_env["SLLM_VLLM_POOL_SIZE"])
-        spare = int(self.node_env.get("SLLM_VLLM_SPARE", "1"))  # unset: the node's default
-        self.vllm_processes = pool + (spare if pool else 0)
         self.start_node()
+
+    @property
+    def vllm_processes(self) -> int:
+        """The node's vLLM processes once its pool is full: the pool's size and, when it has
+        any, the spares (``WorkerPool``), as the node reads its settings."""
+        from sllm.settings import NodeSettings
+
+        node = NodeSettings.from_env(self.node_env)
+        return node.vllm_pool_size + (node.vllm_spare if node.vllm_pool_size else 0)
 
     def restart_node(self, *, ssd: bool) -> None:
         """Cold tiers: the DRAM tier removed (and the SSD cache unless ``ssd``), page cache

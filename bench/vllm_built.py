@@ -60,10 +60,6 @@ def one_round(plat: Platform, name: str, value: str) -> dict[str, Any]:
     return out
 
 
-def peers(hf: Path, root: Path, modes: tuple[str, ...]) -> dict[str, float]:
-    return {m: peer_start_s(hf, root, compiled=m != "eager") for m in modes}
-
-
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """Per model and setting: the built loads' first tokens, their mean and median, B's mean
     less A's, and the medians against the limits of the peer's starts."""
@@ -114,7 +110,8 @@ def main() -> int:
 
     def peer_visit(modes: tuple[str, ...]) -> None:
         for model in peer_models:
-            for mode, took in peers(hf[model], root, modes).items():
+            for mode in modes:
+                took = peer_start_s(hf[model], root, compiled=mode != "eager")
                 report["peer"][model]["eager" if mode == "eager" else "compiled"].append(took)
                 print(f"peer {model} {mode}: {took:.1f} s", flush=True)
 

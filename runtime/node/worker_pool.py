@@ -39,8 +39,8 @@ class WorkerPool:
         self.size = size
         # vLLM: processes kept beyond ``size`` that never hold a warm engine, so that a load of a
         # model no idle process holds builds at once instead of first freeing another model's
-        # engine (vLLM's teardown: the 1.1B's first token 0.55 s sooner on average here,
-        # bench/RESULTS.md); started once the ``size`` others are idle, never delaying those
+        # engine (vLLM's teardown: the 1.1B's first token 0.69 s sooner on average here,
+        # bench/vllm_built.py); started once the ``size`` others are idle, never delaying those
         self.spare = spare if size > 0 else 0
         self.launcher = launcher
         self.backend = backend
