@@ -76,17 +76,47 @@ def vllm_support() -> dict[str, Any]:
 # of a process's first build here (cProfile), paid by the idle process instead.
 _WORKER_MODULES = {"cpu": "vllm.v1.worker.cpu_worker", "cuda": "vllm.v1.worker.gpu_worker"}
 
+# The other modules a process's first build imported (inside vLLM's functions, on first use),
+# 155 of them with what they import: the online-quantization check of the model loader pulls
+# in compressed_tensors and loguru; the scheduler and the renderer of HF tokenizers are resolved
+# by name; the CPU platform's kernel overrides; sllm's own engine and load-format helpers. Imported by the idle process
+# instead (0.06-0.1 s there). A vLLM bump that moves one leaves it to the build again:
+# tests/integration/vllm/test_loader_plugin.py names what a build still imports.
+_BUILD_MODULES = (
+    "vllm.model_executor.layers.quantization.online.base",
+    "vllm.v1.core.sched.scheduler",
+    "vllm.renderers.hf",
+    "vllm.triton_utils.dispatcher",
+    "vllm.utils.cpu_triton_utils",
+    "vllm.distributed.elastic_ep.elastic_execute",
+    "vllm.v1.pool.flash_maxsim",
+    "runtime.ckpt.convert",
+    "runtime.backend.vllm_engine",
+    "runtime.backend.vllm_kv",
+)
+
+
+def _import_ahead(names: list[str]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # another vLLM layout: the build imports what it needs
+            log.info("module %s not imported ahead of a build: %s", name, exc)
+
 
 def pool_warm_up() -> dict[str, Any]:
-    """Import vLLM's engine, the platform's worker and load vLLM's plugins (sllm's load
-    format among them), then freeze what the imports left on the heap; returns
+    """Import vLLM's engine, the platform's worker and the modules a build imports on first
+    use, load vLLM's plugins (sllm's load format among them) and apply the logging
+    configuration a build asks for, then freeze what the imports left on the heap; returns
     ``vllm_support()``.
 
     The freeze: an engine build calls ``gc.collect`` five times, and each walked the whole
     post-import heap (0.2 s each, 1.0 s of a 9.4 s first build here, cProfile); frozen
     objects (modules, classes) are not walked again, and were never garbage."""
     prepare_environment()
+    from vllm.config.logging import LoggingConfig
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.logger import configure_logging_if_needed
     from vllm.platforms import current_platform
     from vllm.plugins import load_general_plugins
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -94,11 +124,11 @@ def pool_warm_up() -> dict[str, Any]:
     load_general_plugins()
     del EngineArgs, LLMEngine
     worker = _WORKER_MODULES.get(str(current_platform.device_type))
-    if worker is not None:
-        try:
-            importlib.import_module(worker)
-        except ImportError as exc:  # another vLLM layout: the build imports what it needs
-            log.info("vLLM worker module %s not imported ahead: %s", worker, exc)
+    _import_ahead(([worker] if worker else []) + list(_BUILD_MODULES))
+    # A build applies vLLM's logging configuration unless the process already has it: Python's
+    # dictConfig over every logger the imports made (0.03 s here, 0.2 s under cProfile).
+    # sllm's engine_args set none of it, so a build asks for vLLM's default (pinned by a test).
+    configure_logging_if_needed(LoggingConfig())
     support = vllm_support()
     gc.collect()
     gc.freeze()

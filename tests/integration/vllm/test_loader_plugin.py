@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -156,16 +157,18 @@ def test_an_engine_build_takes_the_tokenizer_an_idle_process_preloaded(
     assert found == {"same": True, "hits": 1, "misses": 0, "left": 0}
 
 
-SERVING_THREADS = """
+FIRST_BUILD = """
 import json, sys
 from pathlib import Path
 import torch
 from runtime.backend.vllm_process import pool_warm_up
 pool_warm_up()
-from runtime.backend.vllm_build import VllmOptions, prebuild
+from runtime.backend.vllm_build import (
+    VllmOptions, engine_args, engine_plan, preload_engine_tokenizer, prebuild)
 from runtime.ckpt.index import image_layout, read_index
 from runtime.instance.premap import map_entry
 from runtime.loader.model import load_tokenizer
+import vllm.logger
 
 entry = Path(sys.argv[1])
 index = read_index(entry)
@@ -176,24 +179,55 @@ with open(entry / "image.bin", "wb") as f:  # the DRAM tier's image of the check
         f.seek(start)
         f.write((entry / part.file).read_bytes())
 options = VllmOptions(on_cpu=True, memory_bytes=256 << 20, threads=2)
-warm = prebuild(entry, map_entry(entry, fill=True), load_tokenizer(entry), options)
+# what an idle process has done when a load comes: the entry mapped, both tokenizers loaded
+mapped, tokenizer = map_entry(entry, fill=True), load_tokenizer(entry)
+preload_engine_tokenizer(entry)
+before = set(sys.modules)
+configured = str(vllm.logger._last_configured_logging_config)  # by the warm-up, if at all
+warm = prebuild(entry, mapped, tokenizer, options)
 print(json.dumps({
     "serving": warm.backend.call(lambda engine: torch.get_num_threads()),
     "setter_replaced": torch.set_num_threads is not torch._C.set_num_threads,
+    "imported_by_build": sorted(set(sys.modules) - before),
+    "logging": [
+        configured,
+        str(engine_args(entry, options, engine_plan(entry, index, options))
+            .create_logging_config()),
+    ],
 }))
 """
 
 
+@pytest.fixture(scope="module")
+def first_build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A CPU engine built in a fresh process after the idle process's warm-up, as a spare
+    builds it (``runtime/instance/worker.py``)."""
+    from runtime.ckpt.convert import convert_checkpoint
+    from tests.tiny_model import VLLM_TINY, build_tiny_llama
+
+    root = tmp_path_factory.mktemp("first-build")
+    convert_checkpoint(build_tiny_llama(root / "hf", config=VLLM_TINY), root / "ckpt")
+    found: dict[str, Any] = json.loads(_last_line(FIRST_BUILD, str(root / "ckpt")))
+    return found
+
+
 def test_a_cpu_engine_builds_and_serves_on_the_nodes_share_of_the_cores(
-    tmp_path_factory: pytest.TempPathFactory,
+    first_build: dict[str, Any],
 ) -> None:
     """The engine's thread builds and serves with the node's share of the cores (2 here),
     although vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op during the
     build (checked too: the reason sllm keeps torch's own setter)."""
-    from runtime.ckpt.convert import convert_checkpoint
-    from tests.tiny_model import VLLM_TINY, build_tiny_llama
+    assert first_build["serving"] == 2
+    assert first_build["setter_replaced"]
 
-    root = tmp_path_factory.mktemp("serving-threads")
-    convert_checkpoint(build_tiny_llama(root / "hf", config=VLLM_TINY), root / "ckpt")
-    found = json.loads(_last_line(SERVING_THREADS, str(root / "ckpt")))
-    assert found == {"serving": 2, "setter_replaced": True}
+
+def test_a_first_build_after_the_warm_up_imports_nothing_and_keeps_the_logging(
+    first_build: dict[str, Any],
+) -> None:
+    """The idle process imported every module the locked vLLM's build imports on first use
+    (``_BUILD_MODULES``: 155 modules, 0.1-0.15 s of a build here) and applied the logging
+    configuration the build asks for, so the build skips its ``dictConfig``. A vLLM bump that
+    adds a lazy import or changes the default configuration fails here, naming it."""
+    assert first_build["imported_by_build"] == [], first_build["imported_by_build"]
+    configured, asked = first_build["logging"]
+    assert configured == asked
