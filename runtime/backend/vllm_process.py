@@ -79,28 +79,32 @@ _WORKER_MODULES = {"cpu": "vllm.v1.worker.cpu_worker", "cuda": "vllm.v1.worker.g
 # The other modules a process's first build imported (inside vLLM's functions, on first use),
 # 155 of them with what they import: the online-quantization check of the model loader pulls
 # in compressed_tensors and loguru; the scheduler and the renderer of HF tokenizers are resolved
-# by name; the CPU platform's kernel overrides; sllm's own engine and load-format helpers. Imported by the idle process
-# instead (0.06-0.1 s there). A vLLM bump that moves one leaves it to the build again:
-# tests/integration/vllm/test_loader_plugin.py names what a build still imports.
-_BUILD_MODULES = (
-    "vllm.model_executor.layers.quantization.online.base",
-    "vllm.v1.core.sched.scheduler",
-    "vllm.renderers.hf",
-    "vllm.triton_utils.dispatcher",
-    "vllm.utils.cpu_triton_utils",
-    "vllm.distributed.elastic_ep.elastic_execute",
-    "vllm.v1.pool.flash_maxsim",
-    "runtime.ckpt.convert",
-    "runtime.backend.vllm_engine",
-    "runtime.backend.vllm_kv",
-)
+# by name; the CPU platform's kernel overrides; sllm's own engine and load-format helpers.
+# Imported by the idle process instead (0.06-0.1 s there). A vLLM bump that moves one leaves
+# it to the build again: tests/integration/vllm/test_loader_plugin.py names what a build still
+# imports. Per platform: "" for all.
+_BUILD_MODULES = {
+    "": (
+        "vllm.model_executor.layers.quantization.online.base",
+        "vllm.v1.core.sched.scheduler",
+        "vllm.renderers.hf",
+        "vllm.distributed.elastic_ep.elastic_execute",
+        "vllm.v1.pool.flash_maxsim",
+        "runtime.ckpt.convert",
+        "runtime.backend.vllm_engine",
+        "runtime.backend.vllm_kv",
+    ),
+    "cpu": ("vllm.triton_utils.dispatcher", "vllm.utils.cpu_triton_utils"),
+}
 
 
 def _import_ahead(names: list[str]) -> None:
+    """Import ``names``, each as a build would; one that fails is left to the build, where
+    its error belongs (the idle process must come up either way)."""
     for name in names:
         try:
             importlib.import_module(name)
-        except ImportError as exc:  # another vLLM layout: the build imports what it needs
+        except Exception as exc:  # another vLLM layout or platform
             log.info("module %s not imported ahead of a build: %s", name, exc)
 
 
@@ -123,8 +127,11 @@ def pool_warm_up() -> dict[str, Any]:
 
     load_general_plugins()
     del EngineArgs, LLMEngine
-    worker = _WORKER_MODULES.get(str(current_platform.device_type))
-    _import_ahead(([worker] if worker else []) + list(_BUILD_MODULES))
+    platform = str(current_platform.device_type)
+    worker = _WORKER_MODULES.get(platform)
+    _import_ahead(
+        ([worker] if worker else []) + [*_BUILD_MODULES[""], *_BUILD_MODULES.get(platform, ())]
+    )
     # A build applies vLLM's logging configuration unless the process already has it: Python's
     # dictConfig over every logger the imports made (0.03 s here, 0.2 s under cProfile).
     # sllm's engine_args set none of it, so a build asks for vLLM's default (pinned by a test).
