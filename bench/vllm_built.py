@@ -6,6 +6,12 @@ settings are one spare vLLM process (``SLLM_VLLM_SPARE=1``, the node's default) 
     .venv/bin/python bench/vllm_built.py --json bench/.data/vllm_built.json
     .venv/bin/python bench/vllm_built.py --vary GLIBC_TUNABLES=glibc.malloc.hugetlb=1, --json F
 
+Two commits against each other: a git worktree of the other commit on the node's PYTHONPATH,
+the bench started from a directory outside the repository (``python -m`` puts the working
+directory first on the path): the node and its processes then import that worktree's code.
+
+    cd /tmp && /repo/.venv/bin/python /repo/bench/vllm_built.py --vary PYTHONPATH=,/tmp/old --json F
+
 The platform of bench/backends.py (nats-server, gateway, one node with one CPU slot, a pool of
 one vLLM process). Each round restarts the node with the round's setting (``--vary
 NAME=A,B``: the node's environment variable NAME set to A or to B, empty for unset; the DRAM
