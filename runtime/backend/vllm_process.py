@@ -77,7 +77,7 @@ def vllm_support() -> dict[str, Any]:
 _WORKER_MODULES = {"cpu": "vllm.v1.worker.cpu_worker", "cuda": "vllm.v1.worker.gpu_worker"}
 
 # The other modules a process's first build imported (inside vLLM's functions, on first use),
-# 155 of them with what they import: the online-quantization check of the model loader pulls
+# about 155 of them with what they import: the online-quantization check of the model loader pulls
 # in compressed_tensors and loguru; the scheduler and the renderer of HF tokenizers are resolved
 # by name; the CPU platform's kernel overrides; sllm's own engine and load-format helpers.
 # Imported by the idle process instead (0.06-0.1 s there). A vLLM bump that moves one leaves

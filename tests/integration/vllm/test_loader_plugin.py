@@ -225,7 +225,8 @@ def test_a_first_build_after_the_warm_up_imports_nothing_and_keeps_the_logging(
     first_build: dict[str, Any],
 ) -> None:
     """The idle process imported every module the locked vLLM's build imports on first use
-    (``_BUILD_MODULES``: 155 modules, 0.1-0.15 s of a build here) and applied the logging
+    (``_BUILD_MODULES``: about 155 modules; with the logging, 0.21 s of the 1.1B's first
+    build and 0.38 s of SmolLM2's here, bench/RESULTS.md) and applied the logging
     configuration the build asks for, so the build skips its ``dictConfig``. A vLLM bump that
     adds a lazy import or changes the default configuration fails here, naming it."""
     assert first_build["imported_by_build"] == [], first_build["imported_by_build"]
